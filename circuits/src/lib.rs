@@ -1,0 +1,1 @@
+//! Shale circuits crate; see ARCHITECTURE.md for what it owns.

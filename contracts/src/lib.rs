@@ -1,0 +1,1 @@
+//! Shale contracts crate; see ARCHITECTURE.md for what it owns.

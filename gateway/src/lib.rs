@@ -1,0 +1,1 @@
+//! Shale gateway crate; see ARCHITECTURE.md for what it owns.

@@ -1,0 +1,1 @@
+//! Shale meter crate; see ARCHITECTURE.md for what it owns.

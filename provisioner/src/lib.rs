@@ -1,0 +1,1 @@
+//! Shale provisioner crate; see ARCHITECTURE.md for what it owns.
