@@ -1,1 +1,14 @@
-//! Shale circuits crate; see ARCHITECTURE.md for what it owns.
+//! Shale's tick-batch proofs.
+//!
+//! The meter turns a session into *ticks* (`order, seq, seconds, bytes_in, bytes_out`) and chains
+//! them with `h_i = Poseidon(h_{i-1}, tick_i)` ([`next_head`]). The settler proves, for a batch of
+//! up to `capacity` ticks, that applying the chain from the head the contract last paid for reaches a
+//! new head, and that the claimed totals are the sums over those ticks. The contract verifies the
+//! Groth16 proof with a verifier generated from the verifying key by this crate.
+//!
+//! The modules follow that path:
+//! - [`poseidon`]: the hash parameters, the native tick hash and its in-circuit twin;
+
+pub mod poseidon;
+
+pub use poseidon::{next_head, Head, HeadParseError, TickFields};
