@@ -8,7 +8,15 @@
 //!
 //! The modules follow that path:
 //! - [`poseidon`]: the hash parameters, the native tick hash and its in-circuit twin;
+//! - [`circuit`]: the statement, the checked [`TickBatch`] and the raw [`TickBatchCircuit`];
 
+pub mod circuit;
+pub mod error;
 pub mod poseidon;
 
-pub use poseidon::{next_head, Head, HeadParseError, TickFields};
+pub use circuit::{
+    constraint_count, inputs_from_words, Anchor, ClaimInputs, TickBatch, TickBatchCircuit,
+    NUM_PUBLIC_INPUTS,
+};
+pub use error::CircuitError;
+pub use poseidon::{chain_head, next_head, Head, HeadParseError, TickFields};
