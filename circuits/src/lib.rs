@@ -9,14 +9,35 @@
 //! The modules follow that path:
 //! - [`poseidon`]: the hash parameters, the native tick hash and its in-circuit twin;
 //! - [`circuit`]: the statement, the checked [`TickBatch`] and the raw [`TickBatchCircuit`];
+//! - [`keys`]: setup (who may run it), proving, native verification, key files;
+//! - [`proof`]: the 256-byte proof layout the contract reads;
+//! - [`solidity`]: the Solidity verifier generated from a verifying key.
+//!
+//! ```no_run
+//! use shale_circuits::{setup_from_seed, TickBatch, TickFields, Head};
+//! # fn main() -> Result<(), shale_circuits::CircuitError> {
+//! let (pk, vk) = setup_from_seed(16, 1)?;
+//! let tick = TickFields { order: 7, seq: 0, seconds: 60, bytes_in: 10, bytes_out: 20 };
+//! let batch = TickBatch::new(7, Head::GENESIS, None, vec![tick])?;
+//! let proof = pk.prove(&batch, &mut rand::rngs::OsRng)?;
+//! assert!(vk.verify(&batch.inputs(), &proof)?);
+//! let calldata: [u8; 256] = proof.to_bytes();
+//! # let _ = calldata; Ok(()) }
+//! ```
 
 pub mod circuit;
 pub mod error;
+pub mod keys;
 pub mod poseidon;
+pub mod proof;
+pub mod solidity;
 
 pub use circuit::{
     constraint_count, inputs_from_words, Anchor, ClaimInputs, TickBatch, TickBatchCircuit,
     NUM_PUBLIC_INPUTS,
 };
 pub use error::CircuitError;
+pub use keys::{setup, setup_from_seed, setup_with_os_rng, ProvingKey, VerifyingKey};
 pub use poseidon::{chain_head, next_head, Head, HeadParseError, TickFields};
+pub use proof::{ClaimProof, PROOF_LEN};
+pub use solidity::{contract_name, solidity_verifier};
