@@ -1,1 +1,26 @@
-//! Shale contracts crate; see ARCHITECTURE.md for what it owns.
+//! Shale's marketplace on chain: the Solidity contracts (`contracts/src/*.sol`, tested with
+//! forge), their alloy bindings, and the typed client the gateway and the CLI use.
+//!
+//! - [`Marketplace`]: connect to a deployed marketplace, read orders and providers, send the
+//!   transactions of clients and providers, [`Marketplace::watch`] its events.
+//! - [`devnet`]: a real local `anvil` with funded dev accounts, and deployment.
+//! - [`ChainError`]: an outage, a refusal by the contract (in words), or a missing order.
+//!
+//! Money is integer wei ([`U256`]) throughout; the contract documents its rounding rules.
+
+pub mod bindings;
+mod client;
+pub mod devnet;
+mod error;
+mod events;
+mod types;
+
+pub use alloy::primitives::{Address, Bytes, B256, U256};
+pub use alloy::signers::local::PrivateKeySigner;
+pub use client::Marketplace;
+pub use error::{describe, ChainError};
+pub use events::{EventStream, MarketEvent};
+pub use types::{
+    format_fingerprint, key_fingerprint, key_fingerprint_openssh, ClaimReceipt, ClaimRequest,
+    Dataset, NewOrder, Offer, Order, OrderState, Provider, Rating, TxReceipt,
+};

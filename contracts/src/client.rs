@@ -1,0 +1,503 @@
+//! The typed marketplace client: reads orders and providers, sends the transactions of both
+//! sides, and watches the contract's events.
+
+use std::time::Duration;
+
+use alloy::contract::{CallBuilder, CallDecoder};
+use alloy::network::{EthereumWallet, TransactionBuilder};
+use alloy::primitives::{Address, U256};
+use alloy::providers::{DynProvider, PendingTransactionError, Provider as _, ProviderBuilder};
+use alloy::rpc::types::TransactionReceipt;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolEvent;
+use alloy::transports::http::reqwest;
+use tracing::{debug, instrument};
+
+use crate::bindings::Marketplace as abi;
+use crate::error::ChainError;
+use crate::events::{EventStream, Watcher};
+use crate::types::{
+    u64_of, ClaimReceipt, ClaimRequest, Dataset, NewOrder, Offer, Order, Provider, TxReceipt,
+};
+
+/// How long one RPC request may take before the endpoint counts as unreachable.
+const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long to wait for a sent transaction to be mined.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default pause between two polls of the event watcher.
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A connection to one deployed `Marketplace` contract, optionally with a signing key.
+///
+/// Cheap to clone: clones share the HTTP connection pool.
+#[derive(Clone)]
+pub struct Marketplace {
+    rpc_url: String,
+    address: Address,
+    sender: Option<Address>,
+    provider: DynProvider,
+    contract: abi::MarketplaceInstance<DynProvider>,
+    poll_interval: Duration,
+}
+
+impl std::fmt::Debug for Marketplace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Marketplace")
+            .field("rpc_url", &self.rpc_url)
+            .field("address", &self.address)
+            .field("sender", &self.sender)
+            .finish()
+    }
+}
+
+impl Marketplace {
+    /// Connects to the marketplace at `address` through the JSON-RPC endpoint `rpc_url`.
+    /// Without a signer the client can only read and watch.
+    ///
+    /// Checks that the endpoint answers and that a contract is deployed at `address`, so a wrong
+    /// URL or address fails here rather than at the first order.
+    pub async fn connect(
+        rpc_url: &str,
+        address: Address,
+        signer: Option<PrivateKeySigner>,
+    ) -> Result<Self, ChainError> {
+        let url: reqwest::Url = rpc_url
+            .parse()
+            .map_err(|e| ChainError::InvalidInput(format!("bad RPC URL {rpc_url:?}: {e}")))?;
+        let http = reqwest::Client::builder()
+            .timeout(RPC_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ChainError::Rpc(format!("cannot build an HTTP client: {e}")))?;
+        let sender = signer.as_ref().map(|s| s.address());
+        let provider = match signer {
+            Some(signer) => ProviderBuilder::new()
+                .wallet(EthereumWallet::from(signer))
+                .connect_reqwest(http, url)
+                .erased(),
+            None => ProviderBuilder::new().connect_reqwest(http, url).erased(),
+        };
+        let code = provider
+            .get_code_at(address)
+            .await
+            .map_err(|e| ChainError::from_rpc(rpc_url, e))?;
+        if code.is_empty() {
+            return Err(ChainError::NoContract(address));
+        }
+        let contract = abi::new(address, provider.clone());
+        Ok(Self {
+            rpc_url: rpc_url.to_string(),
+            address,
+            sender,
+            provider,
+            contract,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        })
+    }
+
+    /// Sets how often [`Marketplace::watch`] polls the node for new blocks.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The contract's address.
+    pub fn address(&self) -> Address {
+        self.address
+    }
+
+    /// The address transactions are sent from, when the client has a signer.
+    pub fn sender(&self) -> Option<Address> {
+        self.sender
+    }
+
+    /// The JSON-RPC endpoint.
+    pub fn rpc_url(&self) -> &str {
+        &self.rpc_url
+    }
+
+    /// The underlying alloy provider, for calls this client does not wrap.
+    pub fn rpc(&self) -> &DynProvider {
+        &self.provider
+    }
+
+    // ------------------------------------------------------------------ reads
+
+    /// The latest block number.
+    pub async fn block_number(&self) -> Result<u64, ChainError> {
+        self.provider
+            .get_block_number()
+            .await
+            .map_err(|e| self.rpc_err(e))
+    }
+
+    /// The timestamp of the latest block: the clock the contract judges leases by.
+    pub async fn chain_time(&self) -> Result<u64, ChainError> {
+        let block = self
+            .provider
+            .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+            .await
+            .map_err(|e| self.rpc_err(e))?
+            .ok_or_else(|| ChainError::Decode("the node has no latest block".into()))?;
+        Ok(block.header.timestamp)
+    }
+
+    /// Balance of an address in wei.
+    pub async fn balance_of(&self, who: Address) -> Result<U256, ChainError> {
+        self.provider
+            .get_balance(who)
+            .await
+            .map_err(|e| self.rpc_err(e))
+    }
+
+    /// Reads an order; its state is the effective one (an expired lease reads as Ended).
+    #[instrument(skip(self), fields(order = id))]
+    pub async fn order(&self, id: u64) -> Result<Order, ChainError> {
+        let raw = self
+            .contract
+            .getOrder(U256::from(id))
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))?;
+        Order::from_abi(raw)
+    }
+
+    /// How many orders were ever created (ids run from 1 to this).
+    pub async fn order_count(&self) -> Result<u64, ChainError> {
+        let n = self
+            .contract
+            .orderCount()
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))?;
+        u64_of(n, "order count")
+    }
+
+    /// A provider's entry with its datasets and rating.
+    #[instrument(skip(self))]
+    pub async fn provider(&self, address: Address) -> Result<Provider, ChainError> {
+        let raw = self
+            .contract
+            .getProvider(address)
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))?;
+        let datasets = self
+            .contract
+            .getDatasets(address)
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))?;
+        Ok(Provider::from_abi(
+            raw,
+            datasets.into_iter().map(Dataset::from_abi).collect(),
+        ))
+    }
+
+    /// Every registered provider, withdrawn ones included (see [`Provider::active`]).
+    pub async fn providers(&self) -> Result<Vec<Provider>, ChainError> {
+        let addresses = self
+            .contract
+            .providerAddresses()
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))?;
+        let mut out = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            out.push(self.provider(address).await?);
+        }
+        Ok(out)
+    }
+
+    /// What a batch would cost under an order's tariff (the contract's own arithmetic).
+    pub async fn quote(
+        &self,
+        order_id: u64,
+        seconds: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) -> Result<U256, ChainError> {
+        self.contract
+            .quote(U256::from(order_id), seconds, bytes_in, bytes_out)
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))
+    }
+
+    /// Seconds of lease time the provider may claim right now.
+    pub async fn claimable_seconds(&self, order_id: u64) -> Result<u64, ChainError> {
+        self.contract
+            .claimableSeconds(U256::from(order_id))
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))
+    }
+
+    /// Payments that could not be pushed to `who` and wait for [`Marketplace::withdraw_owed`].
+    pub async fn owed(&self, who: Address) -> Result<U256, ChainError> {
+        self.contract
+            .owed(who)
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))
+    }
+
+    /// The batch capacities the deployment has verifiers for.
+    pub async fn batch_capacities(&self) -> Result<Vec<u32>, ChainError> {
+        self.contract
+            .supportedCapacities()
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))
+    }
+
+    // ------------------------------------------------------------------ provider side
+
+    /// Registers the signer as a provider (or re-activates a withdrawn one).
+    #[instrument(skip(self, ssh_host_key, offer, datasets))]
+    pub async fn register_provider(
+        &self,
+        endpoint: &str,
+        ssh_host_key: &str,
+        offer: &Offer,
+        datasets: &[Dataset],
+    ) -> Result<TxReceipt, ChainError> {
+        let datasets: Vec<_> = datasets.iter().map(Dataset::to_abi).collect();
+        let call = self.contract.registerProvider(
+            endpoint.to_string(),
+            ssh_host_key.trim().to_string(),
+            offer.to_abi(),
+            datasets,
+        );
+        self.submit(call).await.map(tx_receipt)
+    }
+
+    /// Replaces the signer's endpoint, host key and offer.
+    #[instrument(skip(self, ssh_host_key, offer))]
+    pub async fn update_provider(
+        &self,
+        endpoint: &str,
+        ssh_host_key: &str,
+        offer: &Offer,
+    ) -> Result<TxReceipt, ChainError> {
+        let call = self.contract.updateProvider(
+            endpoint.to_string(),
+            ssh_host_key.trim().to_string(),
+            offer.to_abi(),
+        );
+        self.submit(call).await.map(tx_receipt)
+    }
+
+    /// Withdraws the signer's offer: no new orders; live ones continue.
+    pub async fn withdraw_provider(&self) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.withdrawProvider())
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Adds a dataset to the signer's provider entry.
+    pub async fn add_dataset(&self, dataset: &Dataset) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.addDataset(dataset.to_abi()))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Removes a dataset from the signer's provider entry.
+    pub async fn remove_dataset(&self, dataset_id: &str) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.removeDataset(dataset_id.to_string()))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Accepts a pending order, posting the collateral it states.
+    #[instrument(skip(self), fields(order = id))]
+    pub async fn accept(&self, id: u64) -> Result<TxReceipt, ChainError> {
+        let order = self.order(id).await?;
+        let call = self.contract.accept(U256::from(id)).value(order.collateral);
+        self.submit(call).await.map(tx_receipt)
+    }
+
+    /// Claims one proven batch of usage; pays the provider out of the escrow.
+    #[instrument(skip(self, claim), fields(order = claim.order_id, seconds = claim.seconds))]
+    pub async fn claim(&self, claim: &ClaimRequest) -> Result<ClaimReceipt, ChainError> {
+        let call = self.contract.claim(
+            U256::from(claim.order_id),
+            claim.batch_capacity,
+            claim.next_head.into(),
+            claim.seconds,
+            claim.bytes_in,
+            claim.bytes_out,
+            claim.proof.clone(),
+        );
+        let receipt = self.submit(call).await?;
+        let paid = receipt
+            .inner
+            .logs()
+            .iter()
+            .find_map(|log| abi::Claimed::decode_log(&log.inner).ok())
+            .ok_or_else(|| ChainError::Decode("claim receipt has no Claimed event".into()))?;
+        let tx = tx_receipt(receipt);
+        Ok(ClaimReceipt {
+            tx,
+            gas_used: tx.gas_used,
+            amount: paid.amount,
+            escrow_left: paid.escrowLeft,
+        })
+    }
+
+    // ------------------------------------------------------------------ client side
+
+    /// Creates an order, paying its escrow; returns the new order id.
+    pub async fn create_order(&self, order: &NewOrder) -> Result<u64, ChainError> {
+        self.create_order_tx(order).await.map(|(id, _)| id)
+    }
+
+    /// Like [`Marketplace::create_order`], also returning what the transaction cost.
+    #[instrument(skip(self, order), fields(provider = %order.provider))]
+    pub async fn create_order_tx(&self, order: &NewOrder) -> Result<(u64, TxReceipt), ChainError> {
+        if order.escrow.is_zero() {
+            return Err(ChainError::InvalidInput(
+                "an order needs a non-zero escrow".into(),
+            ));
+        }
+        let call = self
+            .contract
+            .createOrder(order.provider, order.terms())
+            .value(order.escrow);
+        let receipt = self.submit(call).await?;
+        let created = receipt
+            .inner
+            .logs()
+            .iter()
+            .find_map(|log| abi::OrderCreated::decode_log(&log.inner).ok())
+            .ok_or_else(|| ChainError::Decode("order receipt has no OrderCreated event".into()))?;
+        let id = u64_of(created.orderId, "order id")?;
+        debug!(order = id, "order created");
+        Ok((id, tx_receipt(receipt)))
+    }
+
+    /// Adds `amount` wei to a live order's escrow.
+    #[instrument(skip(self), fields(order = id))]
+    pub async fn top_up(&self, id: u64, amount: U256) -> Result<TxReceipt, ChainError> {
+        let call = self.contract.topUp(U256::from(id)).value(amount);
+        self.submit(call).await.map(tx_receipt)
+    }
+
+    /// Cancels a pending order with a full refund (the client after the accept timeout, the
+    /// provider at any time to decline).
+    #[instrument(skip(self), fields(order = id))]
+    pub async fn cancel(&self, id: u64) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.cancel(U256::from(id)))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Terminates a live order (either side).
+    #[instrument(skip(self), fields(order = id))]
+    pub async fn terminate(&self, id: u64) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.terminate(U256::from(id)))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Pays out an ended order: escrow left to the client, collateral to the provider.
+    #[instrument(skip(self), fields(order = id))]
+    pub async fn settle(&self, id: u64) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.settle(U256::from(id)))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Rates the provider of an ended order: 1 to 5 stars and a review of at most 280 bytes.
+    #[instrument(skip(self, review), fields(order = id))]
+    pub async fn rate(&self, id: u64, stars: u8, review: &str) -> Result<TxReceipt, ChainError> {
+        self.submit(
+            self.contract
+                .rate(U256::from(id), stars, review.to_string()),
+        )
+        .await
+        .map(tx_receipt)
+    }
+
+    /// Pulls payments that could not be pushed to the signer.
+    pub async fn withdraw_owed(&self) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.withdraw()).await.map(tx_receipt)
+    }
+
+    // ------------------------------------------------------------------ events
+
+    /// Watches the contract's events from the next block on.
+    pub async fn watch(&self) -> Result<EventStream, ChainError> {
+        let from = self.block_number().await? + 1;
+        Ok(self.watch_from(from))
+    }
+
+    /// Watches the contract's events from block `from_block` on (to catch up after a restart).
+    /// The stream never ends; an outage yields an `Err` item and the watcher keeps polling.
+    pub fn watch_from(&self, from_block: u64) -> EventStream {
+        Watcher::new(
+            self.provider.clone(),
+            self.rpc_url.clone(),
+            self.address,
+            from_block,
+            self.poll_interval,
+        )
+        .into_stream()
+    }
+
+    // ------------------------------------------------------------------ plumbing
+
+    /// Sends a transaction and waits for it to be mined. A call that would revert fails in gas
+    /// estimation with the contract's reason; one that reverts on chain anyway is replayed at
+    /// its block to recover the reason.
+    async fn submit<D: CallDecoder + Unpin>(
+        &self,
+        call: CallBuilder<&DynProvider, D>,
+    ) -> Result<TransactionReceipt, ChainError> {
+        if self.sender.is_none() {
+            return Err(ChainError::ReadOnly);
+        }
+        let pending = call.send().await.map_err(|e| self.call_err(e))?;
+        let tx = *pending.tx_hash();
+        let receipt = pending
+            .with_timeout(Some(RECEIPT_TIMEOUT))
+            .get_receipt()
+            .await
+            .map_err(|e| match e {
+                PendingTransactionError::TransportError(e) => self.rpc_err(e),
+                other => ChainError::Rpc(format!("waiting for transaction {tx}: {other}")),
+            })?;
+        if receipt.status() {
+            debug!(%tx, gas = receipt.gas_used, "transaction mined");
+            return Ok(receipt);
+        }
+        let mut replay = call.into_transaction_request();
+        replay.set_from(self.sender.unwrap_or_default());
+        let block = receipt.block_number.unwrap_or_default();
+        let reason = match self.provider.call(replay).block(block.into()).await {
+            Err(e) => match self.rpc_err(e) {
+                ChainError::Reverted { reason, .. } => reason,
+                other => format!("reason unknown ({other})"),
+            },
+            Ok(_) => "reason unknown (the replay succeeded)".into(),
+        };
+        Err(ChainError::TxReverted { tx, reason })
+    }
+
+    fn rpc_err(&self, e: alloy::transports::TransportError) -> ChainError {
+        ChainError::from_rpc(&self.rpc_url, e)
+    }
+
+    fn call_err(&self, e: alloy::contract::Error) -> ChainError {
+        ChainError::from_contract(&self.rpc_url, self.address, e)
+    }
+}
+
+fn tx_receipt(receipt: TransactionReceipt) -> TxReceipt {
+    TxReceipt {
+        tx_hash: receipt.transaction_hash,
+        block_number: receipt.block_number.unwrap_or_default(),
+        gas_used: receipt.gas_used,
+        fee: U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price),
+    }
+}

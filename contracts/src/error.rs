@@ -1,0 +1,243 @@
+//! Errors of the chain client: a caller can tell an outage (retry later) from a refusal by the
+//! contract (explain it to the user) from a missing order or provider.
+
+use alloy::contract::Error as ContractError;
+use alloy::primitives::{Address, Bytes, B256};
+use alloy::sol_types::SolInterface;
+use alloy::transports::{RpcError, TransportErrorKind};
+
+use crate::bindings::Marketplace::MarketplaceErrors as E;
+use crate::types::OrderState;
+
+/// Everything that can go wrong talking to the marketplace.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The RPC endpoint did not answer (connection refused, timeout, HTTP error): an outage,
+    /// not a verdict about the order. Retry later.
+    #[error("the chain RPC endpoint {url} is unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
+
+    /// The contract has no order with this id.
+    #[error("order {0} does not exist")]
+    OrderNotFound(u64),
+
+    /// No provider registered under this address.
+    #[error("no provider is registered at {0}")]
+    ProviderNotFound(Address),
+
+    /// The contract refused the call; `reason` says why in words (e.g. "order 42 is not active
+    /// (it is ended)"), `error` is the decoded custom error when it was one of the marketplace's.
+    #[error("the marketplace refused: {reason}")]
+    Reverted {
+        reason: String,
+        error: Option<Box<E>>,
+    },
+
+    /// A transaction was mined but reverted (it passed simulation, then lost a race).
+    #[error("transaction {tx} reverted on chain: {reason}")]
+    TxReverted { tx: B256, reason: String },
+
+    /// No contract code at the configured marketplace address (wrong address or wrong chain).
+    #[error(
+        "there is no marketplace contract at {0} on this chain; check the address and the RPC URL"
+    )]
+    NoContract(Address),
+
+    /// A state-changing call on a client connected without a signer.
+    #[error(
+        "this marketplace client has no signing key; connect with a signer to send transactions"
+    )]
+    ReadOnly,
+
+    /// The caller passed something the contract would refuse or cannot represent.
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// The node answered with an error that is neither an outage nor a revert.
+    #[error("the chain RPC endpoint returned an error: {0}")]
+    Rpc(String),
+
+    /// The node answered with data this client does not understand (version mismatch?).
+    #[error("unexpected data from the chain: {0}")]
+    Decode(String),
+}
+
+impl ChainError {
+    /// True when the error means the chain could not be reached; callers treat it as an outage.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, Self::Unreachable { .. })
+    }
+
+    /// The decoded custom error of a revert, when there is one.
+    pub fn contract_error(&self) -> Option<&E> {
+        match self {
+            Self::Reverted { error: Some(e), .. } => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Classifies an RPC failure (the transport layer's error type).
+    pub(crate) fn from_rpc(url: &str, err: RpcError<TransportErrorKind>) -> Self {
+        match err {
+            RpcError::ErrorResp(payload) => match payload.as_revert_data() {
+                Some(data) => Self::from_revert_data(&data),
+                None => Self::Rpc(payload.to_string()),
+            },
+            RpcError::Transport(kind) => Self::Unreachable {
+                url: url.to_string(),
+                reason: kind.to_string(),
+            },
+            RpcError::NullResp => Self::Rpc("the node returned null".into()),
+            RpcError::DeserError { err, .. } => Self::Decode(err.to_string()),
+            other => Self::Rpc(other.to_string()),
+        }
+    }
+
+    /// Classifies a failed contract call or transaction.
+    pub(crate) fn from_contract(url: &str, address: Address, err: ContractError) -> Self {
+        match err {
+            ContractError::TransportError(e) => Self::from_rpc(url, e),
+            ContractError::PendingTransactionError(e) => Self::Rpc(e.to_string()),
+            // `0x` from a view: nothing is deployed at the address.
+            ContractError::ZeroData(..) => Self::NoContract(address),
+            other => Self::Decode(other.to_string()),
+        }
+    }
+
+    /// Turns revert data into words, mapping "not found" errors to their own variants.
+    pub(crate) fn from_revert_data(data: &Bytes) -> Self {
+        match E::abi_decode(data) {
+            Ok(E::OrderNotFound(e)) => match u64::try_from(e.orderId) {
+                Ok(id) => Self::OrderNotFound(id),
+                Err(_) => Self::reverted(
+                    describe(&E::OrderNotFound(e.clone())),
+                    Some(E::OrderNotFound(e)),
+                ),
+            },
+            Ok(E::ProviderNotFound(e)) => Self::ProviderNotFound(e.provider),
+            Ok(e) => Self::reverted(describe(&e), Some(e)),
+            Err(_) => Self::reverted(describe_builtin(data), None),
+        }
+    }
+
+    fn reverted(reason: String, error: Option<E>) -> Self {
+        Self::Reverted {
+            reason,
+            error: error.map(Box::new),
+        }
+    }
+}
+
+fn state(raw: u8) -> String {
+    OrderState::from_abi(raw)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|_| format!("in unknown state {raw}"))
+}
+
+/// Solidity's built-in reverts: `Error(string)` from `require`, `Panic(uint256)` from checked
+/// arithmetic, and anything else as hex.
+fn describe_builtin(data: &Bytes) -> String {
+    use alloy::sol_types::{GenericContractError, SolInterface};
+    match GenericContractError::abi_decode(data) {
+        Ok(GenericContractError::Revert(r)) => r.reason,
+        Ok(GenericContractError::Panic(p)) => match p.kind() {
+            Some(kind) => format!("arithmetic or assertion failure: {kind}"),
+            None => format!("panic code {}", p.code),
+        },
+        Err(_) if data.is_empty() => "reverted without a reason".into(),
+        Err(_) => format!("reverted with unknown error data {data}"),
+    }
+}
+
+/// One sentence per custom error of the marketplace, in the words a user reads.
+pub fn describe(error: &E) -> String {
+    match error {
+        E::VerifierConfigMismatch(e) => format!(
+            "{} batch capacities but {} verifiers were given",
+            e.capacities, e.verifiers
+        ),
+        E::InvalidVerifier(e) => format!(
+            "the verifier for batch capacity {} is missing, zero or given twice",
+            e.capacity
+        ),
+        E::OrderNotFound(e) => format!("order {} does not exist", e.orderId),
+        E::NotClient(e) => format!("{} is not the client of order {}", e.caller, e.orderId),
+        E::NotProvider(e) => format!("{} is not the provider of order {}", e.caller, e.orderId),
+        E::NotParty(e) => format!(
+            "{} is neither the client nor the provider of order {}",
+            e.caller, e.orderId
+        ),
+        E::OrderNotPending(e) => format!(
+            "order {} is not pending (it is {})",
+            e.orderId,
+            state(e.state)
+        ),
+        E::OrderNotActive(e) => format!(
+            "order {} is not active (it is {})",
+            e.orderId,
+            state(e.state)
+        ),
+        E::OrderNotEnded(e) => format!(
+            "order {} has not ended (it is {})",
+            e.orderId,
+            state(e.state)
+        ),
+        E::AcceptTimeoutNotReached(e) => format!(
+            "order {} may be cancelled from unix time {} (the provider still has time to accept)",
+            e.orderId, e.cancellableAt
+        ),
+        E::WrongCollateral(e) => format!(
+            "order {} needs exactly {} wei of collateral, {} was sent",
+            e.orderId, e.required, e.sent
+        ),
+        E::ZeroEscrow(_) => "an order needs a non-zero escrow".into(),
+        E::ZeroDuration(_) => "an order needs a non-zero maximum duration".into(),
+        E::ZeroFingerprint(_) => "an order needs the fingerprint of an SSH key".into(),
+        E::ZeroAmount(_) => "the amount must not be zero".into(),
+        E::UnknownBatchCapacity(e) => format!(
+            "this marketplace has no verifier for batch capacity {}",
+            e.capacity
+        ),
+        E::HeadOutOfField(e) => format!(
+            "the tick commitment {} is not a BN254 scalar",
+            e.head
+        ),
+        E::CommitmentAlreadyPaid(e) => format!(
+            "tick commitment {} of order {} was already paid",
+            e.head, e.orderId
+        ),
+        E::InvalidProof(e) => format!("the proof of the claim for order {} does not verify", e.orderId),
+        E::ClaimExceedsLeaseTime(e) => format!(
+            "the claim for order {} would bring claimed time to {} s, but the lease has run only {} s",
+            e.orderId, e.claimedSeconds, e.allowedSeconds
+        ),
+        E::ClaimExceedsEscrow(e) => format!(
+            "the claim for order {} costs {} wei but only {} wei of escrow is left",
+            e.orderId, e.amount, e.escrowLeft
+        ),
+        E::AlreadySettled(e) => format!("order {} is already settled", e.orderId),
+        E::ClaimWindowOpen(e) => format!(
+            "order {} can be settled from unix time {} (the provider may still claim until then)",
+            e.orderId, e.settleableAt
+        ),
+        E::AlreadyRated(e) => format!("order {} was already rated", e.orderId),
+        E::InvalidStars(e) => format!("a rating is 1 to 5 stars, not {}", e.stars),
+        E::NothingOwed(e) => format!("nothing is owed to {}", e.account),
+        E::TransferFailed(e) => format!("sending {} wei to {} failed", e.amount, e.to),
+        E::Reentrancy(_) => "reentrant call refused".into(),
+        E::ProviderNotFound(e) => format!("no provider is registered at {}", e.provider),
+        E::AlreadyRegistered(e) => format!("{} is already a registered provider", e.provider),
+        E::ProviderInactive(e) => format!("provider {} has withdrawn its offer", e.provider),
+        E::EmptyField(e) => format!("{} must not be empty", e.field),
+        E::TooLong(e) => format!("{} is {} bytes long, at most {} are allowed", e.field, e.length, e.max),
+        E::TooManyDatasets(e) => format!("a provider may list at most {} datasets", e.max),
+        E::DatasetExists(e) => format!(
+            "provider {} already lists dataset {:?}",
+            e.provider, e.datasetId
+        ),
+        E::UnknownDataset(e) => format!(
+            "provider {} does not serve dataset {:?}",
+            e.provider, e.datasetId
+        ),
+    }
+}

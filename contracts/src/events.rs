@@ -1,0 +1,285 @@
+//! Typed marketplace events and a log-polling watcher that streams them.
+//!
+//! Polling `eth_getLogs` works against every JSON-RPC endpoint (FEVM gateways rarely offer
+//! subscriptions), and a restart resumes from a block number without gaps.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::Duration;
+
+use alloy::primitives::{Address, U256};
+use alloy::providers::{DynProvider, Provider as _};
+use alloy::rpc::types::Filter;
+use alloy::sol_types::SolEventInterface;
+use futures::Stream;
+use tracing::warn;
+
+use crate::bindings::Marketplace::MarketplaceEvents as Raw;
+use crate::error::ChainError;
+
+/// Most blocks asked for in one `eth_getLogs` (public endpoints cap the range).
+const MAX_BLOCK_RANGE: u64 = 2_000;
+
+/// Everything the marketplace announces, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarketEvent {
+    ProviderRegistered {
+        provider: Address,
+        endpoint: String,
+        ssh_host_key: String,
+    },
+    ProviderUpdated {
+        provider: Address,
+        endpoint: String,
+        ssh_host_key: String,
+    },
+    ProviderWithdrawn {
+        provider: Address,
+    },
+    DatasetAdded {
+        provider: Address,
+        dataset_id: String,
+    },
+    DatasetRemoved {
+        provider: Address,
+        dataset_id: String,
+    },
+    OrderCreated {
+        order_id: u64,
+        client: Address,
+        provider: Address,
+        escrow: U256,
+        collateral: U256,
+        dataset: Option<String>,
+    },
+    OrderAccepted {
+        order_id: u64,
+        provider: Address,
+        collateral: U256,
+        expires_at: u64,
+    },
+    OrderCancelled {
+        order_id: u64,
+        by: Address,
+        refund: U256,
+    },
+    OrderToppedUp {
+        order_id: u64,
+        amount: U256,
+        escrow: U256,
+    },
+    OrderTerminated {
+        order_id: u64,
+        by: Address,
+        ended_at: u64,
+    },
+    Claimed {
+        order_id: u64,
+        head: [u8; 32],
+        seconds: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+        amount: U256,
+        escrow_left: U256,
+    },
+    OrderSettled {
+        order_id: u64,
+        refund: U256,
+        collateral_returned: U256,
+        collateral_slashed: U256,
+    },
+    Rated {
+        order_id: u64,
+        provider: Address,
+        stars: u8,
+        review: String,
+    },
+    PaymentDeferred {
+        to: Address,
+        amount: U256,
+    },
+    Withdrawn {
+        to: Address,
+        amount: U256,
+    },
+}
+
+impl MarketEvent {
+    /// The order the event is about, if any.
+    pub fn order_id(&self) -> Option<u64> {
+        match self {
+            Self::OrderCreated { order_id, .. }
+            | Self::OrderAccepted { order_id, .. }
+            | Self::OrderCancelled { order_id, .. }
+            | Self::OrderToppedUp { order_id, .. }
+            | Self::OrderTerminated { order_id, .. }
+            | Self::Claimed { order_id, .. }
+            | Self::OrderSettled { order_id, .. }
+            | Self::Rated { order_id, .. } => Some(*order_id),
+            _ => None,
+        }
+    }
+
+    fn from_raw(raw: Raw) -> Result<Self, ChainError> {
+        let id = |v: U256| crate::types::u64_of(v, "order id");
+        Ok(match raw {
+            Raw::ProviderRegistered(e) => Self::ProviderRegistered {
+                provider: e.provider,
+                endpoint: e.endpoint,
+                ssh_host_key: e.sshHostKey,
+            },
+            Raw::ProviderUpdated(e) => Self::ProviderUpdated {
+                provider: e.provider,
+                endpoint: e.endpoint,
+                ssh_host_key: e.sshHostKey,
+            },
+            Raw::ProviderWithdrawn(e) => Self::ProviderWithdrawn {
+                provider: e.provider,
+            },
+            Raw::DatasetAdded(e) => Self::DatasetAdded {
+                provider: e.provider,
+                dataset_id: e.datasetId,
+            },
+            Raw::DatasetRemoved(e) => Self::DatasetRemoved {
+                provider: e.provider,
+                dataset_id: e.datasetId,
+            },
+            Raw::OrderCreated(e) => Self::OrderCreated {
+                order_id: id(e.orderId)?,
+                client: e.client,
+                provider: e.provider,
+                escrow: e.escrow,
+                collateral: e.collateral,
+                dataset: (!e.datasetId.is_empty()).then_some(e.datasetId),
+            },
+            Raw::OrderAccepted(e) => Self::OrderAccepted {
+                order_id: id(e.orderId)?,
+                provider: e.provider,
+                collateral: e.collateral,
+                expires_at: e.expiresAt,
+            },
+            Raw::OrderCancelled(e) => Self::OrderCancelled {
+                order_id: id(e.orderId)?,
+                by: e.by,
+                refund: e.refund,
+            },
+            Raw::OrderToppedUp(e) => Self::OrderToppedUp {
+                order_id: id(e.orderId)?,
+                amount: e.amount,
+                escrow: e.escrow,
+            },
+            Raw::OrderTerminated(e) => Self::OrderTerminated {
+                order_id: id(e.orderId)?,
+                by: e.by,
+                ended_at: e.endedAt,
+            },
+            Raw::Claimed(e) => Self::Claimed {
+                order_id: id(e.orderId)?,
+                head: e.head.0,
+                seconds: e.seconds_,
+                bytes_in: e.bytesIn,
+                bytes_out: e.bytesOut,
+                amount: e.amount,
+                escrow_left: e.escrowLeft,
+            },
+            Raw::OrderSettled(e) => Self::OrderSettled {
+                order_id: id(e.orderId)?,
+                refund: e.refund,
+                collateral_returned: e.collateralReturned,
+                collateral_slashed: e.collateralSlashed,
+            },
+            Raw::Rated(e) => Self::Rated {
+                order_id: id(e.orderId)?,
+                provider: e.provider,
+                stars: e.stars,
+                review: e.review,
+            },
+            Raw::PaymentDeferred(e) => Self::PaymentDeferred {
+                to: e.to,
+                amount: e.amount,
+            },
+            Raw::Withdrawn(e) => Self::Withdrawn {
+                to: e.to,
+                amount: e.amount,
+            },
+        })
+    }
+}
+
+/// The stream [`crate::Marketplace::watch`] returns. It never ends by itself; drop it to stop.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<MarketEvent, ChainError>> + Send>>;
+
+/// Polls the contract's logs block range by block range.
+pub(crate) struct Watcher {
+    provider: DynProvider,
+    rpc_url: String,
+    address: Address,
+    next_block: u64,
+    interval: Duration,
+    buffer: VecDeque<MarketEvent>,
+}
+
+impl Watcher {
+    pub(crate) fn new(
+        provider: DynProvider,
+        rpc_url: String,
+        address: Address,
+        next_block: u64,
+        interval: Duration,
+    ) -> Self {
+        Self {
+            provider,
+            rpc_url,
+            address,
+            next_block,
+            interval,
+            buffer: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn into_stream(self) -> EventStream {
+        Box::pin(futures::stream::unfold(self, |mut w| async move {
+            loop {
+                if let Some(event) = w.buffer.pop_front() {
+                    return Some((Ok(event), w));
+                }
+                match w.poll().await {
+                    Ok(true) => {}
+                    Ok(false) => tokio::time::sleep(w.interval).await,
+                    Err(e) => {
+                        // Report the outage once per poll and keep going: the caller decides
+                        // whether to wait or give up.
+                        tokio::time::sleep(w.interval).await;
+                        return Some((Err(e), w));
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Fetches the logs of the next block range; returns whether there were new blocks.
+    async fn poll(&mut self) -> Result<bool, ChainError> {
+        let rpc_err = |e| ChainError::from_rpc(&self.rpc_url, e);
+        let latest = self.provider.get_block_number().await.map_err(rpc_err)?;
+        if latest < self.next_block {
+            return Ok(false);
+        }
+        let to = latest.min(self.next_block + MAX_BLOCK_RANGE - 1);
+        let filter = Filter::new()
+            .address(self.address)
+            .from_block(self.next_block)
+            .to_block(to);
+        let logs = self.provider.get_logs(&filter).await.map_err(rpc_err)?;
+        for log in logs {
+            match Raw::decode_log(&log.inner) {
+                Ok(decoded) => self.buffer.push_back(MarketEvent::from_raw(decoded.data)?),
+                // An event this client does not know (newer contract): skip it, loudly.
+                Err(e) => {
+                    warn!(block = ?log.block_number, error = %e, "undecodable marketplace log")
+                }
+            }
+        }
+        self.next_block = to + 1;
+        Ok(true)
+    }
+}

@@ -1,0 +1,502 @@
+//! Domain types of the marketplace, converted from the raw ABI structs of [`crate::bindings`].
+//!
+//! Money is integer wei ([`U256`]); times are unix seconds of the chain's clock.
+
+use alloy::primitives::{Address, Bytes, B256, U256};
+
+use crate::bindings::{Marketplace as abi, ProviderRegistry as reg_abi};
+use crate::error::ChainError;
+
+/// Lifecycle of an order on chain.
+///
+/// `Ended` covers a termination by either side and a natural expiry: the contract reports an
+/// Active order whose `acceptedAt + maxDuration` has passed as Ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum OrderState {
+    /// Created and paid; waiting for the provider to accept.
+    Pending,
+    /// Accepted: the lease runs.
+    Active,
+    /// Terminated or expired; the provider may still claim usage up to the end time.
+    Ended,
+    /// Never accepted; the escrow went back to the client.
+    Cancelled,
+}
+
+impl OrderState {
+    pub(crate) fn from_abi(raw: u8) -> Result<Self, ChainError> {
+        match raw {
+            0 => Ok(Self::Pending),
+            1 => Ok(Self::Active),
+            2 => Ok(Self::Ended),
+            3 => Ok(Self::Cancelled),
+            other => Err(ChainError::Decode(format!("unknown order state {other}"))),
+        }
+    }
+
+    /// The state in lower-case words, as error messages use it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Ended => "ended",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for OrderState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An order as the contract reports it (with its effective state at the block read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub id: u64,
+    pub client: Address,
+    pub provider: Address,
+    /// SHA-256 of the client's SSH public key blob (see [`crate::key_fingerprint`]).
+    pub key_fingerprint: [u8; 32],
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub gpus: u32,
+    /// Dataset id of the provider's registry entry, mounted read-only into the lease.
+    pub dataset: Option<String>,
+    pub price_per_second: U256,
+    pub price_per_gib: U256,
+    pub max_duration_secs: u64,
+    /// What is left of the client's escrow.
+    pub escrow: U256,
+    /// Collateral the provider posts to accept (posted once Active).
+    pub collateral: U256,
+    pub state: OrderState,
+    pub created_at: u64,
+    /// Seconds after `created_at` from which the client may cancel an unaccepted order.
+    pub accept_timeout_secs: u64,
+    pub accepted_at: Option<u64>,
+    /// Termination time, or expiry time for an expired order.
+    pub ended_at: Option<u64>,
+    /// Who terminated or cancelled; `None` for expiry or while live.
+    pub ended_by: Option<Address>,
+    pub claimed_seconds: u64,
+    pub claimed_bytes: u128,
+    /// Total paid to the provider by claims.
+    pub paid: U256,
+    /// Last paid tick-chain commitment (all zero before the first claim).
+    pub head: [u8; 32],
+    /// True once the escrow and collateral were paid out (settled or cancelled).
+    pub settled: bool,
+    pub rated: bool,
+}
+
+impl Order {
+    /// When the lease expires by itself (`accepted_at + max_duration`); `None` until accepted.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.accepted_at
+            .map(|at| at.saturating_add(self.max_duration_secs))
+    }
+
+    /// True when the lease may serve a session at unix time `now`: accepted, not terminated,
+    /// not expired. The escrow left is the meter's business, not this check's.
+    pub fn is_live_at(&self, now: u64) -> bool {
+        match (self.state, self.expires_at()) {
+            (OrderState::Active, Some(expiry)) => now < expiry,
+            _ => false,
+        }
+    }
+
+    /// Seconds of lease time the provider may still claim at unix time `now`.
+    pub fn claimable_seconds_at(&self, now: u64) -> u64 {
+        let Some(accepted) = self.accepted_at else {
+            return 0;
+        };
+        if self.state == OrderState::Cancelled || self.settled {
+            return 0;
+        }
+        let mut end = self.ended_at.unwrap_or(now).min(now);
+        if let Some(expiry) = self.expires_at() {
+            end = end.min(expiry);
+        }
+        end.saturating_sub(accepted)
+            .saturating_sub(self.claimed_seconds)
+    }
+
+    pub(crate) fn from_abi(raw: abi::Order) -> Result<Self, ChainError> {
+        let id = u64_of(raw.id, "order id")?;
+        let opt_time = |t: u64| (t != 0).then_some(t);
+        let terms = raw.terms;
+        Ok(Self {
+            id,
+            client: raw.client,
+            provider: raw.provider,
+            key_fingerprint: terms.keyFingerprint.0,
+            cpus: terms.cpus,
+            memory_mib: terms.memoryMiB,
+            gpus: terms.gpus,
+            dataset: (!terms.datasetId.is_empty()).then_some(terms.datasetId),
+            price_per_second: terms.pricePerSecond,
+            price_per_gib: terms.pricePerGiB,
+            max_duration_secs: terms.maxDuration,
+            escrow: raw.escrow,
+            collateral: terms.collateral,
+            state: OrderState::from_abi(raw.state)?,
+            created_at: raw.createdAt,
+            accept_timeout_secs: terms.acceptTimeout,
+            accepted_at: opt_time(raw.acceptedAt),
+            ended_at: opt_time(raw.endedAt),
+            ended_by: (raw.endedBy != Address::ZERO).then_some(raw.endedBy),
+            claimed_seconds: raw.claimedSeconds,
+            claimed_bytes: u128::try_from(raw.claimedBytes)
+                .map_err(|_| ChainError::Decode("claimed bytes exceed u128".into()))?,
+            paid: raw.paid,
+            head: raw.head.0,
+            settled: raw.settled,
+            rated: raw.rated,
+        })
+    }
+}
+
+/// What a client asks for. The escrow is paid with the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrder {
+    pub provider: Address,
+    /// SHA-256 of the SSH public key the client will log in with.
+    pub key_fingerprint: [u8; 32],
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub gpus: u32,
+    pub dataset: Option<String>,
+    pub price_per_second: U256,
+    pub price_per_gib: U256,
+    pub max_duration_secs: u64,
+    /// Paid into escrow with the transaction.
+    pub escrow: U256,
+    /// Collateral the provider must post to accept, e.g. a fraction of the escrow.
+    pub collateral: U256,
+    /// Seconds after creation from which the client may cancel if the provider did not accept.
+    pub accept_timeout_secs: u64,
+}
+
+impl NewOrder {
+    /// An order for `provider`'s current offer and tariff, with the given escrow and duration;
+    /// collateral defaults to a tenth of the escrow and the accept timeout to ten minutes.
+    pub fn for_offer(
+        provider: &Provider,
+        key_fingerprint: [u8; 32],
+        escrow: U256,
+        max_duration_secs: u64,
+    ) -> Self {
+        Self {
+            provider: provider.address,
+            key_fingerprint,
+            cpus: provider.offer.cpus,
+            memory_mib: provider.offer.memory_mib,
+            gpus: provider.offer.gpu_count,
+            dataset: None,
+            price_per_second: provider.offer.price_per_second,
+            price_per_gib: provider.offer.price_per_gib,
+            max_duration_secs,
+            escrow,
+            collateral: escrow / U256::from(10),
+            accept_timeout_secs: 600,
+        }
+    }
+
+    pub(crate) fn terms(&self) -> abi::Terms {
+        abi::Terms {
+            keyFingerprint: B256::from(self.key_fingerprint),
+            cpus: self.cpus,
+            memoryMiB: self.memory_mib,
+            gpus: self.gpus,
+            datasetId: self.dataset.clone().unwrap_or_default(),
+            pricePerSecond: self.price_per_second,
+            pricePerGiB: self.price_per_gib,
+            maxDuration: self.max_duration_secs,
+            collateral: self.collateral,
+            acceptTimeout: self.accept_timeout_secs,
+        }
+    }
+}
+
+/// Resources and tariff a provider offers. Prices are integer wei.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Offer {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Empty when the offer has no GPU.
+    pub gpu_model: String,
+    pub gpu_count: u32,
+    pub price_per_second: U256,
+    pub price_per_gib: U256,
+}
+
+impl Offer {
+    pub(crate) fn to_abi(&self) -> reg_abi::Offer {
+        reg_abi::Offer {
+            cpus: self.cpus,
+            memoryMiB: self.memory_mib,
+            gpuModel: self.gpu_model.clone(),
+            gpuCount: self.gpu_count,
+            pricePerSecond: self.price_per_second,
+            pricePerGiB: self.price_per_gib,
+        }
+    }
+
+    fn from_abi(raw: reg_abi::Offer) -> Self {
+        Self {
+            cpus: raw.cpus,
+            memory_mib: raw.memoryMiB,
+            gpu_model: raw.gpuModel,
+            gpu_count: raw.gpuCount,
+            price_per_second: raw.pricePerSecond,
+            price_per_gib: raw.pricePerGiB,
+        }
+    }
+}
+
+/// A dataset a provider stores on Filecoin and mounts read-only into leases.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dataset {
+    /// Provider-chosen id, unique per provider; orders name it.
+    pub id: String,
+    /// Filecoin piece CID, when known.
+    pub piece_cid: Option<String>,
+    /// Filecoin storage deal id, when known.
+    pub deal_id: Option<u64>,
+    pub size_bytes: u64,
+    pub description: String,
+}
+
+impl Dataset {
+    pub(crate) fn to_abi(&self) -> reg_abi::Dataset {
+        reg_abi::Dataset {
+            id: self.id.clone(),
+            pieceCid: self.piece_cid.clone().unwrap_or_default(),
+            dealId: self.deal_id.unwrap_or(0),
+            sizeBytes: self.size_bytes,
+            description: self.description.clone(),
+        }
+    }
+
+    pub(crate) fn from_abi(raw: reg_abi::Dataset) -> Self {
+        Self {
+            id: raw.id,
+            piece_cid: (!raw.pieceCid.is_empty()).then_some(raw.pieceCid),
+            deal_id: (raw.dealId != 0).then_some(raw.dealId),
+            size_bytes: raw.sizeBytes,
+            description: raw.description,
+        }
+    }
+}
+
+/// A provider's registry entry with its datasets and rating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub address: Address,
+    /// Gateway endpoint, `host:port`.
+    pub endpoint: String,
+    /// The gateway's SSH host public key, OpenSSH format (`ssh-ed25519 AAAA...`): clients write
+    /// their `known_hosts` entry from it.
+    pub ssh_host_key: String,
+    pub offer: Offer,
+    /// False once withdrawn: no new orders can name it.
+    pub active: bool,
+    pub registered_at: u64,
+    pub datasets: Vec<Dataset>,
+    pub rating: Rating,
+}
+
+/// A provider's rating from clients of ended orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rating {
+    pub count: u64,
+    /// Sum of all stars (1 to 5 each).
+    pub sum: u64,
+}
+
+impl Rating {
+    /// Average in hundredths of a star, floored like the contract's `rating()` view
+    /// (4.666... stars reads 466); `None` when nobody rated yet.
+    pub fn average_centistars(&self) -> Option<u64> {
+        (self.count != 0).then(|| self.sum * 100 / self.count)
+    }
+}
+
+impl Provider {
+    pub(crate) fn from_abi(raw: reg_abi::Provider, datasets: Vec<Dataset>) -> Self {
+        Self {
+            address: raw.owner,
+            endpoint: raw.endpoint,
+            ssh_host_key: raw.sshHostKey,
+            offer: Offer::from_abi(raw.offer),
+            active: raw.active,
+            registered_at: raw.registeredAt,
+            datasets,
+            rating: Rating {
+                count: raw.ratingCount,
+                sum: raw.ratingSum,
+            },
+        }
+    }
+}
+
+/// One proven batch of ticks to be paid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub order_id: u64,
+    /// Which verifier checks the proof: the batch capacity of the circuit that produced it.
+    pub batch_capacity: u32,
+    /// Tick-chain commitment after the batch (a BN254 scalar, big-endian).
+    pub next_head: [u8; 32],
+    pub seconds: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// 256-byte Groth16 proof (see `ITickVerifier`).
+    pub proof: Bytes,
+}
+
+/// What a mined transaction cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxReceipt {
+    pub tx_hash: B256,
+    pub block_number: u64,
+    pub gas_used: u64,
+    /// `gas_used * effective_gas_price`, in wei: what the sender paid for the transaction.
+    pub fee: U256,
+}
+
+/// The receipt of a paid claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimReceipt {
+    pub tx: TxReceipt,
+    pub gas_used: u64,
+    /// Wei paid to the provider for this batch.
+    pub amount: U256,
+    pub escrow_left: U256,
+}
+
+/// SHA-256 of an SSH public key blob: the order's `key_fingerprint`, the same digest
+/// `ssh-keygen -lf` prints (there in unpadded base64 after `SHA256:`).
+pub fn key_fingerprint(key_blob: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key_blob).into()
+}
+
+/// Fingerprint of an OpenSSH public key line (`ssh-ed25519 AAAA... comment`).
+pub fn key_fingerprint_openssh(line: &str) -> Result<[u8; 32], ChainError> {
+    use base64::Engine;
+    let mut fields = line.split_whitespace();
+    let (Some(_kind), Some(b64)) = (fields.next(), fields.next()) else {
+        return Err(ChainError::InvalidInput(
+            "an OpenSSH public key line looks like `ssh-ed25519 AAAA... comment`".into(),
+        ));
+    };
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| ChainError::InvalidInput(format!("SSH public key is not base64: {e}")))?;
+    Ok(key_fingerprint(&blob))
+}
+
+/// The fingerprint as `ssh-keygen -lf` prints it: `SHA256:` + unpadded base64.
+pub fn format_fingerprint(fingerprint: &[u8; 32]) -> String {
+    use base64::Engine;
+    format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(fingerprint)
+    )
+}
+
+pub(crate) fn u64_of(value: U256, what: &str) -> Result<u64, ChainError> {
+    u64::try_from(value).map_err(|_| ChainError::Decode(format!("{what} {value} exceeds u64")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active_order(accepted_at: u64, max: u64) -> Order {
+        Order {
+            id: 1,
+            client: Address::ZERO,
+            provider: Address::ZERO,
+            key_fingerprint: [1; 32],
+            cpus: 1,
+            memory_mib: 512,
+            gpus: 0,
+            dataset: None,
+            price_per_second: U256::from(1),
+            price_per_gib: U256::ZERO,
+            max_duration_secs: max,
+            escrow: U256::from(100),
+            collateral: U256::ZERO,
+            state: OrderState::Active,
+            created_at: accepted_at - 5,
+            accept_timeout_secs: 60,
+            accepted_at: Some(accepted_at),
+            ended_at: None,
+            ended_by: None,
+            claimed_seconds: 0,
+            claimed_bytes: 0,
+            paid: U256::ZERO,
+            head: [0; 32],
+            settled: false,
+            rated: false,
+        }
+    }
+
+    #[test]
+    fn order_is_live_until_its_expiry_second() {
+        let order = active_order(1_000, 60);
+        assert_eq!(order.expires_at(), Some(1_060));
+        assert!(order.is_live_at(1_000));
+        assert!(order.is_live_at(1_059));
+        assert!(!order.is_live_at(1_060));
+    }
+
+    #[test]
+    fn pending_and_ended_orders_are_not_live() {
+        let mut order = active_order(1_000, 60);
+        order.state = OrderState::Pending;
+        order.accepted_at = None;
+        assert!(!order.is_live_at(1_001));
+        assert_eq!(order.expires_at(), None);
+        order.state = OrderState::Ended;
+        order.accepted_at = Some(1_000);
+        assert!(!order.is_live_at(1_001));
+    }
+
+    #[test]
+    fn claimable_seconds_stop_at_termination_and_subtract_claims() {
+        let mut order = active_order(1_000, 60);
+        assert_eq!(order.claimable_seconds_at(1_030), 30);
+        assert_eq!(order.claimable_seconds_at(5_000), 60);
+        order.state = OrderState::Ended;
+        order.ended_at = Some(1_020);
+        order.claimed_seconds = 5;
+        assert_eq!(order.claimable_seconds_at(1_050), 15);
+        order.settled = true;
+        assert_eq!(order.claimable_seconds_at(1_050), 0);
+    }
+
+    #[test]
+    fn rating_average_is_floored_hundredths() {
+        let rating = Rating { count: 3, sum: 14 };
+        assert_eq!(rating.average_centistars(), Some(466));
+        assert_eq!(Rating::default().average_centistars(), None);
+    }
+
+    #[test]
+    fn fingerprint_matches_ssh_keygen() {
+        // A key made with `ssh-keygen -t ed25519`; `ssh-keygen -lf` printed the expected line.
+        let line =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILpbI6zHCqIRA4Rgyh8OHoWol7YJ57KPTCrSIlgfr2xe test";
+        let fp = key_fingerprint_openssh(line).unwrap();
+        assert_eq!(format_fingerprint(&fp), EXPECTED_FINGERPRINT);
+        assert!(key_fingerprint_openssh("ssh-ed25519 not-base64!").is_err());
+        assert!(key_fingerprint_openssh("").is_err());
+    }
+
+    const EXPECTED_FINGERPRINT: &str = "SHA256:9YvCCHXrldA++tbPkGp5YZXn0sVMbaYi42lnPtGI63Y";
+}

@@ -1,0 +1,174 @@
+//! The marketplace against a real anvil: registry, the order lifecycle, money, events, errors.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{dataset, offer, World, HOST_KEY};
+use futures::StreamExt;
+use shale_contracts::{ChainError, MarketEvent, OrderState, U256};
+
+#[tokio::test]
+async fn registered_provider_reads_back_with_datasets() {
+    let world = World::with_provider().await;
+    let provider = world.reader.provider(world.sp_address()).await.unwrap();
+    assert_eq!(provider.address, world.sp_address());
+    assert_eq!(provider.endpoint, "sp.example:2222");
+    assert_eq!(provider.ssh_host_key, HOST_KEY);
+    assert_eq!(provider.offer, offer());
+    assert!(provider.active);
+    assert_eq!(provider.datasets, vec![dataset()]);
+    assert_eq!(provider.rating.count, 0);
+
+    let all = world.reader.providers().await.unwrap();
+    assert_eq!(all, vec![provider]);
+}
+
+#[tokio::test]
+async fn order_is_created_accepted_and_terminated() {
+    let world = World::with_provider().await;
+    let request = world.new_order();
+    let id = world.client.create_order(&request).await.unwrap();
+    assert_eq!(id, 1);
+
+    let order = world.reader.order(id).await.unwrap();
+    assert_eq!(order.state, OrderState::Pending);
+    assert_eq!(order.client, world.client_address());
+    assert_eq!(order.provider, world.sp_address());
+    assert_eq!(order.key_fingerprint, request.key_fingerprint);
+    assert_eq!(order.dataset.as_deref(), Some("era5"));
+    assert_eq!(order.escrow, request.escrow);
+    assert_eq!(order.collateral, request.collateral);
+    assert_eq!(order.accepted_at, None);
+    assert_eq!(order.expires_at(), None);
+
+    world.sp.accept(id).await.unwrap();
+    let order = world.reader.order(id).await.unwrap();
+    assert_eq!(order.state, OrderState::Active);
+    let accepted_at = order.accepted_at.expect("accepted");
+    assert_eq!(order.expires_at(), Some(accepted_at + 3_600));
+    let now = world.reader.chain_time().await.unwrap();
+    assert!(order.is_live_at(now));
+
+    world.client.terminate(id).await.unwrap();
+    let order = world.reader.order(id).await.unwrap();
+    assert_eq!(order.state, OrderState::Ended);
+    assert_eq!(order.ended_by, Some(world.client_address()));
+    assert!(!order.is_live_at(now));
+}
+
+#[tokio::test]
+async fn unknown_order_is_its_own_error() {
+    let world = World::new().await;
+    let err = world.reader.order(42).await.unwrap_err();
+    assert!(matches!(err, ChainError::OrderNotFound(42)), "{err:?}");
+    assert_eq!(err.to_string(), "order 42 does not exist");
+}
+
+#[tokio::test]
+async fn revert_reason_is_decoded_into_words() {
+    let world = World::with_provider().await;
+    let id = world.client.create_order(&world.new_order()).await.unwrap();
+    let err = world.client.terminate(id).await.unwrap_err();
+    assert!(matches!(err, ChainError::Reverted { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("the marketplace refused: order {id} is not active (it is pending)")
+    );
+
+    let err = world.stranger.accept(id).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the marketplace refused: {} is not the provider of order {id}",
+            world.stranger.sender().unwrap()
+        )
+    );
+}
+
+#[tokio::test]
+async fn unreachable_rpc_is_an_outage() {
+    let world = World::new().await;
+    let url = world.devnet.rpc_url().to_string();
+    let address = world.address;
+    drop(world);
+    let err = shale_contracts::Marketplace::connect(&url, address, None)
+        .await
+        .unwrap_err();
+    assert!(err.is_outage(), "{err:?}");
+}
+
+#[tokio::test]
+async fn read_only_client_refuses_to_send() {
+    let world = World::with_provider().await;
+    let err = world
+        .reader
+        .create_order(&world.new_order())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChainError::ReadOnly), "{err:?}");
+}
+
+#[tokio::test]
+async fn watch_streams_the_lifecycle_events_in_order() {
+    let world = World::new().await;
+    let mut events = world.reader.watch().await.unwrap();
+    world
+        .sp
+        .register_provider("sp.example:2222", HOST_KEY, &offer(), &[dataset()])
+        .await
+        .unwrap();
+    let id = world.active_order().await;
+    world.client.top_up(id, U256::from(5u64)).await.unwrap();
+    world.sp.terminate(id).await.unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .expect("events arrive")
+            .expect("stream never ends")
+            .expect("no outage");
+        seen.push(event);
+    }
+    let sp = world.sp_address();
+    assert_eq!(
+        seen[0],
+        MarketEvent::ProviderRegistered {
+            provider: sp,
+            endpoint: "sp.example:2222".into(),
+            ssh_host_key: HOST_KEY.into()
+        }
+    );
+    assert_eq!(
+        seen[1],
+        MarketEvent::DatasetAdded {
+            provider: sp,
+            dataset_id: "era5".into()
+        }
+    );
+    let request = world.new_order();
+    assert_eq!(
+        seen[2],
+        MarketEvent::OrderCreated {
+            order_id: id,
+            client: world.client_address(),
+            provider: sp,
+            escrow: request.escrow,
+            collateral: request.collateral,
+            dataset: Some("era5".into()),
+        }
+    );
+    assert!(matches!(seen[3], MarketEvent::OrderAccepted { order_id, .. } if order_id == id));
+    assert_eq!(
+        seen[4],
+        MarketEvent::OrderToppedUp {
+            order_id: id,
+            amount: U256::from(5u64),
+            escrow: request.escrow + U256::from(5u64)
+        }
+    );
+    assert!(
+        matches!(seen[5], MarketEvent::OrderTerminated { order_id, by, .. } if order_id == id && by == sp)
+    );
+}

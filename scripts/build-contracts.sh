@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Compiles the Solidity sources with the pinned solc-js into the committed JSON artifacts under
+# contracts/artifacts/ (ABI + bytecode, foundry's artifact shape) that the Rust bindings
+# (`alloy::sol!` in contracts/src/bindings.rs) are generated from. Run it after any change to
+# contracts/src/*.sol; `cargo test -p shale-contracts` fails while the artifacts are stale
+# (contracts/artifacts/SOURCES.sha256 records what they were built from).
+#
+# Compiler settings match contracts/foundry.toml: optimizer on, 200 runs, EVM "paris".
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+solc_dir="$root/.tools/node_modules/solc"
+if [ ! -f "$solc_dir/index.js" ]; then
+    echo "build-contracts: solc-js is missing; run scripts/setup.sh" >&2
+    exit 1
+fi
+cd "$root/contracts"
+
+# Production sources, and the test-only verifier that the Rust integration tests deploy.
+sources=(src/*.sol)
+test_only=(test/TestTickVerifier.sol)
+mkdir -p artifacts artifacts/test-only
+
+SOLC_DIR="$solc_dir" node - "${sources[@]}" -- "${test_only[@]}" <<'JS'
+const fs = require('fs');
+const path = require('path');
+const solc = require(process.env.SOLC_DIR);
+
+const args = process.argv.slice(2);
+const split = args.indexOf('--');
+const prod = args.slice(0, split);
+const testOnly = args.slice(split + 1);
+
+const sources = {};
+for (const file of [...prod, ...testOnly]) sources[file] = { content: fs.readFileSync(file, 'utf8') };
+const input = {
+  language: 'Solidity',
+  sources,
+  settings: {
+    optimizer: { enabled: true, runs: 200 },
+    evmVersion: 'paris',
+    // No metadata hash: the bytecode then depends only on the sources and settings.
+    metadata: { bytecodeHash: 'none', appendCBOR: false },
+    outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object', 'evm.deployedBytecode.object'] } },
+  },
+};
+const output = JSON.parse(solc.compile(JSON.stringify(input), {
+  import: (p) => fs.existsSync(p) ? { contents: fs.readFileSync(p, 'utf8') } : { error: `not found: ${p}` },
+}));
+const errors = (output.errors || []).filter((e) => e.severity === 'error');
+for (const e of output.errors || []) process.stderr.write(e.formattedMessage + '\n');
+if (errors.length > 0) process.exit(1);
+
+let written = 0;
+for (const [file, contracts] of Object.entries(output.contracts)) {
+  for (const [name, c] of Object.entries(contracts)) {
+    // Interfaces and abstract contracts have no bytecode: nothing to deploy, skip them
+    // (their ABI is part of the contracts that implement them).
+    if (!c.evm.bytecode.object) continue;
+    const dir = testOnly.includes(file) ? 'artifacts/test-only' : 'artifacts';
+    const artifact = {
+      contractName: name,
+      sourceName: file,
+      compiler: `solc-js ${solc.version()}`,
+      testOnly: testOnly.includes(file),
+      abi: c.abi,
+      bytecode: { object: '0x' + c.evm.bytecode.object },
+      deployedBytecode: { object: '0x' + c.evm.deployedBytecode.object },
+    };
+    // Test helpers that are not the verifier itself are not exported.
+    if (testOnly.includes(file) && name !== 'TestTickVerifier') continue;
+    fs.writeFileSync(path.join(dir, `${name}.json`), JSON.stringify(artifact, null, 2) + '\n');
+    written++;
+  }
+}
+process.stderr.write(`build-contracts: wrote ${written} artifacts with solc ${solc.version()}\n`);
+JS
+
+# What the artifacts were built from: the stale-artifact test recomputes these digests.
+{
+    for f in "${sources[@]}" "${test_only[@]}"; do sha256sum "$f"; done
+} > artifacts/SOURCES.sha256
+echo "build-contracts: ok"
