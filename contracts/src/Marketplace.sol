@@ -372,7 +372,9 @@ contract Marketplace is ProviderRegistry {
             uint64 settleableAt = o.endedAt + CLAIM_WINDOW;
             if (block.timestamp < settleableAt) revert ClaimWindowOpen(orderId, settleableAt);
         }
-        uint256 slash = collateralSlash(o.terms.collateral, o.terms.maxDuration, _expiresAt(o) - o.endedAt, o.endedBy == o.provider);
+        uint256 slash = collateralSlash(
+            o.terms.collateral, o.terms.maxDuration, _expiresAt(o) - o.endedAt, o.endedBy == o.provider
+        );
         uint256 refund = o.escrow;
         uint256 collateralBack = o.terms.collateral - slash;
         o.escrow = 0;

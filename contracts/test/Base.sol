@@ -68,7 +68,9 @@ abstract contract Test {
     function _str(uint256 v) private pure returns (string memory) {
         if (v == 0) return "0";
         uint256 len;
-        for (uint256 t = v; t != 0; t /= 10) len++;
+        for (uint256 t = v; t != 0; t /= 10) {
+            len++;
+        }
         bytes memory out = new bytes(len);
         while (v != 0) {
             out[--len] = bytes1(uint8(48 + (v % 10)));

@@ -1,0 +1,138 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {Test} from "./Base.sol";
+import {TestTickVerifier} from "./TestTickVerifier.sol";
+import {Marketplace} from "../src/Marketplace.sol";
+import {ProviderRegistry} from "../src/ProviderRegistry.sol";
+import {ITickVerifier} from "../src/ITickVerifier.sol";
+
+/// Shared fixture: a marketplace with the test-only verifier for capacity 16, a registered
+/// provider `sp` serving dataset "era5", a funded `client` and a `stranger`.
+abstract contract MarketplaceBase is Test {
+    Marketplace internal m;
+    TestTickVerifier internal verifier;
+
+    address internal sp = address(0x5900);
+    address internal sp2 = address(0x5901);
+    address internal client = address(0xC11E);
+    address internal stranger = address(0xBAD);
+
+    uint32 internal constant CAP = 16;
+    // Odd amounts so that every rounding rule shows up in the wei.
+    uint256 internal constant ESCROW = 10_000_000_007;
+    uint256 internal constant COLLATERAL = 1_000_000_001;
+    uint256 internal constant PPS = 1_000_003;
+    uint256 internal constant PPG = 7_000_000_001;
+    uint64 internal constant MAX_DURATION = 3_600;
+    uint64 internal constant ACCEPT_TIMEOUT = 600;
+    uint256 internal constant T0 = 1_700_000_000;
+    // A literal, not sha256(...): the precompile call would consume a pending vm.prank.
+    bytes32 internal constant FINGERPRINT = 0xf58bc21c75eb95d03efad6cf906a79619967d2c54c6da622e369673ed188eb76;
+    string internal constant HOST_KEY =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILpbI6zHCqIRA4Rgyh8OHoWol7YJ57KPTCrSIlgfr2xe sp";
+
+    function setUp() public virtual {
+        vm.warp(T0);
+        verifier = new TestTickVerifier();
+        uint32[] memory caps = new uint32[](1);
+        caps[0] = CAP;
+        ITickVerifier[] memory vs = new ITickVerifier[](1);
+        vs[0] = verifier;
+        m = new Marketplace(caps, vs);
+        vm.deal(client, 1_000 ether);
+        vm.deal(sp, 1_000 ether);
+        vm.deal(stranger, 1_000 ether);
+        _register(sp);
+    }
+
+    function _offer() internal pure returns (ProviderRegistry.Offer memory) {
+        return ProviderRegistry.Offer({
+            cpus: 8, memoryMiB: 32_768, gpuModel: "NVIDIA L4", gpuCount: 1, pricePerSecond: PPS, pricePerGiB: PPG
+        });
+    }
+
+    function _dataset(string memory id) internal pure returns (ProviderRegistry.Dataset memory) {
+        return ProviderRegistry.Dataset({
+            id: id,
+            pieceCid: "baga6ea4seaqao7s73y24kcutaosvacpdjgfe5pw76ooefnyqw4ynr3d2y6x2mpq",
+            dealId: 7_654_321,
+            sizeBytes: 34_359_738_368,
+            description: "ERA5 reanalysis"
+        });
+    }
+
+    function _register(address who) internal {
+        ProviderRegistry.Dataset[] memory ds = new ProviderRegistry.Dataset[](1);
+        ds[0] = _dataset("era5");
+        vm.prank(who);
+        m.registerProvider("sp.example:2222", HOST_KEY, _offer(), ds);
+    }
+
+    function _terms() internal pure returns (Marketplace.Terms memory) {
+        return Marketplace.Terms({
+            keyFingerprint: FINGERPRINT,
+            cpus: 2,
+            memoryMiB: 2048,
+            gpus: 0,
+            datasetId: "era5",
+            pricePerSecond: PPS,
+            pricePerGiB: PPG,
+            maxDuration: MAX_DURATION,
+            collateral: COLLATERAL,
+            acceptTimeout: ACCEPT_TIMEOUT
+        });
+    }
+
+    function _create() internal returns (uint256 id) {
+        vm.prank(client);
+        id = m.createOrder{value: ESCROW}(sp, _terms());
+    }
+
+    function _createWith(Marketplace.Terms memory terms, uint256 escrow) internal returns (uint256 id) {
+        vm.prank(client);
+        id = m.createOrder{value: escrow}(sp, terms);
+    }
+
+    function _accept(uint256 id) internal {
+        // Read before the prank: a prank applies to the very next call, the getter included.
+        uint256 collateral = m.getOrder(id).terms.collateral;
+        vm.prank(sp);
+        m.accept{value: collateral}(id);
+    }
+
+    function _active() internal returns (uint256 id) {
+        id = _create();
+        _accept(id);
+    }
+
+    function _head(uint256 n) internal pure returns (bytes32) {
+        return bytes32(n);
+    }
+
+    /// The proof the test verifier accepts for a batch on top of the order's stored head.
+    function _proof(uint256 id, bytes32 nextHead, uint64 secs, uint64 bytesIn, uint64 bytesOut)
+        internal
+        view
+        returns (bytes memory)
+    {
+        bytes32 prev = m.getOrder(id).head;
+        uint256[6] memory input =
+            [id, uint256(prev), uint256(nextHead), uint256(secs), uint256(bytesIn), uint256(bytesOut)];
+        return verifier.proofFor(input);
+    }
+
+    function _claim(uint256 id, bytes32 nextHead, uint64 secs, uint64 bytesIn, uint64 bytesOut) internal {
+        bytes memory proof = _proof(id, nextHead, secs, bytesIn, bytesOut);
+        vm.prank(sp);
+        m.claim(id, CAP, nextHead, secs, bytesIn, bytesOut, proof);
+    }
+
+    function _state(uint256 id) internal view returns (uint256) {
+        return uint256(m.orderState(id));
+    }
+
+    function _sumOfBalances() internal view returns (uint256) {
+        return client.balance + sp.balance + address(m).balance;
+    }
+}
