@@ -74,6 +74,12 @@ pub enum CircuitError {
         /// Capacity asked for.
         wanted: usize,
     },
+    /// The proving key does not fit the circuit it claims to be for (damaged, or another circuit's).
+    #[error("the proving key does not belong to the tick-batch circuit of capacity {capacity}; regenerate or re-download it")]
+    KeyMismatch {
+        /// The capacity the key claims.
+        capacity: usize,
+    },
     /// A proof must be 256 bytes in the contract's layout.
     #[error("a claim proof is 256 bytes, got {0}")]
     ProofLength(usize),

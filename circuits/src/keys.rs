@@ -23,9 +23,15 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use ark_bn254::{Bn254, Fr};
+use ark_ff::UniformRand;
 use ark_groth16::{prepare_verifying_key, Groth16, PreparedVerifyingKey};
+use ark_relations::gr1cs::{
+    ConstraintSynthesizer, ConstraintSystem, Matrix, OptimizationGoal, SynthesisMode,
+    R1CS_PREDICATE_LABEL,
+};
 use ark_serialize::{CanonicalDeserialize, CanonicalSerialize};
 use ark_snark::SNARK;
 use ark_std::rand::{CryptoRng, RngCore, SeedableRng};
@@ -42,6 +48,39 @@ const VK_MAGIC: &[u8; 8] = b"SHALEVK1";
 pub struct ProvingKey {
     capacity: usize,
     key: ark_groth16::ProvingKey<Bn254>,
+    /// The circuit's constraint matrices, built on the first proof and reused: arkworks' default
+    /// prover rebuilds (and inlines) them for every proof, about a fifth of the proving time.
+    shape: Arc<OnceLock<CircuitShape>>,
+}
+
+/// The R1CS matrices of the circuit of one capacity; they do not depend on the witness.
+#[derive(Debug)]
+struct CircuitShape {
+    matrices: Vec<Matrix<Fr>>,
+    num_instance_variables: usize,
+    num_constraints: usize,
+}
+
+impl CircuitShape {
+    /// Synthesizes the blank circuit exactly as Groth16's setup does (same optimization goal), so
+    /// that the matrices match the proving key.
+    fn of(capacity: usize) -> Result<Self, CircuitError> {
+        let _span = tracing::debug_span!("circuit_shape", capacity).entered();
+        let cs = ConstraintSystem::<Fr>::new_ref();
+        cs.set_optimization_goal(OptimizationGoal::Constraints);
+        cs.set_mode(SynthesisMode::Setup);
+        TickBatchCircuit::blank(capacity)?.generate_constraints(cs.clone())?;
+        cs.finalize();
+        let mut all = cs.to_matrices()?;
+        let matrices = all
+            .remove(R1CS_PREDICATE_LABEL)
+            .ok_or(ark_relations::gr1cs::SynthesisError::Unsatisfiable)?;
+        Ok(CircuitShape {
+            matrices,
+            num_instance_variables: cs.num_instance_variables(),
+            num_constraints: cs.num_constraints(),
+        })
+    }
 }
 
 /// The verifying key of the circuit with a given capacity (what the contract's verifier embeds).
@@ -64,7 +103,7 @@ pub fn setup<R: RngCore + CryptoRng>(
         Groth16::<Bn254>::circuit_specific_setup(TickBatchCircuit::blank(capacity)?, rng)?;
     tracing::info!(capacity, "keys generated");
     Ok((
-        ProvingKey { capacity, key: pk },
+        ProvingKey::new(capacity, pk),
         VerifyingKey::new(capacity, vk),
     ))
 }
@@ -142,6 +181,14 @@ fn read_key<T>(
 }
 
 impl ProvingKey {
+    fn new(capacity: usize, key: ark_groth16::ProvingKey<Bn254>) -> Self {
+        ProvingKey {
+            capacity,
+            key,
+            shape: Arc::default(),
+        }
+    }
+
     /// The batch capacity this key proves.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -167,7 +214,42 @@ impl ProvingKey {
         )
         .entered();
         let circuit = batch.circuit(self.capacity)?;
-        let proof = Groth16::<Bn254>::prove(&self.key, circuit, rng)?;
+        let shape = match self.shape.get() {
+            Some(shape) => shape,
+            None => {
+                let shape = CircuitShape::of(self.capacity)?;
+                self.shape.get_or_init(|| shape)
+            }
+        };
+        // Witness generation only: no matrices, no LC inlining (the matrices come from `shape`).
+        let cs = ConstraintSystem::<Fr>::new_ref();
+        cs.set_optimization_goal(OptimizationGoal::Constraints);
+        cs.set_mode(SynthesisMode::Prove {
+            construct_matrices: false,
+            generate_lc_assignments: false,
+        });
+        {
+            let _span = tracing::debug_span!("witness").entered();
+            circuit.generate_constraints(cs.clone())?;
+            cs.finalize();
+        }
+        let assignment = [cs.instance_assignment()?, cs.witness_assignment()?].concat();
+        if assignment.len() != self.key.a_query.len() {
+            // The key and the circuit disagree on the number of variables: not this circuit's key.
+            return Err(CircuitError::KeyMismatch {
+                capacity: self.capacity,
+            });
+        }
+        let (r, s) = (Fr::rand(rng), Fr::rand(rng));
+        let proof = Groth16::<Bn254>::create_proof_with_reduction_and_matrices(
+            &self.key,
+            r,
+            s,
+            &shape.matrices,
+            shape.num_instance_variables,
+            shape.num_constraints,
+            &assignment,
+        )?;
         Ok(ClaimProof(proof))
     }
 
@@ -183,7 +265,7 @@ impl ProvingKey {
         let (capacity, key) = read_key(path, PK_MAGIC, "proving key", |r| {
             ark_groth16::ProvingKey::<Bn254>::deserialize_uncompressed_unchecked(r)
         })?;
-        let pk = ProvingKey { capacity, key };
+        let pk = ProvingKey::new(capacity, key);
         pk.check_shape(path)?;
         Ok(pk)
     }

@@ -1,0 +1,47 @@
+//! The setup command writes keys and a verifier that belong together.
+
+use std::process::Command;
+
+use shale_circuits::{setup_from_seed, ProvingKey, VerifyingKey};
+
+#[test]
+fn setup_command_writes_matching_keys_and_verifier_for_each_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_shale-circuits-setup"))
+        .args([
+            "--out",
+            dir.path().to_str().unwrap(),
+            "--capacity",
+            "1,2",
+            "--seed",
+            "5",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for capacity in [1, 2] {
+        let pk = ProvingKey::read(&dir.path().join(format!("tick-{capacity}.pk"))).unwrap();
+        let vk = VerifyingKey::read(&dir.path().join(format!("tick-{capacity}.vk"))).unwrap();
+        assert_eq!((pk.capacity(), vk.capacity()), (capacity, capacity));
+        assert_eq!(pk.verifying_key().inner(), vk.inner());
+        // The same seed gives the same keys as the library call.
+        assert_eq!(vk.inner(), setup_from_seed(capacity, 5).unwrap().1.inner());
+        let sol = std::fs::read_to_string(dir.path().join(format!("TickVerifier{capacity}.sol")))
+            .unwrap();
+        assert_eq!(sol, vk.solidity());
+        assert!(sol.contains(&format!("contract TickVerifier{capacity} ")));
+        assert!(sol.contains("function verifyClaim(uint256[6] calldata input, bytes calldata proof) external view returns (bool)"));
+    }
+}
+
+#[test]
+fn setup_command_refuses_to_run_without_a_source_of_randomness() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shale-circuits-setup"))
+        .args(["--out", dir.path().to_str().unwrap(), "--capacity", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--os-rng"));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
