@@ -581,3 +581,262 @@ fn totals_of(order: u64, tariff: &Tariff, state: &State, pending: Usage) -> Mete
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tick::verify_receipts;
+    use sqlx::Executor;
+
+    /// The meter's state machine, driven with chosen instants instead of a running task.
+    async fn lease(dir: &tempfile::TempDir, order: u64, max_seconds: Option<u64>) -> Shared {
+        let ledger = Ledger::open_sqlite(&dir.path().join("ledger.db"))
+            .await
+            .unwrap();
+        let tariff = Tariff::new(U256::from(10u64), U256::from(1u64 << 30)).unwrap();
+        Shared::load(
+            ledger,
+            LeaseSpec {
+                order,
+                tariff,
+                max_seconds,
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    fn at(s: &Shared, millis: u64) -> Instant {
+        s.started + Duration::from_millis(millis)
+    }
+
+    #[tokio::test]
+    async fn ticks_bill_whole_elapsed_seconds_and_carry_the_fraction() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = lease(&dir, 1, None).await;
+        let session = s.counter.open_session();
+        let channel = session.open_channel();
+        channel.add_in(100);
+
+        let t0 = s.close_tick(at(&s, 5_700), false).await.unwrap().unwrap();
+        assert_eq!(
+            (t0.seq, t0.seconds, t0.bytes_in, t0.bytes_out),
+            (0, 5, 100, 0)
+        );
+        // 5 s at 10 wei + 100 bytes at 1 wei per byte.
+        assert_eq!(t0.charge, U256::from(150u64));
+
+        channel.add_out(50);
+        let t1 = s.close_tick(at(&s, 10_200), false).await.unwrap().unwrap();
+        assert_eq!(
+            (t1.seq, t1.seconds, t1.bytes_in, t1.bytes_out),
+            (1, 5, 0, 50)
+        );
+
+        // Nothing new to bill: no tick, no seq used.
+        assert_eq!(s.close_tick(at(&s, 10_900), false).await.unwrap(), None);
+        let t2 = s.close_tick(at(&s, 11_000), true).await.unwrap().unwrap();
+        assert_eq!((t2.seq, t2.seconds), (2, 1));
+
+        let stored = s.ledger.ticks(1, 0, 10).await.unwrap();
+        assert_eq!(stored, vec![t0, t1, t2]);
+        assert_eq!(verify_receipts(&stored).unwrap(), stored[2].head);
+        let totals = s.totals_now(at(&s, 11_000));
+        assert_eq!(totals.ticks_written, 3);
+        assert_eq!(
+            totals.metered,
+            Usage {
+                seconds: 11,
+                bytes_in: 100,
+                bytes_out: 50
+            }
+        );
+        assert_eq!(totals.unclaimed, totals.metered);
+        assert_eq!(totals.unclaimed_charge, U256::from(260u64));
+        assert_eq!(totals.pending, Usage::default());
+        assert_eq!(totals.last.unwrap().seq, 2);
+
+        // Usage since the last tick shows as pending, not yet metered.
+        channel.add_in(7);
+        let pending = s.totals_now(at(&s, 13_500));
+        assert_eq!(
+            pending.pending,
+            Usage {
+                seconds: 2,
+                bytes_in: 7,
+                bytes_out: 0
+            }
+        );
+        assert_eq!(pending.pending_charge, U256::from(27u64));
+        assert_eq!(pending.metered, totals.metered);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_counts_nothing_and_the_next_tick_covers_both_intervals() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = lease(&dir, 2, None).await;
+        // A real database failure: a trigger that aborts inserts while the switch is on.
+        let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+        let admin = sqlx::AnyPool::connect(&url).await.unwrap();
+        admin
+            .execute(
+                "CREATE TABLE fail_switch (fail INTEGER NOT NULL); \
+                 INSERT INTO fail_switch VALUES (1); \
+                 CREATE TRIGGER fail_ticks BEFORE INSERT ON ticks \
+                 WHEN (SELECT fail FROM fail_switch) = 1 \
+                 BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+            )
+            .await
+            .unwrap();
+        let channel = s.counter.open_session().open_channel();
+        channel.add_in(1_000);
+
+        let err = s.close_tick(at(&s, 5_100), false).await.unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        let totals = s.totals_now(at(&s, 5_100));
+        assert_eq!(totals.ticks_written, 0);
+        assert_eq!(totals.last, None);
+        assert_eq!(totals.metered, Usage::default());
+        assert!(totals.last_error.unwrap().contains("disk on fire"));
+        assert!(!totals.stopped);
+
+        admin
+            .execute("UPDATE fail_switch SET fail = 0")
+            .await
+            .unwrap();
+        channel.add_out(9);
+        let t = s.close_tick(at(&s, 10_300), false).await.unwrap().unwrap();
+        assert_eq!(
+            (t.seq, t.seconds, t.bytes_in, t.bytes_out),
+            (0, 10, 1_000, 9)
+        );
+        let totals = s.totals_now(at(&s, 10_300));
+        assert_eq!(totals.ticks_written, 1);
+        assert_eq!(totals.last_error, None);
+        admin.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_tick_that_committed_despite_an_error_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = lease(&dir, 3, None).await;
+        s.counter.open_session().open_channel().add_in(5);
+        // As if the commit reached the database but its acknowledgement was lost.
+        let (usage, bytes_now, seconds_now) = {
+            let state = lock(&s.state);
+            s.pending(&state, at(&s, 5_000))
+        };
+        let tick = lock(&s.state).chain.prepare(0, usage);
+        s.ledger.append_tick(&tick).await.unwrap();
+        {
+            let mut state = lock(&s.state);
+            state.in_doubt = Some(tick.clone());
+            state.in_doubt_marks = Some((bytes_now, seconds_now));
+        }
+        let next = s.close_tick(at(&s, 10_000), false).await.unwrap().unwrap();
+        assert_eq!((next.seq, next.seconds, next.bytes_in), (1, 5, 0));
+        assert_eq!(next.prev_head, tick.head);
+        let totals = s.totals_now(at(&s, 10_000));
+        assert_eq!(totals.ticks_written, 2);
+        assert_eq!(totals.metered.seconds, 10);
+        assert_eq!(totals.metered.bytes_in, 5);
+    }
+
+    #[tokio::test]
+    async fn billing_stops_at_the_lease_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = lease(&dir, 4, Some(7)).await;
+        let t0 = s.close_tick(at(&s, 5_200), false).await.unwrap().unwrap();
+        assert_eq!(t0.seconds, 5);
+        assert!(!s.cap_reached(at(&s, 6_999)));
+        assert!(s.cap_reached(at(&s, 7_000)));
+        let last = s.finish(at(&s, 30_000)).await.unwrap().unwrap();
+        assert_eq!(last.seconds, 2);
+        assert!(s.is_stopped());
+        assert!(matches!(
+            s.close_tick(at(&s, 40_000), false).await,
+            Err(MeterError::LeaseStopped { order: 4 })
+        ));
+        assert_eq!(s.totals_now(at(&s, 40_000)).metered.seconds, 7);
+    }
+
+    #[tokio::test]
+    async fn another_writer_on_the_same_chain_stops_the_meter_without_double_billing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = lease(&dir, 5, None).await;
+        let rival = TickChain::genesis(5, s.tariff);
+        let theirs = rival.prepare(
+            0,
+            Usage {
+                seconds: 5,
+                ..Usage::default()
+            },
+        );
+        s.ledger.append_tick(&theirs).await.unwrap();
+
+        let err = s.close_tick(at(&s, 5_000), false).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MeterError::ChainConflict {
+                    order: 5,
+                    seq: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(s.is_stopped());
+        assert_eq!(s.ledger.ticks(5, 0, 10).await.unwrap(), vec![theirs]);
+        assert!(s.totals_now(at(&s, 6_000)).last_error.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_resumed_lease_continues_the_stored_chain_and_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lease(&dir, 6, None).await;
+        first.counter.open_session().open_channel().add_out(3);
+        let a = first
+            .close_tick(at(&first, 5_000), false)
+            .await
+            .unwrap()
+            .unwrap();
+        let b = first.finish(at(&first, 6_500)).await.unwrap().unwrap();
+        assert_eq!((a.seq, b.seq, b.seconds), (0, 1, 1));
+
+        let resumed = lease(&dir, 6, None).await;
+        let totals = resumed.totals_now(resumed.started);
+        assert_eq!(totals.last.unwrap().head, b.head);
+        assert_eq!(totals.ticks_written, 0);
+        assert_eq!(
+            totals.metered,
+            Usage {
+                seconds: 6,
+                bytes_in: 0,
+                bytes_out: 3
+            }
+        );
+        let c = resumed
+            .close_tick(at(&resumed, 5_000), false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.seq, c.prev_head, c.seconds), (2, b.head, 5));
+        let all = resumed.ledger.ticks(6, 0, 10).await.unwrap();
+        assert_eq!(verify_receipts(&all).unwrap(), c.head);
+    }
+
+    #[test]
+    fn zero_interval_is_refused() {
+        let err = MeterConfig {
+            tick_interval_secs: 0,
+        }
+        .tick_interval()
+        .unwrap_err();
+        assert!(matches!(err, MeterError::InvalidConfig(_)));
+        assert_eq!(
+            MeterConfig::default().tick_interval().unwrap(),
+            Duration::from_secs(5)
+        );
+    }
+}
