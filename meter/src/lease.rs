@@ -95,10 +95,21 @@ pub struct MeterTotals {
     /// Charge of `pending`, in wei.
     #[serde(with = "crate::wei")]
     pub pending_charge: U256,
+    /// Bytes per second (both directions) over the last stored tick: the traffic rate to
+    /// project the escrow's burn with ([`Tariff::seconds_covered`]).
+    pub recent_bytes_per_second: u64,
     /// Whether the meter has stopped (lease ended, cap reached, or a chain conflict).
     pub stopped: bool,
     /// The last error the meter hit, if it has not recovered since.
     pub last_error: Option<String>,
+}
+
+impl MeterTotals {
+    /// Wei the order owes the SP and has not paid: stored unclaimed ticks plus usage since the
+    /// last tick. Escrow left on chain minus this is what still funds the lease.
+    pub fn owed(&self) -> U256 {
+        self.unclaimed_charge + self.pending_charge
+    }
 }
 
 /// The meters of all active leases in this gateway.
@@ -212,6 +223,7 @@ struct State {
     metered: Usage,
     unclaimed: Usage,
     ticks_written: u64,
+    recent_bytes_per_second: u64,
     stopped: bool,
     last_error: Option<String>,
     /// A tick whose write returned an error: it may or may not have committed.
@@ -371,6 +383,7 @@ impl Shared {
             metered,
             unclaimed,
             ticks_written: 0,
+            recent_bytes_per_second: 0,
             stopped: false,
             last_error: None,
             in_doubt: None,
@@ -527,6 +540,10 @@ impl Shared {
             .checked_add(usage)
             .unwrap_or(state.unclaimed);
         state.ticks_written += 1;
+        if tick.seconds > 0 {
+            let bytes = usage.bytes_total() / u128::from(tick.seconds);
+            state.recent_bytes_per_second = u64::try_from(bytes).unwrap_or(u64::MAX);
+        }
         state.last_error = None;
         state.in_doubt = None;
         state.in_doubt_marks = None;
@@ -571,6 +588,7 @@ fn totals_of(order: u64, tariff: &Tariff, state: &State, pending: Usage) -> Mete
         unclaimed_charge: tariff.charge(&state.unclaimed),
         pending,
         pending_charge: tariff.charge(&pending),
+        recent_bytes_per_second: state.recent_bytes_per_second,
         stopped: state.stopped,
         last_error: state.last_error.clone(),
     }
@@ -669,6 +687,9 @@ mod tests {
         );
         assert_eq!(pending.pending_charge, U256::from(27u64));
         assert_eq!(pending.metered, totals.metered);
+        assert_eq!(pending.owed(), U256::from(287u64));
+        // The last tick moved nothing in its 1 s; the one before moved 50 bytes in 5 s.
+        assert_eq!(pending.recent_bytes_per_second, 0);
     }
 
     #[tokio::test]

@@ -279,6 +279,7 @@ impl Ledger {
     /// genesis head, or the seq after the stored last tick with that tick's head as its
     /// `prev_head`. The check and the insert are one statement, so concurrent writers of the
     /// same order cannot both succeed; a committed tick is durable when this returns.
+    #[tracing::instrument(level = "debug", skip_all, fields(order = tick.order, seq = tick.seq), err)]
     pub async fn append_tick(&self, tick: &Tick) -> Result<(), MeterError> {
         if !tick.head_is_valid() {
             return Err(MeterError::HeadMismatch {
@@ -449,6 +450,7 @@ impl Ledger {
     }
 
     /// Records that a session of `order` started.
+    #[tracing::instrument(level = "debug", skip(self), err)]
     pub async fn record_session_start(
         &self,
         session_id: &str,
@@ -471,6 +473,7 @@ impl Ledger {
 
     /// Records how a session ended and what it moved (e.g. from
     /// [`crate::SessionCounter::bytes`] and [`crate::SessionCounter::channels_opened`]).
+    #[tracing::instrument(level = "debug", skip(self, bytes), err)]
     pub async fn record_session_end(
         &self,
         session_id: &str,
@@ -528,6 +531,7 @@ impl Ledger {
 
     /// Records a claim of the stored ticks `first_seq..=last_seq`; the heads and totals are
     /// taken from those ticks, which must all be stored.
+    #[tracing::instrument(level = "debug", skip_all, fields(order = claim.order, first = claim.first_seq, last = claim.last_seq), err)]
     pub async fn record_claim(&self, claim: &NewClaim) -> Result<ClaimRecord, MeterError> {
         let order = claim.order;
         let mismatch = |detail: String| MeterError::ClaimMismatch { order, detail };
@@ -584,6 +588,7 @@ impl Ledger {
     }
 
     /// Moves claim `claim_id` to `status`, setting its transaction hash if one is given.
+    #[tracing::instrument(level = "debug", skip(self), err)]
     pub async fn set_claim_status(
         &self,
         claim_id: i64,
@@ -706,6 +711,7 @@ impl Ledger {
     /// Writes `order`'s receipts to `out` as JSON lines (one [`Receipt`] per line: sessions,
     /// then ticks in seq order, then claims and probe readings), paging through the ticks so
     /// memory stays bounded. Returns the number of lines written. Flushes, does not shut down.
+    #[tracing::instrument(level = "debug", skip(self, out), err)]
     pub async fn write_receipts<W: AsyncWrite + Unpin>(
         &self,
         order: u64,

@@ -13,6 +13,50 @@
 //! - [`lease`]: [`Meter`] and [`LeaseMeter`], the per-order task that closes a tick every
 //!   interval and keeps the running totals the gateway's payment policy reads.
 //! - [`probe`]: session-quality probes run inside the container.
+//!
+//! # Wiring it into a gateway
+//!
+//! ```no_run
+//! # async fn wire(ssh_channel: tokio::io::DuplexStream, container_stdio: tokio::io::DuplexStream)
+//! # -> Result<(), Box<dyn std::error::Error>> {
+//! use alloy_primitives::U256;
+//! use shale_meter::{LeaseSpec, Ledger, Meter, MeterConfig, Metered, Side, Tariff};
+//!
+//! // Once, at start-up: the ledger (SQLite file or postgres://…) and the meter.
+//! let ledger = Ledger::open("sqlite:///var/lib/shale/ledger.db").await?;
+//! let meter = Meter::new(ledger.clone(), &MeterConfig::default())?;
+//!
+//! // When an order's lease starts (or on restart, for every live lease): bill from now on,
+//! // continuing the order's stored chain.
+//! let tariff = Tariff::new(U256::from(1_000_000_000u64), U256::from(10u64.pow(15)))?;
+//! let lease = meter.start_lease(LeaseSpec { order: 42, tariff, max_seconds: Some(3600) }).await?;
+//!
+//! // Per SSH session and channel: counters, and one metered end of each pump.
+//! let session = lease.open_session();
+//! ledger.record_session_start("sess-1", 42, "203.0.113.7:50122", shale_meter::ledger::now_ms()).await?;
+//! let channel = session.open_channel();
+//! let mut client_end = Metered::new(ssh_channel, channel, Side::Client);
+//! let mut container_end = container_stdio;
+//! tokio::io::copy_bidirectional(&mut client_end, &mut container_end).await?;
+//! ledger
+//!     .record_session_end("sess-1", shale_meter::ledger::now_ms(), session.bytes(),
+//!                         session.channels_opened(), "closed")
+//!     .await?;
+//!
+//! // Payment policy: what is owed against the escrow, and how long the rest lasts.
+//! let totals = lease.totals();
+//! let escrow_left = U256::from(5u64) * U256::from(10u64.pow(18));
+//! let funds = escrow_left.saturating_sub(totals.owed());
+//! let _seconds_left = lease.tariff().seconds_covered(funds, totals.recent_bytes_per_second);
+//!
+//! // Lease end: a final partial tick.
+//! meter.end_lease(42).await?;
+//!
+//! // Receipts (`ssh 42@host -s shale-receipts`): JSON lines onto the channel.
+//! let mut out = tokio::io::sink();
+//! ledger.write_receipts(42, &mut out).await?;
+//! # Ok(()) }
+//! ```
 
 pub mod counter;
 mod error;

@@ -126,6 +126,26 @@ impl Tariff {
         self.price_per_gib
     }
 
+    /// Wei per second of lease while bytes move at `bytes_per_second`, rounding the byte part
+    /// up: used to tell the client how long its escrow lasts, where an early warning is
+    /// better than a late one.
+    pub fn burn_rate(&self, bytes_per_second: u64) -> U256 {
+        let scaled = U256::from(bytes_per_second) * self.price_per_gib;
+        let bytes = (scaled + U256::from(GIB - 1)) >> 30;
+        self.price_per_second + bytes
+    }
+
+    /// Whole seconds that `funds` wei pay for at [`Tariff::burn_rate`]`(bytes_per_second)`,
+    /// or `None` when nothing is being charged (a free tariff, or no price per second and no
+    /// traffic), i.e. the funds never run out.
+    pub fn seconds_covered(&self, funds: U256, bytes_per_second: u64) -> Option<u64> {
+        let rate = self.burn_rate(bytes_per_second);
+        if rate.is_zero() {
+            return None;
+        }
+        Some(u64::try_from(funds / rate).unwrap_or(u64::MAX))
+    }
+
     /// The charge for `usage`: `seconds * pps + floor((bytes_in + bytes_out) * ppg / 2^30)`.
     ///
     /// Used both per tick and per batch (on the batch's totals); see the module docs for how
@@ -272,6 +292,22 @@ mod tests {
             assert!(per_tick_sum <= batch);
             assert!(batch - per_tick_sum < U256::from(ticks));
         }
+    }
+
+    #[test]
+    fn burn_rate_rounds_bytes_up_and_seconds_covered_rounds_down() {
+        let t = tariff(100, 1u128 << 30);
+        // 1 byte/s at 1 wei per byte: 101 wei/s.
+        assert_eq!(t.burn_rate(1), U256::from(101u64));
+        // Half a wei per byte still costs a whole wei per second of traffic.
+        let t = tariff(100, 1u128 << 29);
+        assert_eq!(t.burn_rate(1), U256::from(101u64));
+        assert_eq!(t.burn_rate(0), U256::from(100u64));
+        assert_eq!(t.seconds_covered(U256::from(1_009u64), 1), Some(9));
+        assert_eq!(t.seconds_covered(U256::from(99u64), 0), Some(0));
+        assert_eq!(tariff(0, 5).seconds_covered(U256::from(1u64), 0), None);
+        assert_eq!(tariff(0, 5).seconds_covered(U256::from(1u64), 1), Some(1));
+        assert_eq!(tariff(1, 0).seconds_covered(U256::MAX, 0), Some(u64::MAX));
     }
 
     #[test]
