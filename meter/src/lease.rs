@@ -847,6 +847,41 @@ mod tests {
         assert_eq!(verify_receipts(&all).unwrap(), c.head);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
+
+        /// Whatever the spacing of ticks (late tasks, slow ledger), the seconds billed after a
+        /// tick are exactly the whole seconds elapsed (capped by the lease): never more, and no
+        /// fraction lost for good.
+        #[test]
+        fn billed_seconds_are_exactly_the_whole_seconds_elapsed(
+            steps in proptest::collection::vec(0u64..20_000, 1..15),
+            cap in proptest::option::of(0u64..120),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let s = lease(&dir, 1, cap).await;
+                let mut now = 0u64;
+                let mut billed = 0u64;
+                for step in steps {
+                    now += step;
+                    if let Some(t) = s.close_tick(at(&s, now), false).await.unwrap() {
+                        billed += t.seconds;
+                    }
+                    let whole = now / 1000;
+                    assert_eq!(billed, cap.map_or(whole, |c| whole.min(c)));
+                }
+                let stored = s.ledger.ticks(1, 0, u64::MAX).await.unwrap();
+                assert_eq!(stored.iter().map(|t| t.seconds).sum::<u64>(), billed);
+                verify_receipts(&stored).unwrap();
+            });
+        }
+    }
+
     #[test]
     fn zero_interval_is_refused() {
         let err = MeterConfig {
