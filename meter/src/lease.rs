@@ -98,6 +98,11 @@ pub struct MeterTotals {
     /// Bytes per second (both directions) over the last stored tick: the traffic rate to
     /// project the escrow's burn with ([`Tariff::seconds_covered`]).
     pub recent_bytes_per_second: u64,
+    /// How long the last tick's ledger write took, in microseconds (for a latency metric).
+    pub last_write_micros: Option<u64>,
+    /// How late the last periodic tick was stored after its scheduled time, in microseconds
+    /// (scheduling delay plus the write; for a tick-lag metric).
+    pub last_lag_micros: Option<u64>,
     /// Whether the meter has stopped (lease ended, cap reached, or a chain conflict).
     pub stopped: bool,
     /// The last error the meter hit, if it has not recovered since.
@@ -224,6 +229,8 @@ struct State {
     unclaimed: Usage,
     ticks_written: u64,
     recent_bytes_per_second: u64,
+    last_write: Option<Duration>,
+    last_lag: Option<Duration>,
     stopped: bool,
     last_error: Option<String>,
     /// A tick whose write returned an error: it may or may not have committed.
@@ -331,10 +338,14 @@ async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>, interva
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {
+            scheduled = ticker.tick() => {
                 let now = Instant::now();
-                if let Err(e) = shared.close_tick(now, false).await {
-                    tracing::warn!(error = %e, "tick not written; its usage rolls into the next");
+                match shared.close_tick(now, false).await {
+                    Ok(Some(_)) => shared.record_lag(scheduled.into_std().elapsed()),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tick not written; its usage rolls into the next");
+                    }
                 }
                 if shared.is_stopped() {
                     break;
@@ -384,6 +395,8 @@ impl Shared {
             unclaimed,
             ticks_written: 0,
             recent_bytes_per_second: 0,
+            last_write: None,
+            last_lag: None,
             stopped: false,
             last_error: None,
             in_doubt: None,
@@ -446,6 +459,12 @@ impl Shared {
             .send_replace(totals_of(self.order, &self.tariff, state, Usage::default()));
     }
 
+    fn record_lag(&self, lag: Duration) {
+        let mut state = lock(&self.state);
+        state.last_lag = Some(lag);
+        self.publish(&state);
+    }
+
     fn mark_stopped(&self, error: Option<String>) {
         let mut state = lock(&self.state);
         if !state.stopped || error.is_some() {
@@ -477,8 +496,10 @@ impl Shared {
             )
         };
         let span = tracing::debug_span!("tick", seq = tick.seq, is_final);
+        let write_started = Instant::now();
         match self.ledger.append_tick(&tick).instrument(span).await {
             Ok(()) => {
+                lock(&self.state).last_write = Some(write_started.elapsed());
                 self.count(&tick, bytes_now, seconds_now);
                 Ok(Some(tick))
             }
@@ -577,6 +598,10 @@ impl Shared {
     }
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn totals_of(order: u64, tariff: &Tariff, state: &State, pending: Usage) -> MeterTotals {
     MeterTotals {
         order,
@@ -589,6 +614,8 @@ fn totals_of(order: u64, tariff: &Tariff, state: &State, pending: Usage) -> Mete
         pending,
         pending_charge: tariff.charge(&pending),
         recent_bytes_per_second: state.recent_bytes_per_second,
+        last_write_micros: state.last_write.map(micros),
+        last_lag_micros: state.last_lag.map(micros),
         stopped: state.stopped,
         last_error: state.last_error.clone(),
     }

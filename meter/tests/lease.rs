@@ -126,6 +126,8 @@ async fn lease_meter_ticks_by_itself_and_the_final_tick_bills_every_counted_byte
     assert_eq!(totals.metered.seconds, seconds);
     assert_eq!(totals.ticks_written, ticks.len() as u64);
     assert_eq!(totals.unclaimed_charge, totals.metered_charge);
+    assert!(totals.last_write_micros.is_some());
+    assert!(totals.last_lag_micros.is_some());
 
     // Restart: the chain continues from the stored head.
     let again = meter
