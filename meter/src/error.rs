@@ -125,6 +125,15 @@ pub enum MeterError {
         detail: String,
     },
 
+    /// A probe's command could not be run in the container.
+    #[error("probe {probe}: cannot run its command: {detail}")]
+    ProbeExec {
+        /// The probe's name.
+        probe: &'static str,
+        /// Why the command did not run.
+        detail: String,
+    },
+
     /// A value could not be serialized for storage.
     #[error("cannot encode {what}: {source}")]
     Encode {

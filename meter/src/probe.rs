@@ -7,8 +7,11 @@
 //! `/bin/sh`, `cat` and `sed`, so they work in minimal images, and print
 //! `key=value` lines so parsing does not depend on the image's tool versions.
 
+use crate::ledger::{now_ms, Ledger};
 use crate::MeterError;
 use serde::{Deserialize, Serialize};
+use std::fmt::Display;
+use std::future::Future;
 
 /// One typed observation of what the container gets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +79,59 @@ pub fn default_probes() -> Vec<Box<dyn Probe>> {
         Box::new(MemoryProbe),
         Box::new(GpuProbe),
     ]
+}
+
+/// What one probe run gave: its readings (recorded in the ledger) or why it gave none.
+#[derive(Debug)]
+pub struct ProbeResult {
+    /// The probe's name.
+    pub probe: &'static str,
+    /// The readings, or the error that stopped the probe.
+    pub outcome: Result<Vec<Reading>, MeterError>,
+}
+
+/// Runs `probes` one after another through `exec` (which runs an argv inside the order's
+/// container, e.g. the provisioner's exec), parses their output and records the readings of
+/// each in the ledger. A probe that fails does not stop the others; its error is returned in
+/// its [`ProbeResult`] (and nothing is recorded for it).
+pub async fn run_probes<E, F, Err>(
+    ledger: &Ledger,
+    order: u64,
+    session_id: Option<&str>,
+    probes: &[Box<dyn Probe>],
+    mut exec: E,
+) -> Vec<ProbeResult>
+where
+    E: FnMut(Vec<String>) -> F,
+    F: Future<Output = Result<ProbeOutput, Err>>,
+    Err: Display,
+{
+    let mut results = Vec::with_capacity(probes.len());
+    for probe in probes {
+        let name = probe.name();
+        let taken_at_ms = now_ms();
+        let outcome = match exec(probe.command()).await {
+            Ok(output) => match probe.parse(&output) {
+                Ok(readings) => ledger
+                    .record_probe(order, session_id, name, taken_at_ms, &readings)
+                    .await
+                    .map(|()| readings),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(MeterError::ProbeExec {
+                probe: name,
+                detail: e.to_string(),
+            }),
+        };
+        if let Err(e) = &outcome {
+            tracing::warn!(order, probe = name, error = %e, "probe gave no reading");
+        }
+        results.push(ProbeResult {
+            probe: name,
+            outcome,
+        });
+    }
+    results
 }
 
 fn sh(script: &str) -> Vec<String> {
@@ -458,6 +514,57 @@ mod tests {
             ..failed
         };
         assert!(CpuProbe.parse(&killed).is_err());
+    }
+
+    #[tokio::test]
+    async fn run_probes_executes_parses_and_records_each_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_sqlite(&dir.path().join("ledger.db"))
+            .await
+            .unwrap();
+        // This machine's shell plays the container; a probe whose command cannot start
+        // shows up as an error without stopping the others.
+        struct Missing;
+        impl Probe for Missing {
+            fn name(&self) -> &'static str {
+                "missing"
+            }
+            fn command(&self) -> Vec<String> {
+                vec!["/nonexistent/probe".into()]
+            }
+            fn parse(&self, _: &ProbeOutput) -> Result<Vec<Reading>, MeterError> {
+                Ok(vec![])
+            }
+        }
+        let probes: Vec<Box<dyn Probe>> =
+            vec![Box::new(Missing), Box::new(CpuProbe), Box::new(MemoryProbe)];
+        let results = run_probes(&ledger, 12, Some("s-1"), &probes, |argv| async move {
+            let out = tokio::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .output()
+                .await?;
+            Ok::<_, std::io::Error>(ProbeOutput {
+                exit_code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            })
+        })
+        .await;
+        assert_eq!(results.len(), 3);
+        assert!(matches!(
+            results[0].outcome,
+            Err(MeterError::ProbeExec {
+                probe: "missing",
+                ..
+            })
+        ));
+        assert_eq!(results[1].outcome.as_ref().unwrap().len(), 1);
+        let stored = ledger.probe_readings(12).await.unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[0].probe, "cpu");
+        assert!(matches!(stored[0].reading, Reading::CpuCount { .. }));
+        assert_eq!(stored[1].probe, "memory");
+        assert_eq!(stored[1].session_id.as_deref(), Some("s-1"));
     }
 
     #[test]
