@@ -1,1 +1,34 @@
-//! Shale gateway crate; see ARCHITECTURE.md for what it owns.
+//! Shale's SSH gateway: a client with nothing but OpenSSH runs `ssh 42@sp.example` and lands in
+//! order 42's container.
+//!
+//! The path of a connection: [`server`](gateway) accepts, [`connection`] authenticates against the
+//! order on chain ([`orders`], [`admission`]), [`session_channel`] and [`forward`] run each
+//! channel in the order's container, [`leases`] knows every live session so that [`watcher`] can
+//! end them when the order ends.
+
+pub mod admission;
+pub mod config;
+pub mod connection;
+pub mod forward;
+pub mod gateway;
+pub mod hostkey;
+pub mod lease_start;
+pub mod leases;
+pub mod login;
+pub mod metrics;
+pub mod orders;
+pub mod policy;
+pub mod ratelimit;
+pub mod session_channel;
+pub mod watcher;
+
+pub use config::GatewayConfig;
+pub use gateway::{Gateway, GatewayError};
+
+/// Seconds since the Unix epoch, the chain's clock.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}

@@ -1,0 +1,453 @@
+//! One SSH connection: a thin translator from russh's callbacks to the gateway's rules.
+//!
+//! Authentication checks the order named by the username before any key is looked at, so an
+//! unknown, unaccepted or ended order is refused at once, with its reason sent to the user as the
+//! SSH disconnect message (OpenSSH prints it). A wrong key is refused per key, so a client with
+//! several keys in its agent still gets in with the right one; when it has run out of keys its next
+//! method (keyboard-interactive, always refused) carries the reason instead.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use russh::keys::PublicKey;
+use russh::server::{
+    Auth, ChannelOpenHandle, Handle, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
+};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
+use shale_contracts::Order;
+use tracing::Span;
+
+use crate::admission::{admit_key, admit_order, Refusal};
+use crate::gateway::Shared;
+use crate::lease_start::LeaseStart;
+use crate::leases::{SessionId, SessionSeat};
+use crate::login::{parse_login, OrderId};
+use crate::policy::{is_container_loopback, Subsystem};
+use crate::{forward, session_channel};
+
+/// Keys a client may offer before the gateway stops listening and tells it why.
+const MAX_WRONG_KEYS: u32 = 8;
+
+/// The state of one SSH connection.
+pub struct Connection {
+    shared: Arc<Shared>,
+    peer: Option<SocketAddr>,
+    session: SessionId,
+    handle: Arc<OnceLock<Handle>>,
+    span: Span,
+    /// The order the username named, once read and admitted.
+    order: Option<(String, Arc<Order>)>,
+    /// The reason to give if the client runs out of keys.
+    pending_refusal: Option<Refusal>,
+    wrong_keys: u32,
+    seat: Option<Arc<SessionSeat>>,
+    lease: Option<LeaseStart>,
+}
+
+impl Connection {
+    /// A connection from `peer`; `handle` is filled in as soon as russh has made the session.
+    pub fn new(
+        shared: Arc<Shared>,
+        peer: Option<SocketAddr>,
+        handle: Arc<OnceLock<Handle>>,
+    ) -> Self {
+        let session = SessionId::random();
+        let span = tracing::info_span!("session", session = %session, peer = ?peer, order = tracing::field::Empty);
+        Self {
+            shared,
+            peer,
+            session,
+            handle,
+            span,
+            order: None,
+            pending_refusal: None,
+            wrong_keys: 0,
+            seat: None,
+            lease: None,
+        }
+    }
+
+    /// Ends the connection with `refusal` as the message the user reads.
+    fn refuse(&mut self, refusal: Refusal) -> Auth {
+        let _enter = self.span.enter();
+        tracing::info!(reason = refusal.reason(), "refused: {refusal}");
+        self.shared.metrics_auth_failure(refusal.reason());
+        if let Some(ip) = self.peer.map(|p| p.ip()) {
+            if !matches!(refusal, Refusal::RateLimited | Refusal::ShuttingDown) {
+                self.shared.limiter.record(ip);
+            }
+        }
+        if let Some(handle) = self.handle.get().cloned() {
+            let text = refusal.to_string();
+            // Sent from a task: the session loop is busy running this callback.
+            tokio::spawn(async move {
+                let _ = handle
+                    .disconnect(Disconnect::NoMoreAuthMethodsAvailable, text, "en".into())
+                    .await;
+            });
+        }
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::empty()),
+            partial_success: false,
+        }
+    }
+
+    /// Reads and admits the order `user` names, once per username.
+    async fn order_for(&mut self, user: &str) -> Result<Arc<Order>, Refusal> {
+        if let Some((named, order)) = &self.order {
+            if named == user {
+                return Ok(order.clone());
+            }
+        }
+        if let Some(ip) = self.peer.map(|p| p.ip()) {
+            if self.shared.limiter.is_blocked(ip) {
+                return Err(Refusal::RateLimited);
+            }
+        }
+        let id = parse_login(user)?;
+        self.span.record("order", id.0);
+        let order = self.shared.orders.get(id).await?;
+        admit_order(&order, self.shared.provider, crate::unix_now())?;
+        self.order = Some((user.to_string(), order.clone()));
+        Ok(order)
+    }
+
+    fn check_key(&mut self, order: &Order, key: &PublicKey) -> Auth {
+        match admit_key(order, key) {
+            Ok(()) => Auth::Accept,
+            Err(refusal) => {
+                self.wrong_keys += 1;
+                if self.wrong_keys >= MAX_WRONG_KEYS {
+                    return self.refuse(refusal);
+                }
+                self.pending_refusal = Some(refusal);
+                Auth::Reject {
+                    proceed_with_methods: Some(methods()),
+                    partial_success: false,
+                }
+            }
+        }
+    }
+}
+
+/// Public keys, plus keyboard-interactive only to tell a client that ran out of keys why.
+pub fn methods() -> MethodSet {
+    let mut set = MethodSet::empty();
+    set.push(MethodKind::PublicKey);
+    set.push(MethodKind::KeyboardInteractive);
+    set
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        match self.order_for(user).await {
+            Ok(_) => Ok(Auth::Reject {
+                proceed_with_methods: Some(methods()),
+                partial_success: false,
+            }),
+            Err(refusal) => Ok(self.refuse(refusal)),
+        }
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        // Not advertised; a client that tries anyway learns what is wrong with its login.
+        match self.order_for(user).await {
+            Ok(order) => Ok(self.refuse(Refusal::WrongKey {
+                order: OrderId(order.id),
+                expected: crate::admission::format_fingerprint(&order.key_fingerprint),
+            })),
+            Err(refusal) => Ok(self.refuse(refusal)),
+        }
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        match self.order_for(user).await {
+            Ok(order) => Ok(self.check_key(&order, offer.public_key)),
+            Err(refusal) => Ok(self.refuse(refusal)),
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let order = match self.order_for(user).await {
+            Ok(order) => order,
+            Err(refusal) => return Ok(self.refuse(refusal)),
+        };
+        if let Auth::Reject { .. } = self.check_key(&order, key.public_key) {
+            return Ok(self.refuse(admit_key(&order, key.public_key).unwrap_err()));
+        }
+        let Some(handle) = self.handle.get().cloned() else {
+            return Ok(self.refuse(Refusal::ShuttingDown));
+        };
+        match self
+            .shared
+            .board
+            .join(OrderId(order.id), self.session, handle)
+        {
+            Ok(seat) => {
+                self.seat = Some(Arc::new(seat));
+                let _enter = self.span.enter();
+                tracing::info!(key = %key.public_key.fingerprint(russh::keys::HashAlg::Sha256), "authenticated");
+                Ok(Auth::Accept)
+            }
+            Err(refusal) => Ok(self.refuse(refusal)),
+        }
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        let refusal = match self.pending_refusal.take() {
+            Some(r) => r,
+            None => match self.order_for(user).await {
+                Ok(order) => Refusal::WrongKey {
+                    order: OrderId(order.id),
+                    expected: crate::admission::format_fingerprint(&order.key_fingerprint),
+                },
+                Err(r) => r,
+            },
+        };
+        Ok(self.refuse(refusal))
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some((_, order)) = &self.order {
+            self.lease = Some(LeaseStart::begin(self.shared.provisioner.clone(), order));
+            self.shared.metrics_session_started();
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (Some((_, order)), Some(lease), Some(seat), Some(handle)) =
+            (&self.order, &self.lease, &self.seat, self.handle.get())
+        else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        reply.accept().await;
+        let ctx = session_channel::ChannelContext {
+            order: OrderId(order.id),
+            lease: lease.clone(),
+            provisioner: self.shared.provisioner.clone(),
+            env_policy: self.shared.env_policy.clone(),
+            handle: handle.clone(),
+            seat: seat.clone(),
+        };
+        let span = self.span.clone();
+        tokio::spawn(tracing::Instrument::instrument(
+            session_channel::serve(channel, ctx),
+            span,
+        ));
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (Some((_, order)), Some(lease)) = (&self.order, &self.lease) else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let port = match u16::try_from(port_to_connect) {
+            Ok(p) if p != 0 && is_container_loopback(host_to_connect) => p,
+            _ => {
+                let _enter = self.span.enter();
+                tracing::info!(
+                    host = host_to_connect,
+                    port = port_to_connect,
+                    "refused a forward outside the container"
+                );
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+                return Ok(());
+            }
+        };
+        let span = self.span.clone();
+        tokio::spawn(tracing::Instrument::instrument(
+            forward::serve(
+                channel,
+                reply,
+                OrderId(order.id),
+                port,
+                lease.clone(),
+                self.shared.provisioner.clone(),
+            ),
+            span,
+        ));
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.shared.env_policy.allows(variable_name, variable_value) {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if Subsystem::named(name).is_some() {
+            session.channel_success(channel)?;
+        } else {
+            let _enter = self.span.enter();
+            tracing::info!(subsystem = name, "refused an unknown subsystem");
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        _channel: ChannelId,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The channel task applies it; window-change wants no reply.
+        Ok(())
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.tell(session, channel, "X11 forwarding is not offered by Shale");
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.tell(session, channel, "agent forwarding is not offered by Shale");
+        Ok(false)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let _enter = self.span.enter();
+        tracing::info!(address, port = *port, "refused remote forwarding");
+        let _ = session;
+        Ok(false)
+    }
+}
+
+impl Connection {
+    /// Writes a one-line notice on a channel's stderr.
+    fn tell(&self, session: &mut Session, channel: ChannelId, line: &str) {
+        let _ = session.extended_data(channel, 1, format!("shale: {line}\r\n").into_bytes());
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.seat.is_some() {
+            self.shared.metrics_session_ended();
+        }
+        let _enter = self.span.enter();
+        tracing::debug!("connection closed");
+    }
+}

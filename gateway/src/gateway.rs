@@ -1,0 +1,240 @@
+//! The gateway as a whole: its shared state, the accept loop, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use alloy_primitives::Address;
+use russh::keys::PrivateKey;
+use russh::server::Config;
+use shale_contracts::Marketplace;
+use shale_provisioner::Provisioner;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::config::GatewayConfig;
+use crate::connection::{methods, Connection};
+use crate::hostkey;
+use crate::leases::LeaseBoard;
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::orders::OrderDirectory;
+use crate::policy::EnvPolicy;
+use crate::ratelimit::FailureLimiter;
+use crate::watcher;
+
+/// What every connection of the gateway shares.
+pub struct Shared {
+    /// This SP's provider address.
+    pub provider: Address,
+    /// Cached order lookups.
+    pub orders: OrderDirectory,
+    /// Containers of orders.
+    pub provisioner: Provisioner,
+    /// Live sessions by order.
+    pub board: LeaseBoard,
+    /// Failed logins by address.
+    pub limiter: FailureLimiter,
+    /// Which environment variables clients may set.
+    pub env_policy: Arc<EnvPolicy>,
+    /// Exported metrics.
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    pub(crate) fn metrics_auth_failure(&self, reason: &str) {
+        self.metrics
+            .auth_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn metrics_session_started(&self) {
+        self.metrics.sessions_active.inc();
+        self.metrics.sessions_total.inc();
+    }
+
+    pub(crate) fn metrics_session_ended(&self) {
+        self.metrics.sessions_active.dec();
+    }
+}
+
+/// Why the gateway could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The host key could not be loaded or made.
+    #[error(transparent)]
+    HostKey(#[from] hostkey::HostKeyError),
+    /// The listen address is taken or not ours.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// Accepting connections failed.
+    #[error("accepting connections failed: {0}")]
+    Accept(std::io::Error),
+}
+
+/// A bound, not yet running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    ssh: Arc<Config>,
+    host_key: PrivateKey,
+    config: GatewayConfig,
+}
+
+impl Gateway {
+    /// Loads the host key and binds the listen address.
+    pub async fn bind(
+        config: GatewayConfig,
+        market: Marketplace,
+        provisioner: Provisioner,
+    ) -> Result<Self, GatewayError> {
+        let host_key = hostkey::load_or_generate(&config.host_key)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| GatewayError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let ssh = Arc::new(Config {
+            server_id: russh::SshId::Standard(
+                concat!("SSH-2.0-Shale_", env!("CARGO_PKG_VERSION")).into(),
+            ),
+            methods: methods(),
+            // The order's key fingerprint is public on chain, so constant-time rejection hides
+            // nothing; a short delay still slows guessing, and rate limiting does the rest.
+            auth_rejection_time: Duration::from_millis(100),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            keys: vec![host_key.clone()],
+            inactivity_timeout: Some(config.sessions.idle_timeout),
+            keepalive_interval: Some(config.sessions.keepalive),
+            keepalive_max: 4,
+            nodelay: true,
+            window_size: 4 * 1024 * 1024,
+            channel_buffer_size: 256,
+            ..Default::default()
+        });
+        let shared = Arc::new(Shared {
+            provider: config.chain.provider,
+            orders: OrderDirectory::new(
+                market.with_poll_interval(config.chain.poll_interval),
+                config.auth.order_cache,
+                config.auth.missing_cache,
+            ),
+            provisioner,
+            board: LeaseBoard::new(config.sessions.max_per_order),
+            limiter: FailureLimiter::new(config.auth.max_failures, config.auth.failure_window),
+            env_policy: Arc::new(EnvPolicy::new(&config.sessions.extra_env)),
+            metrics: Metrics::default(),
+        });
+        Ok(Self {
+            shared,
+            listener,
+            ssh,
+            host_key,
+            config,
+        })
+    }
+
+    /// Where clients connect (with the real port when the config asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The host key in OpenSSH format, as the SP registers it on chain.
+    pub fn host_public_key(&self) -> String {
+        hostkey::public_openssh(&self.host_key)
+    }
+
+    /// State shared by the gateway's parts (for metrics and the settler).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves connections until `shutdown` resolves, then tells users, drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+        let Gateway {
+            shared,
+            listener,
+            ssh,
+            config,
+            ..
+        } = self;
+        tracing::info!(addr = %listener.local_addr().map_err(GatewayError::Accept)?, "gateway listening");
+        let watcher = tokio::spawn(watcher::run(shared.clone(), config.chain.poll_interval));
+        let slots = Arc::new(Semaphore::new(config.sessions.max_connections));
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => {
+                    let (socket, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "at the connection limit; dropping a connection");
+                        continue;
+                    };
+                    let _ = socket.set_nodelay(true);
+                    let shared = shared.clone();
+                    let ssh = ssh.clone();
+                    connections.spawn(async move {
+                        let _slot = slot;
+                        shared.metrics.connections_active.inc();
+                        let handle = Arc::new(OnceLock::new());
+                        let conn = Connection::new(shared.clone(), Some(peer), handle.clone());
+                        match russh::server::run_stream(ssh, socket, conn).await {
+                            Ok(session) => {
+                                let _ = handle.set(session.handle());
+                                if let Err(e) = session.await {
+                                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                                }
+                            }
+                            Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
+                        }
+                        shared.metrics.connections_active.dec();
+                    });
+                }
+            }
+        }
+        tracing::info!(
+            connections = connections.len(),
+            "shutting down: telling users and draining"
+        );
+        drop(listener);
+        shared
+            .board
+            .close("the gateway is restarting; your container keeps running, reconnect in a moment")
+            .await;
+        let drained = tokio::time::timeout(config.sessions.drain, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = connections.len(),
+                "drain timed out; closing the rest"
+            );
+            connections.shutdown().await;
+        }
+        watcher.abort();
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! The order's container is started once per connection, as soon as the client is authenticated,
+//! and every channel waits on the same start.
+
+use std::sync::Arc;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use shale_contracts::Order;
+use shale_provisioner::{LeaseSpec, ProvisionError, Provisioner};
+
+/// A shared, cloneable wait for the order's container to be running.
+#[derive(Clone)]
+pub struct LeaseStart(Shared<BoxFuture<'static, Result<(), Arc<ProvisionError>>>>);
+
+impl LeaseStart {
+    /// Starts (or finds) `order`'s container in the background.
+    pub fn begin(provisioner: Provisioner, order: &Order) -> Self {
+        let spec = lease_spec(order);
+        let order_id = spec.order;
+        let fut = async move {
+            let started = std::time::Instant::now();
+            let result = provisioner
+                .ensure(&spec)
+                .await
+                .map(|_| ())
+                .map_err(Arc::new);
+            match &result {
+                Ok(()) => tracing::debug!(
+                    order = spec.order,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "lease ready"
+                ),
+                Err(e) => tracing::warn!(order = spec.order, error = %e, "lease failed to start"),
+            }
+            result
+        };
+        // Spawned, so the container starts while the client is still opening its channel.
+        let handle = tokio::spawn(fut);
+        Self(
+            async move {
+                handle.await.unwrap_or_else(|e| {
+                    Err(Arc::new(ProvisionError::StartFailed {
+                        order: order_id,
+                        reason: format!("the start task failed: {e}"),
+                    }))
+                })
+            }
+            .boxed()
+            .shared(),
+        )
+    }
+
+    /// Waits until the container runs.
+    pub async fn ready(&self) -> Result<(), Arc<ProvisionError>> {
+        self.0.clone().await
+    }
+}
+
+/// What the provisioner needs to know of an order.
+pub fn lease_spec(order: &Order) -> LeaseSpec {
+    let expires_at = order
+        .expires_at()
+        .map(|t| std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+        .unwrap_or(std::time::UNIX_EPOCH);
+    LeaseSpec {
+        order: order.id,
+        cpus: order.cpus,
+        memory_bytes: order.memory_mib.saturating_mul(1024 * 1024),
+        gpus: order.gpus,
+        dataset: order.dataset.clone(),
+        expires_at,
+        pids_limit: None,
+    }
+}

@@ -1,0 +1,351 @@
+//! One SSH session channel (shell, exec or subsystem) as one process in the order's container.
+//!
+//! The channel task reads the channel's own message stream: requests (pty, env, exec, shell,
+//! subsystem) until the process starts, then stdin, EOF, window changes and signals. The
+//! connection's handler has already answered each request with success or failure by the same
+//! rules (`policy`), so this task only acts. Bytes move per channel, with no lock shared with
+//! other channels and no copy beyond what the SSH transport itself makes.
+
+use std::sync::Arc;
+
+use russh::server::{Handle, Msg};
+use russh::{Channel, ChannelMsg, Sig};
+use shale_provisioner::{ExecRequest, ExitStatus, Process, ProcessHandle, Provisioner, PtySize};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument;
+
+use crate::lease_start::LeaseStart;
+use crate::leases::SessionSeat;
+use crate::login::OrderId;
+use crate::policy::{EnvPolicy, Subsystem, SFTP_SERVER};
+
+/// What a session channel needs from its connection.
+pub struct ChannelContext {
+    /// The order whose container runs the process.
+    pub order: OrderId,
+    /// The container start this channel waits on.
+    pub lease: LeaseStart,
+    /// Starts processes in containers.
+    pub provisioner: Provisioner,
+    /// Which environment variables the client may set.
+    pub env_policy: Arc<EnvPolicy>,
+    /// The SSH connection, for exit signals.
+    pub handle: Handle,
+    /// The session's seat on the lease board, to receive notices.
+    pub seat: Arc<SessionSeat>,
+}
+
+/// What the client asked the channel to run.
+enum Command {
+    Shell,
+    Exec(String),
+    Subsystem(Subsystem),
+}
+
+/// Bytes read from a process at once: large enough to fill an SSH packet (32 KiB) without
+/// per-packet syscalls, small enough not to hold a slow client's data in memory.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Serves one session channel until it closes.
+pub async fn serve(channel: Channel<Msg>, ctx: ChannelContext) {
+    let id = channel.id();
+    let span = tracing::info_span!("channel", channel = %id);
+    async move {
+        ctx.seat.add_channel(id);
+        run(channel, &ctx).await;
+        ctx.seat.remove_channel(id);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
+    let id = channel.id();
+    let (mut rx, tx) = channel.split();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut pty: Option<(String, PtySize)> = None;
+
+    let command = loop {
+        match rx.wait().await {
+            Some(ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                ..
+            }) => pty = Some((term, pty_size(col_width, row_height))),
+            Some(ChannelMsg::SetEnv {
+                variable_name,
+                variable_value,
+                ..
+            }) => {
+                if ctx.env_policy.allows(&variable_name, &variable_value) {
+                    env.push((variable_name, variable_value));
+                }
+            }
+            Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                ..
+            }) => {
+                if let Some((_, size)) = &mut pty {
+                    *size = pty_size(col_width, row_height);
+                }
+            }
+            Some(ChannelMsg::RequestShell { .. }) => break Command::Shell,
+            Some(ChannelMsg::Exec { command, .. }) => {
+                break Command::Exec(String::from_utf8_lossy(&command).into_owned())
+            }
+            Some(ChannelMsg::RequestSubsystem { name, .. }) => {
+                // Unknown subsystems were refused by the handler; the client may ask again.
+                if let Some(sub) = Subsystem::named(&name) {
+                    break Command::Subsystem(sub);
+                }
+            }
+            Some(ChannelMsg::Close) | None => return,
+            Some(_) => {}
+        }
+    };
+
+    let mut request = ExecRequest {
+        argv: argv_for(&command),
+        env,
+        tty: None,
+        cwd: None,
+    };
+    if let Some((term, size)) = pty {
+        // A subsystem speaks a binary protocol: never through a terminal.
+        if !matches!(command, Command::Subsystem(_)) {
+            request.env.retain(|(k, _)| k != "TERM");
+            request.env.push(("TERM".into(), term));
+            request.tty = Some(size);
+        }
+    }
+    tracing::info!(command = ?request.argv, tty = request.tty.is_some(), "starting process");
+
+    let started = async {
+        ctx.lease.ready().await.map_err(|e| e.to_string())?;
+        ctx.provisioner
+            .exec(ctx.order.0, request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let process = match started {
+        Ok(p) => p,
+        Err(reason) => {
+            tracing::warn!(%reason, "process did not start");
+            let mut err = tx.make_writer_ext(Some(1));
+            let _ = err
+                .write_all(format!("shale: {reason}\r\n").as_bytes())
+                .await;
+            let _ = err.flush().await;
+            let _ = tx.exit_status(1).await;
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+            return;
+        }
+    };
+
+    let Process {
+        stdin,
+        stdout,
+        stderr,
+        handle: proc,
+    } = process;
+
+    let out_pump = tokio::spawn(pump(stdout, tx.make_writer()));
+    let err_pump = stderr.map(|e| tokio::spawn(pump(e, tx.make_writer_ext(Some(1)))));
+    let in_pump = tokio::spawn(client_to_process(rx, stdin, proc.clone()));
+
+    let status = proc.wait().await;
+    // Everything the process wrote goes out before its exit status, as with sshd.
+    let _ = out_pump.await;
+    if let Some(p) = err_pump {
+        let _ = p.await;
+    }
+    in_pump.abort();
+    match status {
+        Ok(ExitStatus::Code(code)) => {
+            tracing::info!(code, "process exited");
+            let _ = tx.exit_status(code as u32).await;
+        }
+        Ok(ExitStatus::Signal(sig)) => {
+            tracing::info!(signal = sig, "process killed by signal");
+            let _ = ctx
+                .handle
+                .exit_signal_request(id, sig_of(sig), false, String::new(), "en".into())
+                .await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "lost the process");
+            let mut err = tx.make_writer_ext(Some(1));
+            let _ = err
+                .write_all(format!("\r\nshale: the session's process was lost: {e}\r\n").as_bytes())
+                .await;
+            let _ = err.flush().await;
+            let _ = tx.exit_status(255).await;
+        }
+    }
+    let _ = tx.eof().await;
+    let _ = tx.close().await;
+}
+
+/// Copies process output to the channel until the process closes it. The channel writer waits
+/// for the client's window, so a slow client slows the process instead of filling memory.
+async fn pump<R, W>(mut from: R, mut to: W)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.flush().await;
+}
+
+/// Feeds the client's stdin, EOF, window changes and signals to the process.
+async fn client_to_process<W>(mut rx: russh::ChannelReadHalf, mut stdin: W, proc: ProcessHandle)
+where
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        match rx.wait().await {
+            Some(ChannelMsg::Data { data }) => {
+                if stdin.write_all(&data).await.is_err() {
+                    // The process closed its stdin; keep serving signals and resizes.
+                    continue;
+                }
+            }
+            Some(ChannelMsg::Eof) => {
+                let _ = stdin.flush().await;
+                if let Err(e) = proc.close_stdin().await {
+                    tracing::debug!(error = %e, "closing stdin");
+                }
+            }
+            Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                ..
+            }) => {
+                let _ = proc.resize(pty_size(col_width, row_height)).await;
+            }
+            Some(ChannelMsg::Signal { signal }) => {
+                if let Some(n) = signal_number(&signal) {
+                    let _ = proc.signal(n).await;
+                }
+            }
+            Some(ChannelMsg::Close) | None => {
+                // The client went away: hang up, as a closed terminal would.
+                let _ = proc.signal(SIGHUP).await;
+                return;
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+fn argv_for(command: &Command) -> Vec<String> {
+    match command {
+        // A login shell, so /etc/profile sets PATH and the prompt as users expect.
+        Command::Shell => vec!["/bin/bash".into(), "-l".into()],
+        // As sshd does: the user's shell interprets the command line.
+        Command::Exec(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+        Command::Subsystem(Subsystem::Sftp) => vec![SFTP_SERVER.into()],
+    }
+}
+
+/// `ssh -tt` without a local terminal asks for 0x0; a PTY needs at least one cell.
+fn pty_size(cols: u32, rows: u32) -> PtySize {
+    PtySize {
+        cols: cols.clamp(1, u16::MAX as u32) as u16,
+        rows: rows.clamp(1, u16::MAX as u32) as u16,
+    }
+}
+
+/// What a closed terminal sends its foreground process.
+const SIGHUP: i32 = 1;
+
+/// Signal numbers on Linux for the names RFC 4254 defines.
+fn signal_number(sig: &Sig) -> Option<i32> {
+    Some(match sig {
+        Sig::HUP => 1,
+        Sig::INT => 2,
+        Sig::QUIT => 3,
+        Sig::ILL => 4,
+        Sig::ABRT => 6,
+        Sig::FPE => 8,
+        Sig::KILL => 9,
+        Sig::USR1 => 10,
+        Sig::SEGV => 11,
+        Sig::PIPE => 13,
+        Sig::ALRM => 14,
+        Sig::TERM => 15,
+        Sig::Custom(name) => match name.as_str() {
+            "USR2" => 12,
+            "CONT" => 18,
+            "STOP" => 19,
+            "TSTP" => 20,
+            "WINCH" => 28,
+            _ => return None,
+        },
+    })
+}
+
+/// The RFC 4254 name of a Linux signal number, for `exit-signal`.
+fn sig_of(n: i32) -> Sig {
+    match n {
+        1 => Sig::HUP,
+        2 => Sig::INT,
+        3 => Sig::QUIT,
+        4 => Sig::ILL,
+        6 => Sig::ABRT,
+        8 => Sig::FPE,
+        9 => Sig::KILL,
+        10 => Sig::USR1,
+        11 => Sig::SEGV,
+        13 => Sig::PIPE,
+        14 => Sig::ALRM,
+        15 => Sig::TERM,
+        12 => Sig::Custom("USR2".into()),
+        other => Sig::Custom(format!("SIG{other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_and_numbers_round_trip() {
+        for n in [1, 2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 15] {
+            assert_eq!(signal_number(&sig_of(n)), Some(n), "{n}");
+        }
+        assert_eq!(signal_number(&Sig::Custom("BOGUS".into())), None);
+    }
+
+    #[test]
+    fn a_zero_sized_pty_is_clamped_to_one_cell() {
+        assert_eq!((pty_size(0, 0).cols, pty_size(0, 0).rows), (1, 1));
+        assert_eq!(pty_size(100_000, 50).cols, u16::MAX);
+    }
+
+    #[test]
+    fn exec_runs_through_the_shell_and_sftp_through_sftp_server() {
+        assert_eq!(
+            argv_for(&Command::Exec("echo hi | wc -c".into())),
+            ["/bin/sh", "-c", "echo hi | wc -c"]
+        );
+        assert_eq!(
+            argv_for(&Command::Subsystem(Subsystem::Sftp)),
+            [SFTP_SERVER]
+        );
+    }
+}
