@@ -47,7 +47,8 @@ const VK_MAGIC: &[u8; 8] = b"SHALEVK1";
 #[derive(Clone, Debug)]
 pub struct ProvingKey {
     capacity: usize,
-    key: ark_groth16::ProvingKey<Bn254>,
+    /// Shared: a proving key is large (hundreds of MB at capacity 1024) and cloned into workers.
+    key: Arc<ark_groth16::ProvingKey<Bn254>>,
     /// The circuit's constraint matrices, built on the first proof and reused: arkworks' default
     /// prover rebuilds (and inlines) them for every proof, about a fifth of the proving time.
     shape: Arc<OnceLock<CircuitShape>>,
@@ -184,7 +185,7 @@ impl ProvingKey {
     fn new(capacity: usize, key: ark_groth16::ProvingKey<Bn254>) -> Self {
         ProvingKey {
             capacity,
-            key,
+            key: Arc::new(key),
             shape: Arc::default(),
         }
     }
@@ -251,6 +252,12 @@ impl ProvingKey {
             &assignment,
         )?;
         Ok(ClaimProof(proof))
+    }
+
+    /// Proves `batch`, blinding the proof with the operating system's RNG (the production choice;
+    /// callers need no `rand` of their own).
+    pub fn prove_with_os_rng(&self, batch: &TickBatch) -> Result<ClaimProof, CircuitError> {
+        self.prove(batch, &mut rand::rngs::OsRng)
     }
 
     /// Writes the key to `path` (see the module docs for the format).
@@ -497,7 +504,7 @@ mod tests {
         assert_eq!((pk.capacity(), vk.capacity()), (CAPACITY, CAPACITY));
         assert_eq!(vk.inner(), keys().1.inner());
         let batch = TickBatch::new(ORDER, Head::GENESIS, None, vec![tick(0)]).unwrap();
-        let proof = pk.prove(&batch, &mut rng()).unwrap();
+        let proof = pk.prove_with_os_rng(&batch).unwrap();
         assert!(vk.verify(&batch.inputs(), &proof).unwrap());
         assert!(keys().1.verify(&batch.inputs(), &proof).unwrap());
     }
