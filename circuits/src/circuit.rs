@@ -16,11 +16,11 @@
 //! 4. starting from `prevHead`, each enabled slot advances the head `h ← Poseidon(h, tick)` and each
 //!    disabled slot leaves it unchanged, ending at `nextHead`; disabled slots hold zero seconds and
 //!    bytes, so the public totals are exactly the sums over the enabled ticks;
-//! 5. `seqFirst` (a private witness) continues the chain the contract has already paid for: unless
-//!    `prevHead` is the genesis head (zero), the prover also knows the *anchor*, the last paid tick
-//!    `(orderId, seqFirst - 1, …)` and the head before it, which hash to `prevHead`. A batch can
-//!    therefore neither re-claim the last paid tick nor restart the numbering. At genesis the first
-//!    sequence number is free (the chain has no earlier tick to continue).
+//! 5. `seqFirst` (a private witness) continues the chain the contract has already paid for: at the
+//!    genesis head (zero) it is 0, the meter's first sequence number; otherwise the prover also knows
+//!    the *anchor*, the last paid tick `(orderId, seqFirst - 1, …)` and the head before it, which hash
+//!    to `prevHead`. A batch can therefore neither skip nor re-claim ticks across batches, nor restart
+//!    the numbering.
 //! 6. all sequence numbers of the batch, and the anchor's, lie below `2^64`: the circuit range-checks
 //!    the anchor's sequence number (or `seqFirst` at genesis) and `seqFirst + capacity - 1`, which
 //!    bound every slot's number in between. A batch must start at most at `2^64 - capacity`.
@@ -252,6 +252,8 @@ impl ConstraintSynthesizer<Fr> for TickBatchCircuit {
 
         let is_genesis = prev.is_zero()?;
         let seq_first = FpVar::new_witness(cs.clone(), || Ok(self.seq_first))?;
+        // An order's chain starts at seq 0.
+        FpVar::from(is_genesis.clone()).mul_equals(&seq_first, &FpVar::zero())?;
         // The lowest sequence number in play: the anchor's, or the first tick's at genesis.
         let not_genesis = FpVar::from(!&is_genesis);
         let lowest_seq = &seq_first - &not_genesis;
@@ -338,7 +340,14 @@ impl TickBatch {
         match (&anchor, prev.is_genesis()) {
             (None, false) => return Err(CircuitError::MissingAnchor { prev }),
             (Some(_), true) => return Err(CircuitError::UnexpectedAnchor),
-            (None, true) => {}
+            (None, true) => {
+                if first.seq != 0 {
+                    return Err(CircuitError::NotConsecutive {
+                        expected: 0,
+                        found: first.seq,
+                    });
+                }
+            }
             (Some(anchor), false) => {
                 if anchor.tick.order != order {
                     return Err(CircuitError::ForeignTick {
@@ -769,11 +778,20 @@ mod tests {
 
     #[test]
     fn sequence_numbers_must_stay_below_2_pow_64() {
+        let paid = TickFields {
+            seq: u64::MAX - 2,
+            ..tick(0)
+        };
+        let anchor = Anchor {
+            before: Head::GENESIS,
+            tick: paid,
+        };
+        let prev = next_head(&Head::GENESIS, &paid);
         let near_end = TickFields {
             seq: u64::MAX - 1,
             ..tick(0)
         };
-        let batch = TickBatch::new(ORDER, Head::GENESIS, None, vec![near_end]).unwrap();
+        let batch = TickBatch::new(ORDER, prev, Some(anchor), vec![near_end]).unwrap();
         assert!(matches!(
             batch.circuit(CAPACITY),
             Err(CircuitError::SeqOutOfRange { .. })
@@ -782,6 +800,26 @@ mod tests {
         let mut c = batch.circuit(2).unwrap();
         c.slots.push(SlotWitness::default());
         assert!(!satisfied(c), "seq_first + capacity - 1 wraps past 2^64");
+    }
+
+    #[test]
+    fn genesis_batch_must_start_at_seq_zero() {
+        // Ticks 1 and 2 claimed from genesis, skipping tick 0.
+        let mut c = genesis_batch(2).circuit(CAPACITY).unwrap();
+        c.seq_first = Fr::one();
+        let shifted = [
+            TickFields { seq: 1, ..tick(0) },
+            TickFields { seq: 2, ..tick(1) },
+        ];
+        c.public[2] = chain_head(&Head::GENESIS, &shifted).to_field().unwrap();
+        assert!(!satisfied(c));
+        assert!(matches!(
+            TickBatch::new(ORDER, Head::GENESIS, None, shifted.to_vec()),
+            Err(CircuitError::NotConsecutive {
+                expected: 0,
+                found: 1
+            })
+        ));
     }
 
     #[test]
