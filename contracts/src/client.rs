@@ -1,6 +1,7 @@
 //! The typed marketplace client: reads orders and providers, sends the transactions of both
 //! sides, and watches the contract's events.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::contract::{CallBuilder, CallDecoder};
@@ -38,6 +39,9 @@ pub struct Marketplace {
     provider: DynProvider,
     contract: abi::MarketplaceInstance<DynProvider>,
     poll_interval: Duration,
+    /// Serialises sending (not mining): the nonce of each transaction is read from the node's
+    /// pending count, which is only right when no other send of this signer is in flight.
+    send_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Marketplace {
@@ -71,10 +75,7 @@ impl Marketplace {
             .map_err(|e| ChainError::Rpc(format!("cannot build an HTTP client: {e}")))?;
         let sender = signer.as_ref().map(|s| s.address());
         let provider = match signer {
-            Some(signer) => ProviderBuilder::new()
-                .wallet(EthereumWallet::from(signer))
-                .connect_reqwest(http, url)
-                .erased(),
+            Some(signer) => signing_provider(signer, http, url),
             None => ProviderBuilder::new().connect_reqwest(http, url).erased(),
         };
         let code = provider
@@ -92,6 +93,7 @@ impl Marketplace {
             provider,
             contract,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            send_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -457,7 +459,10 @@ impl Marketplace {
         if self.sender.is_none() {
             return Err(ChainError::ReadOnly);
         }
-        let pending = call.send().await.map_err(|e| self.call_err(e))?;
+        let pending = {
+            let _sending = self.send_lock.lock().await;
+            call.send().await.map_err(|e| self.call_err(e))?
+        };
         let tx = *pending.tx_hash();
         let receipt = pending
             .with_timeout(Some(RECEIPT_TIMEOUT))
@@ -491,6 +496,27 @@ impl Marketplace {
     fn call_err(&self, e: alloy::contract::Error) -> ChainError {
         ChainError::from_contract(&self.rpc_url, self.address, e)
     }
+}
+
+/// A provider builder that signs with `signer`, estimates gas and fees, and reads each nonce from
+/// the node's pending transaction count.
+///
+/// Not alloy's default cached nonce manager: it reserves a nonce before gas estimation, so a call
+/// that the contract refuses (estimation fails, nothing is sent) would leave a nonce gap and
+/// every later transaction of the signer would wait in the pool forever.
+pub(crate) fn signing_provider(
+    signer: PrivateKeySigner,
+    http: reqwest::Client,
+    url: reqwest::Url,
+) -> DynProvider {
+    ProviderBuilder::new()
+        .disable_recommended_fillers()
+        .with_gas_estimation()
+        .with_simple_nonce_management()
+        .fetch_chain_id()
+        .wallet(EthereumWallet::from(signer))
+        .connect_reqwest(http, url)
+        .erased()
 }
 
 fn tx_receipt(receipt: TransactionReceipt) -> TxReceipt {

@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, Bytes, U256};
 use alloy::providers::{Provider as _, ProviderBuilder};
 use alloy::signers::local::PrivateKeySigner;
@@ -409,8 +408,9 @@ fn signing_provider(
     let url = rpc_url
         .parse()
         .map_err(|e| ChainError::InvalidInput(format!("bad RPC URL {rpc_url:?}: {e}")))?;
-    Ok(ProviderBuilder::new()
-        .wallet(EthereumWallet::from(signer))
-        .connect_http(url)
-        .erased())
+    Ok(crate::client::signing_provider(
+        signer,
+        alloy::transports::http::reqwest::Client::new(),
+        url,
+    ))
 }

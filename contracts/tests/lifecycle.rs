@@ -172,3 +172,33 @@ async fn watch_streams_the_lifecycle_events_in_order() {
         matches!(seen[5], MarketEvent::OrderTerminated { order_id, by, .. } if order_id == id && by == sp)
     );
 }
+
+#[tokio::test]
+async fn a_refused_call_does_not_stall_the_next_transaction() {
+    let world = World::with_provider().await;
+    let id = world.client.create_order(&world.new_order()).await.unwrap();
+    // Refused in gas estimation: nothing is sent, so no nonce may be used up.
+    world.client.terminate(id).await.unwrap_err();
+    let next = tokio::time::timeout(
+        Duration::from_secs(60),
+        world.client.top_up(id, U256::from(1u8)),
+    )
+    .await
+    .expect("the next transaction is mined, not stuck behind a nonce gap");
+    next.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_sends_from_one_signer_all_land() {
+    let world = World::with_provider().await;
+    let id = world.client.create_order(&world.new_order()).await.unwrap();
+    let sends = (1..=5u64).map(|amount| {
+        let client = world.client.clone();
+        async move { client.top_up(id, U256::from(amount)).await }
+    });
+    for result in futures::future::join_all(sends).await {
+        result.unwrap();
+    }
+    let order = world.reader.order(id).await.unwrap();
+    assert_eq!(order.escrow, world.new_order().escrow + U256::from(15u64));
+}
