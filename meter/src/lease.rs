@@ -34,12 +34,16 @@ pub struct MeterConfig {
     /// Seconds between ticks (at least 1). Shorter ticks bound the loss after a crash more
     /// tightly; each tick costs one ledger write and a share of a claim's proof. Default 5.
     pub tick_interval_secs: u64,
+    /// Where the ledger lives: `sqlite://PATH` or `postgres://USER@HOST:PORT/DB` (several
+    /// gateways sharing one ledger). Default: `ledger.db` in the gateway's state directory.
+    pub ledger_url: Option<String>,
 }
 
 impl Default for MeterConfig {
     fn default() -> Self {
         MeterConfig {
             tick_interval_secs: 5,
+            ledger_url: None,
         }
     }
 }
@@ -53,6 +57,14 @@ impl MeterConfig {
             ));
         }
         Ok(Duration::from_secs(self.tick_interval_secs))
+    }
+
+    /// Opens the configured ledger, or `ledger.db` under `state_dir` when none is configured.
+    pub async fn open_ledger(&self, state_dir: &std::path::Path) -> Result<Ledger, MeterError> {
+        match &self.ledger_url {
+            Some(url) => Ledger::open(url).await,
+            None => Ledger::open_sqlite(&state_dir.join("ledger.db")).await,
+        }
     }
 }
 
@@ -909,10 +921,24 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn config_parses_with_defaults_and_opens_the_default_ledger_in_the_state_dir() {
+        let config: MeterConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(config, MeterConfig::default());
+        let config: MeterConfig = serde_json::from_str(r#"{"tick_interval_secs": 2}"#).unwrap();
+        assert_eq!(config.tick_interval().unwrap(), Duration::from_secs(2));
+        assert!(serde_json::from_str::<MeterConfig>(r#"{"interval": 2}"#).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = config.open_ledger(dir.path()).await.unwrap();
+        assert_eq!(ledger.backend(), crate::ledger::Backend::Sqlite);
+        assert!(dir.path().join("ledger.db").exists());
+    }
+
     #[test]
     fn zero_interval_is_refused() {
         let err = MeterConfig {
             tick_interval_secs: 0,
+            ..MeterConfig::default()
         }
         .tick_interval()
         .unwrap_err();

@@ -22,9 +22,11 @@
 //! use alloy_primitives::U256;
 //! use shale_meter::{LeaseSpec, Ledger, Meter, MeterConfig, Metered, Side, Tariff};
 //!
-//! // Once, at start-up: the ledger (SQLite file or postgres://…) and the meter.
-//! let ledger = Ledger::open("sqlite:///var/lib/shale/ledger.db").await?;
-//! let meter = Meter::new(ledger.clone(), &MeterConfig::default())?;
+//! // Once, at start-up: the ledger (SQLite file in the state directory unless the config
+//! // names a postgres://… URL) and the meter.
+//! let config = MeterConfig::default();
+//! let ledger: Ledger = config.open_ledger(std::path::Path::new("/var/lib/shale")).await?;
+//! let meter = Meter::new(ledger.clone(), &config)?;
 //!
 //! // When an order's lease starts (or on restart, for every live lease): bill from now on,
 //! // continuing the order's stored chain.

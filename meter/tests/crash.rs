@@ -69,6 +69,7 @@ fn crash_child_meters_a_transfer_until_killed() {
             ledger,
             &MeterConfig {
                 tick_interval_secs: 1,
+                ..MeterConfig::default()
             },
         )
         .unwrap();

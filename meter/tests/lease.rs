@@ -37,6 +37,7 @@ async fn lease_meter_ticks_by_itself_and_the_final_tick_bills_every_counted_byte
         ledger.clone(),
         &MeterConfig {
             tick_interval_secs: 1,
+            ..MeterConfig::default()
         },
     )
     .unwrap();
@@ -152,6 +153,7 @@ async fn lease_stops_by_itself_at_the_lease_cap(ledger: Ledger) {
         ledger.clone(),
         &MeterConfig {
             tick_interval_secs: 1,
+            ..MeterConfig::default()
         },
     )
     .unwrap();
