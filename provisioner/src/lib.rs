@@ -1,1 +1,173 @@
-//! Shale provisioner crate; see ARCHITECTURE.md for what it owns.
+//! Shale's provisioner: one containerd container per order, for the life of its lease.
+//!
+//! The gateway calls [`Provisioner::ensure`] when an order's first session arrives, then
+//! [`Provisioner::exec`] for every SSH channel (shell, command, `sftp` subsystem) and
+//! [`Provisioner::connect_tcp`] for `ssh -L`. [`Provisioner::release`] ends a lease and
+//! [`Provisioner::adopt`] reconciles containers with the chain after a gateway restart.
+//!
+//! Images come from local OCI archives ([`Provisioner::import_image`]); no registry is needed.
+//! The default image is built from Debian packages by `provisioner/image/build-default.sh`
+//! (see [`image_build`]). [`daemon::LocalContainerd`] starts a project-local containerd for tests
+//! and `shale dev up`.
+
+mod cdi;
+mod config;
+mod ctd;
+pub mod daemon;
+mod error;
+mod exec;
+mod image;
+pub mod image_build;
+mod lease;
+mod netns;
+mod spec;
+
+pub use cdi::{CdiRegistry, ContainerEdits, DeviceNode, HookEdit, MountEdit};
+pub use config::{ImageRef, ProvisionerConfig};
+pub use error::ProvisionError;
+pub use exec::{
+    ExecRequest, ExitStatus, Process, ProcessHandle, ProcessOutput, ProcessStdin, PtySize,
+};
+pub use lease::{Lease, LeaseSpec};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use tracing::info;
+
+use crate::ctd::Ctd;
+
+/// Talks to containerd on behalf of the gateway; cheap to clone, shareable across tasks.
+#[derive(Clone)]
+pub struct Provisioner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctd: Ctd,
+    config: ProvisionerConfig,
+    /// One lock per order, so concurrent `ensure`/`stop`/`release` of one order serialize
+    /// while different orders proceed in parallel.
+    order_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serializes GPU allocation across orders.
+    gpu_lock: tokio::sync::Mutex<()>,
+    /// The environment of each order's processes, read once from its container spec.
+    envs: Mutex<HashMap<u64, Arc<Vec<String>>>>,
+    exec_seq: AtomicU64,
+    /// Distinguishes this provisioner's cgroups from another instance's on the same host.
+    instance: String,
+}
+
+impl Provisioner {
+    /// Connects to containerd and prepares the state directory. Fails with
+    /// [`ProvisionError::DaemonUnreachable`] when containerd does not answer.
+    pub async fn connect(config: ProvisionerConfig) -> Result<Self, ProvisionError> {
+        if config.namespace.is_empty()
+            || config
+                .namespace
+                .parse::<tonic::metadata::MetadataValue<_>>()
+                .is_err()
+        {
+            return Err(ProvisionError::Config(format!(
+                "namespace {:?} is not usable",
+                config.namespace
+            )));
+        }
+        for sub in ["volumes", "orders", "fifo", "runc"] {
+            let dir = config.state_dir.join(sub);
+            std::fs::create_dir_all(&dir).map_err(|e| ProvisionError::io("create", dir, e))?;
+        }
+        let state_dir = std::fs::canonicalize(&config.state_dir)
+            .map_err(|e| ProvisionError::io("resolve", config.state_dir.clone(), e))?;
+        let config = ProvisionerConfig {
+            state_dir,
+            ..config
+        };
+        let ctd = Ctd::connect(&config.socket, &config.namespace).await?;
+        let instance = {
+            use sha2::{Digest, Sha256};
+            let h = Sha256::digest(
+                format!("{}\0{}", config.state_dir.display(), config.namespace).as_bytes(),
+            );
+            format!("{:x}", h)[..10].to_string()
+        };
+        info!(socket = %config.socket.display(), namespace = %config.namespace, "connected to containerd");
+        Ok(Provisioner {
+            inner: Arc::new(Inner {
+                ctd,
+                config,
+                order_locks: Mutex::new(HashMap::new()),
+                gpu_lock: tokio::sync::Mutex::new(()),
+                envs: Mutex::new(HashMap::new()),
+                exec_seq: AtomicU64::new(0),
+                instance,
+            }),
+        })
+    }
+
+    /// The configuration in force (with `state_dir` made absolute).
+    pub fn config(&self) -> &ProvisionerConfig {
+        &self.inner.config
+    }
+
+    /// containerd's version string; also a cheap liveness check.
+    pub async fn daemon_version(&self) -> Result<String, ProvisionError> {
+        self.inner.ctd.version().await
+    }
+
+    /// Imports an OCI image archive (a tar of an OCI image layout, as the build scripts write)
+    /// or an OCI layout directory into containerd, unpacked for the overlayfs snapshotter.
+    /// Returns the name recorded in the archive's `index.json`. Importing the same archive
+    /// again is cheap: blobs and snapshots already present are skipped.
+    pub async fn import_image(&self, oci_archive: &Path) -> Result<ImageRef, ProvisionError> {
+        self.inner.ctd.import(oci_archive).await
+    }
+
+    /// Whether an image is installed (and unpacked, unpacking it if the content is there).
+    pub async fn has_image(&self, image: &ImageRef) -> Result<bool, ProvisionError> {
+        match self.inner.ctd.resolve_image(image).await {
+            Ok(_) => Ok(true),
+            Err(ProvisionError::ImageMissing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn order_lock(&self, order: u64) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .inner
+            .order_locks
+            .lock()
+            .expect("order lock map poisoned");
+        locks.entry(order).or_default().clone()
+    }
+
+    fn container_id(order: u64) -> String {
+        format!("order-{order}")
+    }
+
+    fn volume_dir(&self, order: u64) -> PathBuf {
+        self.inner
+            .config
+            .state_dir
+            .join("volumes")
+            .join(Self::container_id(order))
+    }
+
+    fn etc_dir(&self, order: u64) -> PathBuf {
+        self.inner
+            .config
+            .state_dir
+            .join("orders")
+            .join(Self::container_id(order))
+    }
+
+    fn fifo_dir(&self, order: u64) -> PathBuf {
+        self.inner
+            .config
+            .state_dir
+            .join("fifo")
+            .join(Self::container_id(order))
+    }
+}

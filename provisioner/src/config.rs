@@ -1,0 +1,149 @@
+//! The provisioner's configuration: one serde struct, defaults next to the fields.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The name of an image in containerd's image store, e.g. `shale/default:latest`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ImageRef(pub String);
+
+impl ImageRef {
+    /// The name under which `provisioner/image/build-default.sh` packs the default image.
+    pub const DEFAULT: &'static str = "shale/default:latest";
+    /// The name under which `provisioner/image/build-busybox.sh` packs the small test image.
+    pub const BUSYBOX: &'static str = "shale/busybox:latest";
+
+    /// The image name as containerd knows it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for ImageRef {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(ImageRef(s.to_string()))
+    }
+}
+
+impl Default for ImageRef {
+    fn default() -> Self {
+        ImageRef(Self::DEFAULT.to_string())
+    }
+}
+
+/// How the provisioner reaches containerd and shapes every order's container.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvisionerConfig {
+    /// containerd's gRPC socket.
+    pub socket: PathBuf,
+    /// The containerd namespace that holds Shale's images and containers, apart from anything
+    /// else the machine runs.
+    pub namespace: String,
+    /// Where per-order volumes, FIFOs and runc state live; must be on a local filesystem.
+    pub state_dir: PathBuf,
+    /// The image every order's container runs.
+    pub image: ImageRef,
+    /// Dataset id (piece CID or deal id) to the local path of its unsealed data.
+    pub datasets: BTreeMap<String, PathBuf>,
+    /// Directories searched for CDI spec files (`*.yaml`, `*.json`), e.g. from `nvidia-ctk cdi generate`.
+    pub cdi_dirs: Vec<PathBuf>,
+    /// The fully qualified CDI device kind handed out as GPUs.
+    pub gpu_kind: String,
+    /// This provider's id, written on every container so that adoption only touches our own.
+    pub provider: String,
+    /// How long a stopping order's processes get after SIGTERM before SIGKILL.
+    #[serde(with = "duration_secs")]
+    pub stop_grace: Duration,
+    /// uid and gid of the processes inside an order's container; they own `/work`.
+    pub user: (u32, u32),
+    /// Where the order's writable volume is mounted; also `HOME` and the working directory.
+    pub work_dir: String,
+    /// Where datasets are mounted, as `<data_dir>/<dataset id>`, read-only.
+    pub data_dir: String,
+    /// Keep the image's root filesystem read-only (the default); when false each order writes to
+    /// its own snapshot, which lives as long as the container.
+    pub readonly_rootfs: bool,
+    /// The pids limit when an order does not name one.
+    pub default_pids_limit: u64,
+    /// Size of `/tmp` (a tmpfs counted against the order's memory), in bytes.
+    pub tmp_size_bytes: u64,
+}
+
+impl Default for ProvisionerConfig {
+    fn default() -> Self {
+        ProvisionerConfig {
+            socket: PathBuf::from("/run/containerd/containerd.sock"),
+            namespace: "shale".to_string(),
+            state_dir: PathBuf::from("/var/lib/shale/provisioner"),
+            image: ImageRef::default(),
+            datasets: BTreeMap::new(),
+            cdi_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
+            gpu_kind: "nvidia.com/gpu".to_string(),
+            provider: "local".to_string(),
+            stop_grace: Duration::from_secs(10),
+            user: (1000, 1000),
+            work_dir: "/work".to_string(),
+            data_dir: "/data".to_string(),
+            readonly_rootfs: true,
+            default_pids_limit: 1024,
+            tmp_size_bytes: 256 << 20,
+        }
+    }
+}
+
+mod duration_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        if !(secs.is_finite() && secs >= 0.0) {
+            return Err(serde::de::Error::custom(
+                "stop_grace must be a non-negative number of seconds",
+            ));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_config_takes_defaults_for_missing_fields() {
+        let cfg: ProvisionerConfig = serde_json::from_str(
+            r#"{"socket":"/tmp/c.sock","stop_grace":2.5,"datasets":{"bafy1":"/srv/d1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.socket, PathBuf::from("/tmp/c.sock"));
+        assert_eq!(cfg.stop_grace, Duration::from_millis(2500));
+        assert_eq!(cfg.namespace, "shale");
+        assert_eq!(cfg.datasets["bafy1"], PathBuf::from("/srv/d1"));
+        assert_eq!(cfg.image.as_str(), ImageRef::DEFAULT);
+    }
+
+    #[test]
+    fn unknown_fields_and_negative_grace_are_rejected() {
+        assert!(serde_json::from_str::<ProvisionerConfig>(r#"{"sokcet":"/x"}"#).is_err());
+        assert!(serde_json::from_str::<ProvisionerConfig>(r#"{"stop_grace":-1}"#).is_err());
+    }
+}

@@ -1,0 +1,97 @@
+//! The errors a provisioner caller can act on, each with a message a user can read.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while provisioning or running an order's container.
+///
+/// The gateway turns these into words on the user's terminal, so every message says what
+/// happened in plain terms; the variant says what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// containerd does not answer on its socket (not running, wrong path, or it went away).
+    #[error("the container runtime (containerd at {socket}) is unreachable: {reason}")]
+    DaemonUnreachable { socket: PathBuf, reason: String },
+
+    /// The image is not in containerd's image store; import it first.
+    #[error("image {image} is not installed on this provider; import it first")]
+    ImageMissing { image: String },
+
+    /// An image archive could not be read or is not a valid OCI image.
+    #[error("image archive {path} is not usable: {reason}")]
+    ImageInvalid { path: PathBuf, reason: String },
+
+    /// Building an image archive from Debian packages failed.
+    #[error("building the image failed: {0}")]
+    ImageBuild(String),
+
+    /// The order asks for a dataset the provider does not hold locally.
+    #[error("dataset {dataset} is not available on this provider")]
+    DatasetMissing { dataset: String },
+
+    /// The order asks for GPUs the provider cannot supply (no CDI devices, or too few).
+    #[error("{wanted} GPU(s) requested but only {available} available on this provider")]
+    GpusUnavailable { wanted: u32, available: u32 },
+
+    /// A CDI spec file exists but cannot be used.
+    #[error("CDI spec {path} is invalid: {reason}")]
+    CdiInvalid { path: PathBuf, reason: String },
+
+    /// The order's container could not be created or its task did not start.
+    #[error("the container for order {order} failed to start: {reason}")]
+    StartFailed { order: u64, reason: String },
+
+    /// There is no container (or no running task) for this order.
+    #[error("order {order} has no running container")]
+    NotProvisioned { order: u64 },
+
+    /// A process could not be started inside the order's container.
+    #[error("could not run the command in the container of order {order}: {reason}")]
+    ExecFailed { order: u64, reason: String },
+
+    /// A TCP connection inside the order's network namespace failed (e.g. nothing listens).
+    #[error(
+        "could not connect to 127.0.0.1:{port} inside the container of order {order}: {source}"
+    )]
+    Connect {
+        order: u64,
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// containerd refused or failed a request for another reason.
+    #[error("the container runtime failed to {action}: {status}")]
+    Runtime { action: String, status: String },
+
+    /// A local file or directory operation failed (volumes, FIFOs, state directory).
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The configuration is unusable.
+    #[error("invalid provisioner configuration: {0}")]
+    Config(String),
+}
+
+impl ProvisionError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        ProvisionError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the error means containerd itself is not answering; the caller may retry later.
+    pub fn is_daemon_unreachable(&self) -> bool {
+        matches!(self, ProvisionError::DaemonUnreachable { .. })
+    }
+}

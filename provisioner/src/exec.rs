@@ -1,0 +1,576 @@
+//! Processes inside an order's container: stdio over containerd FIFOs, PTY, signals, exit.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use containerd_client::services::v1::{
+    CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, KillRequest, ResizePtyRequest,
+    StartRequest, WaitRequest,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::unix::pipe;
+use tokio::sync::watch;
+use tracing::{debug, instrument, warn, Instrument};
+
+use crate::ctd::{is_not_found, Ctd};
+use crate::{spec, ProvisionError, Provisioner};
+
+const PROCESS_SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+/// How long the shim gets to open its ends of the FIFOs after `Start`.
+const FIFO_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Terminal size in character cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// A command to run in an order's container.
+#[derive(Clone, Debug, Default)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in the container's `PATH`.
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the container's environment.
+    pub env: Vec<(String, String)>,
+    /// Allocate a pseudo-terminal of this size; stdout then carries both output streams.
+    pub tty: Option<PtySize>,
+    /// Working directory; the order's volume (`/work`) when `None`.
+    pub cwd: Option<String>,
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+/// A running process: its streams and a handle to control it.
+pub struct Process {
+    pub stdin: ProcessStdin,
+    pub stdout: ProcessOutput,
+    /// `None` with a TTY: the terminal merges both output streams into `stdout`.
+    pub stderr: Option<ProcessOutput>,
+    pub handle: ProcessHandle,
+}
+
+#[derive(Clone, Debug)]
+enum Outcome {
+    Exited(u32),
+    Lost(String),
+}
+
+struct HandleInner {
+    ctd: Ctd,
+    socket: PathBuf,
+    order: u64,
+    container_id: String,
+    exec_id: String,
+    exit: watch::Receiver<Option<Outcome>>,
+    stdin: Arc<StdinShared>,
+    /// Signals delivered through this handle, to tell "killed by signal N" from "exit 128+N"
+    /// (containerd reports both as 128+N).
+    signals_sent: Mutex<Vec<i32>>,
+}
+
+/// Controls a running process; clone it freely, every clone may wait.
+#[derive(Clone)]
+pub struct ProcessHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl std::fmt::Debug for ProcessHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessHandle")
+            .field("order", &self.inner.order)
+            .field("exec_id", &self.inner.exec_id)
+            .finish()
+    }
+}
+
+impl ProcessHandle {
+    /// containerd's id of this process within the order's container.
+    pub fn exec_id(&self) -> &str {
+        &self.inner.exec_id
+    }
+
+    /// Changes the PTY size (no effect without a TTY).
+    pub async fn resize(&self, size: PtySize) -> Result<(), ProvisionError> {
+        let i = &self.inner;
+        i.ctd
+            .tasks()
+            .resize_pty(i.ctd.req(ResizePtyRequest {
+                container_id: i.container_id.clone(),
+                exec_id: i.exec_id.clone(),
+                width: u32::from(size.cols.max(1)),
+                height: u32::from(size.rows.max(1)),
+            }))
+            .await
+            .map_err(|s| self.error("resize the terminal", s))?;
+        Ok(())
+    }
+
+    /// Delivers a signal to the process (not to its children).
+    pub async fn signal(&self, signal: i32) -> Result<(), ProvisionError> {
+        let i = &self.inner;
+        if signal <= 0 || signal > 64 {
+            return Err(ProvisionError::ExecFailed {
+                order: i.order,
+                reason: format!("{signal} is not a signal number"),
+            });
+        }
+        i.signals_sent
+            .lock()
+            .expect("signal list poisoned")
+            .push(signal);
+        match i
+            .ctd
+            .tasks()
+            .kill(i.ctd.req(KillRequest {
+                container_id: i.container_id.clone(),
+                exec_id: i.exec_id.clone(),
+                signal: signal as u32,
+                all: false,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // It already ended; the signal has nothing to reach.
+            Err(s) if is_not_found(&s) => Ok(()),
+            Err(s) if s.message().contains("process already finished") => Ok(()),
+            Err(s) => Err(self.error("deliver the signal", s)),
+        }
+    }
+
+    /// Delivers end-of-file on the process's stdin: closes our writer and the shim's.
+    pub async fn close_stdin(&self) -> Result<(), ProvisionError> {
+        let i = &self.inner;
+        i.stdin.close_local();
+        close_io(&i.ctd, &i.container_id, &i.exec_id)
+            .await
+            .map_err(|s| self.error("close stdin", s))
+    }
+
+    /// Waits for the process to end. Fails with [`ProvisionError::DaemonUnreachable`] when
+    /// containerd goes away before it reports the exit.
+    pub async fn wait(&self) -> Result<ExitStatus, ProvisionError> {
+        let mut rx = self.inner.exit.clone();
+        let outcome = match rx.wait_for(|o| o.is_some()).await {
+            Ok(o) => o.clone().expect("checked is_some"),
+            Err(_) => Outcome::Lost("the process watcher ended".into()),
+        };
+        match outcome {
+            Outcome::Exited(code) => Ok(self.exit_status(code)),
+            Outcome::Lost(reason) => Err(ProvisionError::DaemonUnreachable {
+                socket: self.inner.socket.clone(),
+                reason,
+            }),
+        }
+    }
+
+    /// The exit status if the process has ended, without waiting.
+    pub fn try_wait(&self) -> Option<Result<ExitStatus, ProvisionError>> {
+        let outcome = self.inner.exit.borrow().clone()?;
+        Some(match outcome {
+            Outcome::Exited(code) => Ok(self.exit_status(code)),
+            Outcome::Lost(reason) => Err(ProvisionError::DaemonUnreachable {
+                socket: self.inner.socket.clone(),
+                reason,
+            }),
+        })
+    }
+
+    fn exit_status(&self, code: u32) -> ExitStatus {
+        let code = code as i32;
+        if code > 128 && code <= 128 + 64 {
+            let sig = code - 128;
+            let sent = self
+                .inner
+                .signals_sent
+                .lock()
+                .expect("signal list poisoned")
+                .contains(&sig);
+            // SIGKILL is what the kernel (OOM) and `kill -9` use; a program rarely exits 137 itself.
+            if sent || sig == nix::sys::signal::Signal::SIGKILL as i32 {
+                return ExitStatus::Signal(sig);
+            }
+        }
+        ExitStatus::Code(code)
+    }
+
+    fn error(&self, action: &str, s: tonic::Status) -> ProvisionError {
+        if is_not_found(&s) {
+            return ProvisionError::NotProvisioned {
+                order: self.inner.order,
+            };
+        }
+        match self.inner.ctd.status(action, s) {
+            ProvisionError::Runtime { action, status } => ProvisionError::ExecFailed {
+                order: self.inner.order,
+                reason: format!("{action}: {status}"),
+            },
+            other => other,
+        }
+    }
+}
+
+async fn close_io(ctd: &Ctd, container_id: &str, exec_id: &str) -> Result<(), tonic::Status> {
+    match ctd
+        .tasks()
+        .close_io(ctd.req(CloseIoRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            stdin: true,
+        }))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if is_not_found(&s) => Ok(()),
+        Err(s) => Err(s),
+    }
+}
+
+/// Our writer on the stdin FIFO, shared with the handle so `close_stdin` can drop it.
+struct StdinShared {
+    sender: Mutex<Option<pipe::Sender>>,
+}
+
+impl StdinShared {
+    fn close_local(&self) {
+        self.sender.lock().expect("stdin lock poisoned").take();
+    }
+}
+
+/// The process's stdin. Shutting it down (`AsyncWriteExt::shutdown`) delivers EOF, like
+/// [`ProcessHandle::close_stdin`].
+pub struct ProcessStdin {
+    shared: Arc<StdinShared>,
+    ctd: Ctd,
+    container_id: String,
+    exec_id: String,
+    closing: Option<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
+}
+
+impl AsyncWrite for ProcessStdin {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut guard = self.shared.sender.lock().expect("stdin lock poisoned");
+        match guard.as_mut() {
+            Some(s) => Pin::new(s).poll_write(cx, buf),
+            None => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stdin is closed",
+            ))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut guard = self.shared.sender.lock().expect("stdin lock poisoned");
+        match guard.as_mut() {
+            Some(s) => Pin::new(s).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.closing.is_none() {
+            this.shared.close_local();
+            let (ctd, cid, eid) = (
+                this.ctd.clone(),
+                this.container_id.clone(),
+                this.exec_id.clone(),
+            );
+            this.closing = Some(tokio::spawn(
+                async move { close_io(&ctd, &cid, &eid).await },
+            ));
+        }
+        let handle = this.closing.as_mut().expect("set above");
+        match Pin::new(handle).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Ok(()))) => Poll::Ready(Ok(())),
+            Poll::Ready(Ok(Err(s))) => Poll::Ready(Err(io::Error::other(s.message().to_string()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(io::Error::other(e))),
+        }
+    }
+}
+
+use std::future::Future;
+
+/// One of the process's output streams; reads end (0 bytes) when the process has exited and
+/// everything it wrote has been read.
+pub struct ProcessOutput {
+    receiver: pipe::Receiver,
+}
+
+impl AsyncRead for ProcessOutput {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.receiver).poll_read(cx, buf)
+    }
+}
+
+/// Opens the read end of a FIFO; blocks (on a blocking thread) until the shim opens the writer.
+fn open_reader(path: PathBuf) -> tokio::task::JoinHandle<io::Result<std::fs::File>> {
+    tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().read(true).open(path))
+}
+
+/// Releases a reader still blocked in `open` (the shim never came) by opening the other end.
+fn unblock_reader(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path);
+}
+
+fn mkfifo(path: &Path) -> Result<(), ProvisionError> {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| ProvisionError::io("create FIFO", path, e.into()))
+}
+
+impl Provisioner {
+    /// Starts a process in the order's running container, with its stdio wired to async streams.
+    ///
+    /// Fails with [`ProvisionError::NotProvisioned`] when the order has no running container and
+    /// with [`ProvisionError::ExecFailed`] when the command cannot start (e.g. not found).
+    #[instrument(skip(self, req), fields(order))]
+    pub async fn exec(&self, order: u64, req: ExecRequest) -> Result<Process, ProvisionError> {
+        if req.argv.is_empty() {
+            return Err(ProvisionError::ExecFailed {
+                order,
+                reason: "no command given".into(),
+            });
+        }
+        let ctd = self.inner.ctd.clone();
+        let container_id = Self::container_id(order);
+        let mut env: Vec<String> = self.order_env(order).await?.as_ref().clone();
+        for (k, v) in &req.env {
+            let prefix = format!("{k}=");
+            env.retain(|e| !e.starts_with(&prefix));
+            env.push(format!("{k}={v}"));
+        }
+        let seq = self.inner.exec_seq.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let exec_id = format!("x{seq}-{}-{nanos}", std::process::id());
+        let span = tracing::info_span!("exec", order, exec = %exec_id);
+        debug!(parent: &span, argv = ?req.argv, tty = req.tty.is_some(), "exec");
+
+        let dir = self.fifo_dir(order).join(&exec_id);
+        std::fs::create_dir_all(&dir).map_err(|e| ProvisionError::io("create", &dir, e))?;
+        let cleanup_dir = |d: &Path| {
+            let _ = std::fs::remove_dir_all(d);
+        };
+        let (stdin_path, stdout_path, stderr_path) =
+            (dir.join("stdin"), dir.join("stdout"), dir.join("stderr"));
+        let tty = req.tty;
+        let made = (|| {
+            mkfifo(&stdin_path)?;
+            mkfifo(&stdout_path)?;
+            if tty.is_none() {
+                mkfifo(&stderr_path)?;
+            }
+            Ok::<(), ProvisionError>(())
+        })();
+        if let Err(e) = made {
+            cleanup_dir(&dir);
+            return Err(e);
+        }
+        // Read-write keeps the open from blocking before the shim is there; EOF comes from
+        // dropping this writer plus CloseIO (the shim holds a writer of its own).
+        let sender = match pipe::OpenOptions::new()
+            .read_write(true)
+            .open_sender(&stdin_path)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                cleanup_dir(&dir);
+                return Err(ProvisionError::io("open stdin FIFO", &stdin_path, e));
+            }
+        };
+
+        let cwd = req
+            .cwd
+            .clone()
+            .unwrap_or_else(|| self.inner.config.work_dir.clone());
+        let process_spec = spec::process(
+            &self.inner.config,
+            &req.argv,
+            &env,
+            &cwd,
+            tty.map(|t| (t.cols, t.rows)),
+        );
+        let exec_req = ExecProcessRequest {
+            container_id: container_id.clone(),
+            stdin: stdin_path.display().to_string(),
+            stdout: stdout_path.display().to_string(),
+            stderr: if tty.is_some() {
+                String::new()
+            } else {
+                stderr_path.display().to_string()
+            },
+            terminal: tty.is_some(),
+            spec: Some(prost_types::Any {
+                type_url: PROCESS_SPEC_TYPE_URL.into(),
+                value: serde_json::to_vec(&process_spec).expect("process spec serializes"),
+            }),
+            exec_id: exec_id.clone(),
+        };
+        let exec_failed = |what: &str, s: tonic::Status| {
+            if is_not_found(&s) {
+                return ProvisionError::NotProvisioned { order };
+            }
+            match ctd.status(what, s) {
+                ProvisionError::Runtime { status, .. } => ProvisionError::ExecFailed {
+                    order,
+                    reason: status,
+                },
+                other => other,
+            }
+        };
+        if let Err(s) = ctd.tasks().exec(ctd.req(exec_req)).await {
+            cleanup_dir(&dir);
+            return Err(exec_failed("start the process", s));
+        }
+
+        let stdout_open = open_reader(stdout_path.clone());
+        let stderr_open = tty.is_none().then(|| open_reader(stderr_path.clone()));
+        let started = ctd
+            .tasks()
+            .start(ctd.req(StartRequest {
+                container_id: container_id.clone(),
+                exec_id: exec_id.clone(),
+            }))
+            .await;
+        if let Err(s) = started {
+            unblock_reader(&stdout_path);
+            unblock_reader(&stderr_path);
+            let _ = stdout_open.await;
+            if let Some(h) = stderr_open {
+                let _ = h.await;
+            }
+            let _ = ctd
+                .tasks()
+                .delete_process(ctd.req(DeleteProcessRequest {
+                    container_id: container_id.clone(),
+                    exec_id: exec_id.clone(),
+                }))
+                .await;
+            cleanup_dir(&dir);
+            return Err(exec_failed("start the process", s));
+        }
+
+        let open = async {
+            let out = stdout_open.await.map_err(io::Error::other)??;
+            let err = match stderr_open {
+                Some(h) => Some(h.await.map_err(io::Error::other)??),
+                None => None,
+            };
+            Ok::<_, io::Error>((out, err))
+        };
+        let (out_file, err_file) = match tokio::time::timeout(FIFO_OPEN_TIMEOUT, open).await {
+            Ok(Ok(files)) => files,
+            Ok(Err(e)) => return Err(ProvisionError::io("open output FIFO", &stdout_path, e)),
+            Err(_) => {
+                unblock_reader(&stdout_path);
+                unblock_reader(&stderr_path);
+                return Err(ProvisionError::ExecFailed {
+                    order,
+                    reason: "the runtime never opened the process's output".into(),
+                });
+            }
+        };
+        let stdout = ProcessOutput {
+            receiver: pipe::Receiver::from_file(out_file)
+                .map_err(|e| ProvisionError::io("open output FIFO", &stdout_path, e))?,
+        };
+        let stderr = match err_file {
+            Some(f) => Some(ProcessOutput {
+                receiver: pipe::Receiver::from_file(f)
+                    .map_err(|e| ProvisionError::io("open output FIFO", &stderr_path, e))?,
+            }),
+            None => None,
+        };
+
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let watcher_ctd = ctd.clone();
+        let (cid, eid) = (container_id.clone(), exec_id.clone());
+        tokio::spawn(
+            async move {
+                let waited = watcher_ctd
+                    .tasks()
+                    .wait(watcher_ctd.req_long(WaitRequest {
+                        container_id: cid.clone(),
+                        exec_id: eid.clone(),
+                    }))
+                    .await;
+                let outcome = match waited {
+                    Ok(resp) => Outcome::Exited(resp.into_inner().exit_status),
+                    Err(s) => {
+                        warn!(error = %s.message(), "lost track of the process");
+                        Outcome::Lost(format!("lost track of the process: {}", s.message()))
+                    }
+                };
+                debug!(?outcome, "process ended");
+                let _ = exit_tx.send(Some(outcome.clone()));
+                if let Outcome::Exited(_) = outcome {
+                    let _ = watcher_ctd
+                        .tasks()
+                        .delete_process(watcher_ctd.req(DeleteProcessRequest {
+                            container_id: cid,
+                            exec_id: eid,
+                        }))
+                        .await;
+                }
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+            }
+            .instrument(span),
+        );
+
+        let shared = Arc::new(StdinShared {
+            sender: Mutex::new(Some(sender)),
+        });
+        let handle = ProcessHandle {
+            inner: Arc::new(HandleInner {
+                ctd: ctd.clone(),
+                socket: self.inner.config.socket.clone(),
+                order,
+                container_id: container_id.clone(),
+                exec_id: exec_id.clone(),
+                exit: exit_rx,
+                stdin: shared.clone(),
+                signals_sent: Mutex::new(Vec::new()),
+            }),
+        };
+        Ok(Process {
+            stdin: ProcessStdin {
+                shared,
+                ctd,
+                container_id,
+                exec_id,
+                closing: None,
+            },
+            stdout,
+            stderr,
+            handle,
+        })
+    }
+}

@@ -1,0 +1,63 @@
+//! Building the image archives with the scripts under `provisioner/image/`.
+//!
+//! Both scripts cache their output under a key that hashes their inputs, so calling these
+//! again is instant. The default image needs root, `mmdebstrap` and a Debian mirror; the
+//! busybox test image needs `apt-get download`.
+
+use std::path::{Path, PathBuf};
+
+use crate::ProvisionError;
+
+/// The directory holding the build scripts (in this crate's source tree).
+pub fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("image")
+}
+
+/// The default cache: `<repo>/.state/images`.
+pub fn default_cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(".state")
+        .join("images")
+}
+
+/// Builds (or finds cached) the default order image: Debian with bash, coreutils, python3 and
+/// numpy, the SFTP server, rsync, CA certificates, procps and iproute2. Returns the archive path.
+pub async fn build_default_image(cache_dir: &Path) -> Result<PathBuf, ProvisionError> {
+    run_script("build-default.sh", cache_dir).await
+}
+
+/// Builds (or finds cached) the small busybox image the fast tests use.
+pub async fn build_busybox_image(cache_dir: &Path) -> Result<PathBuf, ProvisionError> {
+    run_script("build-busybox.sh", cache_dir).await
+}
+
+async fn run_script(name: &str, cache_dir: &Path) -> Result<PathBuf, ProvisionError> {
+    let script = scripts_dir().join(name);
+    let out = tokio::process::Command::new("bash")
+        .arg(&script)
+        .arg(cache_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| ProvisionError::ImageBuild(format!("cannot run {}: {e}", script.display())))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(ProvisionError::ImageBuild(format!(
+            "{} failed ({}):\n{}",
+            name,
+            out.status,
+            tail.join("\n")
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout
+        .lines()
+        .last()
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .ok_or_else(|| ProvisionError::ImageBuild(format!("{name} printed no archive path")))?;
+    Ok(path)
+}

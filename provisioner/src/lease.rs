@@ -1,0 +1,770 @@
+//! Leases: an order's container, created (or found) by `ensure`, stopped, released, adopted.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use containerd_client::services::v1::{
+    container::Runtime, snapshots::MountsRequest, snapshots::PrepareSnapshotRequest,
+    snapshots::RemoveSnapshotRequest, Container, CreateContainerRequest, CreateTaskRequest,
+    DeleteContainerRequest, DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest,
+    ListContainersRequest, StartRequest, UpdateContainerRequest, WaitRequest,
+};
+use containerd_client::types::v1::Status as TaskStatus;
+use containerd_client::types::Mount;
+use prost::Message;
+use tracing::{debug, info, instrument, warn};
+
+use crate::cdi::{CdiRegistry, ContainerEdits};
+use crate::ctd::{is_already_exists, is_not_found, SNAPSHOTTER};
+use crate::image::ResolvedImage;
+use crate::spec::{self, ContainerShape};
+use crate::{ImageRef, ProvisionError, Provisioner};
+
+const LABEL_ORDER: &str = "shale.order";
+const LABEL_PROVIDER: &str = "shale.provider";
+const LABEL_EXPIRES: &str = "shale.expires_at";
+const LABEL_GPUS: &str = "shale.gpus";
+const LABEL_DATASET: &str = "shale.dataset";
+const RUNTIME: &str = "io.containerd.runc.v2";
+const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Below this an order's container cannot even start its init.
+const MIN_MEMORY: u64 = 8 << 20;
+
+/// What an order pays for: the shape of its container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseSpec {
+    /// The order id on chain; names the container (`order-<id>`).
+    pub order: u64,
+    /// Whole CPUs, enforced as a CFS quota.
+    pub cpus: u32,
+    /// Memory limit in bytes; swap is not allowed on top of it.
+    pub memory_bytes: u64,
+    /// GPUs handed out through CDI (`ProvisionerConfig::gpu_kind`).
+    pub gpus: u32,
+    /// Dataset id mounted read-only at `<data_dir>/<id>`.
+    pub dataset: Option<String>,
+    /// When the lease ends; recorded on the container for adoption and operators.
+    pub expires_at: SystemTime,
+    /// Process limit; `ProvisionerConfig::default_pids_limit` when `None`.
+    pub pids_limit: Option<u64>,
+}
+
+/// A running order container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub order: u64,
+    /// containerd's container id (`order-<id>`).
+    pub container_id: String,
+    /// Host pid of the container's init.
+    pub pid: u32,
+    /// The image the container was created from.
+    pub image: ImageRef,
+    /// The order's writable volume on the host (mounted at `ProvisionerConfig::work_dir`).
+    pub volume: PathBuf,
+    /// CDI device names given to this order.
+    pub gpus: Vec<String>,
+    /// True when an existing container was found (and started again if it had stopped).
+    pub reused: bool,
+}
+
+/// runc's shim options (`containerd.runc.v1.Options`); only the fields we set.
+#[derive(Clone, PartialEq, Message)]
+struct RuncOptions {
+    /// runc's state directory: ours, so two containerd instances never share container ids there.
+    #[prost(string, tag = "7")]
+    root: String,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+impl Provisioner {
+    /// Creates the order's container and starts it, or finds it and makes sure it runs.
+    ///
+    /// Idempotent and safe under concurrent calls for the same order: the second caller waits
+    /// and then finds the first caller's container. A dataset the provider does not hold fails
+    /// here with [`ProvisionError::DatasetMissing`] before anything is created.
+    #[instrument(skip_all, fields(order = spec.order))]
+    pub async fn ensure(&self, spec: &LeaseSpec) -> Result<Lease, ProvisionError> {
+        let order = spec.order;
+        if spec.cpus == 0 || spec.memory_bytes < MIN_MEMORY {
+            return Err(ProvisionError::StartFailed {
+                order,
+                reason: format!("the order asks for {} CPUs and {} bytes of memory; at least 1 CPU and {MIN_MEMORY} bytes are needed", spec.cpus, spec.memory_bytes),
+            });
+        }
+        let dataset = match &spec.dataset {
+            None => None,
+            Some(id) => {
+                let path = self
+                    .inner
+                    .config
+                    .datasets
+                    .get(id)
+                    .filter(|p| p.exists())
+                    .ok_or_else(|| ProvisionError::DatasetMissing {
+                        dataset: id.clone(),
+                    })?;
+                Some((id.clone(), path.clone()))
+            }
+        };
+        let lock = self.order_lock(order);
+        let _guard = lock.lock().await;
+        let ctd = &self.inner.ctd;
+        let id = Self::container_id(order);
+
+        match ctd
+            .containers()
+            .get(ctd.req(GetContainerRequest { id: id.clone() }))
+            .await
+        {
+            Ok(resp) => {
+                let container = resp
+                    .into_inner()
+                    .container
+                    .ok_or(ProvisionError::NotProvisioned { order })?;
+                self.update_expiry(&id, spec.expires_at).await?;
+                let pid = self.ensure_running(order, &container).await?;
+                return Ok(self.lease_of(order, &container, pid, true));
+            }
+            Err(s) if is_not_found(&s) => {}
+            Err(s) => return Err(ctd.status("look up the order's container", s)),
+        }
+
+        let image = ctd.resolve_image(&self.inner.config.image).await?;
+        let _gpu_guard = if spec.gpus > 0 {
+            Some(self.inner.gpu_lock.lock().await)
+        } else {
+            None
+        };
+        let (gpus, edits) = self.allocate_gpus(order, spec.gpus).await?;
+
+        // containerd's garbage collector removes snapshots nothing refers to; a short lease
+        // holds the new snapshot until the container (which refers to it) exists.
+        let gc_lease = ctd.temporary_lease("shale-ensure").await?;
+        let created = self
+            .create_container(order, spec, &image, gpus, &edits, dataset, &gc_lease)
+            .await;
+        ctd.drop_lease(gc_lease).await;
+        let created = created?;
+        let pid = match self.start_task(order, &id).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                // Leave nothing half-made behind; the next ensure starts clean.
+                self.remove_container(order).await.ok();
+                return Err(e);
+            }
+        };
+        Ok(self.lease_of(order, &created, pid, false))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_container(
+        &self,
+        order: u64,
+        spec: &LeaseSpec,
+        image: &ResolvedImage,
+        gpus: Vec<String>,
+        edits: &ContainerEdits,
+        dataset: Option<(String, PathBuf)>,
+        gc_lease: &str,
+    ) -> Result<Container, ProvisionError> {
+        let ctd = &self.inner.ctd;
+        let id = Self::container_id(order);
+        let prepare = ctd
+            .snapshots()
+            .prepare(ctd.req_leased(
+                PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: id.clone(),
+                    parent: image.chain_id.clone(),
+                    labels: HashMap::new(),
+                },
+                gc_lease,
+            ))
+            .await;
+        match prepare {
+            Ok(_) => {}
+            // Left over from an ensure that died half-way: the snapshot is still good.
+            Err(s) if is_already_exists(&s) => {}
+            Err(s) => return Err(ctd.status("prepare the order's root filesystem", s)),
+        }
+
+        let volume = self.volume_dir(order);
+        let etc = self.etc_dir(order);
+        self.prepare_host_dirs(order, &volume, &etc).await?;
+
+        let mut env: Vec<String> = image.config.env.clone().unwrap_or_default();
+        env.retain(|e| !e.starts_with("HOME=") && !e.starts_with("SHALE_ORDER="));
+        env.push(format!("HOME={}", self.inner.config.work_dir));
+        env.push(format!("SHALE_ORDER={order}"));
+        let shape = ContainerShape {
+            order,
+            hostname: id.clone(),
+            cgroups_path: format!("/shale/{}-{id}", self.inner.instance),
+            env,
+            cpus: spec.cpus,
+            memory_bytes: spec.memory_bytes,
+            pids_limit: spec
+                .pids_limit
+                .unwrap_or(self.inner.config.default_pids_limit),
+            volume: &volume,
+            etc_dir: &etc,
+            dataset: dataset.as_ref().map(|(id, p)| (id.as_str(), p.as_path())),
+            edits,
+        };
+        let oci = spec::container(&self.inner.config, &shape);
+
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_ORDER.to_string(), order.to_string());
+        labels.insert(
+            LABEL_PROVIDER.to_string(),
+            self.inner.config.provider.clone(),
+        );
+        labels.insert(
+            LABEL_EXPIRES.to_string(),
+            unix_secs(spec.expires_at).to_string(),
+        );
+        if !gpus.is_empty() {
+            labels.insert(LABEL_GPUS.to_string(), gpus.join(","));
+        }
+        if let Some((ds, _)) = &dataset {
+            labels.insert(LABEL_DATASET.to_string(), ds.clone());
+        }
+        let runc_root = self.inner.config.state_dir.join("runc");
+        let container = Container {
+            id: id.clone(),
+            labels,
+            image: image.name.clone(),
+            runtime: Some(Runtime {
+                name: RUNTIME.into(),
+                options: Some(prost_types::Any {
+                    type_url: "containerd.runc.v1.Options".into(),
+                    value: RuncOptions {
+                        root: runc_root.display().to_string(),
+                    }
+                    .encode_to_vec(),
+                }),
+            }),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE_URL.into(),
+                value: serde_json::to_vec(&oci).expect("spec serializes"),
+            }),
+            snapshotter: SNAPSHOTTER.into(),
+            snapshot_key: id.clone(),
+            ..Default::default()
+        };
+        let created = ctd
+            .containers()
+            .create(ctd.req(CreateContainerRequest {
+                container: Some(container),
+            }))
+            .await
+            .map_err(|s| ctd.status("create the order's container", s))?
+            .into_inner()
+            .container
+            .ok_or(ProvisionError::NotProvisioned { order })?;
+        info!(image = %image.name, gpus = ?gpus, "container created");
+        Ok(created)
+    }
+
+    fn lease_of(&self, order: u64, c: &Container, pid: u32, reused: bool) -> Lease {
+        Lease {
+            order,
+            container_id: c.id.clone(),
+            pid,
+            image: ImageRef(c.image.clone()),
+            volume: self.volume_dir(order),
+            gpus: c
+                .labels
+                .get(LABEL_GPUS)
+                .map(|g| g.split(',').map(str::to_string).collect())
+                .unwrap_or_default(),
+            reused,
+        }
+    }
+
+    async fn update_expiry(&self, id: &str, expires_at: SystemTime) -> Result<(), ProvisionError> {
+        let ctd = &self.inner.ctd;
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_EXPIRES.to_string(), unix_secs(expires_at).to_string());
+        ctd.containers()
+            .update(ctd.req(UpdateContainerRequest {
+                container: Some(Container {
+                    id: id.to_string(),
+                    labels,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec![format!("labels.{LABEL_EXPIRES}")],
+                }),
+            }))
+            .await
+            .map_err(|s| ctd.status("update the order's expiry", s))?;
+        Ok(())
+    }
+
+    async fn prepare_host_dirs(
+        &self,
+        order: u64,
+        volume: &PathBuf,
+        etc: &PathBuf,
+    ) -> Result<(), ProvisionError> {
+        let (uid, gid) = self.inner.config.user;
+        if !volume.exists() {
+            std::fs::create_dir_all(volume)
+                .map_err(|e| ProvisionError::io("create volume", volume, e))?;
+            nix::unistd::chown(volume, Some(uid.into()), Some(gid.into())).map_err(|e| {
+                ProvisionError::io("give the order user its volume", volume, e.into())
+            })?;
+            std::fs::set_permissions(volume, std::fs::Permissions::from_mode(0o750))
+                .map_err(|e| ProvisionError::io("set permissions on", volume, e))?;
+        }
+        std::fs::create_dir_all(etc).map_err(|e| ProvisionError::io("create", etc, e))?;
+        let host = Self::container_id(order);
+        let hosts =
+            format!("127.0.0.1\tlocalhost {host}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        std::fs::write(etc.join("hosts"), hosts)
+            .map_err(|e| ProvisionError::io("write", etc.join("hosts"), e))?;
+        std::fs::write(etc.join("hostname"), format!("{host}\n"))
+            .map_err(|e| ProvisionError::io("write", etc.join("hostname"), e))?;
+        Ok(())
+    }
+
+    /// Picks free CDI GPUs: those not named on any other order's container.
+    async fn allocate_gpus(
+        &self,
+        order: u64,
+        wanted: u32,
+    ) -> Result<(Vec<String>, ContainerEdits), ProvisionError> {
+        if wanted == 0 {
+            return Ok((Vec::new(), ContainerEdits::default()));
+        }
+        let registry = CdiRegistry::load(&self.inner.config.cdi_dirs)?;
+        let all = registry.devices_of_kind(&self.inner.config.gpu_kind);
+        let mut used = BTreeSet::new();
+        for c in self.list_containers().await? {
+            if c.id != Self::container_id(order) {
+                if let Some(g) = c.labels.get(LABEL_GPUS) {
+                    used.extend(g.split(',').map(str::to_string));
+                }
+            }
+        }
+        let free: Vec<String> = all.iter().filter(|d| !used.contains(*d)).cloned().collect();
+        if (free.len() as u32) < wanted {
+            return Err(ProvisionError::GpusUnavailable {
+                wanted,
+                available: free.len() as u32,
+            });
+        }
+        let chosen: Vec<String> = free.into_iter().take(wanted as usize).collect();
+        let edits = registry.edits_for(&chosen)?;
+        Ok((chosen, edits))
+    }
+
+    async fn list_containers(&self) -> Result<Vec<Container>, ProvisionError> {
+        let ctd = &self.inner.ctd;
+        let filter = format!(
+            "labels.\"{LABEL_PROVIDER}\"=={}",
+            self.inner.config.provider
+        );
+        Ok(ctd
+            .containers()
+            .list(ctd.req(ListContainersRequest {
+                filters: vec![filter],
+            }))
+            .await
+            .map_err(|s| ctd.status("list containers", s))?
+            .into_inner()
+            .containers)
+    }
+
+    /// Starts the container's task unless it already runs; returns the init's pid.
+    async fn ensure_running(
+        &self,
+        order: u64,
+        container: &Container,
+    ) -> Result<u32, ProvisionError> {
+        let ctd = &self.inner.ctd;
+        match ctd
+            .tasks()
+            .get(ctd.req(GetRequest {
+                container_id: container.id.clone(),
+                exec_id: String::new(),
+            }))
+            .await
+        {
+            Ok(resp) => {
+                let process = resp.into_inner().process.unwrap_or_default();
+                if process.status == TaskStatus::Running as i32 {
+                    return Ok(process.pid);
+                }
+                debug!(
+                    status = process.status,
+                    "task is not running; recreating it"
+                );
+                self.delete_task(&container.id).await?;
+            }
+            Err(s) if is_not_found(&s) => {}
+            Err(s) => return Err(ctd.status("look up the order's task", s)),
+        }
+        self.start_task(order, &container.id).await
+    }
+
+    async fn start_task(&self, order: u64, id: &str) -> Result<u32, ProvisionError> {
+        let ctd = &self.inner.ctd;
+        let failed = |reason: String| ProvisionError::StartFailed { order, reason };
+        let mounts: Vec<Mount> = ctd
+            .snapshots()
+            .mounts(ctd.req(MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: id.to_string(),
+            }))
+            .await
+            .map_err(|s| ctd.status("find the order's root filesystem", s))?
+            .into_inner()
+            .mounts;
+        ctd.tasks()
+            .create(ctd.req(CreateTaskRequest {
+                container_id: id.to_string(),
+                rootfs: mounts,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|s| match ctd.status("create the task", s) {
+                ProvisionError::Runtime { status, .. } => failed(status),
+                other => other,
+            })?;
+        let started = ctd
+            .tasks()
+            .start(ctd.req(StartRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            }))
+            .await;
+        match started {
+            Ok(resp) => {
+                let pid = resp.into_inner().pid;
+                info!(pid, "task started");
+                Ok(pid)
+            }
+            Err(s) => {
+                let err = match ctd.status("start the task", s) {
+                    ProvisionError::Runtime { status, .. } => failed(status),
+                    other => other,
+                };
+                self.delete_task(id).await.ok();
+                Err(err)
+            }
+        }
+    }
+
+    async fn delete_task(&self, id: &str) -> Result<(), ProvisionError> {
+        let ctd = &self.inner.ctd;
+        match ctd
+            .tasks()
+            .delete(ctd.req(DeleteTaskRequest {
+                container_id: id.to_string(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if is_not_found(&s) => Ok(()),
+            Err(s) => Err(ctd.status("delete the task", s)),
+        }
+    }
+
+    /// Stops the order's processes (SIGTERM, then SIGKILL after `stop_grace`) and deletes its
+    /// task; the container, its root filesystem and its volume stay for the next `ensure`.
+    #[instrument(skip(self))]
+    pub async fn stop(&self, order: u64) -> Result<(), ProvisionError> {
+        let lock = self.order_lock(order);
+        let _guard = lock.lock().await;
+        self.stop_locked(order).await
+    }
+
+    async fn stop_locked(&self, order: u64) -> Result<(), ProvisionError> {
+        let ctd = &self.inner.ctd;
+        let id = Self::container_id(order);
+        match ctd
+            .containers()
+            .get(ctd.req(GetContainerRequest { id: id.clone() }))
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if is_not_found(&s) => return Err(ProvisionError::NotProvisioned { order }),
+            Err(s) => return Err(ctd.status("look up the order's container", s)),
+        }
+        let status = match ctd
+            .tasks()
+            .get(ctd.req(GetRequest {
+                container_id: id.clone(),
+                exec_id: String::new(),
+            }))
+            .await
+        {
+            Ok(resp) => resp.into_inner().process.unwrap_or_default().status,
+            Err(s) if is_not_found(&s) => return Ok(()),
+            Err(s) => return Err(ctd.status("look up the order's task", s)),
+        };
+        if status == TaskStatus::Running as i32 || status == TaskStatus::Paused as i32 {
+            self.kill(&id, libc_signal::SIGTERM, false).await?;
+            let exited =
+                tokio::time::timeout(self.inner.config.stop_grace, self.wait_task(&id)).await;
+            if !matches!(exited, Ok(Ok(()))) {
+                warn!("processes did not stop within the grace period; killing them");
+                self.kill(&id, libc_signal::SIGKILL, true).await?;
+                tokio::time::timeout(Duration::from_secs(30), self.wait_task(&id))
+                    .await
+                    .map_err(|_| ProvisionError::Runtime {
+                        action: "stop the order's container".into(),
+                        status: "its processes survived SIGKILL for 30 s".into(),
+                    })??;
+            }
+        }
+        self.delete_task(&id).await?;
+        self.inner
+            .envs
+            .lock()
+            .expect("env cache poisoned")
+            .remove(&order);
+        info!("task stopped");
+        Ok(())
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), ProvisionError> {
+        let ctd = &self.inner.ctd;
+        match ctd
+            .tasks()
+            .kill(ctd.req(KillRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+                signal,
+                all,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone: nothing left to signal.
+            Err(s) if is_not_found(&s) => Ok(()),
+            Err(s) => Err(ctd.status("signal the order's processes", s)),
+        }
+    }
+
+    async fn wait_task(&self, id: &str) -> Result<(), ProvisionError> {
+        let ctd = &self.inner.ctd;
+        match ctd
+            .tasks()
+            .wait(ctd.req_long(WaitRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if is_not_found(&s) => Ok(()),
+            Err(s) => Err(ctd.status("wait for the order's processes", s)),
+        }
+    }
+
+    /// Ends the lease: stops the processes, deletes the container, its root filesystem and
+    /// its volume. Releasing an order that has nothing left is not an error.
+    #[instrument(skip(self))]
+    pub async fn release(&self, order: u64) -> Result<(), ProvisionError> {
+        let lock = self.order_lock(order);
+        let _guard = lock.lock().await;
+        match self.stop_locked(order).await {
+            Ok(()) | Err(ProvisionError::NotProvisioned { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.remove_container(order).await?;
+        for dir in [
+            self.volume_dir(order),
+            self.etc_dir(order),
+            self.fifo_dir(order),
+        ] {
+            let d = dir.clone();
+            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
+                .await
+                .expect("remove_dir_all does not panic");
+            match removed {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ProvisionError::io("remove", dir, e)),
+            }
+        }
+        self.inner
+            .order_locks
+            .lock()
+            .expect("order lock map poisoned")
+            .remove(&order);
+        info!("lease released");
+        Ok(())
+    }
+
+    async fn remove_container(&self, order: u64) -> Result<(), ProvisionError> {
+        let ctd = &self.inner.ctd;
+        let id = Self::container_id(order);
+        self.delete_task(&id).await?;
+        match ctd
+            .containers()
+            .delete(ctd.req(DeleteContainerRequest { id: id.clone() }))
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if is_not_found(&s) => {}
+            Err(s) => return Err(ctd.status("delete the order's container", s)),
+        }
+        match ctd
+            .snapshots()
+            .remove(ctd.req(RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: id,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if is_not_found(&s) => Ok(()),
+            Err(s) => Err(ctd.status("remove the order's root filesystem", s)),
+        }
+    }
+
+    /// After a gateway restart: keeps (and restarts if needed) the containers of orders that
+    /// `still_leased` says are live, and releases every other container of this provider.
+    /// Returns the adopted orders, sorted.
+    #[instrument(skip_all)]
+    pub async fn adopt(
+        &self,
+        still_leased: impl Fn(u64) -> bool,
+    ) -> Result<Vec<u64>, ProvisionError> {
+        let mut adopted = Vec::new();
+        let mut known = BTreeSet::new();
+        for c in self.list_containers().await? {
+            let Some(order) = c
+                .labels
+                .get(LABEL_ORDER)
+                .and_then(|o| o.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            known.insert(order);
+            if still_leased(order) {
+                let lock = self.order_lock(order);
+                let _guard = lock.lock().await;
+                match self.ensure_running(order, &c).await {
+                    Ok(pid) => {
+                        info!(order, pid, "adopted");
+                        adopted.push(order);
+                    }
+                    Err(e) => {
+                        warn!(order, error = %e, "could not restart an adopted order's container")
+                    }
+                }
+            } else {
+                info!(order, "no longer leased; releasing");
+                self.release(order).await?;
+            }
+        }
+        // Volumes whose container is gone and whose lease is over.
+        let volumes = self.inner.config.state_dir.join("volumes");
+        if let Ok(entries) = std::fs::read_dir(&volumes) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(order) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("order-"))
+                    .and_then(|n| n.parse().ok())
+                else {
+                    continue;
+                };
+                if !known.contains(&order) && !still_leased(order) {
+                    self.release(order).await?;
+                }
+            }
+        }
+        adopted.sort_unstable();
+        Ok(adopted)
+    }
+
+    /// The processes' environment for an order, from its container spec (cached).
+    pub(crate) async fn order_env(&self, order: u64) -> Result<Arc<Vec<String>>, ProvisionError> {
+        if let Some(env) = self
+            .inner
+            .envs
+            .lock()
+            .expect("env cache poisoned")
+            .get(&order)
+        {
+            return Ok(env.clone());
+        }
+        let ctd = &self.inner.ctd;
+        let c = match ctd
+            .containers()
+            .get(ctd.req(GetContainerRequest {
+                id: Self::container_id(order),
+            }))
+            .await
+        {
+            Ok(resp) => resp
+                .into_inner()
+                .container
+                .ok_or(ProvisionError::NotProvisioned { order })?,
+            Err(s) if is_not_found(&s) => return Err(ProvisionError::NotProvisioned { order }),
+            Err(s) => return Err(ctd.status("look up the order's container", s)),
+        };
+        let spec: serde_json::Value = c
+            .spec
+            .as_ref()
+            .and_then(|a| serde_json::from_slice(&a.value).ok())
+            .unwrap_or_default();
+        let env: Vec<String> = spec["process"]["env"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let env = Arc::new(env);
+        self.inner
+            .envs
+            .lock()
+            .expect("env cache poisoned")
+            .insert(order, env.clone());
+        Ok(env)
+    }
+
+    /// Host pid of the order's running init, for entering its namespaces.
+    pub(crate) async fn task_pid(&self, order: u64) -> Result<u32, ProvisionError> {
+        let ctd = &self.inner.ctd;
+        match ctd
+            .tasks()
+            .get(ctd.req(GetRequest {
+                container_id: Self::container_id(order),
+                exec_id: String::new(),
+            }))
+            .await
+        {
+            Ok(resp) => {
+                let p = resp.into_inner().process.unwrap_or_default();
+                if p.status == TaskStatus::Running as i32 && p.pid != 0 {
+                    Ok(p.pid)
+                } else {
+                    Err(ProvisionError::NotProvisioned { order })
+                }
+            }
+            Err(s) if is_not_found(&s) => Err(ProvisionError::NotProvisioned { order }),
+            Err(s) => Err(ctd.status("look up the order's task", s)),
+        }
+    }
+}
+
+/// Signal numbers as containerd wants them (u32).
+mod libc_signal {
+    pub const SIGTERM: u32 = nix::sys::signal::Signal::SIGTERM as u32;
+    pub const SIGKILL: u32 = nix::sys::signal::Signal::SIGKILL as u32;
+}
