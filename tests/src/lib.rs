@@ -1,1 +1,13 @@
-//! shale-tests
+//! The shared harness of Shale's end-to-end tests: real anvil with the marketplace deployed, real
+//! containerd with the default image, the gateway on a free port, and the stock OpenSSH binaries.
+//!
+//! Every test builds its own [`Stack`] (its own chain, containerd namespace, state directory and
+//! gateway), so tests run in parallel without seeing each other. A containerd named by
+//! `SHALE_CONTAINERD_SOCKET` (as `scripts/test.sh` starts one) is shared; otherwise each stack
+//! starts its own and stops it on drop.
+
+pub mod ssh;
+pub mod stack;
+
+pub use ssh::{ClientKey, SshOutput};
+pub use stack::{OrderOptions, Stack};

@@ -1,0 +1,289 @@
+//! One complete local Shale: chain, marketplace, provider, containerd, image and gateway.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use shale_contracts::devnet::Devnet;
+use shale_contracts::{Address, Dataset, Marketplace, NewOrder, Offer, U256};
+use shale_gateway::config::{AuthConfig, ChainConfig, SessionConfig};
+use shale_gateway::{Gateway, GatewayConfig};
+use shale_provisioner::daemon::LocalContainerd;
+use shale_provisioner::{image_build, ImageRef, Provisioner, ProvisionerConfig};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::ssh::{ClientKey, Target};
+
+/// The dataset every test stack serves, mounted at `/data/demo` in order containers.
+pub const DATASET: &str = "demo";
+
+/// Account indexes of the dev chain.
+const SP_ACCOUNT: usize = 1;
+const CLIENT_ACCOUNT: usize = 2;
+
+/// What an order asks for.
+#[derive(Debug, Clone)]
+pub struct OrderOptions {
+    /// Whether the SP accepts it right away.
+    pub accept: bool,
+    /// Escrow paid in, in wei.
+    pub escrow: U256,
+    /// Longest lease, in seconds.
+    pub max_duration_secs: u64,
+    /// The dataset to mount.
+    pub dataset: Option<String>,
+}
+
+impl Default for OrderOptions {
+    fn default() -> Self {
+        Self {
+            accept: true,
+            escrow: U256::from(10u64).pow(U256::from(18u64)),
+            max_duration_secs: 3600,
+            dataset: Some(DATASET.into()),
+        }
+    }
+}
+
+/// A running stack. Dropping it stops the gateway, the chain and (if it started one) containerd.
+pub struct Stack {
+    /// Scratch space: keys, known_hosts, volumes, the dataset.
+    pub dir: TempDir,
+    /// The local chain.
+    pub devnet: Devnet,
+    /// The marketplace contract.
+    pub marketplace: Address,
+    /// The SP's signing client.
+    pub sp: Marketplace,
+    /// The client's signing client.
+    pub client: Marketplace,
+    /// The provisioner the gateway uses (for checks from the SP's side).
+    pub provisioner: Provisioner,
+    /// Where the gateway listens.
+    pub gateway: SocketAddr,
+    /// The gateway's host key as registered on chain.
+    pub host_key: String,
+    known_hosts: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    gateway_task: Option<JoinHandle<()>>,
+    // Dropped last: containers must outlive nothing that talks to them.
+    _containerd: LocalContainerd,
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHALE_TEST_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+impl Stack {
+    /// Starts everything and registers the SP with one dataset.
+    pub async fn start() -> anyhow::Result<Self> {
+        init_tracing();
+        let dir = tempfile::Builder::new().prefix("shale-e2e-").tempdir()?;
+
+        let devnet = Devnet::start().await.context("starting anvil")?;
+        let marketplace = devnet
+            .deploy_marketplace(&[], &[])
+            .await
+            .context("deploying the marketplace")?;
+        let sp = Marketplace::connect(
+            devnet.rpc_url(),
+            marketplace,
+            Some(devnet.signer(SP_ACCOUNT)),
+        )
+        .await?;
+        let client = Marketplace::connect(
+            devnet.rpc_url(),
+            marketplace,
+            Some(devnet.signer(CLIENT_ACCOUNT)),
+        )
+        .await?;
+
+        let socket = std::env::var_os("SHALE_CONTAINERD_SOCKET").map(PathBuf::from);
+        let containerd =
+            LocalContainerd::connect_or_spawn(socket.as_deref(), &dir.path().join("containerd"))
+                .await
+                .context("reaching containerd")?;
+        let archive = image_build::build_default_image(&image_build::default_cache_dir())
+            .await
+            .context("building the default image")?;
+
+        let dataset_dir = dir.path().join("dataset");
+        std::fs::create_dir_all(&dataset_dir)?;
+        std::fs::write(dataset_dir.join("README"), "the demo dataset\n")?;
+        // A namespace per stack: order ids restart at 1 on every fresh chain.
+        let namespace = format!(
+            "shale-test-{}",
+            dir.path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_start_matches("shale-e2e-")
+                .to_lowercase()
+        );
+        let containers = ProvisionerConfig {
+            socket: containerd.socket().to_path_buf(),
+            namespace,
+            state_dir: dir.path().join("state"),
+            image: ImageRef::default(),
+            datasets: BTreeMap::from([(DATASET.to_string(), dataset_dir)]),
+            provider: format!("{:#x}", devnet.signer(SP_ACCOUNT).address()),
+            stop_grace: Duration::from_secs(2),
+            ..ProvisionerConfig::default()
+        };
+        let provisioner = Provisioner::connect(containers.clone())
+            .await
+            .context("connecting the provisioner")?;
+        provisioner
+            .import_image(&archive)
+            .await
+            .context("importing the default image")?;
+
+        let config = GatewayConfig {
+            listen: "127.0.0.1:0".parse()?,
+            host_key: dir.path().join("host_ed25519"),
+            chain: ChainConfig {
+                rpc_url: devnet.rpc_url().to_string(),
+                marketplace,
+                provider: devnet.signer(SP_ACCOUNT).address(),
+                poll_interval: Duration::from_millis(500),
+            },
+            containers,
+            sessions: SessionConfig::default(),
+            auth: AuthConfig {
+                // Tests provoke many failures from 127.0.0.1 on purpose.
+                max_failures: 10_000,
+                ..AuthConfig::default()
+            },
+        };
+        let reader = Marketplace::connect(devnet.rpc_url(), marketplace, None).await?;
+        let gateway = Gateway::bind(config, reader, provisioner.clone()).await?;
+        let gateway_addr = gateway.local_addr();
+        let host_key = gateway.host_public_key();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let gateway_task = tokio::spawn(async move {
+            if let Err(e) = gateway
+                .run(async {
+                    let _ = stop.await;
+                })
+                .await
+            {
+                tracing::error!(error = %e, "gateway failed");
+            }
+        });
+
+        sp.register_provider(
+            &gateway_addr.to_string(),
+            &host_key,
+            &Offer {
+                cpus: 2,
+                memory_mib: 1024,
+                gpu_model: String::new(),
+                gpu_count: 0,
+                price_per_second: U256::from(1_000_000_000u64),
+                price_per_gib: U256::from(10u64).pow(U256::from(15u64)),
+            },
+            &[Dataset {
+                id: DATASET.into(),
+                piece_cid: Some("baga6ea4seaqdemo".into()),
+                deal_id: None,
+                size_bytes: 17,
+                description: "the demo dataset".into(),
+            }],
+        )
+        .await
+        .context("registering the SP")?;
+
+        // The client pins the host key it read from the chain: no trust on first use.
+        let registered = client.provider(devnet.signer(SP_ACCOUNT).address()).await?;
+        let known_hosts = dir.path().join("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!(
+                "[{}]:{} {}\n",
+                gateway_addr.ip(),
+                gateway_addr.port(),
+                registered.ssh_host_key
+            ),
+        )?;
+
+        Ok(Self {
+            dir,
+            devnet,
+            marketplace,
+            sp,
+            client,
+            provisioner,
+            gateway: gateway_addr,
+            host_key,
+            known_hosts,
+            shutdown: Some(shutdown),
+            gateway_task: Some(gateway_task),
+            _containerd: containerd,
+        })
+    }
+
+    /// A new client key of `kind` (`ed25519`, `ecdsa`, `rsa`).
+    pub fn key(&self, name: &str, kind: &str) -> anyhow::Result<ClientKey> {
+        ClientKey::generate(self.dir.path(), name, kind)
+    }
+
+    /// Places an order for `key` with the SP (and accepts it, unless told not to).
+    pub async fn order(&self, key: &ClientKey, options: OrderOptions) -> anyhow::Result<u64> {
+        let provider = self
+            .client
+            .provider(self.devnet.signer(SP_ACCOUNT).address())
+            .await?;
+        let mut order = NewOrder::for_offer(
+            &provider,
+            key.fingerprint,
+            options.escrow,
+            options.max_duration_secs,
+        );
+        order.dataset = options.dataset;
+        let id = self.client.create_order(&order).await?;
+        if options.accept {
+            self.sp.accept(id).await?;
+        }
+        Ok(id)
+    }
+
+    /// How the stock clients reach order `user` with `key`.
+    pub fn target(&self, user: impl Into<String>, key: &ClientKey) -> Target {
+        Target {
+            host: self.gateway.ip().to_string(),
+            port: self.gateway.port(),
+            known_hosts: self.known_hosts.clone(),
+            key: key.path.clone(),
+            user: user.into(),
+        }
+    }
+
+    /// Stops the gateway, releases every order's container, and waits for both.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop_gateway().await;
+        let count = self.sp.order_count().await.unwrap_or(0);
+        for id in 1..=count {
+            let _ = self.provisioner.release(id).await;
+        }
+        Ok(())
+    }
+
+    async fn stop_gateway(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.gateway_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+        }
+    }
+}
