@@ -77,3 +77,46 @@ pub use ledger::Ledger;
 pub use metered::{Metered, Side};
 pub use tariff::{Tariff, Usage};
 pub use tick::{verify_receipts, ChainHead, Head, Tick, TickChain, TickFields};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send<T: Send>(_: &T) {}
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    /// The gateway shares these across tasks and awaits these futures inside spawned tasks.
+    #[tokio::test]
+    async fn handles_are_send_and_sync_and_futures_are_send() {
+        assert_send_sync::<Meter>();
+        assert_send_sync::<LeaseMeter>();
+        assert_send_sync::<Ledger>();
+        assert_send_sync::<ChannelCounter>();
+        assert_send_sync::<SessionCounter>();
+        assert_send_sync::<OrderCounter>();
+        assert_send_sync::<Metered<tokio::io::DuplexStream>>();
+
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_sqlite(&dir.path().join("l.db")).await.unwrap();
+        let meter = Meter::new(ledger.clone(), &MeterConfig::default()).unwrap();
+        let tariff = Tariff::new(1u64.try_into().unwrap(), 1u64.try_into().unwrap()).unwrap();
+        let start = meter.start_lease(LeaseSpec {
+            order: 1,
+            tariff,
+            max_seconds: None,
+        });
+        is_send(&start);
+        let lease = start.await.unwrap();
+        let (mut out, _peer) = tokio::io::duplex(64);
+        let receipts = ledger.write_receipts(1, &mut out);
+        is_send(&receipts);
+        drop(receipts);
+        let stop = lease.stop();
+        is_send(&stop);
+        stop.await.unwrap();
+        let end = meter.end_lease(1);
+        is_send(&end);
+        assert_eq!(end.await.unwrap(), None);
+    }
+}
