@@ -41,42 +41,45 @@ contract Marketplace is ProviderRegistry {
     struct Terms {
         /// SHA-256 of the client's SSH public key blob (what `ssh-keygen -lf` prints, base64).
         bytes32 keyFingerprint;
+        // The five small fields share one storage slot (4 + 8 + 4 + 8 + 8 bytes).
         uint32 cpus;
         uint64 memoryMiB;
         uint32 gpus;
+        uint64 maxDuration;
+        /// Seconds after creation from which the client may cancel if nobody accepted.
+        uint64 acceptTimeout;
         /// Dataset id of the provider's registry entry; empty for none.
         string datasetId;
         uint256 pricePerSecond;
         uint256 pricePerGiB;
-        uint64 maxDuration;
         /// Collateral the provider must post to accept (e.g. a fraction of the escrow).
         uint256 collateral;
-        /// Seconds after creation from which the client may cancel if nobody accepted.
-        uint64 acceptTimeout;
     }
 
-    /// An order as stored. `escrow` is what is left of the client's payment.
+    /// An order. `escrow` is what is left of the client's payment. Fields are ordered so that
+    /// storage packs them: creating an order writes as few slots as possible.
     struct Order {
+        /// Filled in by `getOrder`; not stored (it is the mapping key).
         uint256 id;
         address client;
-        address provider;
-        Terms terms;
-        uint256 escrow;
         OrderState state;
         uint64 createdAt;
+        address provider;
         uint64 acceptedAt;
-        /// Termination time, or the expiry time once the order expired; 0 while live.
-        uint64 endedAt;
+        Terms terms;
+        uint256 escrow;
         /// Who ended the order: client or provider; address(0) for expiry or while live.
         address endedBy;
+        /// Termination time, or the expiry time once the order expired; 0 while live.
+        uint64 endedAt;
+        bool settled;
+        bool rated;
         uint64 claimedSeconds;
-        uint256 claimedBytes;
+        uint128 claimedBytes;
         /// Total paid to the provider by claims.
         uint256 paid;
         /// Last paid tick-chain commitment (0 before the first claim).
         bytes32 head;
-        bool settled;
-        bool rated;
     }
 
     /// Time after the end of an order during which the provider may still claim usage.
@@ -189,6 +192,7 @@ contract Marketplace is ProviderRegistry {
     function getOrder(uint256 orderId) external view returns (Order memory order) {
         Order storage o = _order(orderId);
         order = o;
+        order.id = orderId;
         order.state = _stateOf(o);
         if (order.state == OrderState.Ended && o.state == OrderState.Active) {
             order.endedAt = _expiresAt(o);
@@ -239,7 +243,6 @@ contract Marketplace is ProviderRegistry {
 
         orderId = ++orderCount;
         Order storage o = _orders[orderId];
-        o.id = orderId;
         o.client = msg.sender;
         o.provider = provider;
         o.terms = terms;
@@ -338,7 +341,7 @@ contract Marketplace is ProviderRegistry {
         if (o.settled) revert AlreadySettled(orderId);
         if (nextHead == o.head) revert CommitmentAlreadyPaid(orderId, nextHead);
         if (uint256(nextHead) >= SNARK_SCALAR_FIELD) revert HeadOutOfField(nextHead);
-        _verify(o, batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
+        _verify(orderId, o, batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
 
         uint64 allowed = _leaseSecondsSoFar(o);
         uint64 total = o.claimedSeconds + leaseSeconds;
@@ -349,7 +352,7 @@ contract Marketplace is ProviderRegistry {
         o.escrow -= amount;
         o.paid += amount;
         o.claimedSeconds = total;
-        o.claimedBytes += uint256(bytesIn) + uint256(bytesOut);
+        o.claimedBytes += uint128(bytesIn) + uint128(bytesOut);
         o.head = nextHead;
         emit Claimed(orderId, nextHead, leaseSeconds, bytesIn, bytesOut, amount, o.escrow);
         _pay(o.provider, amount);
@@ -441,6 +444,7 @@ contract Marketplace is ProviderRegistry {
     }
 
     function _verify(
+        uint256 orderId,
         Order storage o,
         uint32 batchCapacity,
         bytes32 nextHead,
@@ -452,8 +456,8 @@ contract Marketplace is ProviderRegistry {
         ITickVerifier verifier = _verifiers[batchCapacity];
         if (address(verifier) == address(0)) revert UnknownBatchCapacity(batchCapacity);
         uint256[6] memory input =
-            [o.id, uint256(o.head), uint256(nextHead), uint256(leaseSeconds), uint256(bytesIn), uint256(bytesOut)];
-        if (!verifier.verifyClaim(input, proof)) revert InvalidProof(o.id);
+            [orderId, uint256(o.head), uint256(nextHead), uint256(leaseSeconds), uint256(bytesIn), uint256(bytesOut)];
+        if (!verifier.verifyClaim(input, proof)) revert InvalidProof(orderId);
     }
 
     /// Pushes ether; a receiver that refuses it gets the amount credited to `owed` instead, so one

@@ -148,8 +148,7 @@ impl Order {
             ended_at: opt_time(raw.endedAt),
             ended_by: (raw.endedBy != Address::ZERO).then_some(raw.endedBy),
             claimed_seconds: raw.claimedSeconds,
-            claimed_bytes: u128::try_from(raw.claimedBytes)
-                .map_err(|_| ChainError::Decode("claimed bytes exceed u128".into()))?,
+            claimed_bytes: raw.claimedBytes,
             paid: raw.paid,
             head: raw.head.0,
             settled: raw.settled,
