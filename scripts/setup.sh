@@ -30,16 +30,25 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Chain tooling, pinned. Reinstall only when the pins change.
+# Chain tooling, pinned in tools/package.json (anvil, forge, cast 1.7.1 with their native
+# binaries; solc-js 0.8.37). Reinstall only when the pins change. The copy of package.json in
+# .tools/ is the "installed" marker, so it is written only after npm succeeded: an interrupted
+# install is retried on the next run.
 mkdir -p .tools
-if ! cmp -s tools/package.json .tools/package.json || [ ! -d .tools/node_modules ]; then
+if ! cmp -s tools/package.json .tools/installed.json || [ ! -d .tools/node_modules ]; then
     echo "setup: installing chain tooling into .tools/"
     cp tools/package.json .tools/package.json
     (cd .tools && npm install --no-audit --no-fund --loglevel=error >/dev/null)
+    cp tools/package.json .tools/installed.json
 fi
 mkdir -p .tools/bin
 for tool in anvil forge cast; do
     ln -sf "$root/.tools/node_modules/@foundry-rs/$tool-linux-amd64/bin/$tool" ".tools/bin/$tool"
 done
+# forge runs solc-js through this wrapper: `forge test --offline --use .tools/bin/solc`.
 ln -sf "$root/scripts/solc-wrapper.sh" .tools/bin/solc
+# Fail here, not in the middle of the tests, when a tool is broken.
+for tool in anvil forge cast solc; do
+    .tools/bin/$tool --version >/dev/null 2>&1 || { echo "setup: .tools/bin/$tool does not run" >&2; exit 1; }
+done
 echo "setup: ok"

@@ -331,6 +331,17 @@ impl Marketplace {
             claim.bytes_out,
             claim.proof.clone(),
         );
+        // A pairing check starved of gas makes the verifier return false, not revert, so the
+        // claim would revert as "invalid proof" after paying for most of the verification.
+        // Give it a quarter more than the estimate, which was taken against slightly older state.
+        let call = match self.sender {
+            Some(from) => {
+                let call = call.from(from);
+                let estimate = call.estimate_gas().await.map_err(|e| self.call_err(e))?;
+                call.gas(estimate + estimate / 4)
+            }
+            None => call,
+        };
         let receipt = self.submit(call).await?;
         let paid = receipt
             .inner
