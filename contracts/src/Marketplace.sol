@@ -82,6 +82,9 @@ contract Marketplace is ProviderRegistry {
         bytes32 head;
     }
 
+    /// Longest lease and longest accept timeout an order may ask for. Bounding them keeps every
+    /// `timestamp + duration` far inside uint64, so no order can be bricked by an overflow.
+    uint64 public constant MAX_DURATION_LIMIT = 10 * 365 days;
     /// Time after the end of an order during which the provider may still claim usage.
     uint64 public constant CLAIM_WINDOW = 1 days;
     /// The BN254 scalar field order: every public input of a tick proof must be below it.
@@ -138,6 +141,7 @@ contract Marketplace is ProviderRegistry {
     error WrongCollateral(uint256 orderId, uint256 required, uint256 sent);
     error ZeroEscrow();
     error ZeroDuration();
+    error DurationTooLong(uint64 duration, uint64 max);
     error ZeroFingerprint();
     error ZeroAmount();
     error UnknownBatchCapacity(uint32 capacity);
@@ -236,6 +240,8 @@ contract Marketplace is ProviderRegistry {
     function createOrder(address provider, Terms calldata terms) external payable returns (uint256 orderId) {
         if (msg.value == 0) revert ZeroEscrow();
         if (terms.maxDuration == 0) revert ZeroDuration();
+        if (terms.maxDuration > MAX_DURATION_LIMIT) revert DurationTooLong(terms.maxDuration, MAX_DURATION_LIMIT);
+        if (terms.acceptTimeout > MAX_DURATION_LIMIT) revert DurationTooLong(terms.acceptTimeout, MAX_DURATION_LIMIT);
         if (terms.keyFingerprint == bytes32(0)) revert ZeroFingerprint();
         Provider storage p = _provider(provider);
         if (!p.active) revert ProviderInactive(provider);

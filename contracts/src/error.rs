@@ -192,6 +192,10 @@ pub fn describe(error: &E) -> String {
         ),
         E::ZeroEscrow(_) => "an order needs a non-zero escrow".into(),
         E::ZeroDuration(_) => "an order needs a non-zero maximum duration".into(),
+        E::DurationTooLong(e) => format!(
+            "a duration of {} s is longer than the {} s an order may ask for",
+            e.duration, e.max
+        ),
         E::ZeroFingerprint(_) => "an order needs the fingerprint of an SSH key".into(),
         E::ZeroAmount(_) => "the amount must not be zero".into(),
         E::UnknownBatchCapacity(e) => format!(

@@ -74,6 +74,19 @@ contract OrdersTest is MarketplaceBase {
         vm.expectRevert(Marketplace.ZeroDuration.selector);
         _createWith(terms, ESCROW);
 
+        terms.maxDuration = m.MAX_DURATION_LIMIT() + 1;
+        vm.expectRevert(
+            abi.encodeWithSelector(Marketplace.DurationTooLong.selector, terms.maxDuration, m.MAX_DURATION_LIMIT())
+        );
+        _createWith(terms, ESCROW);
+
+        terms = _terms();
+        terms.acceptTimeout = type(uint64).max;
+        vm.expectRevert(
+            abi.encodeWithSelector(Marketplace.DurationTooLong.selector, type(uint64).max, m.MAX_DURATION_LIMIT())
+        );
+        _createWith(terms, ESCROW);
+
         terms = _terms();
         terms.keyFingerprint = bytes32(0);
         vm.expectRevert(Marketplace.ZeroFingerprint.selector);
