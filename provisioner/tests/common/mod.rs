@@ -75,7 +75,13 @@ impl Harness {
             ..Default::default()
         };
         let probe = Provisioner::connect(config.clone()).await.expect("connect");
+        let started = std::time::Instant::now();
         let image = probe.import_image(&archive).await.expect("import");
+        eprintln!(
+            "timing: import of {} took {:?}",
+            archive.display(),
+            started.elapsed()
+        );
         config.image = image.clone();
         edit(&mut config);
         let prov = Provisioner::connect(config.clone()).await.expect("connect");

@@ -1,0 +1,281 @@
+//! Leases: ensure/reuse/release, the volume, limits read back from cgroups, datasets, errors,
+//! and adoption after a gateway restart.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use shale_provisioner::{ExitStatus, ImageRef, ProvisionError, Provisioner};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_is_idempotent_and_safe_under_concurrent_calls() {
+    let h = Harness::busybox().await;
+    let spec = lease(11);
+    let calls = (0..4).map(|_| {
+        let prov = h.prov.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move { prov.ensure(&spec).await })
+    });
+    let mut leases = Vec::new();
+    for c in calls.collect::<Vec<_>>() {
+        leases.push(c.await.unwrap().expect("ensure"));
+    }
+    let pid = leases[0].pid;
+    assert!(
+        leases
+            .iter()
+            .all(|l| l.pid == pid && l.container_id == "order-11"),
+        "{leases:?}"
+    );
+    assert_eq!(
+        leases.iter().filter(|l| !l.reused).count(),
+        1,
+        "exactly one call created the container"
+    );
+    let again = h.prov.ensure(&spec).await.expect("ensure again");
+    assert!(again.reused);
+    assert_eq!(again.pid, pid);
+    h.prov.release(11).await.expect("release");
+    // Releasing twice is fine; stopping what is gone is NotProvisioned.
+    h.prov.release(11).await.expect("release again");
+    assert!(matches!(
+        h.prov.stop(11).await,
+        Err(ProvisionError::NotProvisioned { order: 11 })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_volume_survives_stop_and_goes_with_release() {
+    let h = Harness::busybox().await;
+    let first = h.prov.ensure(&lease(12)).await.expect("ensure");
+    let (_, _, st) = sh(
+        &h.prov,
+        12,
+        "echo kept > /work/note; mkdir -p /work/d && echo x > /work/d/y",
+    )
+    .await;
+    assert_eq!(st, ExitStatus::Code(0));
+    // The image's root filesystem is read-only; /tmp is writable.
+    let (_, err, st) = sh(&h.prov, 12, "touch /etc/x").await;
+    assert_ne!(st, ExitStatus::Code(0), "rootfs write succeeded: {err}");
+    let (_, _, st) = sh(&h.prov, 12, "touch /tmp/x").await;
+    assert_eq!(st, ExitStatus::Code(0));
+
+    h.prov.stop(12).await.expect("stop");
+    assert!(matches!(
+        h.prov.exec(12, cmd(&["true"])).await.err(),
+        Some(ProvisionError::NotProvisioned { order: 12 })
+    ));
+    let second = h.prov.ensure(&lease(12)).await.expect("ensure after stop");
+    assert!(second.reused);
+    assert_ne!(second.pid, first.pid, "a new task was started");
+    let (out, _, _) = sh(&h.prov, 12, "cat /work/note /work/d/y").await;
+    assert_eq!(out, "kept\nx\n");
+
+    h.prov.release(12).await.expect("release");
+    assert!(!first.volume.exists(), "volume removed on release");
+    h.prov
+        .ensure(&lease(12))
+        .await
+        .expect("ensure a fresh lease");
+    let (out, _, _) = sh(&h.prov, 12, "ls -A /work").await;
+    assert_eq!(out, "", "a new lease starts with an empty volume");
+    h.prov.release(12).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_enforced_in_the_orders_cgroup() {
+    let h = Harness::busybox().await;
+    let mut spec = lease(13);
+    spec.cpus = 2;
+    spec.memory_bytes = 96 << 20;
+    spec.pids_limit = Some(77);
+    h.prov.ensure(&spec).await.expect("ensure");
+    let cg2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let line = if cg2 {
+        "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory.swap.max /sys/fs/cgroup/cpu.max /sys/fs/cgroup/pids.max"
+    } else {
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes \
+         /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us /sys/fs/cgroup/pids/pids.max"
+    };
+    let (out, err, st) = sh(&h.prov, 13, line).await;
+    assert_eq!(st, ExitStatus::Code(0), "{err}");
+    let values: Vec<&str> = out.split_whitespace().collect();
+    let mem = (96u64 << 20).to_string();
+    if cg2 {
+        assert_eq!(values, vec![mem.as_str(), "0", "200000", "100000", "77"]);
+    } else {
+        // memsw = memory + swap; equal means no swap at all.
+        assert_eq!(
+            values,
+            vec![mem.as_str(), mem.as_str(), "200000", "100000", "77"]
+        );
+    }
+    // The cgroup files are read-only inside.
+    let (_, _, st) = sh(&h.prov, 13, "echo 999999999 > /sys/fs/cgroup/pids/pids.max").await;
+    assert_ne!(st, ExitStatus::Code(0));
+    h.prov.release(13).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datasets_are_mounted_read_only_and_a_missing_one_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("piece.txt"), "sealed bytes\n").unwrap();
+    let data_path = data.path().to_path_buf();
+    let h = Harness::start(TestImage::Busybox, |c| {
+        c.datasets = BTreeMap::from([
+            ("bafy-present".to_string(), data_path),
+            ("bafy-gone".to_string(), "/nonexistent/shale/dataset".into()),
+        ]);
+    })
+    .await;
+    let mut spec = lease(14);
+    spec.dataset = Some("bafy-present".into());
+    h.prov.ensure(&spec).await.expect("ensure");
+    let (out, _, st) = sh(&h.prov, 14, "cat /data/bafy-present/piece.txt").await;
+    assert_eq!((out.as_str(), st), ("sealed bytes\n", ExitStatus::Code(0)));
+    let (_, _, st) = sh(&h.prov, 14, "echo x > /data/bafy-present/new").await;
+    assert_ne!(st, ExitStatus::Code(0), "a write to the dataset must fail");
+    let (_, _, st) = sh(&h.prov, 14, "rm /data/bafy-present/piece.txt").await;
+    assert_ne!(st, ExitStatus::Code(0));
+    assert!(data.path().join("piece.txt").exists());
+    h.prov.release(14).await.expect("release");
+
+    for (order, id) in [(15, "bafy-gone"), (16, "bafy-unknown")] {
+        let mut spec = lease(order);
+        spec.dataset = Some(id.into());
+        let err = h.prov.ensure(&spec).await.expect_err("missing dataset");
+        assert!(
+            matches!(&err, ProvisionError::DatasetMissing { dataset } if dataset == id),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(id));
+        assert!(
+            matches!(
+                h.prov.stop(order).await,
+                Err(ProvisionError::NotProvisioned { .. })
+            ),
+            "nothing was created"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_a_clear_error() {
+    let h = Harness::busybox().await;
+    let mut config = h.config.clone();
+    config.image = ImageRef("shale/not-imported:1".into());
+    let prov = Provisioner::connect(config).await.expect("connect");
+    let err = prov.ensure(&lease(17)).await.expect_err("no such image");
+    assert!(
+        matches!(&err, ProvisionError::ImageMissing { image } if image == "shale/not-imported:1"),
+        "{err:?}"
+    );
+    let err = h
+        .prov
+        .import_image(std::path::Path::new("/nonexistent/image.oci.tar"))
+        .await
+        .expect_err("no archive");
+    assert!(
+        matches!(err, ProvisionError::ImageInvalid { .. }),
+        "{err:?}"
+    );
+    let junk = h.dir.path().join("junk.tar");
+    std::fs::write(&junk, b"this is not a tar archive at all, not even close").unwrap();
+    let err = h.prov.import_image(&junk).await.expect_err("junk archive");
+    assert!(
+        matches!(err, ProvisionError::ImageInvalid { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_is_not_there_is_reported_as_unreachable() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    // A stale socket file with no daemon behind it.
+    let sock = dir.path().join("containerd.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let config = shale_provisioner::ProvisionerConfig {
+        socket: sock.clone(),
+        state_dir: dir.path().join("state"),
+        ..Default::default()
+    };
+    let err = Provisioner::connect(config).await.err().expect("no daemon");
+    assert!(err.is_daemon_unreachable(), "{err:?}");
+    assert!(!shale_provisioner::daemon::answers(&sock).await);
+    // LocalContainerd is not fooled by the stale socket: it starts a daemon of its own there.
+    let daemon =
+        shale_provisioner::daemon::LocalContainerd::connect_or_spawn(Some(&sock), dir.path())
+            .await
+            .expect("spawned");
+    assert!(daemon.is_owned());
+    assert!(shale_provisioner::daemon::answers(daemon.socket()).await);
+    let socket = daemon.socket().to_path_buf();
+    daemon.shutdown().await.expect("shutdown");
+    assert!(!shale_provisioner::daemon::answers(&socket).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_adopts_live_orders_and_releases_the_rest() {
+    let h = Harness::busybox().await;
+    for order in [21, 22, 23] {
+        h.prov.ensure(&lease(order)).await.expect("ensure");
+        sh(&h.prov, order, "echo mine > /work/f").await;
+    }
+    // Order 23's task stopped while the gateway was down (e.g. host reboot).
+    h.prov.stop(23).await.expect("stop");
+
+    let restarted = h.reconnect().await;
+    let adopted = restarted.adopt(|order| order != 22).await.expect("adopt");
+    assert_eq!(adopted, vec![21, 23]);
+    let (out, _, _) = sh(&restarted, 21, "cat /work/f").await;
+    assert_eq!(out, "mine\n");
+    let (out, _, _) = sh(&restarted, 23, "cat /work/f").await;
+    assert_eq!(
+        out, "mine\n",
+        "a stopped order is started again with its volume"
+    );
+    assert!(matches!(
+        restarted.exec(22, cmd(&["true"])).await.err(),
+        Some(ProvisionError::NotProvisioned { order: 22 })
+    ));
+    assert!(!h.config.state_dir.join("volumes/order-22").exists());
+
+    // Adopting again changes nothing.
+    let again = restarted
+        .adopt(|order| order != 22)
+        .await
+        .expect("adopt again");
+    assert_eq!(again, vec![21, 23]);
+    for order in [21, 23] {
+        restarted.release(order).await.expect("release");
+    }
+    assert_eq!(
+        restarted.adopt(|_| true).await.expect("adopt"),
+        Vec::<u64>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_every_process_of_the_order_even_one_ignoring_sigterm() {
+    let h = Harness::busybox().await;
+    h.prov.ensure(&lease(24)).await.expect("ensure");
+    let p = h
+        .prov
+        .exec(24, cmd(&["sh", "-c", "trap '' TERM; sleep 300"]))
+        .await
+        .expect("exec");
+    tokio::time::timeout(Duration::from_secs(60), h.prov.stop(24))
+        .await
+        .expect("stop is bounded")
+        .expect("stop");
+    let st = tokio::time::timeout(Duration::from_secs(30), p.handle.wait())
+        .await
+        .expect("exec ends")
+        .expect("wait");
+    assert_eq!(st, ExitStatus::Signal(9));
+    h.prov.release(24).await.expect("release");
+}
