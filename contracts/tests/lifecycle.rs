@@ -202,3 +202,127 @@ async fn concurrent_sends_from_one_signer_all_land() {
     let order = world.reader.order(id).await.unwrap();
     assert_eq!(order.escrow, world.new_order().escrow + U256::from(15u64));
 }
+
+#[tokio::test]
+async fn provider_updates_datasets_and_withdrawal_are_visible() {
+    let world = World::with_provider().await;
+    let mut changed = offer();
+    changed.price_per_second = U256::from(9u8);
+    world
+        .sp
+        .update_provider("new.example:22", HOST_KEY, &changed)
+        .await
+        .unwrap();
+    let mut second = dataset();
+    second.id = "cmip6".into();
+    second.piece_cid = None;
+    second.deal_id = None;
+    world.sp.add_dataset(&second).await.unwrap();
+    world.sp.remove_dataset("era5").await.unwrap();
+
+    let provider = world.reader.provider(world.sp_address()).await.unwrap();
+    assert_eq!(provider.endpoint, "new.example:22");
+    assert_eq!(provider.offer, changed);
+    assert_eq!(provider.datasets, vec![second]);
+
+    world.sp.withdraw_provider().await.unwrap();
+    assert!(!world.reader.providers().await.unwrap()[0].active);
+    let err = world
+        .client
+        .create_order(&world.new_order())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has withdrawn its offer"), "{err}");
+    let err = world
+        .reader
+        .provider(world.client_address())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChainError::ProviderNotFound(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn watch_decodes_claims_settlements_ratings_and_cancellations() {
+    let world = World::with_provider().await;
+    let mut events = world.reader.watch().await.unwrap();
+    let id = world.active_order().await;
+    world.devnet.advance_time(20).await.unwrap();
+    let claim = world.claim_request(id, 7, 10, 100, 200).await;
+    let paid = world.sp.claim(&claim).await.unwrap();
+    world.client.terminate(id).await.unwrap();
+    world.sp.settle(id).await.unwrap();
+    world.client.rate(id, 5, "fine").await.unwrap();
+    let pending = world.client.create_order(&world.new_order()).await.unwrap();
+    world.sp.cancel(pending).await.unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 8 {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .expect("events arrive")
+            .expect("stream never ends")
+            .expect("no outage");
+        seen.push(event);
+    }
+    assert_eq!(
+        seen[2],
+        MarketEvent::Claimed {
+            order_id: id,
+            head: claim.next_head,
+            seconds: 10,
+            bytes_in: 100,
+            bytes_out: 200,
+            amount: paid.amount,
+            escrow_left: paid.escrow_left,
+        }
+    );
+    assert!(matches!(seen[3], MarketEvent::OrderTerminated { .. }));
+    let order = world.reader.order(id).await.unwrap();
+    assert_eq!(
+        seen[4],
+        MarketEvent::OrderSettled {
+            order_id: id,
+            refund: paid.escrow_left,
+            collateral_returned: order.collateral,
+            collateral_slashed: U256::ZERO,
+        }
+    );
+    assert_eq!(
+        seen[5],
+        MarketEvent::Rated {
+            order_id: id,
+            provider: world.sp_address(),
+            stars: 5,
+            review: "fine".into()
+        }
+    );
+    assert!(matches!(seen[6], MarketEvent::OrderCreated { order_id, .. } if order_id == pending));
+    assert_eq!(
+        seen[7],
+        MarketEvent::OrderCancelled {
+            order_id: pending,
+            by: world.sp_address(),
+            refund: world.new_order().escrow
+        }
+    );
+    assert_eq!(seen[7].order_id(), Some(pending));
+}
+
+#[tokio::test]
+async fn watch_reports_an_outage_and_keeps_going() {
+    let world = World::new().await;
+    let mut events = world.reader.watch().await.unwrap();
+    let World { devnet, .. } = world;
+    drop(devnet);
+    let item = tokio::time::timeout(Duration::from_secs(60), events.next())
+        .await
+        .expect("the watcher reports")
+        .expect("stream never ends");
+    let err = item.unwrap_err();
+    assert!(err.is_outage(), "{err:?}");
+    // Still polling: the next item is another report, not the end of the stream.
+    let again = tokio::time::timeout(Duration::from_secs(60), events.next())
+        .await
+        .expect("the watcher keeps reporting");
+    assert!(matches!(again, Some(Err(_))));
+}
