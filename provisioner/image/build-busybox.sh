@@ -17,10 +17,18 @@ if [ -s "$out" ]; then
     exit 0
 fi
 mkdir -p "$cache"
+# One build at a time per image: a second caller waits, then finds the first one's archive.
+exec 9>"$cache/.lock-busybox"
+flock 9
+if [ -s "$out" ]; then
+    echo "$out"
+    exit 0
+fi
 tmp=$(mktemp -d "$cache/.build-busybox.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
-(cd "$tmp" && apt-get download -qq busybox-static >&2)
+# A fresh machine may have no package lists yet.
+(cd "$tmp" && { apt-get download -qq busybox-static || { apt-get update -qq && apt-get download -qq busybox-static; }; } >&2)
 dpkg-deb -x "$tmp"/busybox-static_*.deb "$tmp/pkg"
 root="$tmp/rootfs"
 mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/work" "$root/data" "$root/proc" "$root/sys" "$root/dev"

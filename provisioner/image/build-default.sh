@@ -33,6 +33,13 @@ if [ -s "$out" ]; then
     exit 0
 fi
 mkdir -p "$cache"
+# One build at a time per image: a second caller waits, then finds the first one's archive.
+exec 9>"$cache/.lock-default"
+flock 9
+if [ -s "$out" ]; then
+    echo "$out"
+    exit 0
+fi
 tmp=$(mktemp -d "$cache/.build-default.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 

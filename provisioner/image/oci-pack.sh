@@ -52,6 +52,7 @@ printf '%s' '{"imageLayoutVersion":"1.0.0"}' > "$work/oci-layout"
 # Small files first so a reader finds index.json and the manifest before the big layer.
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix \
     --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
-    -C "$work" -cf "$out.tmp" oci-layout index.json "blobs/sha256/$config_digest" \
+    -C "$work" -cf "$work/archive.tar" oci-layout index.json "blobs/sha256/$config_digest" \
     "blobs/sha256/$manifest_digest" "blobs/sha256/$layer_digest"
-mv "$out.tmp" "$out"
+# Atomic: a reader never sees a half-written archive.
+mv "$work/archive.tar" "$out"

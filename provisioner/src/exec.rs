@@ -250,7 +250,8 @@ impl StdinShared {
 }
 
 /// The process's stdin. Shutting it down (`AsyncWriteExt::shutdown`) delivers EOF, like
-/// [`ProcessHandle::close_stdin`].
+/// [`ProcessHandle::close_stdin`]. Merely dropping it does not: containerd's shim keeps a
+/// writer of its own until told, so a dropped stdin looks like an idle one to the process.
 pub struct ProcessStdin {
     shared: Arc<StdinShared>,
     ctd: Ctd,
