@@ -35,6 +35,7 @@ use ark_relations::gr1cs::{
 use ark_serialize::{CanonicalDeserialize, CanonicalSerialize};
 use ark_snark::SNARK;
 use ark_std::rand::{CryptoRng, RngCore, SeedableRng};
+use ark_std::{end_timer, start_timer};
 
 use crate::circuit::{ClaimInputs, TickBatch, TickBatchCircuit, NUM_PUBLIC_INPUTS};
 use crate::error::CircuitError;
@@ -231,8 +232,11 @@ impl ProvingKey {
         });
         {
             let _span = tracing::debug_span!("witness").entered();
+            // Shows in the `print-trace` feature's timing tree next to arkworks' own steps.
+            let timer = start_timer!(|| "Witness generation");
             circuit.generate_constraints(cs.clone())?;
             cs.finalize();
+            end_timer!(timer);
         }
         let assignment = [cs.instance_assignment()?, cs.witness_assignment()?].concat();
         if assignment.len() != self.key.a_query.len() {
