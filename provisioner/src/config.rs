@@ -142,6 +142,23 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses_and_matches_the_defaults() {
+        let text = include_str!("../config.example.toml");
+        let cfg: ProvisionerConfig = toml::from_str(text).expect("example config parses");
+        let defaults = ProvisionerConfig::default();
+        assert_eq!(cfg.datasets.len(), 1);
+        let without_datasets = ProvisionerConfig {
+            datasets: BTreeMap::new(),
+            ..cfg
+        };
+        assert_eq!(
+            serde_json::to_value(&without_datasets).unwrap(),
+            serde_json::to_value(&defaults).unwrap(),
+            "config.example.toml documents the defaults"
+        );
+    }
+
+    #[test]
     fn unknown_fields_and_negative_grace_are_rejected() {
         assert!(serde_json::from_str::<ProvisionerConfig>(r#"{"sokcet":"/x"}"#).is_err());
         assert!(serde_json::from_str::<ProvisionerConfig>(r#"{"stop_grace":-1}"#).is_err());

@@ -68,6 +68,10 @@ pub struct Lease {
     pub gpus: Vec<String>,
     /// True when an existing container was found (and started again if it had stopped).
     pub reused: bool,
+    /// Whether the container's task is running (always true from `ensure`).
+    pub running: bool,
+    /// When the lease ends, as recorded on the container.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// runc's shim options (`containerd.runc.v1.Options`); only the fields we set.
@@ -129,7 +133,10 @@ impl Provisioner {
                     .ok_or(ProvisionError::NotProvisioned { order })?;
                 self.update_expiry(&id, spec.expires_at).await?;
                 let pid = self.ensure_running(order, &container).await?;
-                return Ok(self.lease_of(order, &container, pid, true));
+                let mut lease = self.lease_of(order, &container, pid, true);
+                lease.expires_at =
+                    Some(UNIX_EPOCH + Duration::from_secs(unix_secs(spec.expires_at)));
+                return Ok(lease);
             }
             Err(s) if is_not_found(&s) => {}
             Err(s) => return Err(ctd.status("look up the order's container", s)),
@@ -272,6 +279,42 @@ impl Provisioner {
         Ok(created)
     }
 
+    /// The order's container as it is now, without starting anything; `None` when it has none.
+    pub async fn lease(&self, order: u64) -> Result<Option<Lease>, ProvisionError> {
+        let ctd = &self.inner.ctd;
+        let id = Self::container_id(order);
+        let container = match ctd
+            .containers()
+            .get(ctd.req(GetContainerRequest { id: id.clone() }))
+            .await
+        {
+            Ok(resp) => match resp.into_inner().container {
+                Some(c) => c,
+                None => return Ok(None),
+            },
+            Err(s) if is_not_found(&s) => return Ok(None),
+            Err(s) => return Err(ctd.status("look up the order's container", s)),
+        };
+        let (pid, running) = match ctd
+            .tasks()
+            .get(ctd.req(GetRequest {
+                container_id: id,
+                exec_id: String::new(),
+            }))
+            .await
+        {
+            Ok(resp) => {
+                let p = resp.into_inner().process.unwrap_or_default();
+                (p.pid, p.status == TaskStatus::Running as i32)
+            }
+            Err(s) if is_not_found(&s) => (0, false),
+            Err(s) => return Err(ctd.status("look up the order's task", s)),
+        };
+        let mut lease = self.lease_of(order, &container, pid, true);
+        lease.running = running;
+        Ok(Some(lease))
+    }
+
     fn lease_of(&self, order: u64, c: &Container, pid: u32, reused: bool) -> Lease {
         Lease {
             order,
@@ -285,6 +328,12 @@ impl Provisioner {
                 .map(|g| g.split(',').map(str::to_string).collect())
                 .unwrap_or_default(),
             reused,
+            running: true,
+            expires_at: c
+                .labels
+                .get(LABEL_EXPIRES)
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
         }
     }
 

@@ -236,7 +236,8 @@ pub(crate) fn container(config: &ProvisionerConfig, shape: &ContainerShape<'_>) 
             "cgroupsPath": shape.cgroups_path,
             "resources": {
                 "devices": device_rules,
-                "memory": { "limit": shape.memory_bytes, "swap": shape.memory_bytes, "swappiness": 0u64 },
+                // swap is memory+swap in OCI terms: equal to the limit means no swap at all.
+                "memory": { "limit": shape.memory_bytes, "swap": shape.memory_bytes },
                 "cpu": { "quota": u64::from(shape.cpus) * CPU_PERIOD_US, "period": CPU_PERIOD_US },
                 "pids": { "limit": shape.pids_limit },
             },

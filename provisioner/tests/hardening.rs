@@ -88,30 +88,30 @@ async fn escapes_are_refused() {
     h.prov.release(32).await.expect("release");
 }
 
-/// The order's cgroup directory for a controller, on the host.
+/// The order's cgroup directory for a controller, on the host (v1 layout, or the v2 unified one).
 fn host_cgroup(lease: &Lease, controller: &str) -> std::path::PathBuf {
     let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", lease.pid)).unwrap();
-    let path = cgroups
-        .lines()
-        .find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-            ctrls
-                .split(',')
-                .any(|c| c == controller)
-                .then(|| path.to_string())
-        })
-        .expect("controller listed");
-    std::path::Path::new("/sys/fs/cgroup")
-        .join(controller)
-        .join(path.trim_start_matches('/'))
+    let mut unified = None;
+    for l in cgroups.lines() {
+        let mut parts = l.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if ctrls.split(',').any(|c| c == controller) {
+            return std::path::Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(path.trim_start_matches('/'));
+        }
+        if ctrls.is_empty() {
+            unified =
+                Some(std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')));
+        }
+    }
+    unified.expect("the order's cgroup is listed")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_bomb_is_contained_by_the_pids_limit() {
-    if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        eprintln!("note: cgroup v2 host; reading pids from the v1 layout is skipped");
-    }
     let h = Harness::busybox().await;
     let mut bomb_spec = lease(33);
     bomb_spec.pids_limit = Some(64);
@@ -148,11 +148,12 @@ async fn a_fork_bomb_is_contained_by_the_pids_limit() {
         .await
         .expect("release is bounded")
         .unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(30), bomb.handle.wait())
+    // Its exit depends on where the bomb was when its forks started failing; it must just end.
+    tokio::time::timeout(Duration::from_secs(30), bomb.handle.wait())
         .await
         .expect("bomb ends")
-        .unwrap();
-    assert_eq!(st, ExitStatus::Signal(9));
+        .expect("wait");
+    assert_eq!(h.prov.lease(33).await.unwrap(), None);
     h.prov.release(34).await.expect("release");
 }
 

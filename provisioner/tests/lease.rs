@@ -279,3 +279,73 @@ async fn stop_ends_every_process_of_the_order_even_one_ignoring_sigterm() {
     assert_eq!(st, ExitStatus::Signal(9));
     h.prov.release(24).await.expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_root_filesystem_is_private_to_the_order_and_kept_until_release() {
+    // The image's files belong to root; an operator who wants a writable root filesystem
+    // typically also runs orders as root (still without privileges beyond the minimal set).
+    let h = Harness::start(TestImage::Busybox, |c| {
+        c.readonly_rootfs = false;
+        c.user = (0, 0);
+    })
+    .await;
+    h.prov.ensure(&lease(25)).await.expect("ensure");
+    h.prov.ensure(&lease(26)).await.expect("ensure");
+    let (_, err, st) = sh(&h.prov, 25, "echo mine > /etc/order-note").await;
+    assert_eq!(st, ExitStatus::Code(0), "{err}");
+    let (_, _, st) = sh(&h.prov, 26, "test -e /etc/order-note").await;
+    assert_ne!(
+        st,
+        ExitStatus::Code(0),
+        "another order sees its own root filesystem"
+    );
+    h.prov.stop(25).await.expect("stop");
+    h.prov.ensure(&lease(25)).await.expect("ensure again");
+    let (out, _, _) = sh(&h.prov, 25, "cat /etc/order-note").await;
+    assert_eq!(out, "mine\n");
+    h.prov.release(25).await.expect("release");
+    h.prov.ensure(&lease(25)).await.expect("fresh lease");
+    let (_, _, st) = sh(&h.prov, 25, "test -e /etc/order-note").await;
+    assert_ne!(
+        st,
+        ExitStatus::Code(0),
+        "release dropped the order's snapshot"
+    );
+    h.prov.release(25).await.expect("release");
+    h.prov.release(26).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_status_reports_running_stopped_and_absent() {
+    let h = Harness::busybox().await;
+    assert_eq!(h.prov.lease(27).await.expect("status"), None);
+    let made = h.prov.ensure(&lease(27)).await.expect("ensure");
+    let seen = h.prov.lease(27).await.expect("status").expect("present");
+    assert_eq!((seen.pid, seen.running), (made.pid, true));
+    h.prov.stop(27).await.expect("stop");
+    let seen = h.prov.lease(27).await.expect("status").expect("present");
+    assert!(!seen.running);
+    h.prov.release(27).await.expect("release");
+    assert_eq!(h.prov.lease(27).await.expect("status"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_again_extends_the_recorded_expiry() {
+    let h = Harness::busybox().await;
+    let mut spec = lease(28);
+    spec.expires_at = std::time::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+    assert_eq!(
+        h.prov.ensure(&spec).await.expect("ensure").expires_at,
+        Some(spec.expires_at)
+    );
+    spec.expires_at = std::time::UNIX_EPOCH + Duration::from_secs(2_000_003_600);
+    assert_eq!(
+        h.prov.ensure(&spec).await.expect("extend").expires_at,
+        Some(spec.expires_at)
+    );
+    assert_eq!(
+        h.prov.lease(28).await.unwrap().unwrap().expires_at,
+        Some(spec.expires_at)
+    );
+    h.prov.release(28).await.expect("release");
+}
