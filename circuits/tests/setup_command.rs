@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use shale_circuits::{setup_from_seed, ProvingKey, VerifyingKey};
+use shale_circuits::{setup_from_seed, Head, ProvingKey, VerifyingKey};
 
 #[test]
 fn setup_command_writes_matching_keys_and_verifier_for_each_capacity() {
@@ -15,6 +15,8 @@ fn setup_command_writes_matching_keys_and_verifier_for_each_capacity() {
             "1,2",
             "--seed",
             "5",
+            "--fixtures",
+            "3",
         ])
         .status()
         .unwrap();
@@ -31,6 +33,31 @@ fn setup_command_writes_matching_keys_and_verifier_for_each_capacity() {
         assert_eq!(sol, vk.solidity());
         assert!(sol.contains(&format!("contract TickVerifier{capacity} ")));
         assert!(sol.contains("function verifyClaim(uint256[6] calldata input, bytes calldata proof) external view returns (bool)"));
+        // The fixtures are real claims that the key verifies, the second continuing the first.
+        let json =
+            std::fs::read_to_string(dir.path().join(format!("claims-{capacity}.json"))).unwrap();
+        let fixtures: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let claims = fixtures["claims"].as_array().unwrap();
+        assert_eq!(claims.len(), 2);
+        assert_eq!(claims[0]["prevHead"], serde_json::json!(Head::GENESIS));
+        assert_eq!(claims[1]["prevHead"], claims[0]["nextHead"]);
+        for claim in claims {
+            assert_eq!(claim["orderId"], 3);
+            let words: Vec<[u8; 32]> = claim["input"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| {
+                    hex::decode(w.as_str().unwrap().trim_start_matches("0x"))
+                        .unwrap()
+                        .try_into()
+                        .unwrap()
+                })
+                .collect();
+            let proof =
+                hex::decode(claim["proof"].as_str().unwrap().trim_start_matches("0x")).unwrap();
+            assert!(vk.verify_claim(&words.try_into().unwrap(), &proof));
+        }
     }
 }
 

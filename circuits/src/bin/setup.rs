@@ -1,11 +1,14 @@
 //! Generates the tick-batch keys and Solidity verifiers for a few batch capacities.
 //!
 //! ```text
-//! shale-circuits-setup --out DIR --capacity 64,256 (--seed N | --os-rng)
+//! shale-circuits-setup --out DIR --capacity 64,256 (--seed N | --os-rng) [--fixtures ORDER]
 //! ```
 //!
 //! For each capacity N it writes `DIR/tick-N.pk` (proving key, for the settler), `DIR/tick-N.vk`
-//! (verifying key) and `DIR/TickVerifierN.sol` (the on-chain verifier).
+//! (verifying key) and `DIR/TickVerifierN.sol` (the on-chain verifier). With `--fixtures ORDER` it
+//! also writes `DIR/claims-N.json`: two real consecutive claims of order ORDER (a full batch from
+//! genesis, then a partly full one), each with its six public inputs and 256-byte proof, for
+//! Solidity tests of the claim path against the real verifier.
 //!
 //! `--seed` gives reproducible keys for tests and the local stack; anyone who knows the seed can
 //! forge proofs. Production keys are made by the marketplace deployer with `--os-rng`, never by a
@@ -15,7 +18,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use shale_circuits::{constraint_count, contract_name, setup_from_seed, setup_with_os_rng};
+use shale_circuits::{
+    constraint_count, contract_name, setup_from_seed, setup_with_os_rng, Head, ProvingKey,
+    TickBatch, TickFields,
+};
 
 const USAGE: &str =
     "usage: shale-circuits-setup --out DIR --capacity N[,N...] (--seed SEED | --os-rng)";
@@ -29,12 +35,14 @@ struct Args {
     out: PathBuf,
     capacities: Vec<usize>,
     randomness: Randomness,
+    fixtures: Option<u64>,
 }
 
 fn parse_args() -> Result<Args> {
     let mut out = None;
     let mut capacities = Vec::new();
     let mut randomness = None;
+    let mut fixtures = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -63,6 +71,13 @@ fn parse_args() -> Result<Args> {
                 ));
             }
             "--os-rng" => randomness = Some(Randomness::Os),
+            "--fixtures" => {
+                let s = value("--fixtures")?;
+                fixtures = Some(
+                    s.parse()
+                        .with_context(|| format!("order id {s:?} is not a u64"))?,
+                );
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -77,6 +92,7 @@ fn parse_args() -> Result<Args> {
         } else {
             capacities
         },
+        fixtures,
         randomness: randomness.with_context(|| {
             format!("choose --seed (tests, local stack) or --os-rng (production)\n{USAGE}")
         })?,
@@ -100,6 +116,12 @@ fn main() -> Result<()> {
         vk.write(&vk_path)?;
         std::fs::write(&sol_path, vk.solidity())
             .with_context(|| format!("writing {}", sol_path.display()))?;
+        if let Some(order) = args.fixtures {
+            let path = args.out.join(format!("claims-{capacity}.json"));
+            let json = serde_json::to_string_pretty(&fixtures(&pk, order)?)?;
+            std::fs::write(&path, json + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         println!(
             "capacity {capacity}: {} constraints, setup {:.1}s -> {}, {}, {}",
             constraint_count(capacity)?,
@@ -110,4 +132,55 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Two consecutive real claims of `order`: a full batch from genesis, then a partly full batch.
+fn fixtures(pk: &ProvingKey, order: u64) -> Result<serde_json::Value> {
+    let capacity = pk.capacity() as u64;
+    let tick = |seq| TickFields {
+        order,
+        seq,
+        seconds: 60,
+        bytes_in: 1 << 20,
+        bytes_out: 3 << 20,
+    };
+    let first = TickBatch::new(
+        order,
+        Head::GENESIS,
+        None,
+        (0..capacity).map(tick).collect(),
+    )?;
+    let rest = capacity.div_ceil(2);
+    let second = TickBatch::new(
+        order,
+        first.next(),
+        Some(first.next_anchor()),
+        (capacity..capacity + rest).map(tick).collect(),
+    )?;
+    let mut claims = Vec::new();
+    for batch in [&first, &second] {
+        let inputs = batch.inputs();
+        let proof = pk.prove_with_os_rng(batch)?;
+        let words: Vec<String> = inputs
+            .to_words()
+            .iter()
+            .map(|w| format!("0x{}", hex_encode(w)))
+            .collect();
+        claims.push(serde_json::json!({
+            "ticks": batch.ticks().len(),
+            "orderId": inputs.order,
+            "prevHead": inputs.prev,
+            "nextHead": inputs.next,
+            "seconds": inputs.seconds as u64,
+            "bytesIn": inputs.bytes_in as u64,
+            "bytesOut": inputs.bytes_out as u64,
+            "input": words,
+            "proof": format!("0x{}", hex_encode(&proof.to_bytes())),
+        }));
+    }
+    Ok(serde_json::json!({ "capacity": capacity, "claims": claims }))
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
