@@ -146,7 +146,7 @@ contract SettlementTest is MarketplaceBase {
         assertEq(address(m).balance, 0, "nothing left");
     }
 
-    function test_slash_notForClientTerminationOrExpiry() public {
+    function test_slash_notForClientTerminationOrExpiry() public view {
         assertEq(m.collateralSlash(COLLATERAL, MAX_DURATION, 2_600, false), 0, "client terminated");
         assertEq(m.collateralSlash(COLLATERAL, MAX_DURATION, 0, true), 0, "nothing unserved");
         assertEq(m.collateralSlash(0, MAX_DURATION, 2_600, true), 0, "no collateral");
