@@ -436,7 +436,13 @@ impl Provisioner {
             exec_id: exec_id.clone(),
         };
         let exec_failed = |what: &str, s: tonic::Status| {
-            if is_not_found(&s) {
+            // No task, or a task that has stopped (its init died, e.g. OOM): the caller can
+            // `ensure` the order again and retry.
+            // (containerd 1.6 reports the latter as Unknown, so the message decides.)
+            if is_not_found(&s)
+                || s.code() == tonic::Code::FailedPrecondition
+                || s.message().contains("in a stopped state")
+            {
                 return ProvisionError::NotProvisioned { order };
             }
             match ctd.status(what, s) {

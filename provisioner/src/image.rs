@@ -326,15 +326,20 @@ impl Ctd {
         let mut req = self.req_leased(ReceiverStream::new(rx), lease);
         req.set_timeout(std::time::Duration::from_secs(3600));
         let result = async {
-            let mut responses = self
-                .content()
-                .write(req)
-                .await
-                .map_err(|s| self.status("store an image blob", s))?
-                .into_inner();
+            // Another import stored the same blob meanwhile: content is addressed by digest,
+            // so theirs is ours.
+            let mut responses = match self.content().write(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if is_already_exists(&s) => return Ok(true),
+                Err(s) => return Err(self.status("store an image blob", s)),
+            };
             let mut committed = false;
             while let Some(resp) = responses.next().await {
-                let resp = resp.map_err(|s| self.status("store an image blob", s))?;
+                let resp = match resp {
+                    Ok(r) => r,
+                    Err(s) if is_already_exists(&s) => return Ok(true),
+                    Err(s) => return Err(self.status("store an image blob", s)),
+                };
                 if resp.action == WriteAction::Commit as i32 {
                     committed = true;
                 }

@@ -162,6 +162,12 @@ async fn a_pty_has_the_requested_size_and_follows_resizes() {
     read_until("got:abc", &mut seen, &mut p.stdout).await;
     assert!(seen.contains("40 120"), "{seen:?}");
     assert_eq!(p.handle.wait().await.unwrap(), ExitStatus::Code(0));
+    // The terminal's output ends once the process has exited.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), p.stdout.read_to_end(&mut rest))
+        .await
+        .expect("pty output reaches EOF")
+        .unwrap();
     h.prov.release(5).await.expect("release");
 }
 

@@ -349,3 +349,61 @@ async fn ensure_again_extends_the_recorded_expiry() {
     );
     h.prov.release(28).await.expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_imports_of_one_archive_both_succeed() {
+    let h = Harness::busybox().await;
+    let archive = shale_provisioner::image_build::build_busybox_image(
+        &shale_provisioner::image_build::default_cache_dir(),
+    )
+    .await
+    .expect("archive");
+    // A fresh namespace, so that the content is not there yet.
+    let mut config = h.config.clone();
+    config.namespace = format!("{}-again", config.namespace);
+    let prov = Provisioner::connect(config).await.expect("connect");
+    let (a, b) = tokio::join!(prov.import_image(&archive), prov.import_image(&archive));
+    assert_eq!(a.expect("first import"), h.image);
+    assert_eq!(b.expect("second import"), h.image);
+    assert!(prov.has_image(&h.image).await.unwrap());
+    prov.ensure(&lease(29)).await.expect("ensure");
+    let (out, _, _) = run(&prov, 29, &["echo", "ok"]).await;
+    assert_eq!(out, "ok\n");
+    prov.release(29).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_init_died_is_not_provisioned_until_ensured_again() {
+    let h = Harness::busybox().await;
+    let first = h.prov.ensure(&lease(30)).await.expect("ensure");
+    // SIGKILL from the host's side, as the OOM killer would.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if !h.prov.lease(30).await.unwrap().expect("container").running {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the task stopped");
+    let err = h
+        .prov
+        .exec(30, cmd(&["true"]))
+        .await
+        .err()
+        .expect("no running task");
+    assert!(
+        matches!(err, ProvisionError::NotProvisioned { order: 30 }),
+        "{err:?}"
+    );
+    let again = h.prov.ensure(&lease(30)).await.expect("ensure again");
+    assert!(again.reused && again.pid != first.pid);
+    let (out, _, _) = run(&h.prov, 30, &["echo", "back"]).await;
+    assert_eq!(out, "back\n");
+    h.prov.release(30).await.expect("release");
+}
