@@ -68,9 +68,11 @@ impl Connection {
     }
 
     /// Ends the connection with `refusal` as the message the user reads.
-    fn refuse(&mut self, refusal: Refusal) -> Auth {
-        let _enter = self.span.enter();
-        tracing::info!(reason = refusal.reason(), "refused: {refusal}");
+    async fn refuse(&mut self, refusal: Refusal) -> Auth {
+        {
+            let _enter = self.span.enter();
+            tracing::info!(reason = refusal.reason(), "refused: {refusal}");
+        }
         self.shared.metrics_auth_failure(refusal.reason());
         if let Some(ip) = self.peer.map(|p| p.ip()) {
             if !matches!(refusal, Refusal::RateLimited | Refusal::ShuttingDown) {
@@ -79,15 +81,21 @@ impl Connection {
         }
         if let Some(handle) = self.handle.get().cloned() {
             let text = refusal.to_string();
-            // Sent from a task: the session loop is busy running this callback.
-            tokio::spawn(async move {
-                let _ = handle
-                    .disconnect(Disconnect::NoMoreAuthMethodsAvailable, text, "en".into())
-                    .await;
-            });
+            // Queued now, so the session loop sends it before it reads the client's next
+            // request; the queue is empty during authentication, so this does not wait.
+            let queued = tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                handle.disconnect(Disconnect::NoMoreAuthMethodsAvailable, text, "en".into()),
+            )
+            .await;
+            if !matches!(queued, Ok(Ok(()))) {
+                tracing::debug!("could not queue the refusal's disconnect");
+            }
         }
+        // Keep methods on offer: a client told "nothing left" gives up before the disconnect
+        // (and its reason) arrives; one that tries again reads the reason instead.
         Auth::Reject {
-            proceed_with_methods: Some(MethodSet::empty()),
+            proceed_with_methods: Some(methods()),
             partial_success: false,
         }
     }
@@ -112,13 +120,13 @@ impl Connection {
         Ok(order)
     }
 
-    fn check_key(&mut self, order: &Order, key: &PublicKey) -> Auth {
+    async fn check_key(&mut self, order: &Order, key: &PublicKey) -> Auth {
         match admit_key(order, key) {
             Ok(()) => Auth::Accept,
             Err(refusal) => {
                 self.wrong_keys += 1;
                 if self.wrong_keys >= MAX_WRONG_KEYS {
-                    return self.refuse(refusal);
+                    return self.refuse(refusal).await;
                 }
                 self.pending_refusal = Some(refusal);
                 Auth::Reject {
@@ -147,18 +155,20 @@ impl russh::server::Handler for Connection {
                 proceed_with_methods: Some(methods()),
                 partial_success: false,
             }),
-            Err(refusal) => Ok(self.refuse(refusal)),
+            Err(refusal) => Ok(self.refuse(refusal).await),
         }
     }
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
         // Not advertised; a client that tries anyway learns what is wrong with its login.
         match self.order_for(user).await {
-            Ok(order) => Ok(self.refuse(Refusal::WrongKey {
-                order: OrderId(order.id),
-                expected: crate::admission::format_fingerprint(&order.key_fingerprint),
-            })),
-            Err(refusal) => Ok(self.refuse(refusal)),
+            Ok(order) => Ok(self
+                .refuse(Refusal::WrongKey {
+                    order: OrderId(order.id),
+                    expected: crate::admission::format_fingerprint(&order.key_fingerprint),
+                })
+                .await),
+            Err(refusal) => Ok(self.refuse(refusal).await),
         }
     }
 
@@ -168,8 +178,8 @@ impl russh::server::Handler for Connection {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         match self.order_for(user).await {
-            Ok(order) => Ok(self.check_key(&order, offer.public_key)),
-            Err(refusal) => Ok(self.refuse(refusal)),
+            Ok(order) => Ok(self.check_key(&order, offer.public_key).await),
+            Err(refusal) => Ok(self.refuse(refusal).await),
         }
     }
 
@@ -180,13 +190,15 @@ impl russh::server::Handler for Connection {
     ) -> Result<Auth, Self::Error> {
         let order = match self.order_for(user).await {
             Ok(order) => order,
-            Err(refusal) => return Ok(self.refuse(refusal)),
+            Err(refusal) => return Ok(self.refuse(refusal).await),
         };
-        if let Auth::Reject { .. } = self.check_key(&order, key.public_key) {
-            return Ok(self.refuse(admit_key(&order, key.public_key).unwrap_err()));
+        if let Auth::Reject { .. } = self.check_key(&order, key.public_key).await {
+            return Ok(self
+                .refuse(admit_key(&order, key.public_key).unwrap_err())
+                .await);
         }
         let Some(handle) = self.handle.get().cloned() else {
-            return Ok(self.refuse(Refusal::ShuttingDown));
+            return Ok(self.refuse(Refusal::ShuttingDown).await);
         };
         match self
             .shared
@@ -199,7 +211,7 @@ impl russh::server::Handler for Connection {
                 tracing::info!(key = %key.public_key.fingerprint(russh::keys::HashAlg::Sha256), "authenticated");
                 Ok(Auth::Accept)
             }
-            Err(refusal) => Ok(self.refuse(refusal)),
+            Err(refusal) => Ok(self.refuse(refusal).await),
         }
     }
 
@@ -207,8 +219,15 @@ impl russh::server::Handler for Connection {
         &'a mut self,
         user: &str,
         _submethods: &str,
-        _response: Option<russh::server::Response<'a>>,
+        response: Option<russh::server::Response<'a>>,
     ) -> Result<Auth, Self::Error> {
+        if response.is_some() {
+            // The reason was shown and the disconnect is queued behind it; nothing more to say.
+            return Ok(Auth::Reject {
+                proceed_with_methods: Some(methods()),
+                partial_success: false,
+            });
+        }
         let refusal = match self.pending_refusal.take() {
             Some(r) => r,
             None => match self.order_for(user).await {
@@ -219,7 +238,15 @@ impl russh::server::Handler for Connection {
                 Err(r) => r,
             },
         };
-        Ok(self.refuse(refusal))
+        let text = refusal.to_string();
+        self.refuse(refusal).await;
+        // An info request with no prompts: OpenSSH shows its instructions and answers at once,
+        // then reads the queued disconnect, which carries the reason even at LogLevel=ERROR.
+        Ok(Auth::Partial {
+            name: "".into(),
+            instructions: format!("shale: {text}").into(),
+            prompts: Vec::new().into(),
+        })
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {

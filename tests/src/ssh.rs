@@ -79,6 +79,8 @@ pub struct Target {
     pub key: PathBuf,
     /// The login, i.e. the order (`42`, `order-42`, ...).
     pub user: String,
+    /// `BatchMode=yes`, as scripts run ssh; `false` behaves like a person at a terminal.
+    pub batch: bool,
 }
 
 impl Target {
@@ -88,8 +90,6 @@ impl Target {
             "-F",
             "/dev/null",
             "-o",
-            "BatchMode=yes",
-            "-o",
             "StrictHostKeyChecking=yes",
             "-o",
             "IdentitiesOnly=yes",
@@ -98,11 +98,17 @@ impl Target {
             "-o",
             "ConnectTimeout=20",
             "-o",
-            "LogLevel=ERROR",
+            if std::env::var_os("SHALE_TEST_SSH_VERBOSE").is_some() {
+                "LogLevel=DEBUG"
+            } else {
+                "LogLevel=ERROR"
+            },
         ]
         .into_iter()
         .map(String::from)
         .chain([
+            "-o".into(),
+            format!("BatchMode={}", if self.batch { "yes" } else { "no" }),
             "-o".into(),
             format!("UserKnownHostsFile={}", self.known_hosts.display()),
             "-i".into(),
@@ -111,11 +117,40 @@ impl Target {
         .collect()
     }
 
+    /// The same target, driven as a person at a terminal would (no `BatchMode`).
+    pub fn interactive(mut self) -> Self {
+        self.batch = false;
+        self
+    }
+
     /// `ssh` with the options, port and login set; append the remote command.
     pub fn ssh(&self) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.args(self.options())
             .args(["-p", &self.port.to_string(), "-l", &self.user, &self.host])
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `ssh ... command` run inside a fresh pseudo-terminal (util-linux `script`), as a person
+    /// typing it would; its output, stdout and stderr mixed, comes on stdout.
+    pub fn ssh_in_terminal(&self, command: &str) -> Command {
+        let mut line = vec!["ssh".to_string()];
+        line.extend(self.options());
+        line.extend([
+            "-p".into(),
+            self.port.to_string(),
+            "-l".into(),
+            self.user.clone(),
+            self.host.clone(),
+            command.into(),
+        ]);
+        let quoted: Vec<String> = line
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect();
+        let mut cmd = Command::new("script");
+        cmd.args(["-qefc", &quoted.join(" "), "/dev/null"])
             .stdin(Stdio::null());
         cmd
     }

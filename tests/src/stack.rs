@@ -265,6 +265,7 @@ impl Stack {
             known_hosts: self.known_hosts.clone(),
             key: key.path.clone(),
             user: user.into(),
+            batch: true,
         }
     }
 
