@@ -470,9 +470,13 @@ impl Marketplace {
         if self.sender.is_none() {
             return Err(ChainError::ReadOnly);
         }
-        let pending = {
+        let sent = {
             let _sending = self.send_lock.lock().await;
-            call.send().await.map_err(|e| self.call_err(e))?
+            call.send().await
+        };
+        let pending = match sent {
+            Ok(pending) => pending,
+            Err(e) => return Err(self.explain_send_error(&call, e).await),
         };
         let tx = *pending.tx_hash();
         let receipt = pending
@@ -498,6 +502,28 @@ impl Marketplace {
             Ok(_) => "reason unknown (the replay succeeded)".into(),
         };
         Err(ChainError::TxReverted { tx, reason })
+    }
+
+    /// Some nodes (Lotus for FEVM among them) answer a failing gas estimate with a message but
+    /// without the revert data; `eth_call` of the same transaction usually carries it.
+    async fn explain_send_error<D: CallDecoder + Unpin>(
+        &self,
+        call: &CallBuilder<&DynProvider, D>,
+        e: alloy::contract::Error,
+    ) -> ChainError {
+        let err = self.call_err(e);
+        if !matches!(err, ChainError::Rpc(_)) {
+            return err;
+        }
+        let mut request = call.as_ref().clone();
+        request.set_from(self.sender.unwrap_or_default());
+        match self.provider.call(request).await {
+            Err(e) => match self.rpc_err(e) {
+                reverted @ ChainError::Reverted { .. } => reverted,
+                _ => err,
+            },
+            Ok(_) => err,
+        }
     }
 
     fn rpc_err(&self, e: alloy::transports::TransportError) -> ChainError {

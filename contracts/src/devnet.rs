@@ -32,8 +32,10 @@ pub enum DevnetError {
         #[source]
         source: std::io::Error,
     },
-    #[error("anvil did not report a listening address within {0:?}; its output was:\n{1}")]
-    StartTimeout(Duration, String),
+    #[error("anvil did not report a listening address within {0:?}")]
+    StartTimeout(Duration),
+    #[error("anvil exited before it listened; its output was:\n{0}")]
+    Exited(String),
     #[error("anvil printed an unusable private key: {0}")]
     BadKey(String),
     #[error(transparent)]
@@ -141,11 +143,11 @@ impl Devnet {
             Some(Ok(found)) => found,
             Some(Err(output)) => {
                 kill(&mut child);
-                return Err(DevnetError::StartTimeout(START_TIMEOUT, output));
+                return Err(DevnetError::Exited(output));
             }
             None => {
                 kill(&mut child);
-                return Err(DevnetError::StartTimeout(START_TIMEOUT, String::new()));
+                return Err(DevnetError::StartTimeout(START_TIMEOUT));
             }
         };
         let mut signers = Vec::with_capacity(keys.len());
