@@ -104,7 +104,19 @@ const DENIED_SYSCALLS: &[&str] = &[
     "vm86old",
 ];
 
-const CLONE_NEWUSER: u64 = 0x1000_0000;
+/// clone(2) flags that make new namespaces: CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER,
+/// NEWPID, NEWNET. containerd's profile refuses them to processes without CAP_SYS_ADMIN.
+const CLONE_NAMESPACE_FLAGS: [u64; 7] = [
+    0x0002_0000,
+    0x0200_0000,
+    0x0400_0000,
+    0x0800_0000,
+    0x1000_0000,
+    0x2000_0000,
+    0x4000_0000,
+];
+/// socket(2) family refused as in containerd's profile (host/VM sockets).
+const AF_VSOCK: u64 = 40;
 const EPERM: u32 = 1;
 const ENOSYS: u32 = 38;
 
@@ -124,17 +136,24 @@ pub(crate) struct ContainerShape<'a> {
 }
 
 pub(crate) fn seccomp() -> Value {
+    let mut syscalls =
+        vec![json!({ "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM })];
+    // One rule per flag: a filter compares masked arguments for equality, and any matching rule
+    // refuses the call. New user namespaces in particular would hand back every capability.
+    for flag in CLONE_NAMESPACE_FLAGS {
+        syscalls.push(json!({ "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
+            "args": [{ "index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ" }] }));
+    }
+    syscalls.push(
+        json!({ "names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
+        "args": [{ "index": 0, "value": AF_VSOCK, "op": "SCMP_CMP_EQ" }] }),
+    );
+    // clone3's flags live in memory a filter cannot read; ENOSYS makes libc fall back to clone.
+    syscalls.push(json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS }));
     json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "syscalls": [
-            { "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM },
-            // New user namespaces would hand back every capability inside them.
-            { "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
-              "args": [{ "index": 0, "value": CLONE_NEWUSER, "valueTwo": CLONE_NEWUSER, "op": "SCMP_CMP_MASKED_EQ" }] },
-            // clone3's flags live in memory a filter cannot read; ENOSYS makes libc fall back to clone.
-            { "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS },
-        ]
+        "syscalls": syscalls,
     })
 }
 

@@ -61,6 +61,16 @@ async fn the_default_image_has_python_numpy_sftp_and_rsync() {
     .await;
     assert_eq!(st, ExitStatus::Code(0));
 
+    // clone(CLONE_NEWUSER) is refused by the seccomp filter (the host kernel would allow it).
+    let probe = "import ctypes, os\n\
+libc = ctypes.CDLL(None, use_errno=True)\n\
+pid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)\n\
+if pid == 0: os._exit(0)\n\
+if pid > 0: os.waitpid(pid, 0); print('cloned')\n\
+else: print('errno', ctypes.get_errno())\n";
+    let (out, err, _) = run(&h.prov, 51, &["python3", "-c", probe]).await;
+    assert_eq!(out.trim(), "errno 1", "{err}");
+
     // The SFTP server answers SSH_FXP_INIT (version 3) with SSH_FXP_VERSION.
     let mut sftp = h
         .prov
