@@ -11,7 +11,8 @@
 //! - [`circuit`]: the statement, the checked [`TickBatch`] and the raw [`TickBatchCircuit`];
 //! - [`keys`]: setup (who may run it), proving, native verification, key files;
 //! - [`proof`]: the 256-byte proof layout the contract reads;
-//! - [`solidity`]: the Solidity verifier generated from a verifying key.
+//! - [`solidity`]: the Solidity verifier generated from a verifying key;
+//! - [`solc`]: compiling it to deployable bytecode with the pinned solc-js.
 //!
 //! ```no_run
 //! use shale_circuits::{setup_from_seed, TickBatch, TickFields, Head};
@@ -30,6 +31,7 @@ pub mod error;
 pub mod keys;
 pub mod poseidon;
 pub mod proof;
+pub mod solc;
 pub mod solidity;
 
 pub use circuit::{

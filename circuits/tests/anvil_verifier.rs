@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use shale_circuits::{
-    contract_name, setup_from_seed, Head, TickBatch, TickFields, VerifyingKey, NUM_PUBLIC_INPUTS,
+    setup_from_seed, solc::SolcJs, Head, TickBatch, TickFields, VerifyingKey, NUM_PUBLIC_INPUTS,
     PROOF_LEN,
 };
 
@@ -89,41 +89,6 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-/// Compiles the generated source with solc-js (standard JSON, the marketplace's settings).
-fn compile(solc_js: &Path, name: &str, source: &str) -> String {
-    let input = serde_json::json!({
-        "language": "Solidity",
-        "sources": { format!("{name}.sol"): { "content": source } },
-        "settings": {
-            "optimizer": { "enabled": true, "runs": 200 },
-            "evmVersion": "paris",
-            "outputSelection": { "*": { "*": ["evm.bytecode.object"] } }
-        }
-    });
-    let mut child = Command::new("node")
-        .arg(solc_js)
-        .arg("--standard-json")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run node with solc-js");
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    // solc-js prints diagnostics starting with ">>>" on stdout, around the JSON.
-    let json: String = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with(">>>"))
-        .collect();
-    let output: serde_json::Value = serde_json::from_str(&json).expect("solc-js JSON output");
-    let problems: Vec<_> = output["errors"].as_array().into_iter().flatten().collect();
-    assert!(problems.is_empty(), "solc reported: {problems:#?}");
-    let bytecode = output["contracts"][format!("{name}.sol")][name]["evm"]["bytecode"]["object"]
-        .as_str()
-        .unwrap();
-    format!("0x{bytecode}")
-}
-
 struct Verifier<'a> {
     cast: &'a Path,
     url: &'a str,
@@ -187,9 +152,11 @@ impl Verifier<'_> {
 }
 
 /// Compiles and deploys the verifier generated for `vk`, and checks its `CAPACITY`.
-fn deploy<'a>(cast: &'a Path, solc_js: &Path, url: &'a str, vk: &VerifyingKey) -> Verifier<'a> {
-    let name = contract_name(vk.capacity());
-    let bytecode = compile(solc_js, &name, &vk.solidity());
+fn deploy<'a>(cast: &'a Path, solc: &SolcJs, url: &'a str, vk: &VerifyingKey) -> Verifier<'a> {
+    let bytecode = format!(
+        "0x{}",
+        hex::encode(solc.compile_verifier(vk).expect("verifier compiles"))
+    );
     let deployed = run(Command::new(cast).args([
         "send",
         "--rpc-url",
@@ -220,11 +187,7 @@ fn deploy<'a>(cast: &'a Path, solc_js: &Path, url: &'a str, vk: &VerifyingKey) -
 #[test]
 fn generated_verifier_accepts_a_real_proof_on_anvil_and_refuses_tampered_ones() {
     let tools = tools();
-    let (anvil_bin, cast, solc_js) = (
-        tools.join("bin/anvil"),
-        tools.join("bin/cast"),
-        tools.join("node_modules/solc/solc.js"),
-    );
+    let (anvil_bin, cast) = (tools.join("bin/anvil"), tools.join("bin/cast"));
     if !anvil_bin.exists() {
         eprintln!(
             "SKIPPED: anvil not found at {}; run scripts/setup.sh to install the chain tooling",
@@ -233,13 +196,14 @@ fn generated_verifier_accepts_a_real_proof_on_anvil_and_refuses_tampered_ones() 
         return;
     }
     assert!(
-        cast.exists() && solc_js.exists(),
-        "anvil is installed but cast or solc-js is not: rerun scripts/setup.sh"
+        cast.exists(),
+        "anvil is installed but cast is not: rerun scripts/setup.sh"
     );
+    let solc = SolcJs::find().expect("anvil is installed, so solc-js must be too");
 
     let (pk, vk) = setup_from_seed(CAPACITY, 11).unwrap();
     let anvil = Anvil::start(&anvil_bin);
-    let verifier = deploy(&cast, &solc_js, &anvil.url, &vk);
+    let verifier = deploy(&cast, &solc, &anvil.url, &vk);
 
     // A first batch from genesis, then a partly full batch continuing it.
     let order = 5;
@@ -273,7 +237,7 @@ fn generated_verifier_accepts_a_real_proof_on_anvil_and_refuses_tampered_ones() 
     // The same claim shape through the verifier of another capacity costs the same gas: only the
     // embedded constants differ (calldata zero bytes may move it by a few hundred).
     let (small_pk, small_vk) = setup_from_seed(1, 12).unwrap();
-    let small = deploy(&cast, &solc_js, &anvil.url, &small_vk);
+    let small = deploy(&cast, &solc, &anvil.url, &small_vk);
     let one = TickBatch::new(order, Head::GENESIS, None, vec![tick(0)]).unwrap();
     let proof = small_pk.prove(&one, &mut rng).unwrap().to_bytes();
     assert!(small.verify(&one.inputs().to_words(), &proof));
