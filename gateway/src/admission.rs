@@ -53,6 +53,11 @@ pub enum Refusal {
         /// The configured cap.
         limit: usize,
     },
+    /// Usage cannot be recorded, so none may be incurred.
+    #[error(
+        "the provider cannot record usage right now, so it cannot let you in; try again shortly"
+    )]
+    LedgerUnavailable,
     /// The gateway is shutting down.
     #[error("the gateway is restarting; reconnect in a moment")]
     ShuttingDown,
@@ -73,6 +78,7 @@ impl Refusal {
             Refusal::ChainUnavailable(_) => "chain_unavailable",
             Refusal::RateLimited => "rate_limited",
             Refusal::SessionCap { .. } => "session_cap",
+            Refusal::LedgerUnavailable => "ledger_unavailable",
             Refusal::ShuttingDown => "shutting_down",
         }
     }

@@ -17,6 +17,8 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// The persisted SSH host key; generated on first start.
     pub host_key: PathBuf,
+    /// Where the gateway keeps its state (the SQLite ledger unless `meter.ledger_url` is set).
+    pub state_dir: PathBuf,
     /// The chain the marketplace lives on.
     pub chain: ChainConfig,
     /// The containerd side: socket, namespace, image, datasets, GPUs.
@@ -27,6 +29,40 @@ pub struct GatewayConfig {
     /// Authentication policy.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Metering: tick interval and ledger.
+    #[serde(default)]
+    pub meter: shale_meter::MeterConfig,
+    /// What happens as an order's escrow runs out.
+    #[serde(default)]
+    pub payment: PaymentConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The escrow policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentConfig {
+    /// Tell every open session of an order when its escrow covers no more than this many
+    /// seconds at the current rate (each threshold once).
+    pub warn_at: Vec<u64>,
+}
+
+impl Default for PaymentConfig {
+    fn default() -> Self {
+        Self {
+            warn_at: vec![600, 60],
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `/metrics` and `/healthz` are served; none when unset.
+    pub listen: Option<SocketAddr>,
 }
 
 fn default_listen() -> SocketAddr {

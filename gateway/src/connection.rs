@@ -15,6 +15,7 @@ use russh::server::{
 };
 use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
 use shale_contracts::Order;
+use shale_meter::SessionCounter;
 use tracing::Span;
 
 use crate::admission::{admit_key, admit_order, Refusal};
@@ -22,6 +23,7 @@ use crate::gateway::Shared;
 use crate::lease_start::LeaseStart;
 use crate::leases::{SessionId, SessionSeat};
 use crate::login::{parse_login, OrderId};
+use crate::metrics::Metrics;
 use crate::policy::{is_container_loopback, Subsystem};
 use crate::{forward, session_channel};
 
@@ -42,6 +44,8 @@ pub struct Connection {
     wrong_keys: u32,
     seat: Option<Arc<SessionSeat>>,
     lease: Option<LeaseStart>,
+    /// This session's byte counters, once admitted.
+    counter: Option<Arc<SessionCounter>>,
 }
 
 impl Connection {
@@ -64,6 +68,7 @@ impl Connection {
             wrong_keys: 0,
             seat: None,
             lease: None,
+            counter: None,
         }
     }
 
@@ -200,19 +205,57 @@ impl russh::server::Handler for Connection {
         let Some(handle) = self.handle.get().cloned() else {
             return Ok(self.refuse(Refusal::ShuttingDown).await);
         };
-        match self
+        let seat = match self
             .shared
             .board
             .join(OrderId(order.id), self.session, handle)
         {
-            Ok(seat) => {
-                self.seat = Some(Arc::new(seat));
-                let _enter = self.span.enter();
-                tracing::info!(key = %key.public_key.fingerprint(russh::keys::HashAlg::Sha256), "authenticated");
-                Ok(Auth::Accept)
+            Ok(seat) => seat,
+            Err(refusal) => return Ok(self.refuse(refusal).await),
+        };
+        // Billing starts with the lease; nothing is served that cannot be recorded.
+        let lease = match self.shared.billing.lease(&order, crate::unix_now()).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::error!(parent: &self.span, error = %e, "cannot meter the order");
+                return Ok(self.refuse(Refusal::LedgerUnavailable).await);
             }
-            Err(refusal) => Ok(self.refuse(refusal).await),
+        };
+        if self
+            .shared
+            .billing
+            .runway(&order)
+            .is_some_and(|r| r.exhausted())
+        {
+            return Ok(self
+                .refuse(Refusal::EscrowExhausted(OrderId(order.id)))
+                .await);
         }
+        let counter = lease.open_session();
+        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        if let Err(e) = self
+            .shared
+            .billing
+            .ledger()
+            .record_session_start(
+                &self.session.to_string(),
+                order.id,
+                &peer,
+                shale_meter::ledger::now_ms(),
+            )
+            .await
+        {
+            tracing::error!(parent: &self.span, error = %e, "cannot record the session");
+            return Ok(self.refuse(Refusal::LedgerUnavailable).await);
+        }
+        self.seat = Some(Arc::new(seat));
+        self.counter = Some(counter);
+        tracing::info!(
+            parent: &self.span,
+            key = %key.public_key.fingerprint(russh::keys::HashAlg::Sha256),
+            "authenticated"
+        );
+        Ok(Auth::Accept)
     }
 
     async fn auth_keyboard_interactive<'a>(
@@ -251,7 +294,11 @@ impl russh::server::Handler for Connection {
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
         if let Some((_, order)) = &self.order {
-            self.lease = Some(LeaseStart::begin(self.shared.provisioner.clone(), order));
+            self.lease = Some(LeaseStart::begin(
+                self.shared.provisioner.clone(),
+                order,
+                self.shared.metrics.provisioning_seconds.clone(),
+            ));
             self.shared.metrics_session_started();
         }
         Ok(())
@@ -263,15 +310,20 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Some((_, order)), Some(lease), Some(seat), Some(handle)) =
-            (&self.order, &self.lease, &self.seat, self.handle.get())
-        else {
+        let (Some((_, order)), Some(lease), Some(seat), Some(handle), Some(counter)) = (
+            &self.order,
+            &self.lease,
+            &self.seat,
+            self.handle.get(),
+            &self.counter,
+        ) else {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
             return Ok(());
         };
         reply.accept().await;
+        Metrics::count(&self.shared.metrics.channels_opened, "session");
         let ctx = session_channel::ChannelContext {
             order: OrderId(order.id),
             lease: lease.clone(),
@@ -279,6 +331,9 @@ impl russh::server::Handler for Connection {
             env_policy: self.shared.env_policy.clone(),
             handle: handle.clone(),
             seat: seat.clone(),
+            counter: counter.clone(),
+            ledger: self.shared.billing.ledger().clone(),
+            exec_seconds: self.shared.metrics.exec_seconds.clone(),
         };
         let span = self.span.clone();
         tokio::spawn(tracing::Instrument::instrument(
@@ -298,7 +353,9 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Some((_, order)), Some(lease)) = (&self.order, &self.lease) else {
+        let (Some((_, order)), Some(lease), Some(counter)) =
+            (&self.order, &self.lease, &self.counter)
+        else {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -319,6 +376,7 @@ impl russh::server::Handler for Connection {
                 return Ok(());
             }
         };
+        Metrics::count(&self.shared.metrics.channels_opened, "direct-tcpip");
         let span = self.span.clone();
         tokio::spawn(tracing::Instrument::instrument(
             forward::serve(
@@ -328,6 +386,7 @@ impl russh::server::Handler for Connection {
                 port,
                 lease.clone(),
                 self.shared.provisioner.clone(),
+                counter.open_channel(),
             ),
             span,
         ));
@@ -471,8 +530,27 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if self.seat.is_some() {
-            self.shared.metrics_session_ended();
+        if let Some(counter) = self.counter.take() {
+            self.shared.metrics_session_ended(counter.bytes());
+            let ledger = self.shared.billing.ledger().clone();
+            let session = self.session.to_string();
+            let span = self.span.clone();
+            // The connection is gone; the record is written after it, off the session loop.
+            tokio::spawn(async move {
+                let bytes = counter.bytes();
+                if let Err(e) = ledger
+                    .record_session_end(
+                        &session,
+                        shale_meter::ledger::now_ms(),
+                        bytes,
+                        counter.channels_opened(),
+                        "closed",
+                    )
+                    .await
+                {
+                    tracing::warn!(parent: &span, error = %e, "cannot record the session's end");
+                }
+            });
         }
         let _enter = self.span.enter();
         tracing::debug!("connection closed");

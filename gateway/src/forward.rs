@@ -3,6 +3,9 @@
 
 use russh::server::Msg;
 use russh::{Channel, ChannelOpenFailure};
+use std::sync::Arc;
+
+use shale_meter::{ChannelCounter, Metered, Side};
 use shale_provisioner::Provisioner;
 use tracing::Instrument;
 
@@ -20,6 +23,7 @@ pub async fn serve(
     port: u16,
     lease: LeaseStart,
     provisioner: Provisioner,
+    counter: Arc<ChannelCounter>,
 ) {
     let span = tracing::info_span!("forward", channel = %channel.id(), port);
     async move {
@@ -40,7 +44,7 @@ pub async fn serve(
             }
         };
         reply.accept().await;
-        let mut stream = channel.into_stream();
+        let mut stream = Metered::new(channel.into_stream(), counter, Side::Client);
         match tokio::io::copy_bidirectional(&mut stream, &mut tcp).await {
             Ok((up, down)) => tracing::debug!(up, down, "forward closed"),
             Err(e) => tracing::debug!(error = %e, "forward ended"),

@@ -14,15 +14,16 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::billing::Billing;
 use crate::config::GatewayConfig;
 use crate::connection::{methods, Connection};
 use crate::hostkey;
 use crate::leases::LeaseBoard;
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::metrics::{KindLabel, Metrics, OrderDirectionLabel, OrderLabel, ReasonLabel};
 use crate::orders::OrderDirectory;
 use crate::policy::EnvPolicy;
 use crate::ratelimit::FailureLimiter;
-use crate::watcher;
+use crate::{metrics_http, watcher};
 
 /// What every connection of the gateway shares.
 pub struct Shared {
@@ -40,6 +41,8 @@ pub struct Shared {
     pub env_policy: Arc<EnvPolicy>,
     /// Exported metrics.
     pub metrics: Metrics,
+    /// Meters, ledger and the escrow policy.
+    pub billing: Billing,
 }
 
 impl Shared {
@@ -57,8 +60,71 @@ impl Shared {
         self.metrics.sessions_total.inc();
     }
 
-    pub(crate) fn metrics_session_ended(&self) {
+    pub(crate) fn metrics_session_ended(&self, bytes: shale_meter::ByteCount) {
         self.metrics.sessions_active.dec();
+        Metrics::count(&self.metrics.sessions_ended, "closed");
+        self.metrics
+            .bytes
+            .get_or_create(&KindLabel { kind: "in".into() })
+            .inc_by(bytes.bytes_in);
+        self.metrics
+            .bytes
+            .get_or_create(&KindLabel { kind: "out".into() })
+            .inc_by(bytes.bytes_out);
+    }
+
+    /// Rebuilds the per-order series from the live leases (called at each scrape).
+    pub async fn refresh_metrics(&self) {
+        let m = &self.metrics;
+        m.order_funds_wei.clear();
+        m.order_runway_seconds.clear();
+        m.order_bytes.clear();
+        m.order_ticks.clear();
+        m.order_tick_write_seconds.clear();
+        m.order_tick_lag_seconds.clear();
+        for id in self.board.orders() {
+            let Some(lease) = self.billing.running(id) else {
+                continue;
+            };
+            let totals = lease.totals();
+            let label = OrderLabel {
+                order: id.to_string(),
+            };
+            if let Ok(order) = self.orders.get(id).await {
+                if let Some(runway) = self.billing.runway(&order) {
+                    m.order_funds_wei
+                        .get_or_create(&label)
+                        .set(f64::from(runway.funds));
+                    if let Some(secs) = runway.seconds {
+                        m.order_runway_seconds
+                            .get_or_create(&label)
+                            .set(i64::try_from(secs).unwrap_or(i64::MAX));
+                    }
+                }
+            }
+            let bytes = lease.counter().bytes();
+            for (direction, value) in [("in", bytes.bytes_in), ("out", bytes.bytes_out)] {
+                m.order_bytes
+                    .get_or_create(&OrderDirectionLabel {
+                        order: id.to_string(),
+                        direction: direction.into(),
+                    })
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+            m.order_ticks
+                .get_or_create(&label)
+                .set(i64::try_from(totals.ticks_written).unwrap_or(i64::MAX));
+            if let Some(us) = totals.last_write_micros {
+                m.order_tick_write_seconds
+                    .get_or_create(&label)
+                    .set(us as f64 / 1e6);
+            }
+            if let Some(us) = totals.last_lag_micros {
+                m.order_tick_lag_seconds
+                    .get_or_create(&label)
+                    .set(us as f64 / 1e6);
+            }
+        }
     }
 }
 
@@ -77,6 +143,15 @@ pub enum GatewayError {
     /// Accepting connections failed.
     #[error("accepting connections failed: {0}")]
     Accept(std::io::Error),
+    /// The ledger cannot be opened or the meter configured.
+    #[error("the ledger is not usable: {0}")]
+    Ledger(#[from] shale_meter::MeterError),
+    /// The metrics address is taken or not ours.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A bound, not yet running gateway.
@@ -96,6 +171,14 @@ impl Gateway {
         provisioner: Provisioner,
     ) -> Result<Self, GatewayError> {
         let host_key = hostkey::load_or_generate(&config.host_key)?;
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            shale_meter::MeterError::InvalidConfig(format!(
+                "cannot create the state directory {}: {e}",
+                config.state_dir.display()
+            ))
+        })?;
+        let ledger = config.meter.open_ledger(&config.state_dir).await?;
+        let meter = shale_meter::Meter::new(ledger.clone(), &config.meter)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -133,6 +216,7 @@ impl Gateway {
             limiter: FailureLimiter::new(config.auth.max_failures, config.auth.failure_window),
             env_policy: Arc::new(EnvPolicy::new(&config.sessions.extra_env)),
             metrics: Metrics::default(),
+            billing: Billing::new(meter, ledger, config.payment.warn_at.clone()),
         });
         Ok(Self {
             shared,
@@ -171,6 +255,16 @@ impl Gateway {
         } = self;
         tracing::info!(addr = %listener.local_addr().map_err(GatewayError::Accept)?, "gateway listening");
         let watcher = tokio::spawn(watcher::run(shared.clone(), config.chain.poll_interval));
+        let metrics_server = match config.metrics.listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| GatewayError::Metrics { addr, source })?;
+                tracing::info!(%addr, "serving /metrics");
+                Some(tokio::spawn(metrics_http::serve(listener, shared.clone())))
+            }
+            None => None,
+        };
         let slots = Arc::new(Semaphore::new(config.sessions.max_connections));
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -235,6 +329,10 @@ impl Gateway {
             connections.shutdown().await;
         }
         watcher.abort();
+        if let Some(server) = metrics_server {
+            server.abort();
+        }
+        shared.billing.shutdown().await;
         Ok(())
     }
 }

@@ -4,18 +4,23 @@
 use std::sync::Arc;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use prometheus_client::metrics::histogram::Histogram;
 use shale_contracts::Order;
 use shale_provisioner::{LeaseSpec, ProvisionError, Provisioner};
 
 /// A shared, cloneable wait for the order's container to be running.
 #[derive(Clone)]
-pub struct LeaseStart(Shared<BoxFuture<'static, Result<(), Arc<ProvisionError>>>>);
+pub struct LeaseStart {
+    started: Shared<BoxFuture<'static, Result<(), Arc<ProvisionError>>>>,
+    spec: Arc<LeaseSpec>,
+}
 
 impl LeaseStart {
     /// Starts (or finds) `order`'s container in the background.
-    pub fn begin(provisioner: Provisioner, order: &Order) -> Self {
+    pub fn begin(provisioner: Provisioner, order: &Order, latency: Histogram) -> Self {
         let spec = lease_spec(order);
         let order_id = spec.order;
+        let shared_spec = Arc::new(spec.clone());
         let fut = async move {
             let started = std::time::Instant::now();
             let result = provisioner
@@ -23,6 +28,7 @@ impl LeaseStart {
                 .await
                 .map(|_| ())
                 .map_err(Arc::new);
+            latency.observe(started.elapsed().as_secs_f64());
             match &result {
                 Ok(()) => tracing::debug!(
                     order = spec.order,
@@ -35,23 +41,30 @@ impl LeaseStart {
         };
         // Spawned, so the container starts while the client is still opening its channel.
         let handle = tokio::spawn(fut);
-        Self(
-            async move {
-                handle.await.unwrap_or_else(|e| {
-                    Err(Arc::new(ProvisionError::StartFailed {
-                        order: order_id,
-                        reason: format!("the start task failed: {e}"),
-                    }))
-                })
-            }
-            .boxed()
-            .shared(),
-        )
+        let started = async move {
+            handle.await.unwrap_or_else(|e| {
+                Err(Arc::new(ProvisionError::StartFailed {
+                    order: order_id,
+                    reason: format!("the start task failed: {e}"),
+                }))
+            })
+        }
+        .boxed()
+        .shared();
+        Self {
+            started,
+            spec: shared_spec,
+        }
     }
 
     /// Waits until the container runs.
     pub async fn ready(&self) -> Result<(), Arc<ProvisionError>> {
-        self.0.clone().await
+        self.started.clone().await
+    }
+
+    /// What the container was started with, to start it again if it died under a session.
+    pub fn spec(&self) -> &LeaseSpec {
+        &self.spec
     }
 }
 

@@ -7,6 +7,7 @@
 //! end them when the order ends.
 
 pub mod admission;
+pub mod billing;
 pub mod config;
 pub mod connection;
 pub mod forward;
@@ -16,6 +17,7 @@ pub mod lease_start;
 pub mod leases;
 pub mod login;
 pub mod metrics;
+pub mod metrics_http;
 pub mod orders;
 pub mod policy;
 pub mod ratelimit;

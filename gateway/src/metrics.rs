@@ -1,10 +1,12 @@
 //! The gateway's Prometheus metrics. They are a layer the gateway's parts report to, rendered in
-//! the Prometheus text format by the `/metrics` endpoint.
+//! the Prometheus text format by the `/metrics` endpoint. Per-order series are rebuilt from the
+//! live leases at every scrape, so an ended order's series disappear with it.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// A label set with one `reason`.
@@ -14,6 +16,34 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// A label set with one `kind` (channel type, outcome, direction).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// What kind.
+    pub kind: String,
+}
+
+/// A label set naming one order.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrderLabel {
+    /// The order id.
+    pub order: String,
+}
+
+/// A label set naming one order and a direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrderDirectionLabel {
+    /// The order id.
+    pub order: String,
+    /// `in` (client to container) or `out`.
+    pub direction: String,
+}
+
+fn latency() -> Histogram {
+    // 1 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -21,46 +51,131 @@ pub struct Metrics {
     pub sessions_active: Gauge,
     /// Authenticated SSH sessions since start.
     pub sessions_total: Counter,
+    /// Sessions ended, by outcome.
+    pub sessions_ended: Family<KindLabel, Counter>,
     /// TCP connections open now (authenticated or not).
     pub connections_active: Gauge,
     /// Refused logins, by reason.
     pub auth_failures: Family<ReasonLabel, Counter>,
+    /// Channels opened, by type (`session`, `direct-tcpip`).
+    pub channels_opened: Family<KindLabel, Counter>,
+    /// Bytes moved by ended sessions, by direction.
+    pub bytes: Family<KindLabel, Counter>,
+    /// Time from login to the order's container running.
+    pub provisioning_seconds: Histogram,
+    /// Time to start one process in a container.
+    pub exec_seconds: Histogram,
+    /// Escrow left on chain minus what is owed and unclaimed, per live order, in wei (as f64).
+    pub order_funds_wei: Family<OrderLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Seconds the funds last at the current rate, per live order.
+    pub order_runway_seconds: Family<OrderLabel, Gauge>,
+    /// Metered bytes per live order and direction.
+    pub order_bytes: Family<OrderDirectionLabel, Gauge>,
+    /// Ticks written by each live order's meter since it started.
+    pub order_ticks: Family<OrderLabel, Gauge>,
+    /// The last tick's ledger write, in seconds.
+    pub order_tick_write_seconds: Family<OrderLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// How late the last tick was stored after its time, in seconds.
+    pub order_tick_lag_seconds: Family<OrderLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("shale_gateway");
-        let sessions_active = Gauge::default();
-        let sessions_total = Counter::default();
-        let connections_active = Gauge::default();
-        let auth_failures = Family::<ReasonLabel, Counter>::default();
+        let m = Self {
+            sessions_active: Gauge::default(),
+            sessions_total: Counter::default(),
+            sessions_ended: Family::default(),
+            connections_active: Gauge::default(),
+            auth_failures: Family::default(),
+            channels_opened: Family::default(),
+            bytes: Family::default(),
+            provisioning_seconds: latency(),
+            exec_seconds: latency(),
+            order_funds_wei: Family::default(),
+            order_runway_seconds: Family::default(),
+            order_bytes: Family::default(),
+            order_ticks: Family::default(),
+            order_tick_write_seconds: Family::default(),
+            order_tick_lag_seconds: Family::default(),
+            registry: Registry::default(),
+        };
         registry.register(
             "sessions_active",
             "Authenticated SSH sessions open now",
-            sessions_active.clone(),
+            m.sessions_active.clone(),
         );
         registry.register(
             "sessions",
             "Authenticated SSH sessions since start",
-            sessions_total.clone(),
+            m.sessions_total.clone(),
+        );
+        registry.register(
+            "sessions_ended",
+            "Sessions ended, by outcome",
+            m.sessions_ended.clone(),
         );
         registry.register(
             "connections_active",
             "TCP connections open now",
-            connections_active.clone(),
+            m.connections_active.clone(),
         );
         registry.register(
             "auth_failures",
             "Refused logins by reason",
-            auth_failures.clone(),
+            m.auth_failures.clone(),
         );
-        Self {
-            registry,
-            sessions_active,
-            sessions_total,
-            connections_active,
-            auth_failures,
-        }
+        registry.register(
+            "channels_opened",
+            "Channels opened, by type",
+            m.channels_opened.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes moved by ended sessions, by direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "provisioning_seconds",
+            "Login to the order's container running",
+            m.provisioning_seconds.clone(),
+        );
+        registry.register(
+            "exec_seconds",
+            "Starting one process in a container",
+            m.exec_seconds.clone(),
+        );
+        registry.register(
+            "order_funds_wei",
+            "Escrow left minus owed, per live order",
+            m.order_funds_wei.clone(),
+        );
+        registry.register(
+            "order_runway_seconds",
+            "Seconds the escrow lasts at the current rate",
+            m.order_runway_seconds.clone(),
+        );
+        registry.register(
+            "order_bytes",
+            "Metered bytes per live order and direction",
+            m.order_bytes.clone(),
+        );
+        registry.register(
+            "order_ticks",
+            "Ticks written by the order's meter since it started",
+            m.order_ticks.clone(),
+        );
+        registry.register(
+            "order_tick_write_seconds",
+            "The last tick's ledger write",
+            m.order_tick_write_seconds.clone(),
+        );
+        registry.register(
+            "order_tick_lag_seconds",
+            "How late the last tick was stored",
+            m.order_tick_lag_seconds.clone(),
+        );
+        Self { registry, ..m }
     }
 }
 
@@ -71,5 +186,19 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Registers more metrics (e.g. the settler's) under the gateway's prefix.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Counts one event of `kind` in `family`.
+    pub fn count(family: &Family<KindLabel, Counter>, kind: &str) {
+        family
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
     }
 }

@@ -38,6 +38,9 @@ impl EnvPolicy {
 pub enum Subsystem {
     /// SFTP, served by the container's own `sftp-server` (also `scp` in its default SFTP mode).
     Sftp,
+    /// The order's tick log and session records as JSON lines, answered by the gateway itself
+    /// (no container needed), so the client can recompute the chain of what it is billed for.
+    Receipts,
 }
 
 /// The path of OpenSSH's sftp-server in the default (Debian) image.
@@ -48,6 +51,7 @@ impl Subsystem {
     pub fn named(name: &str) -> Option<Self> {
         match name {
             "sftp" => Some(Subsystem::Sftp),
+            "shale-receipts" => Some(Subsystem::Receipts),
             _ => None,
         }
     }
@@ -95,8 +99,12 @@ mod tests {
     }
 
     #[test]
-    fn only_sftp_is_a_subsystem() {
+    fn only_sftp_and_receipts_are_subsystems() {
         assert_eq!(Subsystem::named("sftp"), Some(Subsystem::Sftp));
+        assert_eq!(
+            Subsystem::named("shale-receipts"),
+            Some(Subsystem::Receipts)
+        );
         assert_eq!(Subsystem::named("netconf"), None);
     }
 

@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, Sig};
-use shale_provisioner::{ExecRequest, ExitStatus, Process, ProcessHandle, Provisioner, PtySize};
+use shale_meter::{Ledger, Metered, SessionCounter, Side};
+use shale_provisioner::{
+    ExecRequest, ExitStatus, Process, ProcessHandle, ProvisionError, Provisioner, PtySize,
+};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::Instrument;
 
@@ -33,6 +36,12 @@ pub struct ChannelContext {
     pub handle: Handle,
     /// The session's seat on the lease board, to receive notices.
     pub seat: Arc<SessionSeat>,
+    /// The session's byte counters (billing).
+    pub counter: Arc<SessionCounter>,
+    /// The ledger, for the receipts subsystem.
+    pub ledger: Ledger,
+    /// Where the time to start a process is recorded.
+    pub exec_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// What the client asked the channel to run.
@@ -106,6 +115,11 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
         }
     };
 
+    if let Command::Subsystem(Subsystem::Receipts) = command {
+        serve_receipts(ctx, &tx).await;
+        return;
+    }
+
     let mut request = ExecRequest {
         argv: argv_for(&command),
         env,
@@ -124,10 +138,22 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
 
     let started = async {
         ctx.lease.ready().await.map_err(|e| e.to_string())?;
-        ctx.provisioner
-            .exec(ctx.order.0, request)
-            .await
-            .map_err(|e| e.to_string())
+        let _timer = ExecTimer::start(&ctx.exec_seconds);
+        match ctx.provisioner.exec(ctx.order.0, request.clone()).await {
+            // The container died under the lease (OOM, host restart): start it again, once.
+            Err(ProvisionError::NotProvisioned { .. }) => {
+                tracing::warn!("the order's container is gone; starting it again");
+                ctx.provisioner
+                    .ensure(ctx.lease.spec())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ctx.provisioner
+                    .exec(ctx.order.0, request)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            other => other.map_err(|e| e.to_string()),
+        }
     }
     .await;
     let process = match started {
@@ -153,9 +179,24 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
         handle: proc,
     } = process;
 
-    let out_pump = tokio::spawn(pump(stdout, tx.make_writer()));
-    let err_pump = stderr.map(|e| tokio::spawn(pump(e, tx.make_writer_ext(Some(1)))));
-    let in_pump = tokio::spawn(client_to_process(rx, stdin, proc.clone()));
+    // One end of each pump is metered: what reaches the client is "out", what reaches the
+    // process is "in". The counter is this channel's own, so pumps share no lock.
+    let counter = ctx.counter.open_channel();
+    let out_pump = tokio::spawn(pump(
+        stdout,
+        Metered::new(tx.make_writer(), counter.clone(), Side::Client),
+    ));
+    let err_pump = stderr.map(|e| {
+        tokio::spawn(pump(
+            e,
+            Metered::new(tx.make_writer_ext(Some(1)), counter.clone(), Side::Client),
+        ))
+    });
+    let in_pump = tokio::spawn(client_to_process(
+        rx,
+        Metered::new(stdin, counter, Side::Container),
+        proc.clone(),
+    ));
 
     let status = proc.wait().await;
     // Everything the process wrote goes out before its exit status, as with sshd.
@@ -188,6 +229,51 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
     }
     let _ = tx.eof().await;
     let _ = tx.close().await;
+}
+
+/// Answers the `shale-receipts` subsystem: the order's ticks, sessions and claims as JSON lines.
+async fn serve_receipts(ctx: &ChannelContext, tx: &russh::ChannelWriteHalf<Msg>) {
+    let mut out = Metered::new(tx.make_writer(), ctx.counter.open_channel(), Side::Client);
+    let status = match ctx.ledger.write_receipts(ctx.order.0, &mut out).await {
+        Ok(lines) => {
+            tracing::info!(lines, "receipts sent");
+            0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "receipts failed");
+            let mut err = tx.make_writer_ext(Some(1));
+            let _ = err
+                .write_all(format!("shale: the receipts could not be read: {e}\n").as_bytes())
+                .await;
+            let _ = err.flush().await;
+            1
+        }
+    };
+    let _ = out.flush().await;
+    let _ = tx.exit_status(status).await;
+    let _ = tx.eof().await;
+    let _ = tx.close().await;
+}
+
+/// Records the time to start a process when dropped (also when the start fails).
+struct ExecTimer<'a> {
+    histogram: &'a prometheus_client::metrics::histogram::Histogram,
+    started: std::time::Instant,
+}
+
+impl<'a> ExecTimer<'a> {
+    fn start(histogram: &'a prometheus_client::metrics::histogram::Histogram) -> Self {
+        Self {
+            histogram,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for ExecTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
 }
 
 /// Copies process output to the channel until the process closes it. The channel writer waits
@@ -259,6 +345,8 @@ fn argv_for(command: &Command) -> Vec<String> {
         // As sshd does: the user's shell interprets the command line.
         Command::Exec(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
         Command::Subsystem(Subsystem::Sftp) => vec![SFTP_SERVER.into()],
+        // Answered by the gateway itself, never run in the container.
+        Command::Subsystem(Subsystem::Receipts) => Vec::new(),
     }
 }
 

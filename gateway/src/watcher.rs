@@ -8,6 +8,7 @@ use futures::StreamExt;
 use shale_contracts::MarketEvent;
 
 use crate::admission::{admit_order, Refusal};
+use crate::billing::EscrowVerdict;
 use crate::gateway::Shared;
 use crate::login::OrderId;
 
@@ -57,26 +58,44 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
         tick.tick().await;
         for id in shared.board.orders() {
             shared.orders.invalidate(id).await;
-            let verdict = match shared.orders.get(id).await {
-                Ok(order) => admit_order(&order, shared.provider, crate::unix_now()),
+            let order = match shared.orders.get(id).await {
+                Ok(order) => order,
                 // An outage is not the client's fault: keep serving what was admitted.
-                Err(Refusal::ChainUnavailable(_)) => Ok(()),
-                Err(refusal) => Err(refusal),
+                Err(Refusal::ChainUnavailable(_)) => continue,
+                Err(refusal) => {
+                    end_order(&shared, id, &refusal).await;
+                    continue;
+                }
             };
-            if let Err(refusal) = verdict {
+            if let Err(refusal) = admit_order(&order, shared.provider, crate::unix_now()) {
                 end_order(&shared, id, &refusal).await;
+                continue;
+            }
+            match shared.billing.verdict(&order) {
+                EscrowVerdict::Fine => {}
+                EscrowVerdict::Warn(line) => shared.board.notify(id, &line).await,
+                EscrowVerdict::Exhausted => {
+                    end_order(&shared, id, &Refusal::EscrowExhausted(id)).await;
+                }
             }
         }
     }
 }
 
+/// Cuts `id`'s sessions with `why`, stops billing, and stops or releases its container: an order
+/// out of escrow keeps its volume (a top-up resumes it), an ended one is released.
 async fn end_order(shared: &Shared, id: OrderId, why: &Refusal) {
     if shared.board.session_count(id) > 0 {
         shared.board.cut(id, &why.to_string()).await;
     }
-    if matches!(why, Refusal::Ended(_) | Refusal::Cancelled(_)) {
-        if let Err(e) = shared.provisioner.release(id.0).await {
-            tracing::warn!(order = id.0, error = %e, "releasing the ended order's container failed");
-        }
+    let running = shared.billing.running(id).is_some();
+    shared.billing.end(id).await;
+    let result = match why {
+        Refusal::Ended(_) | Refusal::Cancelled(_) => shared.provisioner.release(id.0).await,
+        Refusal::EscrowExhausted(_) if running => shared.provisioner.stop(id.0).await,
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::warn!(order = id.0, error = %e, "stopping the order's container failed");
     }
 }

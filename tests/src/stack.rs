@@ -159,6 +159,15 @@ impl Stack {
             },
             containers,
             sessions: SessionConfig::default(),
+            state_dir: dir.path().join("gateway"),
+            meter: shale_meter::MeterConfig {
+                tick_interval_secs: 1,
+                ledger_url: None,
+            },
+            payment: Default::default(),
+            metrics: shale_gateway::config::MetricsConfig {
+                listen: Some("127.0.0.1:0".parse()?),
+            },
             auth: AuthConfig {
                 // Tests provoke many failures from 127.0.0.1 on purpose.
                 max_failures: 10_000,

@@ -1,0 +1,910 @@
+//! The settler: turns the ledger's ticks into paid claims.
+//!
+//! For every tracked order, each round (every `poll_interval_ms`, or when woken):
+//!
+//! 1. **Reconcile** the ledger with the chain. The contract stores the head it last paid for;
+//!    the settler finds the stored tick with that head. A claim that was mined but never marked
+//!    confirmed (a crash between sending and recording, a lost receipt) is confirmed from that,
+//!    or recorded afresh if the ledger never saw it; claims left pending that the chain never
+//!    paid are marked failed. Every batch is proved from the chain's head, so nothing is ever
+//!    claimed twice: a stale proof cannot verify against a head that moved on.
+//! 2. **Decide**: claim when a full batch (the largest capacity) is waiting, when the order has
+//!    ended on chain or its lease meter stopped, or when the oldest unclaimed tick is older than
+//!    `max_wait_secs`.
+//! 3. **Fit** the batch: at most the largest capacity, no more seconds than the lease has run
+//!    on chain (`claimableSeconds`), totals that fit `u64`, and a charge (`quote`, the contract's
+//!    own arithmetic) no larger than the escrow left. A claim the escrow cannot pay would be
+//!    refused, and since every later batch continues from it, it would block the order.
+//! 4. **Prove** on the bounded pool ([`prover`]) with the smallest capacity that holds the batch,
+//!    **claim** with retries and exponential backoff on outages, and record it in the ledger:
+//!    pending → submitted → confirmed (with its transaction hash) or failed.
+//! 5. Tell the order's [`LeaseMeter`] to re-read its unclaimed totals, and once an ended order
+//!    has nothing left to claim (and `settle_delay_secs` have passed), **settle** it.
+//!
+//! A contract refusal (invalid proof, escrow or lease-time exceeded) is not retried: it is
+//! recorded as failed with the contract's reason, counted in [`SettlerMetrics::failures`] and
+//! published as a [`SettlerEvent::Refused`].
+//!
+//! ```no_run
+//! # async fn wire(market: shale_contracts::Marketplace, ledger: shale_meter::Ledger,
+//! #               registry: &mut prometheus_client::registry::Registry)
+//! # -> Result<(), shale_gateway::settler::SettlerError> {
+//! use shale_gateway::settler::{Settler, SettlerConfig};
+//! let config = SettlerConfig { key_seed: Some(1), ..SettlerConfig::default() };
+//! let settler = Settler::new(&config, market, ledger).await?;
+//! settler.metrics().register(registry);
+//! let task = settler.spawn();
+//! // When a lease starts (and again when it ends, to claim at once):
+//! # let lease: std::sync::Arc<shale_meter::LeaseMeter> = unimplemented!();
+//! settler.track(42, Some(&lease));
+//! settler.wake();
+//! // On shutdown:
+//! task.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod metrics;
+mod prover;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use shale_circuits::{Anchor, CircuitError, Head, TickBatch};
+use shale_contracts::{
+    Address, Bytes, ChainError, ClaimReceipt, ClaimRequest, Marketplace, Order, OrderState, B256,
+    U256,
+};
+use shale_meter::ledger::{now_ms, ClaimRecord, ClaimStatus, NewClaim};
+use shale_meter::{Ledger, LeaseMeter, MeterError, Tick};
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+pub use config::SettlerConfig;
+pub use metrics::{FailureLabel, SettlerMetrics};
+use prover::Prover;
+
+/// Why the settler could not start, or could not claim or settle an order.
+#[derive(Debug, thiserror::Error)]
+pub enum SettlerError {
+    /// The `[settler]` section is inconsistent.
+    #[error("invalid settler configuration: {0}")]
+    Config(String),
+    /// No proving key matches a capacity the marketplace verifies.
+    #[error("no proving key for any of the marketplace's batch capacities {capacities:?} (key dir: {key_dir:?}); fetch tick-N.pk from the marketplace deployer")]
+    NoKeys {
+        /// The capacities looked for.
+        capacities: Vec<u32>,
+        /// Where keys were looked for.
+        key_dir: Option<PathBuf>,
+    },
+    /// A key file holds the key of another capacity than its name says.
+    #[error("the proving key for capacity {wanted} is for capacity {found}")]
+    KeyCapacity {
+        /// The capacity asked for.
+        wanted: u32,
+        /// The key's capacity.
+        found: usize,
+    },
+    /// The chain could not be read or a transaction not sent.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] MeterError),
+    /// A batch could not be built or proved.
+    #[error(transparent)]
+    Circuit(#[from] CircuitError),
+    /// The proving pool failed.
+    #[error("proving worker: {0}")]
+    Worker(String),
+    /// The head the contract paid for is not in this ledger: another ledger's claims, or a
+    /// ledger restored from an old backup. The order is left alone.
+    #[error("order {order}: the chain's paid head {head} is not a tick head in the ledger")]
+    ChainHeadUnknown {
+        /// The order.
+        order: u64,
+        /// The head on chain.
+        head: Head,
+    },
+    /// The contract refused the claim; it will not be retried.
+    #[error("order {order}: claim {claim_id} refused: {reason}")]
+    Refused {
+        /// The order.
+        order: u64,
+        /// The ledger's claim id.
+        claim_id: i64,
+        /// The contract's reason, in words.
+        reason: String,
+    },
+    /// Every attempt to send the claim hit an outage.
+    #[error("order {order}: claim {claim_id} not sent after {attempts} attempts: {last}")]
+    RetriesExhausted {
+        /// The order.
+        order: u64,
+        /// The ledger's claim id.
+        claim_id: i64,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last: String,
+    },
+}
+
+/// What the settler did, for logs, the CLI and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettlerEvent {
+    /// A claim was paid.
+    Claimed {
+        /// The order.
+        order: u64,
+        /// The ledger's claim id.
+        claim_id: i64,
+        /// First and last tick of the batch.
+        first_seq: u64,
+        /// Last tick of the batch (inclusive).
+        last_seq: u64,
+        /// The capacity of the circuit that proved it.
+        capacity: u32,
+        /// Wei paid to the provider.
+        amount: U256,
+        /// Gas the claim used.
+        gas_used: u64,
+        /// What the transaction cost the provider, in wei.
+        fee: U256,
+        /// The transaction.
+        tx_hash: B256,
+    },
+    /// A claim found paid on chain but not confirmed in the ledger, now confirmed.
+    Recovered {
+        /// The order.
+        order: u64,
+        /// The ledger's claim id (an existing record, or one made for it).
+        claim_id: i64,
+        /// The last tick the chain has paid for.
+        last_seq: u64,
+    },
+    /// The contract refused a claim.
+    Refused {
+        /// The order.
+        order: u64,
+        /// The ledger's claim id.
+        claim_id: i64,
+        /// The contract's reason, in words.
+        reason: String,
+    },
+    /// An ended order was settled.
+    Settled {
+        /// The order.
+        order: u64,
+        /// The transaction.
+        tx_hash: B256,
+        /// What the transaction cost the provider, in wei.
+        fee: U256,
+    },
+}
+
+/// The settler: shared state behind a cheap, cloneable handle.
+#[derive(Clone, Debug)]
+pub struct Settler {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: SettlerConfig,
+    market: Marketplace,
+    provider: Address,
+    ledger: Ledger,
+    prover: Prover,
+    metrics: SettlerMetrics,
+    /// Orders to look at, with the meter of their lease when the gateway gave one. Weak: the
+    /// settler must not keep a lease's meter (and its ticking task) alive.
+    orders: Mutex<BTreeMap<u64, Option<Weak<LeaseMeter>>>>,
+    /// One round at a time, whoever starts it: two rounds proving the same batch would send it
+    /// twice (the second would be refused, but only after paying for a proof and gas).
+    round: tokio::sync::Mutex<()>,
+    wake: Notify,
+    events: broadcast::Sender<SettlerEvent>,
+}
+
+/// The background task of [`Settler::spawn`].
+#[derive(Debug)]
+pub struct SettlerTask {
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+impl SettlerTask {
+    /// Stops the task after the round in progress (a claim in flight is finished and recorded).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.handle.await {
+            tracing::error!(error = %e, "settler task failed");
+        }
+    }
+}
+
+/// What one round did for one order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderReport {
+    /// Claims paid in this round.
+    pub claimed: usize,
+    /// Claims found paid on chain and confirmed from chain state.
+    pub recovered: usize,
+    /// Whether the order was settled in this round.
+    pub settled: bool,
+}
+
+impl Settler {
+    /// Checks the config, reads the marketplace's batch capacities, and loads (or derives) a
+    /// proving key for each capacity that both the marketplace and the config allow. `market` must
+    /// have the provider's signer.
+    pub async fn new(
+        config: &SettlerConfig,
+        market: Marketplace,
+        ledger: Ledger,
+    ) -> Result<Settler, SettlerError> {
+        config.validate()?;
+        let provider = market.sender().ok_or(ChainError::ReadOnly)?;
+        let on_chain = market.batch_capacities().await?;
+        let wanted: Vec<u32> = on_chain
+            .iter()
+            .copied()
+            .filter(|c| config.capacities.is_empty() || config.capacities.contains(c))
+            .collect();
+        if wanted.is_empty() {
+            return Err(SettlerError::NoKeys {
+                capacities: config.capacities.clone(),
+                key_dir: config.key_dir.clone(),
+            });
+        }
+        let prover = Prover::load(config, &wanted).await?;
+        let (events, _) = broadcast::channel(256);
+        Ok(Settler {
+            inner: Arc::new(Inner {
+                config: config.clone(),
+                market,
+                provider,
+                ledger,
+                prover,
+                metrics: SettlerMetrics::default(),
+                orders: Mutex::new(BTreeMap::new()),
+                round: tokio::sync::Mutex::new(()),
+                wake: Notify::new(),
+                events,
+            }),
+        })
+    }
+
+    /// The metrics; register them with [`SettlerMetrics::register`].
+    pub fn metrics(&self) -> &SettlerMetrics {
+        &self.inner.metrics
+    }
+
+    /// The batch capacities this settler proves with, ascending.
+    pub fn capacities(&self) -> Vec<u32> {
+        self.inner.prover.capacities()
+    }
+
+    /// Events of every claim, recovery, refusal and settlement from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<SettlerEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Looks after `order` from now on until it is settled. With the order's lease meter, the
+    /// settler refreshes the meter's unclaimed totals after each claim and treats a stopped meter
+    /// as the end of the lease (claim everything now). Calling it again replaces the meter.
+    pub fn track(&self, order: u64, lease: Option<&Arc<LeaseMeter>>) {
+        let mut orders = lock(&self.inner.orders);
+        let slot = orders.entry(order).or_insert(None);
+        if let Some(lease) = lease {
+            *slot = Some(Arc::downgrade(lease));
+        }
+    }
+
+    /// The orders being looked after.
+    pub fn tracked(&self) -> Vec<u64> {
+        lock(&self.inner.orders).keys().copied().collect()
+    }
+
+    /// Starts a round now rather than at the next poll (e.g. when a lease ended).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Tracks every unsettled order of this provider found on chain: how a restarted gateway
+    /// resumes claiming orders that have no session yet. Returns how many it found.
+    pub async fn discover(&self) -> Result<usize, SettlerError> {
+        let count = self.inner.market.order_count().await?;
+        let mut found = 0;
+        // Ids start at 1. Orders are read one by one: a gateway restarts rarely, and the
+        // marketplace has no per-provider index to read instead.
+        for id in 1..=count {
+            let order = match self.inner.market.order(id).await {
+                Ok(order) => order,
+                Err(ChainError::OrderNotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if order.provider == self.inner.provider
+                && !order.settled
+                && matches!(order.state, OrderState::Active | OrderState::Ended)
+            {
+                self.track(id, None);
+                found += 1;
+            }
+        }
+        tracing::info!(found, scanned = count, "unsettled orders found on chain");
+        Ok(found)
+    }
+
+    /// Runs the settler in the background: discovery (if configured), then a round every
+    /// `poll_interval_ms` or when woken, until [`SettlerTask::shutdown`].
+    pub fn spawn(&self) -> SettlerTask {
+        let (stop, mut stopped) = watch::channel(false);
+        let settler = self.clone();
+        let poll = Duration::from_millis(self.inner.config.poll_interval_ms);
+        let handle = tokio::spawn(
+            async move {
+                if settler.inner.config.scan_chain_on_start {
+                    if let Err(e) = settler.discover().await {
+                        tracing::warn!(error = %e, "could not scan the chain for unsettled orders; only tracked orders are settled");
+                    }
+                }
+                loop {
+                    settler.round().await;
+                    tokio::select! {
+                        _ = stopped.changed() => break,
+                        _ = settler.inner.wake.notified() => {}
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                    if *stopped.borrow() {
+                        break;
+                    }
+                }
+                tracing::info!("settler stopped");
+            }
+            .instrument(tracing::info_span!("settler")),
+        );
+        SettlerTask { stop, handle }
+    }
+
+    /// One pass over every tracked order; errors are logged and counted, and the order is tried
+    /// again next round. Returns what happened per order.
+    pub async fn round(&self) -> BTreeMap<u64, Result<OrderReport, SettlerError>> {
+        let _one_at_a_time = self.inner.round.lock().await;
+        let mut reports = BTreeMap::new();
+        for order in self.tracked() {
+            let result = self
+                .settle_order(order)
+                .instrument(tracing::info_span!("settle_order", order))
+                .await;
+            if let Err(e) = &result {
+                tracing::warn!(order, error = %e, "order not settled this round");
+            }
+            reports.insert(order, result);
+        }
+        reports
+    }
+
+    /// Everything one round does for one order.
+    async fn settle_order(&self, id: u64) -> Result<OrderReport, SettlerError> {
+        let inner = &self.inner;
+        let mut report = OrderReport::default();
+        let mut order = inner.market.order(id).await?;
+        if order.provider != inner.provider {
+            tracing::warn!("order belongs to another provider; not tracking it");
+            lock(&inner.orders).remove(&id);
+            return Ok(report);
+        }
+        match order.state {
+            OrderState::Pending => return Ok(report),
+            OrderState::Cancelled => {
+                lock(&inner.orders).remove(&id);
+                return Ok(report);
+            }
+            OrderState::Active | OrderState::Ended => {}
+        }
+        let (mut paid, recovered) = self.reconcile(&order).await?;
+        report.recovered = recovered;
+        if order.settled {
+            tracing::info!("order settled; no longer tracked");
+            lock(&inner.orders).remove(&id);
+            return Ok(report);
+        }
+        let lease = lock(&inner.orders).get(&id).cloned().flatten();
+        let lease_over = lease
+            .as_ref()
+            .is_some_and(|l| l.upgrade().is_none_or(|l| l.is_stopped()));
+        let max = inner.prover.max_capacity();
+        // Whether something is still waiting that a later round could claim.
+        let mut blocked = false;
+        loop {
+            let ticks = inner
+                .ledger
+                .ticks_after(id, paid.as_ref().map(|t| t.seq), max as u32)
+                .await?;
+            let Some(oldest) = ticks.first() else { break };
+            let ended = order.state == OrderState::Ended || lease_over;
+            let full = ticks.len() >= max;
+            let waited = now_ms().saturating_sub(oldest.started_at_ms)
+                >= inner.config.max_wait_secs.saturating_mul(1000);
+            if !(full || ended || waited) {
+                break;
+            }
+            let Some((count, amount)) = self.fit(&order, &ticks).await? else {
+                blocked = true;
+                break;
+            };
+            let batch = &ticks[..count];
+            self.claim(&order, paid.as_ref(), batch, amount).await?;
+            report.claimed += 1;
+            paid = batch.last().cloned();
+            if let Some(lease) = lease.as_ref().and_then(Weak::upgrade) {
+                match lease.refresh_claims().await {
+                    Ok(()) | Err(MeterError::LeaseStopped { .. }) => {}
+                    Err(e) => tracing::warn!(error = %e, "lease meter did not refresh its claims"),
+                }
+            }
+            // Escrow and claimed seconds changed; the next batch is fitted against the new ones.
+            order = inner.market.order(id).await?;
+        }
+        if order.state == OrderState::Ended && inner.config.settle {
+            let unclaimed = inner
+                .ledger
+                .ticks_after(id, paid.as_ref().map(|t| t.seq), 1)
+                .await?;
+            // Ticks left that no claim can ever pay (escrow or lease time used up) do not hold
+            // the collateral hostage; ticks that could still be paid do.
+            if unclaimed.is_empty() || blocked {
+                report.settled = self.maybe_settle(&order).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Brings the ledger in line with the chain; returns the last paid tick (`None` before the
+    /// first claim) and how many claims were confirmed from chain state.
+    async fn reconcile(&self, order: &Order) -> Result<(Option<Tick>, usize), SettlerError> {
+        let inner = &self.inner;
+        let id = order.id;
+        let chain_head = Head(order.head);
+        let claims = inner.ledger.claims(id).await?;
+        let confirmed = inner.ledger.last_claimed_seq(id).await?;
+        let paid = if chain_head.is_genesis() {
+            None
+        } else {
+            Some(self.find_paid_tick(id, chain_head, confirmed, &claims).await?)
+        };
+        let paid_seq = paid.as_ref().map(|t| t.seq);
+        let mut recovered = 0;
+        if paid_seq > confirmed {
+            let last = paid_seq.expect("greater than something");
+            let first = confirmed.map_or(0, |s| s + 1);
+            // Prefer the record of the claim that was sent (it has the proof's range and maybe
+            // the transaction hash); otherwise the chain paid a claim this ledger never saw.
+            let existing = claims
+                .iter()
+                .rev()
+                .find(|c| c.first_seq == first && c.last_seq == last);
+            let claim_id = match existing {
+                Some(c) => {
+                    inner
+                        .ledger
+                        .set_claim_status(c.claim_id, ClaimStatus::Confirmed, None)
+                        .await?;
+                    c.claim_id
+                }
+                None => {
+                    let already: U256 = claims
+                        .iter()
+                        .filter(|c| c.status == ClaimStatus::Confirmed)
+                        .map(|c| c.amount)
+                        .fold(U256::ZERO, |a, b| a + b);
+                    // What the chain paid that the ledger's confirmed claims do not account for.
+                    let amount = order.paid.saturating_sub(already);
+                    inner
+                        .ledger
+                        .record_claim(&NewClaim {
+                            order: id,
+                            first_seq: first,
+                            last_seq: last,
+                            amount,
+                            tx_hash: None,
+                            status: ClaimStatus::Confirmed,
+                        })
+                        .await?
+                        .claim_id
+                }
+            };
+            tracing::warn!(
+                claim_id,
+                first,
+                last,
+                "claim was paid on chain but not confirmed in the ledger; confirmed from chain state"
+            );
+            inner.metrics.claims_paid.inc();
+            let _ = inner.events.send(SettlerEvent::Recovered {
+                order: id,
+                claim_id,
+                last_seq: last,
+            });
+            recovered += 1;
+        }
+        // Claims left pending or submitted by a crash that the chain did not pay never will be:
+        // the next proof starts from the chain's head.
+        for c in claims.iter().filter(|c| {
+            matches!(c.status, ClaimStatus::Pending | ClaimStatus::Submitted)
+                && Some(c.last_seq) != paid_seq
+        }) {
+            tracing::info!(
+                claim_id = c.claim_id,
+                "claim left unsent or unpaid by an earlier run; marking it failed"
+            );
+            inner
+                .ledger
+                .set_claim_status(c.claim_id, ClaimStatus::Failed, None)
+                .await?;
+        }
+        Ok((paid, recovered))
+    }
+
+    /// The stored tick whose head is `head`: the confirmed claims' last tick in the usual case,
+    /// otherwise a recorded claim's, otherwise found by walking the unconfirmed ticks.
+    async fn find_paid_tick(
+        &self,
+        id: u64,
+        head: Head,
+        confirmed: Option<u64>,
+        claims: &[ClaimRecord],
+    ) -> Result<Tick, SettlerError> {
+        let ledger = &self.inner.ledger;
+        let candidates = confirmed.into_iter().chain(
+            claims
+                .iter()
+                .rev()
+                .filter(|c| c.head == head)
+                .map(|c| c.last_seq),
+        );
+        for seq in candidates {
+            if let Some(tick) = ledger.tick(id, seq).await? {
+                if tick.head == head {
+                    return Ok(tick);
+                }
+            }
+        }
+        let mut after = confirmed;
+        loop {
+            let page = ledger.ticks_after(id, after, 1024).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.seq);
+            if let Some(tick) = page.into_iter().find(|t| t.head == head) {
+                return Ok(tick);
+            }
+        }
+        self.inner.metrics.fail("chain_head_unknown");
+        Err(SettlerError::ChainHeadUnknown { order: id, head })
+    }
+
+    /// The longest prefix of `ticks` the contract would pay now, and its charge; `None` when
+    /// not even the first tick fits (escrow or lease time used up).
+    async fn fit(
+        &self,
+        order: &Order,
+        ticks: &[Tick],
+    ) -> Result<Option<(usize, U256)>, SettlerError> {
+        let market = &self.inner.market;
+        let claimable = market.claimable_seconds(order.id).await?;
+        // Prefix totals, cut where seconds exceed the lease time the chain allows or a total
+        // would not fit the claim's u64 arguments.
+        let mut totals: Vec<(u64, u64, u64)> = Vec::with_capacity(ticks.len());
+        let (mut s, mut i, mut o) = (0u64, 0u64, 0u64);
+        for t in ticks {
+            let (Some(ns), Some(ni), Some(no)) = (
+                s.checked_add(t.seconds),
+                i.checked_add(t.bytes_in),
+                o.checked_add(t.bytes_out),
+            ) else {
+                break;
+            };
+            if ns > claimable {
+                break;
+            }
+            (s, i, o) = (ns, ni, no);
+            totals.push((s, i, o));
+        }
+        let quote = |n: usize| {
+            let (s, i, o) = totals[n - 1];
+            market.quote(order.id, s, i, o)
+        };
+        let mut n = totals.len();
+        if n == 0 {
+            self.blocked(order, "lease_time", claimable);
+            return Ok(None);
+        }
+        let mut amount = quote(n).await?;
+        if amount > order.escrow {
+            // The charge grows with every tick: binary search the longest prefix that fits.
+            let (mut lo, mut hi) = (0usize, n);
+            let mut best = U256::ZERO;
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                let a = quote(mid).await?;
+                if a <= order.escrow {
+                    (lo, best) = (mid, a);
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            if lo == 0 {
+                self.blocked(order, "escrow_exhausted", claimable);
+                return Ok(None);
+            }
+            (n, amount) = (lo, best);
+        }
+        Ok(Some((n, amount)))
+    }
+
+    fn blocked(&self, order: &Order, reason: &str, claimable: u64) {
+        tracing::warn!(
+            reason,
+            claimable_seconds = claimable,
+            escrow = %order.escrow,
+            "the next unclaimed tick cannot be paid now"
+        );
+        self.inner.metrics.fail(reason);
+    }
+
+    /// Records, proves and sends one claim of `batch`, which continues the chain after `paid`.
+    async fn claim(
+        &self,
+        order: &Order,
+        paid: Option<&Tick>,
+        batch: &[Tick],
+        amount: U256,
+    ) -> Result<(), SettlerError> {
+        let inner = &self.inner;
+        let id = order.id;
+        let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+        let capacity = inner
+            .prover
+            .capacity_for(batch.len())
+            .expect("batches are cut to the largest capacity");
+        let record = inner
+            .ledger
+            .record_claim(&NewClaim {
+                order: id,
+                first_seq: first,
+                last_seq: last,
+                amount,
+                tx_hash: None,
+                status: ClaimStatus::Pending,
+            })
+            .await?;
+        let claim_id = record.claim_id;
+        let span = tracing::info_span!("claim", claim_id, first, last, capacity);
+        async {
+            let prev = paid.map_or(Head::GENESIS, |t| t.head);
+            let anchor = paid.map(|t| Anchor {
+                before: t.prev_head,
+                tick: t.fields(),
+            });
+            let fields = batch.iter().map(Tick::fields).collect();
+            let proved = match TickBatch::new(id, prev, anchor, fields) {
+                Ok(tick_batch) => {
+                    let next = tick_batch.next();
+                    let inputs = tick_batch.inputs();
+                    inner
+                        .prover
+                        .prove(capacity, tick_batch)
+                        .await
+                        .map(|(proof, took)| (proof, took, next, inputs))
+                }
+                Err(e) => Err(e.into()),
+            };
+            let (proof, took, next, inputs) = match proved {
+                Ok(done) => done,
+                Err(e) => {
+                    inner.metrics.fail("prove");
+                    inner
+                        .ledger
+                        .set_claim_status(claim_id, ClaimStatus::Failed, None)
+                        .await?;
+                    return Err(e);
+                }
+            };
+            inner.metrics.proof_seconds.observe(took.as_secs_f64());
+            inner.metrics.batch_ticks.observe(batch.len() as f64);
+            tracing::info!(ticks = batch.len(), proof_ms = took.as_millis() as u64, "batch proved");
+            let narrow = |v: u128| u64::try_from(v).expect("fit() keeps totals within u64");
+            let request = ClaimRequest {
+                order_id: id,
+                batch_capacity: capacity,
+                next_head: next.0,
+                seconds: narrow(inputs.seconds),
+                bytes_in: narrow(inputs.bytes_in),
+                bytes_out: narrow(inputs.bytes_out),
+                proof: Bytes::from(proof.to_bytes().to_vec()),
+            };
+            inner
+                .ledger
+                .set_claim_status(claim_id, ClaimStatus::Submitted, None)
+                .await?;
+            let receipt = self.send(order, claim_id, prev, next, &request).await?;
+            let tx_hash = receipt.map(|r| r.tx.tx_hash.to_string());
+            inner
+                .ledger
+                .set_claim_status(claim_id, ClaimStatus::Confirmed, tx_hash.as_deref())
+                .await?;
+            inner.metrics.claims_paid.inc();
+            match receipt {
+                Some(r) => {
+                    inner.metrics.claim_gas.observe(r.gas_used as f64);
+                    tracing::info!(amount = %r.amount, gas = r.gas_used, tx = %r.tx.tx_hash, "claim paid");
+                    let _ = inner.events.send(SettlerEvent::Claimed {
+                        order: id,
+                        claim_id,
+                        first_seq: first,
+                        last_seq: last,
+                        capacity,
+                        amount: r.amount,
+                        gas_used: r.gas_used,
+                        fee: r.tx.fee,
+                        tx_hash: r.tx.tx_hash,
+                    });
+                }
+                None => {
+                    let _ = inner.events.send(SettlerEvent::Recovered {
+                        order: id,
+                        claim_id,
+                        last_seq: last,
+                    });
+                }
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sends the claim, retrying outages with backoff. Before every retry it reads the order:
+    /// if the head already moved to `next`, an earlier attempt was mined (its receipt was lost)
+    /// and the claim is paid (`Ok(None)`); if it moved elsewhere, the claim can never verify.
+    async fn send(
+        &self,
+        order: &Order,
+        claim_id: i64,
+        prev: Head,
+        next: Head,
+        request: &ClaimRequest,
+    ) -> Result<Option<ClaimReceipt>, SettlerError> {
+        let inner = &self.inner;
+        let id = order.id;
+        let max = inner.config.max_attempts;
+        let mut last_error = String::new();
+        for attempt in 1..=max {
+            if attempt > 1 {
+                tokio::time::sleep(inner.config.backoff(attempt - 1)).await;
+                match inner.market.order(id).await {
+                    Ok(now) if Head(now.head) == next => return Ok(None),
+                    Ok(now) if Head(now.head) != prev => {
+                        return self
+                            .refused(id, claim_id, "chain_moved", "the order's paid head moved on while the claim was retried".into())
+                            .await
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        last_error = e.to_string();
+                        tracing::warn!(attempt, error = %e, "chain unreachable; claim not sent yet");
+                        continue;
+                    }
+                }
+            }
+            match inner.market.claim(request).await {
+                Ok(receipt) => return Ok(Some(receipt)),
+                Err(e @ ChainError::Reverted { .. }) => {
+                    // A refusal of a claim whose head was just paid is our own earlier attempt.
+                    if let Ok(now) = inner.market.order(id).await {
+                        if Head(now.head) == next {
+                            return Ok(None);
+                        }
+                    }
+                    let label = e
+                        .contract_error()
+                        .map(|c| {
+                            let debug = format!("{c:?}");
+                            debug.split('(').next().unwrap_or("reverted").to_owned()
+                        })
+                        .unwrap_or_else(|| "reverted".to_owned());
+                    let reason = match &e {
+                        ChainError::Reverted { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    };
+                    return self.refused(id, claim_id, &label, reason).await;
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, of = max, error = %e, "claim not sent; retrying");
+                    inner.metrics.fail(if e.is_outage() { "outage" } else { "send" });
+                    last_error = e.to_string();
+                }
+            }
+        }
+        // The last attempt may still have been mined.
+        if let Ok(now) = inner.market.order(id).await {
+            if Head(now.head) == next {
+                return Ok(None);
+            }
+        }
+        inner.metrics.fail("retries_exhausted");
+        inner
+            .ledger
+            .set_claim_status(claim_id, ClaimStatus::Failed, None)
+            .await?;
+        Err(SettlerError::RetriesExhausted {
+            order: id,
+            claim_id,
+            attempts: max,
+            last: last_error,
+        })
+    }
+
+    async fn refused<T>(
+        &self,
+        order: u64,
+        claim_id: i64,
+        label: &str,
+        reason: String,
+    ) -> Result<T, SettlerError> {
+        let inner = &self.inner;
+        tracing::error!(reason = %reason, label, "claim refused by the contract");
+        inner.metrics.fail(label);
+        inner
+            .ledger
+            .set_claim_status(claim_id, ClaimStatus::Failed, None)
+            .await?;
+        let _ = inner.events.send(SettlerEvent::Refused {
+            order,
+            claim_id,
+            reason: reason.clone(),
+        });
+        Err(SettlerError::Refused {
+            order,
+            claim_id,
+            reason,
+        })
+    }
+
+    /// Settles an ended order once `settle_delay_secs` have passed since its end.
+    async fn maybe_settle(&self, order: &Order) -> Result<bool, SettlerError> {
+        let inner = &self.inner;
+        let ended_at = order.ended_at.or(order.expires_at()).unwrap_or(0);
+        let now = inner.market.chain_time().await?;
+        if now < ended_at.saturating_add(inner.config.settle_delay_secs) {
+            return Ok(false);
+        }
+        match inner.market.settle(order.id).await {
+            Ok(tx) => {
+                tracing::info!(tx = %tx.tx_hash, "order settled");
+                lock(&inner.orders).remove(&order.id);
+                let _ = inner.events.send(SettlerEvent::Settled {
+                    order: order.id,
+                    tx_hash: tx.tx_hash,
+                    fee: tx.fee,
+                });
+                Ok(true)
+            }
+            Err(e) => {
+                inner.metrics.fail("settle");
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this map cannot leave it inconsistent (single inserts/removes).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,97 @@
+//! The settler's Prometheus metrics: a small struct of handles, registered by the gateway into its
+//! registry under the `settler_` prefix.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Why a claim (or settlement) failed: a stable, short label such as `InvalidProof`,
+/// `ClaimExceedsEscrow`, `outage`, `retries_exhausted`, `prove`, `chain_head_unknown`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabel {
+    /// Why.
+    pub reason: String,
+}
+
+/// Every metric the settler reports. Cheap to clone: clones share the same series.
+#[derive(Clone, Debug)]
+pub struct SettlerMetrics {
+    /// Seconds to prove one batch (witness, FFTs and MSMs on the proving pool).
+    pub proof_seconds: Histogram,
+    /// Ticks in each proved batch.
+    pub batch_ticks: Histogram,
+    /// Gas used by each paid claim transaction.
+    pub claim_gas: Histogram,
+    /// Claims paid on chain (including those found mined but unrecorded after a restart).
+    pub claims_paid: Counter,
+    /// Failed claims and settlements, by reason.
+    pub failures: Family<FailureLabel, Counter>,
+}
+
+impl Default for SettlerMetrics {
+    fn default() -> Self {
+        SettlerMetrics {
+            // 50 ms .. ~14 min: a debug build at capacity 16 to a release build at 1024.
+            proof_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 15)),
+            // 1 .. 4096 ticks.
+            batch_ticks: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            // 100k .. 1.6M gas; a claim with the real verifier costs about 250k.
+            claim_gas: Histogram::new(exponential_buckets(100_000.0, 1.25, 13)),
+            claims_paid: Counter::default(),
+            failures: Family::default(),
+        }
+    }
+}
+
+impl SettlerMetrics {
+    /// Registers every metric under `settler_` in `registry` (e.g. the gateway's
+    /// `shale_gateway` registry, giving `shale_gateway_settler_proof_seconds`).
+    pub fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("settler");
+        registry.register(
+            "proof_seconds",
+            "Seconds to prove one claim batch",
+            self.proof_seconds.clone(),
+        );
+        registry.register(
+            "batch_ticks",
+            "Ticks in each proved claim batch",
+            self.batch_ticks.clone(),
+        );
+        registry.register(
+            "claim_gas",
+            "Gas used by each paid claim transaction",
+            self.claim_gas.clone(),
+        );
+        registry.register(
+            "claims_paid",
+            "Claims paid on chain",
+            self.claims_paid.clone(),
+        );
+        registry.register(
+            "failures",
+            "Failed claims and settlements by reason",
+            self.failures.clone(),
+        );
+    }
+
+    /// Counts one failure.
+    pub(crate) fn fail(&self, reason: &str) {
+        self.failures
+            .get_or_create(&FailureLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Failures counted so far with `reason` (for tests and the status command).
+    pub fn failures_with(&self, reason: &str) -> u64 {
+        self.failures
+            .get_or_create(&FailureLabel {
+                reason: reason.to_owned(),
+            })
+            .get()
+    }
+}
