@@ -1,22 +1,86 @@
 //! `shale`: the one binary clients and storage providers use.
+//!
+//! Exit codes are documented in [`exit`]: 0 success, 1 failure, 2 usage, 3 chain unreachable,
+//! 4 refused by the marketplace, 5 no such order or provider, 6 timed out, 7 receipts do not
+//! match the claims, 8 ssh failed.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
+use shale_contracts::{Address, U256};
 
 mod cmd;
+mod exit;
+mod money;
+mod settings;
+mod spconfig;
+mod sshcfg;
+mod view;
+
+use settings::ChainArgs;
+use spconfig::SpConfig;
 
 /// Lease compute next to Filecoin datasets over plain OpenSSH.
 #[derive(Parser)]
-#[command(name = "shale", version, about)]
+#[command(
+    name = "shale",
+    version,
+    about,
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 chain unreachable, 4 refused by the \
+                  marketplace, 5 no such order or provider, 6 timed out, 7 receipts do not match \
+                  the claims, 8 ssh failed."
+)]
 struct Cli {
+    #[command(flatten)]
+    chain: ChainArgs,
+    /// Machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The storage providers on the marketplace: offers, prices, datasets, ratings.
+    Providers {
+        /// Include withdrawn providers.
+        #[arg(long)]
+        all: bool,
+    },
+    /// The datasets across providers.
+    Datasets {
+        /// Only datasets whose id or description contains this text.
+        filter: Option<String>,
+    },
+    /// Place and manage orders (client side).
+    #[command(subcommand)]
+    Order(OrderCommand),
+    /// Rate the provider of an ended order.
+    Rate {
+        order: u64,
+        /// 1 to 5 stars.
+        #[arg(value_parser = clap::value_parser!(u8).range(1..=5))]
+        stars: u8,
+        /// A short review (at most 280 bytes).
+        #[arg(long, default_value = "")]
+        review: String,
+    },
+    /// Fetch an order's receipts over SSH and check them against the provider's claims.
+    Receipts {
+        order: u64,
+        /// Recompute the tick chain and compare it with what the contract paid for.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Follow an order live: lease time, cost, escrow left, claims.
+    Watch {
+        order: u64,
+        /// Print one snapshot and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Run the SSH gateway (SP side).
     Gateway {
         /// The gateway's TOML config (see gateway/gateway.example.toml).
@@ -26,36 +90,216 @@ enum Command {
     /// Storage-provider commands.
     #[command(subcommand)]
     Sp(SpCommand),
+    /// The whole stack on this machine: anvil, contracts, containerd, image, gateway, demo SP.
+    #[command(subcommand)]
+    Dev(DevCommand),
+    /// The whole story on the local stack: order, ssh, train a model, scp, pay, verify, rate.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum OrderCommand {
+    /// Order a container from a provider, pay the escrow, and wait until it is accepted.
+    Create {
+        /// The provider's address.
+        #[arg(long)]
+        provider: Address,
+        /// Your SSH public key (its private half logs in).
+        #[arg(long, default_value = "~/.ssh/id_ed25519.pub")]
+        key: PathBuf,
+        /// CPUs (default: the provider's offer).
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory, e.g. 8GiB (default: the offer).
+        #[arg(long, value_parser = view::parse_memory)]
+        memory: Option<u64>,
+        /// GPUs (default: the offer).
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// A dataset of the provider, mounted read-only at /data/<id>.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Longest lease, in hours.
+        #[arg(long, default_value_t = 1)]
+        hours: u64,
+        /// Escrow paid in, e.g. 0.5FIL.
+        #[arg(long, value_parser = money::amount_arg)]
+        deposit: U256,
+        /// Seconds to wait for the provider to accept (also the on-chain accept timeout).
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
+    /// Your orders (as client or provider).
+    List {
+        /// Whose orders (default: the signing key's address).
+        #[arg(long)]
+        client: Option<Address>,
+    },
+    /// One order in detail.
+    Show { order: u64 },
+    /// Add escrow to a live order.
+    TopUp {
+        order: u64,
+        #[arg(value_parser = money::amount_arg)]
+        amount: U256,
+    },
+    /// End a live order now.
+    Terminate { order: u64 },
+    /// Withdraw an order the provider did not accept in time (full refund).
+    Cancel { order: u64 },
+    /// Pay out an ended order: the escrow left back to you, the collateral back to the provider.
+    Settle { order: u64 },
 }
 
 #[derive(Subcommand)]
 enum SpCommand {
     /// Print the gateway's SSH host key (created if missing), as registered on chain.
     HostKey {
-        /// The gateway's TOML config.
+        #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Register the endpoint, host key, offer and datasets of the config.
+    Register {
+        #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Update the registered endpoint, host key, offer and datasets from the config.
+    Update {
+        #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Withdraw the offer: no new orders, live orders continue.
+    Withdraw {
+        #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// This provider's orders: pending, active, ended, and the earnings.
+    Orders {
+        #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Accept a pending order (posting its collateral).
+    Accept {
+        order: u64,
         #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
         config: PathBuf,
     },
 }
 
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Start the local stack in the background (state under <repo>/.state/dev/).
+    Up,
+    /// Stop everything `dev up` started and remove its state.
+    Down,
+    /// Show the local stack's endpoints.
+    Status,
+    /// Keeps a project-local containerd running until SIGTERM (started by `dev up`).
+    #[command(hide = true)]
+    Containerd {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Providers { all } => {
+            cmd::market::providers(&cli.chain.resolve()?, all, json).await
+        }
+        Command::Datasets { filter } => {
+            cmd::market::datasets(&cli.chain.resolve()?, filter.as_deref(), json).await
+        }
+        Command::Order(o) => {
+            let s = cli.chain.resolve()?;
+            match o {
+                OrderCommand::Create {
+                    provider,
+                    key,
+                    cpus,
+                    memory,
+                    gpus,
+                    dataset,
+                    hours,
+                    deposit,
+                    wait,
+                } => {
+                    let req = cmd::order::CreateRequest {
+                        provider,
+                        key,
+                        cpus,
+                        memory_mib: memory,
+                        gpus,
+                        dataset,
+                        hours,
+                        deposit,
+                        wait: Duration::from_secs(wait),
+                    };
+                    cmd::order::create(&s, &req, json).await.map(|_| ())
+                }
+                OrderCommand::List { client } => cmd::order::list(&s, client, json).await,
+                OrderCommand::Show { order } => cmd::order::show(&s, order, json).await,
+                OrderCommand::TopUp { order, amount } => {
+                    cmd::order::top_up(&s, order, amount, json).await
+                }
+                OrderCommand::Terminate { order } => cmd::order::terminate(&s, order, json).await,
+                OrderCommand::Cancel { order } => cmd::order::cancel(&s, order, json).await,
+                OrderCommand::Settle { order } => cmd::order::settle(&s, order, json).await,
+            }
+        }
+        Command::Rate {
+            order,
+            stars,
+            review,
+        } => cmd::order::rate(&cli.chain.resolve()?, order, stars, &review, json).await,
+        Command::Receipts { order, verify } => {
+            cmd::receipts::run(&cli.chain.resolve()?, order, verify, json)
+                .await
+                .map(|_| ())
+        }
+        Command::Watch { order, once } => {
+            cmd::watch::run(&cli.chain.resolve()?, order, once, json).await
+        }
+        Command::Gateway { config } => cmd::gateway::run(&config).await,
+        Command::Sp(sp) => match sp {
+            SpCommand::HostKey { config } => {
+                println!("{}", cmd::sp::host_key(&SpConfig::load(&config)?)?);
+                Ok(())
+            }
+            SpCommand::Register { config } => cmd::sp::register(&SpConfig::load(&config)?).await,
+            SpCommand::Update { config } => cmd::sp::update(&SpConfig::load(&config)?).await,
+            SpCommand::Withdraw { config } => cmd::sp::withdraw(&SpConfig::load(&config)?).await,
+            SpCommand::Orders { config } => cmd::sp::orders(&SpConfig::load(&config)?, json).await,
+            SpCommand::Accept { order, config } => {
+                cmd::sp::accept(&SpConfig::load(&config)?, order).await
+            }
+        },
+        Command::Dev(d) => match d {
+            DevCommand::Up => cmd::dev::up().await.map(|_| ()),
+            DevCommand::Down => cmd::dev::down().await,
+            DevCommand::Status => cmd::dev::status(json),
+            DevCommand::Containerd { dir } => cmd::dev::containerd(&dir).await,
+        },
+        Command::Demo => cmd::demo::run().await,
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,russh=warn".into()),
+                .unwrap_or_else(|_| "warn,shale_gateway=info,russh=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Gateway { config } => cmd::gateway::run(&config).await,
-        Command::Sp(SpCommand::HostKey { config }) => {
-            let config = shale_gateway::GatewayConfig::load(&config)?;
-            let key = shale_gateway::hostkey::load_or_generate(&config.host_key)
-                .context("loading the host key")?;
-            println!("{}", shale_gateway::hostkey::public_openssh(&key));
-            Ok(())
+    if let Err(err) = run(cli).await {
+        eprintln!("error: {err}");
+        for cause in err.chain().skip(1) {
+            eprintln!("  because: {cause}");
         }
+        std::process::exit(exit::code_of(&err));
     }
 }

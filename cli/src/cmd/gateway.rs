@@ -4,12 +4,15 @@ use std::path::Path;
 
 use anyhow::Context;
 use shale_contracts::Marketplace;
-use shale_gateway::{Gateway, GatewayConfig};
+use shale_gateway::Gateway;
 use shale_provisioner::Provisioner;
 
-/// Loads the config, connects to the chain and containerd, and serves.
+use crate::spconfig::SpConfig;
+
+/// Loads the config (its `[sp]` section is the CLI's, the rest the gateway's), connects to the
+/// chain and containerd, and serves.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let config = GatewayConfig::load(config_path)?;
+    let config = SpConfig::load(config_path)?.gateway;
     let market = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
         .await
         .with_context(|| format!("connecting to the marketplace at {}", config.chain.rpc_url))?;
@@ -26,7 +29,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     tokio::select! {

@@ -1,3 +1,10 @@
 //! One module per command.
 
+pub mod demo;
+pub mod dev;
 pub mod gateway;
+pub mod market;
+pub mod order;
+pub mod receipts;
+pub mod sp;
+pub mod watch;

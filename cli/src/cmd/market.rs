@@ -1,0 +1,128 @@
+//! `shale providers` and `shale datasets`: what the marketplace offers.
+
+use serde::Serialize;
+
+use crate::money::format_fil;
+use crate::settings::Settings;
+use crate::view::{memory, per_hour, print_json, rating_text, table, ProviderView};
+
+/// Lists the providers, active ones first.
+pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Result<()> {
+    let market = settings.reader().await?;
+    let mut providers = market.providers().await?;
+    providers.retain(|p| all || p.active);
+    providers.sort_by_key(|p| (!p.active, p.offer.price_per_second));
+    if json {
+        let views: Vec<ProviderView> = providers.iter().map(ProviderView::from).collect();
+        return print_json(&views);
+    }
+    if providers.is_empty() {
+        println!("No providers are registered on this marketplace yet.");
+        return Ok(());
+    }
+    let mut t = table([
+        "provider", "endpoint", "cpus", "memory", "gpus", "FIL/hour", "FIL/GiB", "datasets",
+        "rating",
+    ]);
+    for p in &providers {
+        let gpus = if p.offer.gpu_count == 0 {
+            "-".to_string()
+        } else {
+            format!("{} × {}", p.offer.gpu_count, p.offer.gpu_model)
+        };
+        let datasets: Vec<&str> = p.datasets.iter().map(|d| d.id.as_str()).collect();
+        t.add_row(vec![
+            format!(
+                "{:#x}{}",
+                p.address,
+                if p.active { "" } else { " (withdrawn)" }
+            ),
+            p.endpoint.clone(),
+            p.offer.cpus.to_string(),
+            memory(p.offer.memory_mib),
+            gpus,
+            format_fil(per_hour(p.offer.price_per_second)),
+            format_fil(p.offer.price_per_gib),
+            datasets.join(", "),
+            rating_text(p),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// One dataset and who serves it.
+#[derive(Debug, Serialize)]
+struct DatasetRow {
+    id: String,
+    provider: String,
+    endpoint: String,
+    size_bytes: u64,
+    piece_cid: Option<String>,
+    deal_id: Option<u64>,
+    description: String,
+}
+
+/// Lists the datasets of active providers, optionally only those whose id or description
+/// contains `filter` (case-insensitive).
+pub async fn datasets(settings: &Settings, filter: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let market = settings.reader().await?;
+    let needle = filter.map(str::to_lowercase);
+    let mut rows = Vec::new();
+    for p in market.providers().await? {
+        if !p.active {
+            continue;
+        }
+        for d in &p.datasets {
+            let hit = needle.as_ref().is_none_or(|n| {
+                d.id.to_lowercase().contains(n) || d.description.to_lowercase().contains(n)
+            });
+            if hit {
+                rows.push(DatasetRow {
+                    id: d.id.clone(),
+                    provider: format!("{:#x}", p.address),
+                    endpoint: p.endpoint.clone(),
+                    size_bytes: d.size_bytes,
+                    piece_cid: d.piece_cid.clone(),
+                    deal_id: d.deal_id,
+                    description: d.description.clone(),
+                });
+            }
+        }
+    }
+    if json {
+        return print_json(&rows);
+    }
+    if rows.is_empty() {
+        println!("No dataset matches.");
+        return Ok(());
+    }
+    let mut t = table(["dataset", "size", "piece CID", "provider", "description"]);
+    for r in rows {
+        t.add_row(vec![
+            r.id,
+            bytes(r.size_bytes),
+            r.piece_cid.unwrap_or_else(|| "-".into()),
+            r.provider,
+            r.description,
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// A byte count in words.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64; // display only; never money
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

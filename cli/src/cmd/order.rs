@@ -1,0 +1,502 @@
+//! `shale order …` and `shale rate`: the client's side of an order.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use shale_contracts::{
+    format_fingerprint, key_fingerprint_openssh, Address, Marketplace, NewOrder, Order, OrderState,
+    U256,
+};
+
+use crate::exit::Failure;
+use crate::money::{format_fil, Fil};
+use crate::settings::Settings;
+use crate::sshcfg::{split_endpoint, OrderHost, SshFiles};
+use crate::view::{duration, memory, print_json, table, OrderView};
+
+/// What `shale order create` asks for.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub provider: Address,
+    pub key: PathBuf,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub gpus: Option<u32>,
+    pub dataset: Option<String>,
+    pub hours: u64,
+    pub deposit: U256,
+    /// How long to wait for the provider to accept (also the on-chain accept timeout).
+    pub wait: Duration,
+}
+
+/// What a created order gives the client: how to reach it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreatedOrder {
+    pub order: u64,
+    pub state: String,
+    pub alias: String,
+    /// The command with the Host entry in place.
+    pub ssh: String,
+    /// The same without relying on ~/.ssh/config.
+    pub ssh_explicit: String,
+    pub host: String,
+    pub port: u16,
+    pub identity: String,
+    pub known_hosts: String,
+    pub ssh_config: String,
+}
+
+/// Reads an OpenSSH public key file and returns its line and the matching private key path.
+pub fn read_public_key(path: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let expanded = expand_tilde(path);
+    let line = std::fs::read_to_string(&expanded)
+        .with_context(|| format!("cannot read the SSH public key {}", expanded.display()))?;
+    let identity = match expanded.to_str().and_then(|s| s.strip_suffix(".pub")) {
+        Some(private) => PathBuf::from(private),
+        None => bail!(
+            "{} does not end in .pub: pass the public key (e.g. ~/.ssh/id_ed25519.pub)",
+            expanded.display()
+        ),
+    };
+    Ok((line.trim().to_string(), identity))
+}
+
+fn expand_tilde(path: &Path) -> PathBuf {
+    match path.to_str().and_then(|s| s.strip_prefix("~/")) {
+        Some(rest) => crate::settings::home().join(rest),
+        None => path.to_path_buf(),
+    }
+}
+
+/// Places an order, waits for acceptance, and writes the SSH entries.
+pub async fn create(
+    settings: &Settings,
+    req: &CreateRequest,
+    json: bool,
+) -> anyhow::Result<CreatedOrder> {
+    let market = settings.signer().await?;
+    let created = create_with(&market, settings, req, !json).await?;
+    if json {
+        print_json(&created)?;
+    }
+    Ok(created)
+}
+
+/// [`create`] with an existing signing client (the demo uses its own).
+pub async fn create_with(
+    market: &Marketplace,
+    settings: &Settings,
+    req: &CreateRequest,
+    talk: bool,
+) -> anyhow::Result<CreatedOrder> {
+    let provider = market
+        .provider(req.provider)
+        .await
+        .context("reading the provider's offer")?;
+    if !provider.active {
+        bail!("provider {:#x} has withdrawn its offer", req.provider);
+    }
+    if let Some(d) = &req.dataset {
+        if !provider.datasets.iter().any(|x| &x.id == d) {
+            let ids: Vec<&str> = provider.datasets.iter().map(|x| x.id.as_str()).collect();
+            bail!(
+                "provider {:#x} has no dataset {d:?}; it offers: {}",
+                req.provider,
+                if ids.is_empty() {
+                    "none".into()
+                } else {
+                    ids.join(", ")
+                }
+            );
+        }
+    }
+    let (key_line, identity) = read_public_key(&req.key)?;
+    let fingerprint = key_fingerprint_openssh(&key_line)?;
+    let max_duration = req
+        .hours
+        .checked_mul(3600)
+        .context("--hours is too large")?;
+    let mut order = NewOrder::for_offer(&provider, fingerprint, req.deposit, max_duration);
+    order.dataset = req.dataset.clone();
+    if let Some(c) = req.cpus {
+        order.cpus = c;
+    }
+    if let Some(m) = req.memory_mib {
+        order.memory_mib = m;
+    }
+    if let Some(g) = req.gpus {
+        order.gpus = g;
+    }
+    order.accept_timeout_secs = req.wait.as_secs().max(1);
+    if talk {
+        let hourly = provider
+            .offer
+            .price_per_second
+            .saturating_mul(U256::from(3600u32));
+        eprintln!(
+            "Ordering {} CPUs, {}, {} GPUs{} from {:#x} for up to {}h at {} per hour + {} per GiB.",
+            order.cpus,
+            memory(order.memory_mib),
+            order.gpus,
+            order
+                .dataset
+                .as_ref()
+                .map(|d| format!(", dataset {d}"))
+                .unwrap_or_default(),
+            req.provider,
+            req.hours,
+            Fil(hourly),
+            Fil(provider.offer.price_per_gib),
+        );
+        eprintln!(
+            "Key {} ({}), escrow {}.",
+            format_fingerprint(&fingerprint),
+            req.key.display(),
+            Fil(req.deposit)
+        );
+    }
+    let (id, tx) = market.create_order_tx(&order).await?;
+    if talk {
+        eprintln!(
+            "Order {id} placed (tx {:#x}, fee {}).",
+            tx.tx_hash,
+            Fil(tx.fee)
+        );
+    }
+    let accepted = wait_for_acceptance(market, id, req.wait, talk).await?;
+    if accepted.state != OrderState::Active {
+        bail!("order {id} is {} and will not start", accepted.state);
+    }
+    let (host, port) = split_endpoint(&provider.endpoint)?;
+    let files = SshFiles::new(&settings.ssh_dir);
+    let user_config = settings.ssh_dir.join("config");
+    let order_host = OrderHost {
+        order: id,
+        host: host.clone(),
+        port,
+        host_key: provider.ssh_host_key.clone(),
+        identity: identity.clone(),
+    };
+    let alias = files.write(&order_host, Some(&user_config))?;
+    let created = CreatedOrder {
+        order: id,
+        state: accepted.state.to_string(),
+        ssh: format!("ssh {alias}"),
+        ssh_explicit: format!(
+            "ssh -p {port} -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} {id}@{host}",
+            identity.display(),
+            files.known_hosts.display()
+        ),
+        alias,
+        host,
+        port,
+        identity: identity.display().to_string(),
+        known_hosts: files.known_hosts.display().to_string(),
+        ssh_config: files.config.display().to_string(),
+    };
+    if talk {
+        eprintln!(
+            "Order {id} is active until {}. The provider's host key is pinned in {}.",
+            accepted
+                .expires_at()
+                .map(|t| format!("unix time {t}"))
+                .unwrap_or_default(),
+            files.known_hosts.display()
+        );
+        println!("{}", created.ssh);
+        eprintln!("(or, without ~/.ssh/config: {})", created.ssh_explicit);
+    }
+    Ok(created)
+}
+
+/// Polls the order until the provider accepts it, with a spinner; on timeout offers (on a
+/// terminal) to cancel it, and fails with the "timed out" exit code.
+async fn wait_for_acceptance(
+    market: &Marketplace,
+    id: u64,
+    wait: Duration,
+    talk: bool,
+) -> anyhow::Result<Order> {
+    let spinner = if talk {
+        let s = ProgressBar::new_spinner();
+        s.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("template"));
+        s.set_message(format!("waiting for the provider to accept order {id}…"));
+        s.enable_steady_tick(Duration::from_millis(120));
+        s
+    } else {
+        ProgressBar::hidden()
+    };
+    let start = Instant::now();
+    loop {
+        let order = market.order(id).await?;
+        if order.state != OrderState::Pending {
+            spinner.finish_and_clear();
+            if talk {
+                eprintln!(
+                    "Accepted after {} (provider posted {} collateral).",
+                    duration(start.elapsed().as_secs()),
+                    Fil(order.collateral)
+                );
+            }
+            return Ok(order);
+        }
+        if start.elapsed() >= wait {
+            spinner.finish_and_clear();
+            if talk && std::io::stdin().is_terminal() {
+                eprint!(
+                    "The provider has not accepted order {id} in {}. Cancel it and get the \
+                     escrow back? [y/N] ",
+                    duration(wait.as_secs())
+                );
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim().eq_ignore_ascii_case("y") {
+                    market.cancel(id).await.context("cancelling the order")?;
+                    eprintln!("Order {id} cancelled; the escrow is back in your account.");
+                }
+            }
+            return Err(Failure::TimedOut(format!(
+                "the provider did not accept order {id} within {}; `shale order cancel {id}` \
+                 returns the escrow",
+                duration(wait.as_secs())
+            ))
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Orders where `who` is the client or the provider.
+pub async fn orders_of(market: &Marketplace, who: Address) -> anyhow::Result<Vec<Order>> {
+    let count = market.order_count().await?;
+    let mut out = Vec::new();
+    for id in 1..=count {
+        let o = market.order(id).await?;
+        if o.client == who || o.provider == who {
+            out.push(o);
+        }
+    }
+    Ok(out)
+}
+
+/// `shale order list`: the orders of `who` (default: the signing key's address).
+pub async fn list(settings: &Settings, who: Option<Address>, json: bool) -> anyhow::Result<()> {
+    let who = match who {
+        Some(w) => w,
+        None => crate::settings::load_signer(settings.keystore.as_deref())
+            .context("order list shows the orders of your key; or pass --client ADDRESS")?
+            .address(),
+    };
+    let market = settings.reader().await?;
+    let orders = orders_of(&market, who).await?;
+    if json {
+        let v: Vec<OrderView> = orders.iter().map(OrderView::from).collect();
+        return print_json(&v);
+    }
+    if orders.is_empty() {
+        println!("No orders for {who:#x}.");
+        return Ok(());
+    }
+    let now = market.chain_time().await?;
+    println!("{}", orders_table(&orders, now));
+    Ok(())
+}
+
+/// A table of orders.
+pub fn orders_table(orders: &[Order], now: u64) -> comfy_table::Table {
+    let mut t = table([
+        "order",
+        "state",
+        "provider",
+        "resources",
+        "dataset",
+        "escrow left",
+        "paid",
+        "lease",
+    ]);
+    for o in orders {
+        let lease = match (o.accepted_at, o.ended_at, o.expires_at()) {
+            (Some(a), Some(e), _) => format!("ran {}", duration(e.saturating_sub(a))),
+            (Some(a), None, Some(x)) => format!(
+                "{} used, {} left",
+                duration(now.saturating_sub(a)),
+                duration(x.saturating_sub(now))
+            ),
+            _ => "-".into(),
+        };
+        t.add_row(vec![
+            o.id.to_string(),
+            o.state.to_string(),
+            format!("{:#x}", o.provider),
+            format!("{} cpu, {}, {} gpu", o.cpus, memory(o.memory_mib), o.gpus),
+            o.dataset.clone().unwrap_or_else(|| "-".into()),
+            format_fil(o.escrow),
+            format_fil(o.paid),
+            lease,
+        ]);
+    }
+    t
+}
+
+/// `shale order show ID`.
+pub async fn show(settings: &Settings, id: u64, json: bool) -> anyhow::Result<()> {
+    let market = settings.reader().await?;
+    let o = market.order(id).await?;
+    let v = OrderView::from(&o);
+    if json {
+        return print_json(&v);
+    }
+    let mut t = table(["order".to_string(), id.to_string()]);
+    let rows: Vec<(&str, String)> = vec![
+        ("state", v.state),
+        ("client", v.client),
+        ("provider", v.provider),
+        ("key", v.key_fingerprint),
+        (
+            "resources",
+            format!("{} cpu, {}, {} gpu", o.cpus, memory(o.memory_mib), o.gpus),
+        ),
+        ("dataset", v.dataset.unwrap_or_else(|| "-".into())),
+        (
+            "tariff",
+            format!(
+                "{} per hour, {} per GiB",
+                Fil(crate::view::per_hour(o.price_per_second)),
+                Fil(o.price_per_gib)
+            ),
+        ),
+        ("max lease", duration(o.max_duration_secs)),
+        ("escrow left", Fil(o.escrow).to_string()),
+        ("collateral", Fil(o.collateral).to_string()),
+        ("paid to provider", Fil(o.paid).to_string()),
+        (
+            "claimed",
+            format!(
+                "{} of lease, {} bytes",
+                duration(o.claimed_seconds),
+                o.claimed_bytes
+            ),
+        ),
+        ("chain head", v.head),
+        ("settled", o.settled.to_string()),
+        ("rated", o.rated.to_string()),
+    ];
+    for (k, val) in rows {
+        t.add_row(vec![k.to_string(), val]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// A sent transaction, for `--json`.
+#[derive(Debug, Serialize)]
+struct TxDone {
+    order: u64,
+    action: &'static str,
+    tx: String,
+    fee_wei: String,
+}
+
+fn report_tx(
+    json: bool,
+    order: u64,
+    action: &'static str,
+    tx: &shale_contracts::TxReceipt,
+    words: String,
+) -> anyhow::Result<()> {
+    if json {
+        print_json(&TxDone {
+            order,
+            action,
+            tx: format!("{:#x}", tx.tx_hash),
+            fee_wei: tx.fee.to_string(),
+        })
+    } else {
+        println!("{words} (tx {:#x}, fee {})", tx.tx_hash, Fil(tx.fee));
+        Ok(())
+    }
+}
+
+/// `shale order top-up ID AMOUNT`.
+pub async fn top_up(settings: &Settings, id: u64, amount: U256, json: bool) -> anyhow::Result<()> {
+    let market = settings.signer().await?;
+    let tx = market.top_up(id, amount).await?;
+    let o = market.order(id).await?;
+    report_tx(
+        json,
+        id,
+        "top-up",
+        &tx,
+        format!(
+            "Added {} to order {id}; escrow now {}.",
+            Fil(amount),
+            Fil(o.escrow)
+        ),
+    )
+}
+
+/// `shale order terminate ID`: ends the lease now, then pays out what is left.
+pub async fn terminate(settings: &Settings, id: u64, json: bool) -> anyhow::Result<()> {
+    let market = settings.signer().await?;
+    let tx = market.terminate(id).await?;
+    report_tx(
+        json,
+        id,
+        "terminate",
+        &tx,
+        format!("Order {id} terminated; the provider may still claim the usage up to now."),
+    )
+}
+
+/// `shale order cancel ID`: withdraws an order the provider did not accept.
+pub async fn cancel(settings: &Settings, id: u64, json: bool) -> anyhow::Result<()> {
+    let market = settings.signer().await?;
+    let tx = market.cancel(id).await?;
+    report_tx(
+        json,
+        id,
+        "cancel",
+        &tx,
+        format!("Order {id} cancelled; the escrow is refunded."),
+    )
+}
+
+/// `shale order settle ID`: pays out an ended order (escrow left to the client).
+pub async fn settle(settings: &Settings, id: u64, json: bool) -> anyhow::Result<()> {
+    let market = settings.signer().await?;
+    let before = market.order(id).await?;
+    let tx = market.settle(id).await?;
+    report_tx(
+        json,
+        id,
+        "settle",
+        &tx,
+        format!(
+            "Order {id} settled; {} of escrow returned to the client.",
+            Fil(before.escrow)
+        ),
+    )
+}
+
+/// `shale rate ID STARS --review TEXT`.
+pub async fn rate(
+    settings: &Settings,
+    id: u64,
+    stars: u8,
+    review: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let market = settings.signer().await?;
+    let tx = market.rate(id, stars, review).await?;
+    report_tx(
+        json,
+        id,
+        "rate",
+        &tx,
+        format!("Rated order {id}'s provider {stars}/5."),
+    )
+}

@@ -1,0 +1,265 @@
+//! `shale receipts ORDER --verify`: the client's check on what the provider claims.
+//!
+//! The gateway serves an order's tick log as JSON lines on the `shale-receipts` SSH subsystem.
+//! We fetch it with the stock `ssh` client (the order's own key and pinned host key), recompute
+//! the Poseidon tick chain, and compare it with what the contract stored and paid: the head the
+//! last claim reached, the claimed seconds and bytes, and the amount paid.
+
+use std::process::Stdio;
+
+use anyhow::Context;
+use serde::Serialize;
+use shale_contracts::{Order, U256};
+use shale_meter::ledger::Receipt;
+use shale_meter::{verify_receipts, Head, Tariff, Tick, Usage};
+
+use crate::exit::Failure;
+use crate::money::Fil;
+use crate::settings::Settings;
+use crate::sshcfg::SshFiles;
+use crate::view::{duration, hex, print_json, table};
+
+/// The stock `ssh` invocation for order `id`, through the Host entry `order create` wrote.
+pub fn ssh(settings: &Settings, id: u64) -> tokio::process::Command {
+    let files = SshFiles::new(&settings.ssh_dir);
+    let mut c = tokio::process::Command::new("ssh");
+    c.arg("-F")
+        .arg(&files.config)
+        .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"])
+        .arg(format!("shale-{id}"));
+    c
+}
+
+/// Fetches the receipts of order `id` over SSH.
+pub async fn fetch(settings: &Settings, id: u64) -> anyhow::Result<Vec<Receipt>> {
+    let out = ssh(settings, id)
+        .args(["-s", "shale-receipts"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running ssh (is openssh-client installed?)")?;
+    if !out.status.success() {
+        return Err(Failure::Ssh(format!(
+            "ssh shale-{id} -s shale-receipts failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+        .into());
+    }
+    let text = String::from_utf8(out.stdout).context("receipts are not UTF-8")?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("receipt line {} is not a receipt", i + 1))
+        })
+        .collect()
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub order: u64,
+    pub ticks: usize,
+    pub sessions: usize,
+    pub chain_ok: bool,
+    pub receipts_head: String,
+    pub onchain_head: String,
+    /// Ticks covered by the provider's claims (the prefix ending at the on-chain head).
+    pub claimed_ticks: Option<usize>,
+    pub usage_seconds: u64,
+    pub usage_bytes: u128,
+    pub usage_charge_wei: String,
+    pub claimed_seconds: u64,
+    pub claimed_bytes: String,
+    pub paid_wei: String,
+    pub matches: bool,
+    pub problems: Vec<String>,
+}
+
+/// Checks the receipts against the order as the contract reports it.
+pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
+    let ticks: Vec<Tick> = receipts
+        .iter()
+        .filter_map(|r| match r {
+            Receipt::Tick(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    let sessions = receipts
+        .iter()
+        .filter(|r| matches!(r, Receipt::Session(_)))
+        .count();
+    let mut problems = Vec::new();
+    let head = match verify_receipts(&ticks) {
+        Ok(h) => h,
+        Err(e) => {
+            problems.push(format!("the tick chain does not verify: {e}"));
+            Head::GENESIS
+        }
+    };
+    if ticks.iter().any(|t| t.order != order.id) {
+        problems.push("some ticks belong to another order".into());
+    }
+    let tariff = Tariff::new(order.price_per_second, order.price_per_gib).ok();
+    let usage = Usage::sum(ticks.iter().map(Tick::usage)).unwrap_or_default();
+    let charge = tariff
+        .as_ref()
+        .map(|t| t.charge(&usage))
+        .unwrap_or_default();
+    // The contract stores the head its last paid claim reached: it must be on our chain.
+    let onchain = Head(order.head);
+    let claimed_ticks = if onchain == Head::GENESIS {
+        Some(0)
+    } else {
+        ticks.iter().position(|t| t.head == onchain).map(|i| i + 1)
+    };
+    match claimed_ticks {
+        None => problems.push(format!(
+            "the provider was paid up to chain head 0x{}, which is not in the receipts",
+            hex(&order.head)
+        )),
+        Some(n) => {
+            let claimed = Usage::sum(ticks[..n].iter().map(Tick::usage)).unwrap_or_default();
+            if claimed.seconds != order.claimed_seconds {
+                problems.push(format!(
+                    "the provider claimed {} s, the receipts up to its head add up to {} s",
+                    order.claimed_seconds, claimed.seconds
+                ));
+            }
+            if claimed.bytes_total() != order.claimed_bytes {
+                problems.push(format!(
+                    "the provider claimed {} bytes, the receipts up to its head add up to {}",
+                    order.claimed_bytes,
+                    claimed.bytes_total()
+                ));
+            }
+            // Each claim is charged on its batch's totals; the claim receipts give the batches.
+            let batches: Vec<(u64, u64)> = receipts
+                .iter()
+                .filter_map(|r| match r {
+                    Receipt::Claim(c) if c.head.0 != [0; 32] => Some((c.first_seq, c.last_seq)),
+                    _ => None,
+                })
+                .collect();
+            if let (Some(t), false) = (&tariff, batches.is_empty()) {
+                let mut expected = U256::ZERO;
+                for (first, last) in batches
+                    .iter()
+                    .filter(|(_, last)| ticks[..n].iter().any(|t| t.seq == *last))
+                {
+                    let u = Usage::sum(
+                        ticks
+                            .iter()
+                            .filter(|t| t.seq >= *first && t.seq <= *last)
+                            .map(Tick::usage),
+                    )
+                    .unwrap_or_default();
+                    expected += t.charge(&u);
+                }
+                if expected != order.paid {
+                    problems.push(format!(
+                        "the provider was paid {}, its claimed batches cost {}",
+                        Fil(order.paid),
+                        Fil(expected)
+                    ));
+                }
+            }
+        }
+    }
+    Verdict {
+        order: order.id,
+        ticks: ticks.len(),
+        sessions,
+        chain_ok: !problems.iter().any(|p| p.starts_with("the tick chain")),
+        receipts_head: format!("0x{}", hex(&head.0)),
+        onchain_head: format!("0x{}", hex(&order.head)),
+        claimed_ticks,
+        usage_seconds: usage.seconds,
+        usage_bytes: usage.bytes_total(),
+        usage_charge_wei: charge.to_string(),
+        claimed_seconds: order.claimed_seconds,
+        claimed_bytes: order.claimed_bytes.to_string(),
+        paid_wei: order.paid.to_string(),
+        matches: problems.is_empty(),
+        problems,
+    }
+}
+
+/// `shale receipts ORDER [--verify]`.
+pub async fn run(
+    settings: &Settings,
+    id: u64,
+    verify: bool,
+    json: bool,
+) -> anyhow::Result<Verdict> {
+    let market = settings.reader().await?;
+    let order = market.order(id).await?;
+    let receipts = fetch(settings, id).await?;
+    let v = check(&order, &receipts);
+    if json && !verify {
+        print_json(&receipts)?;
+        return Ok(v);
+    }
+    if json {
+        print_json(&v)?;
+    } else {
+        let mut t = table(["receipts of order".to_string(), id.to_string()]);
+        t.add_row(vec!["sessions".into(), v.sessions.to_string()]);
+        t.add_row(vec![
+            "ticks".into(),
+            format!(
+                "{} ({} of lease, {} bytes)",
+                v.ticks,
+                duration(v.usage_seconds),
+                v.usage_bytes
+            ),
+        ]);
+        t.add_row(vec![
+            "cost of all ticks".into(),
+            Fil(v.usage_charge_wei.parse().unwrap_or_default()).to_string(),
+        ]);
+        let chain = if v.chain_ok {
+            "recomputed, every head matches"
+        } else {
+            "BROKEN"
+        };
+        t.add_row(vec!["tick chain".to_string(), chain.to_string()]);
+        t.add_row(vec!["head on chain".into(), v.onchain_head.clone()]);
+        t.add_row(vec![
+            "claimed".into(),
+            format!(
+                "{} ticks: {}, {} bytes, paid {}",
+                v.claimed_ticks.map(|n| n.to_string()).unwrap_or("?".into()),
+                duration(v.claimed_seconds),
+                v.claimed_bytes,
+                Fil(order.paid)
+            ),
+        ]);
+        println!("{t}");
+    }
+    if verify {
+        if v.matches {
+            if !json {
+                println!(
+                    "✔ The provider's claims match your receipts{}.",
+                    if order.head == [0; 32] {
+                        " (it has claimed nothing yet)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        } else {
+            for p in &v.problems {
+                eprintln!("✘ {p}");
+            }
+            return Err(Failure::ReceiptsMismatch(format!(
+                "the provider's claims on order {id} do not match your receipts"
+            ))
+            .into());
+        }
+    }
+    Ok(v)
+}

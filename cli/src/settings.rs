@@ -1,0 +1,170 @@
+//! Where the chain is and who signs: flags, then environment, then a config file.
+//!
+//! The config file is `--config`/`SHALE_CONFIG`, else `~/.config/shale/config.toml`, else the
+//! local stack's `.state/dev/client.toml` (written by `shale dev up`) found from the working
+//! directory upwards, so that right after `shale dev up` every command talks to the dev chain.
+//!
+//! Signing keys never come from the command line (it ends up in shell history and `ps`): a
+//! keystore file (`--keystore`/`SHALE_KEYSTORE`/`keystore =` in the config; password from
+//! `SHALE_KEYSTORE_PASSWORD` or a prompt), or, for development, a raw hex key in
+//! `SHALE_PRIVATE_KEY`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use shale_contracts::{Address, Marketplace, PrivateKeySigner};
+
+/// Chain and key options shared by every command that talks to the marketplace.
+#[derive(Debug, Clone, Args)]
+pub struct ChainArgs {
+    /// Ethereum JSON-RPC endpoint of the chain (anvil, a Filecoin FEVM node).
+    #[arg(long, env = "SHALE_RPC_URL", global = true)]
+    pub rpc_url: Option<String>,
+    /// Address of the Marketplace contract.
+    #[arg(long, env = "SHALE_MARKETPLACE", global = true)]
+    pub marketplace: Option<Address>,
+    /// Client config file (TOML: rpc_url, marketplace, keystore, ssh_dir).
+    #[arg(long = "client-config", env = "SHALE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Keystore file (geth/EIP-2335 JSON) holding the signing key; its password comes from
+    /// SHALE_KEYSTORE_PASSWORD or a prompt.
+    #[arg(long, env = "SHALE_KEYSTORE", global = true)]
+    pub keystore: Option<PathBuf>,
+    /// Where `order create` writes the SSH `Host` entries and pinned host keys
+    /// (`<dir>/shale/config`, `<dir>/shale/known_hosts`).
+    #[arg(long, env = "SHALE_SSH_DIR", global = true)]
+    pub ssh_dir: Option<PathBuf>,
+}
+
+/// The client config file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// JSON-RPC endpoint.
+    pub rpc_url: Option<String>,
+    /// Marketplace contract.
+    pub marketplace: Option<Address>,
+    /// Keystore file of the signing key.
+    pub keystore: Option<PathBuf>,
+    /// Where SSH entries are written (default `~/.ssh`).
+    pub ssh_dir: Option<PathBuf>,
+}
+
+impl ClientConfig {
+    /// Reads a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("the config file {} is invalid", path.display()))
+    }
+}
+
+/// The resolved settings of one invocation.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub rpc_url: String,
+    pub marketplace: Address,
+    pub keystore: Option<PathBuf>,
+    pub ssh_dir: PathBuf,
+}
+
+/// The user's home directory.
+pub fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// The dev stack's client config, from the working directory upwards.
+fn dev_client_config() -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors()
+        .map(|d| d.join(".state/dev/client.toml"))
+        .find(|p| p.is_file())
+}
+
+impl ChainArgs {
+    /// Merges flags, environment (clap has read both) and the config file.
+    pub fn resolve(&self) -> anyhow::Result<Settings> {
+        let path = self.config.clone().or_else(|| {
+            let user = home().join(".config/shale/config.toml");
+            if user.is_file() {
+                Some(user)
+            } else {
+                dev_client_config()
+            }
+        });
+        let file = match &path {
+            Some(p) => ClientConfig::load(p)?,
+            None => ClientConfig::default(),
+        };
+        let Some(rpc_url) = self.rpc_url.clone().or(file.rpc_url) else {
+            bail!(
+                "no chain RPC endpoint: pass --rpc-url, set SHALE_RPC_URL, put rpc_url in \
+                 ~/.config/shale/config.toml, or start the local stack with `shale dev up`"
+            );
+        };
+        let Some(marketplace) = self.marketplace.or(file.marketplace) else {
+            bail!(
+                "no marketplace contract: pass --marketplace, set SHALE_MARKETPLACE, or put \
+                 marketplace in ~/.config/shale/config.toml"
+            );
+        };
+        Ok(Settings {
+            rpc_url,
+            marketplace,
+            keystore: self.keystore.clone().or(file.keystore),
+            ssh_dir: self
+                .ssh_dir
+                .clone()
+                .or(file.ssh_dir)
+                .unwrap_or_else(|| home().join(".ssh")),
+        })
+    }
+}
+
+impl Settings {
+    /// A read-only marketplace client.
+    pub async fn reader(&self) -> anyhow::Result<Marketplace> {
+        Marketplace::connect(&self.rpc_url, self.marketplace, None)
+            .await
+            .with_context(|| format!("connecting to the marketplace on {}", self.rpc_url))
+    }
+
+    /// A marketplace client that signs with the configured key.
+    pub async fn signer(&self) -> anyhow::Result<Marketplace> {
+        let key = load_signer(self.keystore.as_deref())?;
+        Marketplace::connect(&self.rpc_url, self.marketplace, Some(key))
+            .await
+            .with_context(|| format!("connecting to the marketplace on {}", self.rpc_url))
+    }
+}
+
+/// The signing key: a keystore file when one is configured, else `SHALE_PRIVATE_KEY`.
+pub fn load_signer(keystore: Option<&Path>) -> anyhow::Result<PrivateKeySigner> {
+    if let Some(path) = keystore {
+        let password = match std::env::var("SHALE_KEYSTORE_PASSWORD") {
+            Ok(p) => p,
+            Err(_) => rpassword::prompt_password(format!("Password for {}: ", path.display()))
+                .context("reading the keystore password from the terminal")?,
+        };
+        return PrivateKeySigner::decrypt_keystore(path, password).with_context(|| {
+            format!(
+                "cannot open the keystore {} (wrong password, or not a keystore file)",
+                path.display()
+            )
+        });
+    }
+    match std::env::var("SHALE_PRIVATE_KEY") {
+        Ok(hex) => hex.trim().parse::<PrivateKeySigner>().map_err(|_| {
+            anyhow::anyhow!("SHALE_PRIVATE_KEY is not a private key (expected 64 hex digits)")
+        }),
+        Err(_) => bail!(
+            "this command signs a transaction and needs a key: pass --keystore FILE (or set \
+             SHALE_KEYSTORE), or for development set SHALE_PRIVATE_KEY to a hex private key"
+        ),
+    }
+}

@@ -1,0 +1,223 @@
+//! How providers and orders are shown: tables for people, JSON for scripts.
+
+use comfy_table::{presets::UTF8_BORDERS_ONLY, ContentArrangement, Table};
+use serde::Serialize;
+use shale_contracts::{format_fingerprint, Order, Provider, U256};
+
+use crate::money::format_fil;
+
+/// A table in the house style.
+pub fn table<I, S>(header: I) -> Table
+where
+    I: IntoIterator<Item = S>,
+    S: Into<comfy_table::Cell>,
+{
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header);
+    t
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Wei per hour from wei per second.
+pub fn per_hour(per_second: U256) -> U256 {
+    per_second.saturating_mul(U256::from(3600u32))
+}
+
+/// A provider as scripts see it; amounts are decimal wei strings (exact) plus FIL for people.
+#[derive(Debug, Serialize)]
+pub struct ProviderView {
+    pub address: String,
+    pub endpoint: String,
+    pub ssh_host_key: String,
+    pub active: bool,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub gpu_model: String,
+    pub gpu_count: u32,
+    pub price_per_second_wei: String,
+    pub price_per_hour_fil: String,
+    pub price_per_gib_wei: String,
+    pub price_per_gib_fil: String,
+    pub datasets: Vec<shale_contracts::Dataset>,
+    pub rating_count: u64,
+    /// Average stars with two decimals, `null` when unrated.
+    pub rating: Option<String>,
+}
+
+/// The average rating as `4.67 (3)`, or `unrated`.
+pub fn rating_text(p: &Provider) -> String {
+    match p.rating.average_centistars() {
+        Some(c) => format!("{}.{:02} ★ ({})", c / 100, c % 100, p.rating.count),
+        None => "unrated".into(),
+    }
+}
+
+impl From<&Provider> for ProviderView {
+    fn from(p: &Provider) -> Self {
+        Self {
+            address: format!("{:#x}", p.address),
+            endpoint: p.endpoint.clone(),
+            ssh_host_key: p.ssh_host_key.clone(),
+            active: p.active,
+            cpus: p.offer.cpus,
+            memory_mib: p.offer.memory_mib,
+            gpu_model: p.offer.gpu_model.clone(),
+            gpu_count: p.offer.gpu_count,
+            price_per_second_wei: p.offer.price_per_second.to_string(),
+            price_per_hour_fil: format_fil(per_hour(p.offer.price_per_second)),
+            price_per_gib_wei: p.offer.price_per_gib.to_string(),
+            price_per_gib_fil: format_fil(p.offer.price_per_gib),
+            datasets: p.datasets.clone(),
+            rating_count: p.rating.count,
+            rating: p
+                .rating
+                .average_centistars()
+                .map(|c| format!("{}.{:02}", c / 100, c % 100)),
+        }
+    }
+}
+
+/// An order as scripts see it.
+#[derive(Debug, Serialize)]
+pub struct OrderView {
+    pub id: u64,
+    pub state: String,
+    pub client: String,
+    pub provider: String,
+    pub key_fingerprint: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub gpus: u32,
+    pub dataset: Option<String>,
+    pub price_per_second_wei: String,
+    pub price_per_gib_wei: String,
+    pub max_duration_secs: u64,
+    pub escrow_wei: String,
+    pub escrow_fil: String,
+    pub collateral_wei: String,
+    pub paid_wei: String,
+    pub paid_fil: String,
+    pub created_at: u64,
+    pub accepted_at: Option<u64>,
+    pub ended_at: Option<u64>,
+    pub expires_at: Option<u64>,
+    pub claimed_seconds: u64,
+    pub claimed_bytes: String,
+    pub head: String,
+    pub settled: bool,
+    pub rated: bool,
+}
+
+impl From<&Order> for OrderView {
+    fn from(o: &Order) -> Self {
+        Self {
+            id: o.id,
+            state: o.state.to_string(),
+            client: format!("{:#x}", o.client),
+            provider: format!("{:#x}", o.provider),
+            key_fingerprint: format_fingerprint(&o.key_fingerprint),
+            cpus: o.cpus,
+            memory_mib: o.memory_mib,
+            gpus: o.gpus,
+            dataset: o.dataset.clone(),
+            price_per_second_wei: o.price_per_second.to_string(),
+            price_per_gib_wei: o.price_per_gib.to_string(),
+            max_duration_secs: o.max_duration_secs,
+            escrow_wei: o.escrow.to_string(),
+            escrow_fil: format_fil(o.escrow),
+            collateral_wei: o.collateral.to_string(),
+            paid_wei: o.paid.to_string(),
+            paid_fil: format_fil(o.paid),
+            created_at: o.created_at,
+            accepted_at: o.accepted_at,
+            ended_at: o.ended_at,
+            expires_at: o.expires_at(),
+            claimed_seconds: o.claimed_seconds,
+            claimed_bytes: o.claimed_bytes.to_string(),
+            head: format!("0x{}", hex(&o.head)),
+            settled: o.settled,
+            rated: o.rated,
+        }
+    }
+}
+
+/// Lower-case hex without prefix.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A duration in words: `1h 02m`, `4m 05s`, `12s`.
+pub fn duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if h > 0 {
+        format!("{h}h {m:02}m")
+    } else if m > 0 {
+        format!("{m}m {s:02}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Memory in words: MiB under a GiB, GiB with two decimals above.
+pub fn memory(mib: u64) -> String {
+    if mib >= 1024 && mib % 1024 == 0 {
+        format!("{} GiB", mib / 1024)
+    } else if mib >= 1024 {
+        format!("{}.{:02} GiB", mib / 1024, (mib % 1024) * 100 / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+/// Parses `8GiB`, `512MiB`, `1024` (MiB) into MiB.
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a memory size (write 8GiB or 512MiB)"))?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "mib" | "m" => 1,
+        "gib" | "g" => 1024,
+        "tib" | "t" => 1024 * 1024,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown memory unit {other:?} (use MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse_and_print() {
+        assert_eq!(parse_memory("8GiB").unwrap(), 8192);
+        assert_eq!(parse_memory("512MiB").unwrap(), 512);
+        assert_eq!(parse_memory("1024").unwrap(), 1024);
+        assert!(parse_memory("8GB").is_err());
+        assert!(parse_memory("GiB").is_err());
+        assert_eq!(memory(8192), "8 GiB");
+        assert_eq!(memory(1536), "1.50 GiB");
+        assert_eq!(memory(512), "512 MiB");
+    }
+
+    #[test]
+    fn durations_read_as_words() {
+        assert_eq!(duration(12), "12s");
+        assert_eq!(duration(245), "4m 05s");
+        assert_eq!(duration(3720), "1h 02m");
+    }
+}
