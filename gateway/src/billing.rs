@@ -48,6 +48,9 @@ pub struct Billing {
     warn_at: Vec<u64>,
     /// The lowest threshold each order has been warned at.
     warned: Mutex<HashMap<OrderId, u64>>,
+    /// Orders cut for lack of escrow, with the escrow seen then: refused at login until a top-up
+    /// raises it, before any key is checked (so the reason reaches every client).
+    exhausted: Mutex<HashMap<OrderId, U256>>,
 }
 
 impl Billing {
@@ -60,6 +63,7 @@ impl Billing {
             starting: tokio::sync::Mutex::new(()),
             warn_at,
             warned: Mutex::default(),
+            exhausted: Mutex::default(),
         }
     }
 
@@ -97,6 +101,16 @@ impl Billing {
         self.meter.lease(order.0)
     }
 
+    /// The orders being metered now (connected or not).
+    pub fn metered_orders(&self) -> Vec<OrderId> {
+        self.meter
+            .leases()
+            .iter()
+            .filter(|l| !l.is_stopped())
+            .map(|l| OrderId(l.order()))
+            .collect()
+    }
+
     /// How long `order`'s escrow lasts, given what its meter owes.
     pub fn runway(&self, order: &Order) -> Option<Runway> {
         let lease = self.meter.lease(order.id)?;
@@ -131,6 +145,27 @@ impl Billing {
                 ))
             }
             _ => EscrowVerdict::Fine,
+        }
+    }
+
+    /// Remembers that `order` ran out of escrow at `escrow` left on chain.
+    pub fn mark_exhausted(&self, order: &Order) {
+        self.exhausted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(OrderId(order.id), order.escrow);
+    }
+
+    /// Whether `order` ran out of escrow and has not been topped up since.
+    pub fn still_exhausted(&self, order: &Order) -> bool {
+        let mut exhausted = self.exhausted.lock().unwrap_or_else(|p| p.into_inner());
+        match exhausted.get(&OrderId(order.id)) {
+            Some(at) if order.escrow <= *at => true,
+            Some(_) => {
+                exhausted.remove(&OrderId(order.id));
+                false
+            }
+            None => false,
         }
     }
 

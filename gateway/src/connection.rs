@@ -121,6 +121,9 @@ impl Connection {
         self.span.record("order", id.0);
         let order = self.shared.orders.get(id).await?;
         admit_order(&order, self.shared.provider, crate::unix_now())?;
+        if self.shared.billing.still_exhausted(&order) {
+            return Err(Refusal::EscrowExhausted(id));
+        }
         self.order = Some((user.to_string(), order.clone()));
         Ok(order)
     }
@@ -227,6 +230,9 @@ impl russh::server::Handler for Connection {
             .runway(&order)
             .is_some_and(|r| r.exhausted())
         {
+            // Nothing runs for an order that cannot pay: close the meter just started.
+            self.shared.billing.mark_exhausted(&order);
+            self.shared.billing.end(OrderId(order.id)).await;
             return Ok(self
                 .refuse(Refusal::EscrowExhausted(OrderId(order.id)))
                 .await);

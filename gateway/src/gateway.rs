@@ -82,7 +82,7 @@ impl Shared {
         m.order_ticks.clear();
         m.order_tick_write_seconds.clear();
         m.order_tick_lag_seconds.clear();
-        for id in self.board.orders() {
+        for id in self.billing.metered_orders() {
             let Some(lease) = self.billing.running(id) else {
                 continue;
             };
@@ -158,6 +158,7 @@ pub enum GatewayError {
 pub struct Gateway {
     shared: Arc<Shared>,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     ssh: Arc<Config>,
     host_key: PrivateKey,
     config: GatewayConfig,
@@ -186,6 +187,14 @@ impl Gateway {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| GatewayError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
         let ssh = Arc::new(Config {
             server_id: russh::SshId::Standard(
                 concat!("SSH-2.0-Shale_", env!("CARGO_PKG_VERSION")).into(),
@@ -221,6 +230,7 @@ impl Gateway {
         Ok(Self {
             shared,
             listener,
+            metrics_listener,
             ssh,
             host_key,
             config,
@@ -232,6 +242,13 @@ impl Gateway {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// Where `/metrics` is served, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The host key in OpenSSH format, as the SP registers it on chain.
@@ -249,22 +266,17 @@ impl Gateway {
         let Gateway {
             shared,
             listener,
+            metrics_listener,
             ssh,
             config,
             ..
         } = self;
         tracing::info!(addr = %listener.local_addr().map_err(GatewayError::Accept)?, "gateway listening");
         let watcher = tokio::spawn(watcher::run(shared.clone(), config.chain.poll_interval));
-        let metrics_server = match config.metrics.listen {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| GatewayError::Metrics { addr, source })?;
-                tracing::info!(%addr, "serving /metrics");
-                Some(tokio::spawn(metrics_http::serve(listener, shared.clone())))
-            }
-            None => None,
-        };
+        let metrics_server = metrics_listener.map(|listener| {
+            tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+            tokio::spawn(metrics_http::serve(listener, shared.clone()))
+        });
         let slots = Arc::new(Semaphore::new(config.sessions.max_connections));
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);

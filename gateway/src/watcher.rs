@@ -50,13 +50,19 @@ async fn on_event(shared: &Shared, event: MarketEvent) {
     }
 }
 
-/// Re-reads every order with live sessions and ends those that may no longer be served.
+/// Re-reads every live order (sessions open or lease billed) and ends those that may no longer
+/// be served.
 async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for id in shared.board.orders() {
+        // Orders with sessions, and orders still billed with nobody connected.
+        let mut live: Vec<OrderId> = shared.board.orders();
+        live.extend(shared.billing.metered_orders());
+        live.sort_unstable();
+        live.dedup();
+        for id in live {
             shared.orders.invalidate(id).await;
             let order = match shared.orders.get(id).await {
                 Ok(order) => order,
@@ -75,6 +81,7 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
                 EscrowVerdict::Fine => {}
                 EscrowVerdict::Warn(line) => shared.board.notify(id, &line).await,
                 EscrowVerdict::Exhausted => {
+                    shared.billing.mark_exhausted(&order);
                     end_order(&shared, id, &Refusal::EscrowExhausted(id)).await;
                 }
             }

@@ -67,6 +67,8 @@ pub struct Stack {
     pub gateway: SocketAddr,
     /// The gateway's host key as registered on chain.
     pub host_key: String,
+    /// Where the gateway serves `/metrics`.
+    pub metrics: SocketAddr,
     known_hosts: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     gateway_task: Option<JoinHandle<()>>,
@@ -178,6 +180,9 @@ impl Stack {
         let gateway = Gateway::bind(config, reader, provisioner.clone()).await?;
         let gateway_addr = gateway.local_addr();
         let host_key = gateway.host_public_key();
+        let metrics = gateway
+            .metrics_addr()
+            .context("the test gateway serves metrics")?;
         let (shutdown, stop) = oneshot::channel::<()>();
         let gateway_task = tokio::spawn(async move {
             if let Err(e) = gateway
@@ -234,6 +239,7 @@ impl Stack {
             provisioner,
             gateway: gateway_addr,
             host_key,
+            metrics,
             known_hosts,
             shutdown: Some(shutdown),
             gateway_task: Some(gateway_task),
@@ -276,6 +282,21 @@ impl Stack {
             user: user.into(),
             batch: true,
         }
+    }
+
+    /// The gateway's `/metrics` page.
+    pub async fn scrape(&self) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(self.metrics).await?;
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        tcp.read_to_string(&mut body).await?;
+        anyhow::ensure!(
+            body.starts_with("HTTP/1.0 200"),
+            "metrics answered {body:.80}"
+        );
+        Ok(body)
     }
 
     /// Stops the gateway, releases every order's container, and waits for both.
