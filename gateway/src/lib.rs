@@ -22,6 +22,7 @@ pub mod orders;
 pub mod policy;
 pub mod ratelimit;
 pub mod session_channel;
+pub mod settler;
 pub mod watcher;
 
 pub use config::GatewayConfig;

@@ -58,7 +58,7 @@ use shale_contracts::{
     U256,
 };
 use shale_meter::ledger::{now_ms, ClaimRecord, ClaimStatus, NewClaim};
-use shale_meter::{Ledger, LeaseMeter, MeterError, Tick};
+use shale_meter::{LeaseMeter, Ledger, MeterError, Tick};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -440,7 +440,7 @@ impl Settler {
                 break;
             };
             let batch = &ticks[..count];
-            self.claim(&order, paid.as_ref(), batch, amount).await?;
+            let event = self.claim(&order, paid.as_ref(), batch, amount).await?;
             report.claimed += 1;
             paid = batch.last().cloned();
             if let Some(lease) = lease.as_ref().and_then(Weak::upgrade) {
@@ -449,6 +449,9 @@ impl Settler {
                     Err(e) => tracing::warn!(error = %e, "lease meter did not refresh its claims"),
                 }
             }
+            // Published after the refresh, so that whoever reacts to it sees the meter's new
+            // unclaimed totals.
+            let _ = inner.events.send(event);
             // Escrow and claimed seconds changed; the next batch is fitted against the new ones.
             order = inner.market.order(id).await?;
         }
@@ -477,7 +480,10 @@ impl Settler {
         let paid = if chain_head.is_genesis() {
             None
         } else {
-            Some(self.find_paid_tick(id, chain_head, confirmed, &claims).await?)
+            Some(
+                self.find_paid_tick(id, chain_head, confirmed, &claims)
+                    .await?,
+            )
         };
         let paid_seq = paid.as_ref().map(|t| t.seq);
         let mut recovered = 0;
@@ -658,14 +664,15 @@ impl Settler {
         self.inner.metrics.fail(reason);
     }
 
-    /// Records, proves and sends one claim of `batch`, which continues the chain after `paid`.
+    /// Records, proves and sends one claim of `batch`, which continues the chain after `paid`;
+    /// returns the event to publish once the claim is paid.
     async fn claim(
         &self,
         order: &Order,
         paid: Option<&Tick>,
         batch: &[Tick],
         amount: U256,
-    ) -> Result<(), SettlerError> {
+    ) -> Result<SettlerEvent, SettlerError> {
         let inner = &self.inner;
         let id = order.id;
         let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
@@ -740,11 +747,11 @@ impl Settler {
                 .set_claim_status(claim_id, ClaimStatus::Confirmed, tx_hash.as_deref())
                 .await?;
             inner.metrics.claims_paid.inc();
-            match receipt {
+            Ok(match receipt {
                 Some(r) => {
                     inner.metrics.claim_gas.observe(r.gas_used as f64);
                     tracing::info!(amount = %r.amount, gas = r.gas_used, tx = %r.tx.tx_hash, "claim paid");
-                    let _ = inner.events.send(SettlerEvent::Claimed {
+                    SettlerEvent::Claimed {
                         order: id,
                         claim_id,
                         first_seq: first,
@@ -754,17 +761,14 @@ impl Settler {
                         gas_used: r.gas_used,
                         fee: r.tx.fee,
                         tx_hash: r.tx.tx_hash,
-                    });
+                    }
                 }
-                None => {
-                    let _ = inner.events.send(SettlerEvent::Recovered {
-                        order: id,
-                        claim_id,
-                        last_seq: last,
-                    });
-                }
-            }
-            Ok(())
+                None => SettlerEvent::Recovered {
+                    order: id,
+                    claim_id,
+                    last_seq: last,
+                },
+            })
         }
         .instrument(span)
         .await
@@ -792,7 +796,12 @@ impl Settler {
                     Ok(now) if Head(now.head) == next => return Ok(None),
                     Ok(now) if Head(now.head) != prev => {
                         return self
-                            .refused(id, claim_id, "chain_moved", "the order's paid head moved on while the claim was retried".into())
+                            .refused(
+                                id,
+                                claim_id,
+                                "chain_moved",
+                                "the order's paid head moved on while the claim was retried".into(),
+                            )
                             .await
                     }
                     Ok(_) => {}
@@ -827,7 +836,9 @@ impl Settler {
                 }
                 Err(e) => {
                     tracing::warn!(attempt, of = max, error = %e, "claim not sent; retrying");
-                    inner.metrics.fail(if e.is_outage() { "outage" } else { "send" });
+                    inner
+                        .metrics
+                        .fail(if e.is_outage() { "outage" } else { "send" });
                     last_error = e.to_string();
                 }
             }

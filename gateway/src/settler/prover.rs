@@ -51,7 +51,9 @@ impl Prover {
                     run_on(&pool, move || ProvingKey::read(&path)).await??
                 }
                 (None, Some(seed)) => {
-                    run_on(&pool, move || setup_from_seed(capacity as usize, seed)).await??.0
+                    run_on(&pool, move || setup_from_seed(capacity as usize, seed))
+                        .await??
+                        .0
                 }
                 (None, None) => {
                     return Err(SettlerError::Config(
@@ -84,10 +86,7 @@ impl Prover {
 
     /// The largest batch this settler can prove.
     pub(crate) fn max_capacity(&self) -> usize {
-        self.keys
-            .keys()
-            .next_back()
-            .map_or(0, |c| *c as usize)
+        self.keys.keys().next_back().map_or(0, |c| *c as usize)
     }
 
     /// The smallest capacity that holds `ticks` ticks.

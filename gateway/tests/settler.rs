@@ -1,0 +1,651 @@
+//! The settler against a real anvil with the marketplace deployed behind REAL Groth16 verifiers
+//! (generated from seeded keys, compiled with the pinned solc-js), and a real SQLite ledger.
+//!
+//! Needs `scripts/setup.sh` (anvil and solc-js under `.tools/`); every test skips, saying so,
+//! when anvil is missing.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use shale_circuits::{setup_from_seed, Anchor, ProvingKey, TickBatch};
+use shale_contracts::devnet::{self, Devnet};
+use shale_contracts::{
+    Address, Bytes, ClaimRequest, Marketplace, NewOrder, Offer, OrderState, U256,
+};
+use shale_gateway::settler::{Settler, SettlerConfig, SettlerError, SettlerEvent};
+use shale_meter::ledger::{ClaimStatus, NewClaim};
+use shale_meter::{LeaseSpec, Ledger, Meter, MeterConfig, Tariff, Tick, TickChain, Usage};
+use tokio::sync::broadcast;
+
+const CAPACITY: u32 = 16;
+/// The seed of the keys the marketplace's verifier is generated from.
+const SEED: u64 = 0x5e771e;
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILpbI6zHCqIRA4Rgyh8OHoWol7YJ57KPTCrSIlgfr2xe gateway";
+const PRICE_PER_SECOND: u64 = 1_000_003;
+const PRICE_PER_GIB: u64 = 7_000_000_001;
+const GIB: u64 = 1 << 30;
+
+/// Keys and compiled verifiers, made once per test binary: setup is the slow part of a debug
+/// build. The proving key is also written to a key directory, as the deployer ships it.
+struct Keys {
+    pk: ProvingKey,
+    /// Creation code of the verifier for `pk`.
+    verifier: Vec<u8>,
+    /// Creation code of a verifier from another setup: it refuses every proof made with `pk`.
+    foreign_verifier: Vec<u8>,
+    dir: tempfile::TempDir,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let (pk, vk) = setup_from_seed(CAPACITY as usize, SEED).expect("setup");
+        let (_, other_vk) = setup_from_seed(CAPACITY as usize, SEED + 1).expect("setup");
+        let verifier = shale_circuits::solc::compile_verifier(&vk).expect("verifier compiles");
+        let foreign_verifier =
+            shale_circuits::solc::compile_verifier(&other_vk).expect("verifier compiles");
+        let dir = tempfile::tempdir().unwrap();
+        pk.write(&dir.path().join(format!("tick-{CAPACITY}.pk")))
+            .unwrap();
+        Keys {
+            pk,
+            verifier,
+            foreign_verifier,
+            dir,
+        }
+    })
+}
+
+/// One test's world: anvil, the marketplace, a provider (account 1) with an active order from a
+/// client (account 2), and a SQLite ledger.
+struct World {
+    devnet: Devnet,
+    sp: Marketplace,
+    client: Marketplace,
+    state: tempfile::TempDir,
+    ledger: Ledger,
+}
+
+impl World {
+    /// `None` when anvil is not installed (the test then skips).
+    async fn new(foreign_verifier: bool) -> Option<World> {
+        if devnet::find_anvil().is_none() {
+            eprintln!("SKIPPED: anvil not found; run scripts/setup.sh");
+            return None;
+        }
+        let keys = tokio::task::spawn_blocking(keys).await.unwrap();
+        let devnet = Devnet::start().await.expect("anvil starts");
+        let code = if foreign_verifier {
+            &keys.foreign_verifier
+        } else {
+            &keys.verifier
+        };
+        let verifier = devnet::deploy_bytecode(
+            devnet.rpc_url(),
+            devnet.signer(0),
+            Bytes::from(code.clone()),
+        )
+        .await
+        .expect("verifier deploys");
+        let address = devnet
+            .deploy_marketplace(&[CAPACITY], &[verifier])
+            .await
+            .expect("marketplace deploys");
+        let connect = |i: usize| {
+            let url = devnet.rpc_url().to_owned();
+            let signer = devnet.signer(i);
+            async move {
+                Marketplace::connect(&url, address, Some(signer))
+                    .await
+                    .expect("connects")
+                    .with_poll_interval(Duration::from_millis(50))
+            }
+        };
+        let sp = connect(1).await;
+        let client = connect(2).await;
+        let offer = Offer {
+            cpus: 2,
+            memory_mib: 2048,
+            gpu_model: String::new(),
+            gpu_count: 0,
+            price_per_second: U256::from(PRICE_PER_SECOND),
+            price_per_gib: U256::from(PRICE_PER_GIB),
+        };
+        sp.register_provider("sp.example:2222", HOST_KEY, &offer, &[])
+            .await
+            .expect("provider registers");
+        let state = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_sqlite(&state.path().join("ledger.db"))
+            .await
+            .unwrap();
+        Some(World {
+            devnet,
+            sp,
+            client,
+            state,
+            ledger,
+        })
+    }
+
+    fn sp_address(&self) -> Address {
+        self.sp.sender().unwrap()
+    }
+
+    /// Creates and accepts an order with `escrow` wei; its lease has run `run_secs` on chain.
+    async fn active_order(&self, escrow: u64, run_secs: u64) -> u64 {
+        let provider = self.sp.provider(self.sp_address()).await.unwrap();
+        let mut order = NewOrder::for_offer(
+            &provider,
+            shale_contracts::key_fingerprint(b"client key blob"),
+            U256::from(escrow),
+            36_000,
+        );
+        order.collateral = U256::from(1_000_000_001u64);
+        let id = self.client.create_order(&order).await.unwrap();
+        self.sp.accept(id).await.unwrap();
+        self.devnet.advance_time(run_secs).await.unwrap();
+        id
+    }
+
+    /// Appends `n` ticks through the ledger API, as the meter would.
+    async fn append_ticks(&self, order: u64, n: u64) -> Vec<Tick> {
+        let tariff = tariff();
+        let last = self.ledger.chain_head(order).await.unwrap();
+        let mut chain = TickChain::resume(order, tariff, last);
+        let mut ticks = Vec::new();
+        for _ in 0..n {
+            let seq = chain.next_seq();
+            // Uneven bytes so that per-batch flooring of the byte charge shows.
+            let usage = Usage {
+                seconds: 5,
+                bytes_in: 3 * GIB + seq * 1_234_567,
+                bytes_out: 777_777 * (seq + 1),
+            };
+            let tick = chain.prepare(shale_meter::ledger::now_ms(), usage);
+            self.ledger.append_tick(&tick).await.unwrap();
+            chain.commit(&tick).unwrap();
+            ticks.push(tick);
+        }
+        ticks
+    }
+
+    async fn settler(&self, config: SettlerConfig) -> Settler {
+        Settler::new(&config, self.sp.clone(), self.ledger.clone())
+            .await
+            .expect("settler starts")
+    }
+}
+
+fn tariff() -> Tariff {
+    Tariff::new(U256::from(PRICE_PER_SECOND), U256::from(PRICE_PER_GIB)).unwrap()
+}
+
+/// A config for tests: the shipped key directory, no waiting, fast retries.
+fn config() -> SettlerConfig {
+    SettlerConfig {
+        key_dir: Some(PathBuf::from(keys().dir.path())),
+        capacities: vec![CAPACITY],
+        max_wait_secs: 3_600,
+        poll_interval_ms: 100,
+        backoff_initial_ms: 10,
+        backoff_max_ms: 100,
+        scan_chain_on_start: false,
+        ..SettlerConfig::default()
+    }
+}
+
+/// The contract's tariff, computed here independently: seconds at the per-second price plus
+/// the batch's bytes at the per-GiB price, floored.
+fn charge(ticks: &[Tick]) -> U256 {
+    let seconds: u64 = ticks.iter().map(|t| t.seconds).sum();
+    let bytes: u128 = ticks
+        .iter()
+        .map(|t| u128::from(t.bytes_in) + u128::from(t.bytes_out))
+        .sum();
+    U256::from(seconds) * U256::from(PRICE_PER_SECOND)
+        + U256::from(bytes) * U256::from(PRICE_PER_GIB) / U256::from(GIB)
+}
+
+fn drain(events: &mut broadcast::Receiver<SettlerEvent>) -> Vec<SettlerEvent> {
+    std::iter::from_fn(|| events.try_recv().ok()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_batches_are_claimed_and_the_sp_is_paid_exactly_the_tariff_then_settled() {
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    let id = world.active_order(10u64.pow(18), 1_000).await;
+    let ticks = world.append_ticks(id, 40).await;
+    let settler = world.settler(config()).await;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("shale_gateway");
+    settler.metrics().register(&mut registry);
+    let mut events = settler.subscribe();
+    settler.track(id, None);
+    let sp = world.sp_address();
+    let before = world.sp.balance_of(sp).await.unwrap();
+
+    // Two full batches of 16; the 8 left wait (not full, not old, the order is live).
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 2);
+    let events1 = drain(&mut events);
+    let mut fees = U256::ZERO;
+    let mut hashes = Vec::new();
+    for (event, range) in events1.iter().zip([0usize..16, 16..32]) {
+        let SettlerEvent::Claimed {
+            order,
+            first_seq,
+            last_seq,
+            amount,
+            fee,
+            tx_hash,
+            capacity,
+            ..
+        } = event
+        else {
+            panic!("expected a claim, got {event:?}");
+        };
+        assert_eq!(*order, id);
+        assert_eq!(
+            (*first_seq, *last_seq),
+            (range.start as u64, range.end as u64 - 1)
+        );
+        assert_eq!(*capacity, CAPACITY);
+        assert_eq!(*amount, charge(&ticks[range]));
+        fees += *fee;
+        hashes.push(tx_hash.to_string());
+    }
+    let expected = charge(&ticks[0..16]) + charge(&ticks[16..32]);
+    let after = world.sp.balance_of(sp).await.unwrap();
+    assert_eq!(after + fees, before + expected, "paid exactly the tariff");
+    let on_chain = world.sp.order(id).await.unwrap();
+    assert_eq!(on_chain.paid, expected);
+    assert_eq!(on_chain.head, ticks[31].head.0);
+    assert_eq!(on_chain.claimed_seconds, 32 * 5);
+    let claims = world.ledger.claims(id).await.unwrap();
+    assert_eq!(claims.len(), 2);
+    for (claim, hash) in claims.iter().zip(&hashes) {
+        assert_eq!(claim.status, ClaimStatus::Confirmed);
+        assert_eq!(claim.tx_hash.as_deref(), Some(hash.as_str()));
+    }
+    assert_eq!(world.ledger.last_claimed_seq(id).await.unwrap(), Some(31));
+
+    // The client ends the order: the rest is claimed at once, as a partial batch.
+    world.client.terminate(id).await.unwrap();
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!((report.claimed, report.settled), (1, false));
+    assert!(matches!(
+        drain(&mut events).as_slice(),
+        [SettlerEvent::Claimed { first_seq: 32, last_seq: 39, amount, .. }] if *amount == charge(&ticks[32..40])
+    ));
+    assert_eq!(world.ledger.unclaimed_ticks(id).await.unwrap(), vec![]);
+
+    // After the settle delay, the ended order is settled and no longer tracked.
+    world.devnet.advance_time(1_000).await.unwrap();
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!((report.claimed, report.settled), (0, true));
+    assert!(world.sp.order(id).await.unwrap().settled);
+    assert!(settler.tracked().is_empty());
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("shale_gateway_settler_claims_paid_total 3"),
+        "{text}"
+    );
+    assert!(text.contains("shale_gateway_settler_proof_seconds_count 3"));
+    assert!(text.contains("shale_gateway_settler_batch_ticks_sum 40.0"));
+    assert!(text.contains("shale_gateway_settler_claim_gas_count 3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_from_the_ledger_and_sends_nothing_twice() {
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    let id = world.active_order(10u64.pow(18), 1_000).await;
+    world.append_ticks(id, 20).await;
+    let first = world.settler(config()).await;
+    first.track(id, None);
+    assert_eq!(first.round().await[&id].as_ref().unwrap().claimed, 1);
+    drop(first);
+
+    // A new process: a fresh ledger connection and a settler that finds the order on chain.
+    world.ledger.close().await;
+    let ledger = Ledger::open_sqlite(&world.state.path().join("ledger.db"))
+        .await
+        .unwrap();
+    let settler = Settler::new(&config(), world.sp.clone(), ledger.clone())
+        .await
+        .unwrap();
+    assert_eq!(settler.discover().await.unwrap(), 1);
+    assert_eq!(settler.tracked(), vec![id]);
+    let block = world.sp.block_number().await.unwrap();
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed + report.recovered, 0);
+    assert_eq!(
+        world.sp.block_number().await.unwrap(),
+        block,
+        "no transaction sent"
+    );
+    assert_eq!(ledger.claims(id).await.unwrap().len(), 1);
+
+    // It goes on from the ledger: with no wait, the 4 left are claimed from the paid head.
+    let settler = Settler::new(
+        &SettlerConfig {
+            max_wait_secs: 0,
+            ..config()
+        },
+        world.sp.clone(),
+        ledger.clone(),
+    )
+    .await
+    .unwrap();
+    settler.track(id, None);
+    assert_eq!(settler.round().await[&id].as_ref().unwrap().claimed, 1);
+    let claims = ledger.claims(id).await.unwrap();
+    assert_eq!(
+        claims
+            .iter()
+            .map(|c| (c.first_seq, c.last_seq, c.status))
+            .collect::<Vec<_>>(),
+        vec![
+            (0, 15, ClaimStatus::Confirmed),
+            (16, 19, ClaimStatus::Confirmed)
+        ]
+    );
+}
+
+/// Proves and sends a claim of `ticks` outside the settler, as a crashed run would have.
+async fn claim_behind_the_settlers_back(
+    world: &World,
+    id: u64,
+    paid: Option<&Tick>,
+    ticks: &[Tick],
+) {
+    let anchor = paid.map(|t| Anchor {
+        before: t.prev_head,
+        tick: t.fields(),
+    });
+    let batch = TickBatch::new(
+        id,
+        paid.map_or(shale_circuits::Head::GENESIS, |t| t.head),
+        anchor,
+        ticks.iter().map(Tick::fields).collect(),
+    )
+    .unwrap();
+    let inputs = batch.inputs();
+    let proof = tokio::task::spawn_blocking(move || keys().pk.prove_with_os_rng(&batch).unwrap())
+        .await
+        .unwrap();
+    world
+        .sp
+        .claim(&ClaimRequest {
+            order_id: id,
+            batch_capacity: CAPACITY,
+            next_head: inputs.next.0,
+            seconds: inputs.seconds as u64,
+            bytes_in: inputs.bytes_in as u64,
+            bytes_out: inputs.bytes_out as u64,
+            proof: Bytes::from(proof.to_bytes().to_vec()),
+        })
+        .await
+        .expect("the claim is paid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_mined_but_not_recorded_is_found_on_chain_and_never_resent() {
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    // Order A crashed after recording its claim as submitted; order B before recording anything.
+    let a = world.active_order(10u64.pow(18), 1_000).await;
+    let b = world.active_order(10u64.pow(18), 1_000).await;
+    let ticks_a = world.append_ticks(a, 20).await;
+    let ticks_b = world.append_ticks(b, 20).await;
+    let in_flight = world
+        .ledger
+        .record_claim(&NewClaim {
+            order: a,
+            first_seq: 0,
+            last_seq: 15,
+            amount: charge(&ticks_a[..16]),
+            tx_hash: None,
+            status: ClaimStatus::Submitted,
+        })
+        .await
+        .unwrap();
+    claim_behind_the_settlers_back(&world, a, None, &ticks_a[..16]).await;
+    claim_behind_the_settlers_back(&world, b, None, &ticks_b[..16]).await;
+
+    let settler = world
+        .settler(SettlerConfig {
+            max_wait_secs: 0,
+            ..config()
+        })
+        .await;
+    let mut events = settler.subscribe();
+    settler.track(a, None);
+    settler.track(b, None);
+    let reports = settler.round().await;
+    for id in [a, b] {
+        let report = reports[&id].as_ref().unwrap();
+        assert_eq!((report.recovered, report.claimed), (1, 1), "order {id}");
+    }
+    let seen = drain(&mut events);
+    assert!(seen.contains(&SettlerEvent::Recovered {
+        order: a,
+        claim_id: in_flight.claim_id,
+        last_seq: 15
+    }));
+    // Each order was paid once for 0..=15 (behind the back) and once for 16..=19 (settler).
+    for (id, ticks) in [(a, &ticks_a), (b, &ticks_b)] {
+        let order = world.sp.order(id).await.unwrap();
+        assert_eq!(order.paid, charge(&ticks[..16]) + charge(&ticks[16..]));
+        assert_eq!(order.claimed_seconds, 20 * 5);
+        let claims = world.ledger.claims(id).await.unwrap();
+        let ranges: Vec<_> = claims
+            .iter()
+            .map(|c| (c.first_seq, c.last_seq, c.status))
+            .collect();
+        assert_eq!(
+            ranges,
+            vec![
+                (0, 15, ClaimStatus::Confirmed),
+                (16, 19, ClaimStatus::Confirmed)
+            ]
+        );
+        // The recovered claim's amount is what the chain paid for it.
+        assert_eq!(claims[0].amount, charge(&ticks[..16]));
+    }
+    assert_eq!(
+        world.ledger.claims(a).await.unwrap()[0].claim_id,
+        in_flight.claim_id,
+        "the in-flight record itself is confirmed"
+    );
+    let claimed = seen
+        .iter()
+        .filter(|e| matches!(e, SettlerEvent::Claimed { .. }))
+        .count();
+    assert_eq!(claimed, 2, "only the two new batches were sent: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_proof_is_refused_by_the_contract_with_its_reason() {
+    // The marketplace verifies with keys from another setup than the settler proves with.
+    let Some(world) = World::new(true).await else {
+        return;
+    };
+    let id = world.active_order(10u64.pow(18), 1_000).await;
+    world.append_ticks(id, 16).await;
+    // Keys derived from the seed at start (the local-stack path) rather than read from a file.
+    let settler = world
+        .settler(SettlerConfig {
+            key_dir: None,
+            key_seed: Some(SEED),
+            ..config()
+        })
+        .await;
+    let mut events = settler.subscribe();
+    settler.track(id, None);
+    let err = settler.round().await.remove(&id).unwrap().unwrap_err();
+    let SettlerError::Refused {
+        reason, claim_id, ..
+    } = &err
+    else {
+        panic!("expected a refusal, got {err}");
+    };
+    assert!(reason.contains("does not verify"), "{reason}");
+    assert_eq!(settler.metrics().failures_with("InvalidProof"), 1);
+    assert!(drain(&mut events).contains(&SettlerEvent::Refused {
+        order: id,
+        claim_id: *claim_id,
+        reason: reason.clone()
+    }));
+    let claims = world.ledger.claims(id).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].status, ClaimStatus::Failed);
+    let order = world.sp.order(id).await.unwrap();
+    assert_eq!((order.paid, order.head), (U256::ZERO, [0u8; 32]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_cut_to_what_the_escrow_can_pay() {
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    // Enough escrow for about five ticks.
+    let ticks_charge = charge(&world_ticks_preview());
+    let escrow = (ticks_charge * U256::from(5) / U256::from(16)).to::<u64>() + 1;
+    let id = world.active_order(escrow, 1_000).await;
+    let ticks = world.append_ticks(id, 16).await;
+    let settler = world.settler(config()).await;
+    settler.track(id, None);
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 1);
+    let claims = world.ledger.claims(id).await.unwrap();
+    let n = (claims[0].last_seq + 1) as usize;
+    assert!(n < 16, "the batch was cut");
+    let order = world.sp.order(id).await.unwrap();
+    assert_eq!(order.paid, charge(&ticks[..n]));
+    assert!(charge(&ticks[..n + 1]) > U256::from(escrow));
+    assert_eq!(settler.metrics().failures_with("escrow_exhausted"), 0);
+
+    // Even with no wait, the next tick alone is more than the escrow left: nothing is sent,
+    // and the reason is counted.
+    let settler = world
+        .settler(SettlerConfig {
+            max_wait_secs: 0,
+            ..config()
+        })
+        .await;
+    settler.track(id, None);
+    let block = world.sp.block_number().await.unwrap();
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 0);
+    assert_eq!(world.sp.block_number().await.unwrap(), block);
+    assert_eq!(settler.metrics().failures_with("escrow_exhausted"), 1);
+    assert_eq!(world.sp.order(id).await.unwrap().state, OrderState::Active);
+}
+
+/// The 16 ticks `append_ticks` writes first, without a ledger (for sizing an escrow).
+fn world_ticks_preview() -> Vec<Tick> {
+    let mut chain = TickChain::genesis(1, tariff());
+    (0..16)
+        .map(|seq| {
+            let tick = chain.prepare(
+                0,
+                Usage {
+                    seconds: 5,
+                    bytes_in: 3 * GIB + seq * 1_234_567,
+                    bytes_out: 777_777 * (seq + 1),
+                },
+            );
+            chain.commit(&tick).unwrap();
+            tick
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_task_claims_a_real_lease_meters_ticks_and_refreshes_its_totals() {
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    let id = world.active_order(10u64.pow(18), 100).await;
+    let meter = Meter::new(
+        world.ledger.clone(),
+        &MeterConfig {
+            tick_interval_secs: 1,
+            ledger_url: None,
+        },
+    )
+    .unwrap();
+    let lease: Arc<_> = meter
+        .start_lease(LeaseSpec {
+            order: id,
+            tariff: tariff(),
+            max_seconds: None,
+        })
+        .await
+        .unwrap();
+    let session = lease.open_session();
+    let channel = session.open_channel();
+    channel.add_in(3 * GIB);
+    channel.add_out(12_345);
+    let settler = world
+        .settler(SettlerConfig {
+            max_wait_secs: 0,
+            ..config()
+        })
+        .await;
+    let mut events = settler.subscribe();
+    settler.track(id, Some(&lease));
+    let task = settler.spawn();
+
+    // A claim while the lease runs: the meter's unclaimed totals drop below what it metered.
+    let first = next_claim(&mut events).await;
+    let totals = lease.totals();
+    assert!(
+        totals.unclaimed.seconds < totals.metered.seconds,
+        "{totals:?} after {first:?}"
+    );
+
+    // The lease ends: its final tick is claimed too.
+    let last_tick = meter.end_lease(id).await.unwrap();
+    let last_seq = match last_tick {
+        Some(t) => t.seq,
+        None => world.ledger.chain_head(id).await.unwrap().unwrap().seq,
+    };
+    settler.wake();
+    loop {
+        if let SettlerEvent::Claimed { last_seq: seq, .. } = next_claim(&mut events).await {
+            if seq == last_seq {
+                break;
+            }
+        }
+    }
+    task.shutdown().await;
+    assert_eq!(world.ledger.unclaimed_ticks(id).await.unwrap(), vec![]);
+    let metered = world.ledger.usage_after(id, None).await.unwrap().0;
+    let order = world.sp.order(id).await.unwrap();
+    assert_eq!(order.claimed_seconds, metered.seconds);
+    assert_eq!(order.claimed_bytes, metered.bytes_total());
+}
+
+async fn next_claim(events: &mut broadcast::Receiver<SettlerEvent>) -> SettlerEvent {
+    // Generous: a debug-build proof on a loaded 2-core CI machine.
+    tokio::time::timeout(Duration::from_secs(300), async {
+        loop {
+            match events.recv().await.unwrap() {
+                e @ SettlerEvent::Claimed { .. } => return e,
+                SettlerEvent::Refused { reason, .. } => panic!("claim refused: {reason}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a claim within the timeout")
+}
