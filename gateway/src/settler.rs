@@ -157,6 +157,8 @@ pub enum SettlerEvent {
         fee: U256,
         /// The transaction.
         tx_hash: B256,
+        /// How long the proof took on the proving pool.
+        proof_time: Duration,
     },
     /// A claim found paid on chain but not confirmed in the ledger, now confirmed.
     Recovered {
@@ -540,6 +542,22 @@ impl Settler {
             });
             recovered += 1;
         }
+        // Claims the ledger holds as confirmed beyond the chain's head were undone on chain
+        // (a reorganisation, or a ledger from another chain): their ticks are unpaid again.
+        for c in claims.iter().filter(|c| {
+            c.status == ClaimStatus::Confirmed && paid_seq.is_none_or(|p| c.last_seq > p)
+        }) {
+            tracing::error!(
+                claim_id = c.claim_id,
+                last_seq = c.last_seq,
+                "claim confirmed in the ledger is not paid on chain; its ticks will be claimed again"
+            );
+            inner.metrics.fail("unpaid_on_chain");
+            inner
+                .ledger
+                .set_claim_status(c.claim_id, ClaimStatus::Failed, None)
+                .await?;
+        }
         // Claims left pending or submitted by a crash that the chain did not pay never will be:
         // the next proof starts from the chain's head.
         for c in claims.iter().filter(|c| {
@@ -761,6 +779,7 @@ impl Settler {
                         gas_used: r.gas_used,
                         fee: r.tx.fee,
                         tx_hash: r.tx.tx_hash,
+                        proof_time: took,
                     }
                 }
                 None => SettlerEvent::Recovered {

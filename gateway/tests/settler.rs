@@ -76,21 +76,26 @@ impl World {
             return None;
         }
         let keys = tokio::task::spawn_blocking(keys).await.unwrap();
-        let devnet = Devnet::start().await.expect("anvil starts");
         let code = if foreign_verifier {
             &keys.foreign_verifier
         } else {
             &keys.verifier
         };
+        Some(World::with_verifier(CAPACITY, code).await)
+    }
+
+    /// A world whose marketplace verifies batches of `capacity` with the verifier `code`.
+    async fn with_verifier(capacity: u32, code: &[u8]) -> World {
+        let devnet = Devnet::start().await.expect("anvil starts");
         let verifier = devnet::deploy_bytecode(
             devnet.rpc_url(),
             devnet.signer(0),
-            Bytes::from(code.clone()),
+            Bytes::from(code.to_vec()),
         )
         .await
         .expect("verifier deploys");
         let address = devnet
-            .deploy_marketplace(&[CAPACITY], &[verifier])
+            .deploy_marketplace(&[capacity], &[verifier])
             .await
             .expect("marketplace deploys");
         let connect = |i: usize| {
@@ -120,13 +125,13 @@ impl World {
         let ledger = Ledger::open_sqlite(&state.path().join("ledger.db"))
             .await
             .unwrap();
-        Some(World {
+        World {
             devnet,
             sp,
             client,
             state,
             ledger,
-        })
+        }
     }
 
     fn sp_address(&self) -> Address {
@@ -648,4 +653,75 @@ async fn next_claim(events: &mut broadcast::Receiver<SettlerEvent>) -> SettlerEv
     })
     .await
     .expect("a claim within the timeout")
+}
+
+/// Proving time on the settler's pool per capacity and pool size, and the gas of each claim:
+/// `cargo test --release -p shale-gateway --test settler -- --ignored --nocapture measure`.
+/// `SHALE_MEASURE_CAPACITIES=16,64` picks the capacities (default 16,64,256,1024).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run in release on purpose"]
+async fn measure_settler_proving_time_and_claim_gas() {
+    if devnet::find_anvil().is_none() {
+        eprintln!("SKIPPED: anvil not found; run scripts/setup.sh");
+        return;
+    }
+    let capacities: Vec<u32> = std::env::var("SHALE_MEASURE_CAPACITIES")
+        .unwrap_or_else(|_| "16,64,256,1024".into())
+        .split(',')
+        .map(|c| c.trim().parse().unwrap())
+        .collect();
+    eprintln!("capacity | pool threads | first proof (builds matrices) | steady proof | ticks per second | claim gas");
+    for capacity in capacities {
+        let (pk, code) = tokio::task::spawn_blocking(move || {
+            let (pk, vk) = setup_from_seed(capacity as usize, SEED).unwrap();
+            (pk, shale_circuits::solc::compile_verifier(&vk).unwrap())
+        })
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        pk.write(&dir.path().join(format!("tick-{capacity}.pk")))
+            .unwrap();
+        drop(pk);
+        let world = World::with_verifier(capacity, &code).await;
+        for threads in [1usize, 2] {
+            let id = world.active_order(10u64.pow(18), 0).await;
+            world
+                .devnet
+                .advance_time(2 * u64::from(capacity) * 5 + 100)
+                .await
+                .unwrap();
+            world.append_ticks(id, 2 * u64::from(capacity)).await;
+            let settler = world
+                .settler(SettlerConfig {
+                    key_dir: Some(dir.path().to_path_buf()),
+                    capacities: vec![capacity],
+                    worker_threads: threads,
+                    ..config()
+                })
+                .await;
+            let mut events = settler.subscribe();
+            settler.track(id, None);
+            let report = settler.round().await.remove(&id).unwrap().unwrap();
+            assert_eq!(report.claimed, 2);
+            let claims: Vec<(Duration, u64)> = drain(&mut events)
+                .into_iter()
+                .filter_map(|e| match e {
+                    SettlerEvent::Claimed {
+                        proof_time,
+                        gas_used,
+                        ..
+                    } => Some((proof_time, gas_used)),
+                    _ => None,
+                })
+                .collect();
+            let steady = claims[1].0.as_secs_f64();
+            eprintln!(
+                "{capacity} | {threads} | {:.2} s | {steady:.2} s | {:.0} | {} / {}",
+                claims[0].0.as_secs_f64(),
+                f64::from(capacity) / steady,
+                claims[0].1,
+                claims[1].1
+            );
+        }
+    }
 }
