@@ -24,13 +24,6 @@ use shale_provisioner::{daemon, image_build, Provisioner};
 use crate::spconfig::SpConfig;
 use crate::view::print_json;
 
-/// anvil's well-known development keys (mnemonic "test test … junk"), accounts 0 to 2. They
-/// are public: never use them outside a local chain.
-const DEV_KEYS: [&str; 3] = [
-    "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
-    "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
-    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9c5ac6e0f7e88",
-];
 /// Which dev account plays which part.
 pub const DEPLOYER: usize = 0;
 pub const SP: usize = 1;
@@ -57,17 +50,14 @@ pub struct DevState {
     pub containerd_socket: PathBuf,
     pub namespace: String,
     pub dir: PathBuf,
+    /// anvil's development keys (public test keys of its default mnemonic; local chain only).
+    pub dev_keys: Vec<String>,
 }
 
 impl DevState {
-    /// The dev key of account `index` (0 deployer, 1 SP, 2 client).
-    pub fn key(index: usize) -> PrivateKeySigner {
-        DEV_KEYS[index].parse().expect("literal dev key")
-    }
-
-    /// The gateway config of the stack.
-    pub fn gateway_config(&self) -> PathBuf {
-        self.dir.join("gateway.toml")
+    /// The dev key of account `index` ([`DEPLOYER`], [`SP`], [`CLIENT`]).
+    pub fn key(&self, index: usize) -> anyhow::Result<PrivateKeySigner> {
+        parse_key(&self.dev_keys, index)
     }
 
     /// Reads the state of a running stack.
@@ -97,6 +87,30 @@ pub fn state_dir() -> PathBuf {
 fn alive(pid: u32) -> bool {
     // Signal 0 checks existence and permission without signalling.
     unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+fn parse_key(keys: &[String], index: usize) -> anyhow::Result<PrivateKeySigner> {
+    keys.get(index)
+        .with_context(|| format!("anvil printed no key for account {index}"))?
+        .parse()
+        .context("anvil printed an unusable key")
+}
+
+/// The private keys anvil prints in its banner, once it listens; `None` until then.
+fn read_anvil_keys(log: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(log).ok()?;
+    if !text.contains("Listening on") {
+        return None;
+    }
+    let keys: Vec<String> = text
+        .lines()
+        .skip_while(|l| l.trim() != "Private Keys")
+        .skip(1)
+        .take_while(|l| l.trim() != "Wallet")
+        .filter_map(|l| l.trim().strip_prefix('(')?.split_whitespace().nth(1))
+        .map(str::to_string)
+        .collect();
+    (!keys.is_empty()).then_some(keys)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -212,9 +226,18 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     let rpc_url = format!("http://127.0.0.1:{port}");
     started.rpc_url = Some(rpc_url.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
+    let dev_keys = loop {
+        if let Some(keys) = read_anvil_keys(&dir.join("anvil.log")) {
+            break keys;
+        }
+        if !alive(pid) || Instant::now() > deadline {
+            bail!("anvil did not come up; see {}", dir.join("anvil.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let marketplace = loop {
-        // Deploying is also the readiness probe: it fails until anvil listens.
-        match devnet::deploy(&rpc_url, DevState::key(DEPLOYER), &[], &[]).await {
+        // Deploying is also the readiness probe of the RPC endpoint.
+        match devnet::deploy(&rpc_url, parse_key(&dev_keys, DEPLOYER)?, &[], &[]).await {
             Ok(addr) => break addr,
             Err(e) if Instant::now() < deadline && alive(pid) => {
                 tracing::debug!(error = %e, "anvil not ready yet");
@@ -291,7 +314,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     done(s, format!("image {}", archive.display()));
 
     // The gateway's config, then the image import through the same provisioner settings.
-    let sp_key = DevState::key(SP);
+    let sp_key = parse_key(&dev_keys, SP)?;
     let gateway_port = free_port()?;
     let namespace = "shale-dev".to_string();
     started.namespace = Some(namespace.clone());
@@ -366,7 +389,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
         rpc_url: rpc_url.clone(),
         marketplace,
         provider: sp_key.address(),
-        client: DevState::key(CLIENT).address(),
+        client: parse_key(&dev_keys, CLIENT)?.address(),
         gateway: addr,
         host_key,
         anvil_pid: pid,
@@ -375,6 +398,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
         containerd_socket: socket,
         namespace,
         dir: dir.to_path_buf(),
+        dev_keys: dev_keys.clone(),
     };
     std::fs::write(dir.join("dev.json"), serde_json::to_vec_pretty(&state)?)?;
     // Every command run inside the repository finds the dev chain through this file.
@@ -390,7 +414,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
             dir.join(name),
             format!(
                 "# Dev-chain key (public anvil test key; never use it elsewhere).\nexport SHALE_PRIVATE_KEY={}\nexport SHALE_GATEWAY_CONFIG={}\n",
-                DEV_KEYS[index],
+                dev_keys[index],
                 config_path.display()
             ),
         )?;

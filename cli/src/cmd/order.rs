@@ -48,6 +48,8 @@ pub struct CreatedOrder {
     pub identity: String,
     pub known_hosts: String,
     pub ssh_config: String,
+    /// What the order transaction cost in gas, in wei.
+    pub fee_wei: String,
 }
 
 /// Reads an OpenSSH public key file and returns its line and the matching private key path.
@@ -197,14 +199,12 @@ pub async fn create_with(
         identity: identity.display().to_string(),
         known_hosts: files.known_hosts.display().to_string(),
         ssh_config: files.config.display().to_string(),
+        fee_wei: tx.fee.to_string(),
     };
     if talk {
         eprintln!(
-            "Order {id} is active until {}. The provider's host key is pinned in {}.",
-            accepted
-                .expires_at()
-                .map(|t| format!("unix time {t}"))
-                .unwrap_or_default(),
+            "Order {id} is active for {}. The provider's host key is pinned in {}.",
+            duration(accepted.max_duration_secs),
             files.known_hosts.display()
         );
         println!("{}", created.ssh);
@@ -301,7 +301,7 @@ pub async fn list(settings: &Settings, who: Option<Address>, json: bool) -> anyh
         println!("No orders for {who:#x}.");
         return Ok(());
     }
-    let now = market.chain_time().await?;
+    let now = crate::cmd::watch::display_now(&market).await?;
     println!("{}", orders_table(&orders, now));
     Ok(())
 }

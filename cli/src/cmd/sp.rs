@@ -139,7 +139,7 @@ pub async fn orders(config: &SpConfig, json: bool) -> anyhow::Result<()> {
         println!("No orders yet.");
         return Ok(());
     }
-    println!("{}", orders_table(&list, market.chain_time().await?));
+    println!("{}", orders_table(&list, crate::cmd::watch::display_now(&market).await?));
     println!(
         "{pending} pending, {active} active, {ended} ended; earned {} in claims.",
         Fil(earned)
@@ -150,6 +150,15 @@ pub async fn orders(config: &SpConfig, json: bool) -> anyhow::Result<()> {
 /// `shale sp accept ORDER`: accepts a pending order after checking it fits this SP.
 pub async fn accept(config: &SpConfig, id: u64) -> anyhow::Result<()> {
     let market = signer(config).await?;
+    accept_with(&market, config, id).await.map(|_| ())
+}
+
+/// [`accept`] with a given signing client; returns the transaction.
+pub async fn accept_with(
+    market: &Marketplace,
+    config: &SpConfig,
+    id: u64,
+) -> anyhow::Result<shale_contracts::TxReceipt> {
     let o = market.order(id).await?;
     if o.provider != config.gateway.chain.provider {
         bail!(
@@ -175,5 +184,5 @@ pub async fn accept(config: &SpConfig, id: u64) -> anyhow::Result<()> {
         tx.tx_hash,
         Fil(tx.fee)
     );
-    Ok(())
+    Ok(tx)
 }

@@ -164,8 +164,21 @@ pub async fn run(settings: &Settings, id: u64, once: bool, json: bool) -> anyhow
     }
 }
 
-async fn read(market: &Marketplace, id: u64) -> anyhow::Result<Snapshot> {
+/// Reads order `id` now.
+pub async fn read(market: &Marketplace, id: u64) -> anyhow::Result<Snapshot> {
     let o = market.order(id).await?;
-    let now = market.chain_time().await?;
+    let now = display_now(market).await?;
     Ok(snapshot(&o, now))
+}
+
+/// "Now" for showing lease time: the chain's clock, or the wall clock when that is later. A
+/// local chain only stamps a new time when it mines a block, so its clock stands still between
+/// transactions; figures shown here are estimates, never what the contract pays.
+pub async fn display_now(market: &Marketplace) -> anyhow::Result<u64> {
+    let chain = market.chain_time().await?;
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(chain.max(wall))
 }
