@@ -50,7 +50,7 @@ mod prover;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shale_circuits::{Anchor, CircuitError, Head, TickBatch};
 use shale_contracts::{
@@ -66,6 +66,9 @@ use tracing::Instrument;
 pub use config::SettlerConfig;
 pub use metrics::{FailureLabel, SettlerMetrics};
 use prover::Prover;
+
+/// The longest an order waits after failed rounds before it is tried again.
+const ORDER_COOLDOWN_MAX: Duration = Duration::from_secs(600);
 
 /// Why the settler could not start, or could not claim or settle an order.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +209,9 @@ struct Inner {
     /// Orders to look at, with the meter of their lease when the gateway gave one. Weak: the
     /// settler must not keep a lease's meter (and its ticking task) alive.
     orders: Mutex<BTreeMap<u64, Option<Weak<LeaseMeter>>>>,
+    /// Orders whose last round failed: consecutive failures and when to try again. A refused
+    /// claim would otherwise be proved again every poll, burning the pool for nothing.
+    cooldown: Mutex<BTreeMap<u64, (u32, Instant)>>,
     /// One round at a time, whoever starts it: two rounds proving the same batch would send it
     /// twice (the second would be refused, but only after paying for a proof and gas).
     round: tokio::sync::Mutex<()>,
@@ -275,6 +281,7 @@ impl Settler {
                 prover,
                 metrics: SettlerMetrics::default(),
                 orders: Mutex::new(BTreeMap::new()),
+                cooldown: Mutex::new(BTreeMap::new()),
                 round: tokio::sync::Mutex::new(()),
                 wake: Notify::new(),
                 events,
@@ -374,18 +381,37 @@ impl Settler {
         SettlerTask { stop, handle }
     }
 
-    /// One pass over every tracked order; errors are logged and counted, and the order is tried
-    /// again next round. Returns what happened per order.
+    /// One pass over every tracked order; returns what happened per order. An order whose round
+    /// failed is logged and left alone for a while (`backoff_initial_ms`, doubling per
+    /// consecutive failure, at most ten minutes); it has no entry in the result until then.
     pub async fn round(&self) -> BTreeMap<u64, Result<OrderReport, SettlerError>> {
         let _one_at_a_time = self.inner.round.lock().await;
         let mut reports = BTreeMap::new();
         for order in self.tracked() {
+            let cooling = lock(&self.inner.cooldown).get(&order).copied();
+            if cooling.is_some_and(|(_, until)| Instant::now() < until) {
+                continue;
+            }
             let result = self
                 .settle_order(order)
                 .instrument(tracing::info_span!("settle_order", order))
                 .await;
-            if let Err(e) = &result {
-                tracing::warn!(order, error = %e, "order not settled this round");
+            match &result {
+                Ok(_) => {
+                    lock(&self.inner.cooldown).remove(&order);
+                }
+                Err(e) => {
+                    let failures = cooling.map_or(1, |(n, _)| n.saturating_add(1));
+                    let wait = Duration::from_millis(
+                        self.inner
+                            .config
+                            .backoff_initial_ms
+                            .saturating_mul(1 << failures.saturating_sub(1).min(20)),
+                    )
+                    .min(ORDER_COOLDOWN_MAX);
+                    tracing::warn!(order, error = %e, retry_in_ms = wait.as_millis() as u64, "order not settled this round");
+                    lock(&self.inner.cooldown).insert(order, (failures, Instant::now() + wait));
+                }
             }
             reports.insert(order, result);
         }

@@ -490,6 +490,7 @@ async fn an_invalid_proof_is_refused_by_the_contract_with_its_reason() {
         .settler(SettlerConfig {
             key_dir: None,
             key_seed: Some(SEED),
+            backoff_initial_ms: 60_000,
             ..config()
         })
         .await;
@@ -514,6 +515,10 @@ async fn an_invalid_proof_is_refused_by_the_contract_with_its_reason() {
     assert_eq!(claims[0].status, ClaimStatus::Failed);
     let order = world.sp.order(id).await.unwrap();
     assert_eq!((order.paid, order.head), (U256::ZERO, [0u8; 32]));
+
+    // The order cools down rather than being proved and refused again at every poll.
+    assert!(settler.round().await.is_empty());
+    assert_eq!(world.ledger.claims(id).await.unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

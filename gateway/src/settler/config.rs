@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 use super::SettlerError;
 
-/// How the settler turns ledger ticks into paid claims.
+/// How the settler turns ledger ticks into paid claims. The gateway runs a settler when its
+/// config has a `[settler]` section (which must name the keys).
 ///
 /// ```toml
 /// [settler]
@@ -19,8 +20,6 @@ use super::SettlerError;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SettlerConfig {
-    /// Whether the gateway runs a settler at all. Default true.
-    pub enabled: bool,
     /// Directory holding the proving keys, `tick-N.pk` per batch capacity N, as written by
     /// `shale-circuits-setup`. Production keys come from the marketplace deployer: an SP must
     /// never generate the keys its own claims are checked against. Takes precedence over
@@ -63,7 +62,6 @@ pub struct SettlerConfig {
 impl Default for SettlerConfig {
     fn default() -> Self {
         SettlerConfig {
-            enabled: true,
             key_dir: None,
             key_seed: None,
             capacities: Vec::new(),
