@@ -448,7 +448,7 @@ impl Settler {
             .as_ref()
             .is_some_and(|l| l.upgrade().is_none_or(|l| l.is_stopped()));
         let max = inner.prover.max_capacity();
-        // Whether something is still waiting that a later round could claim.
+        // Set when the next unclaimed tick cannot be paid now (escrow or lease time used up).
         let mut blocked = false;
         loop {
             let ticks = inner
