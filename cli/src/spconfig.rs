@@ -13,7 +13,7 @@ use shale_contracts::{Dataset, Offer, U256};
 use shale_gateway::GatewayConfig;
 
 /// The `[sp]` section.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpSection {
     /// `host:port` clients dial; defaults to the gateway's listen address.
@@ -25,6 +25,9 @@ pub struct SpSection {
     /// Dataset id -> how it is described on chain; the local path is in `[containers.datasets]`.
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetSection>,
+    /// The settler `shale gateway` runs beside the gateway (claims with Groth16 proofs); none
+    /// when absent. Fields: see `shale_gateway::settler::SettlerConfig`.
+    pub settler: Option<shale_gateway::settler::SettlerConfig>,
 }
 
 /// `[sp.offer]`: resources and prices; prices are amounts like `0.36FIL` (exact, in wei).

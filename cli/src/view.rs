@@ -167,7 +167,7 @@ pub fn duration(secs: u64) -> String {
 
 /// Memory in words: MiB under a GiB, GiB with two decimals above.
 pub fn memory(mib: u64) -> String {
-    if mib >= 1024 && mib % 1024 == 0 {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
         format!("{} GiB", mib / 1024)
     } else if mib >= 1024 {
         format!("{}.{:02} GiB", mib / 1024, (mib % 1024) * 100 / 1024)

@@ -49,11 +49,17 @@ pub struct Party {
     pub address: String,
     pub before_wei: String,
     pub after_wei: String,
+    /// All gas the account paid: its balance change less what it paid or got for the lease.
     pub gas_wei: String,
+    /// Gas of the transactions the demo sent itself (the settler's claims are not among them).
+    pub known_gas_wei: String,
 }
 
 fn heading(n: u32, text: &str) {
-    println!("\n── {n}. {text} {}", "─".repeat(60usize.saturating_sub(text.len())));
+    println!(
+        "\n── {n}. {text} {}",
+        "─".repeat(60usize.saturating_sub(text.len()))
+    );
 }
 
 /// `shale demo`: brings the stack up if needed, then tells the story.
@@ -94,7 +100,10 @@ async fn story() -> anyhow::Result<DemoOutcome> {
     println!("$ shale providers");
     market::providers(&settings, false, false).await?;
 
-    heading(2, "The client orders a container next to the digits dataset");
+    heading(
+        2,
+        "The client orders a container next to the digits dataset",
+    );
     let key = demo_dir.join("id_ed25519");
     make_key(&key)?;
     println!(
@@ -144,15 +153,26 @@ async fn story() -> anyhow::Result<DemoOutcome> {
         c
     };
 
-    heading(3, "The client trains a model on the dataset, over plain ssh");
+    heading(
+        3,
+        "The client trains a model on the dataset, over plain ssh",
+    );
     let script = demo_dir.join("train.py");
     std::fs::write(&script, TRAIN_PY)?;
     println!("$ scp -F {} train.py shale-{id}:", files.config.display());
-    run_quiet(ssh_base("scp").arg(&script).arg(format!("shale-{id}:")), "scp")
-        .await?;
-    println!("$ ssh -F {} shale-{id} python3 train.py", files.config.display());
+    run_quiet(
+        ssh_base("scp").arg(&script).arg(format!("shale-{id}:")),
+        "scp",
+    )
+    .await?;
+    println!(
+        "$ ssh -F {} shale-{id} python3 train.py",
+        files.config.display()
+    );
     let accuracy_line = stream(
-        ssh_base("ssh").arg(format!("shale-{id}")).args(["python3", "train.py"]),
+        ssh_base("ssh")
+            .arg(format!("shale-{id}"))
+            .args(["python3", "train.py"]),
         "held-out accuracy",
     )
     .await?;
@@ -160,50 +180,79 @@ async fn story() -> anyhow::Result<DemoOutcome> {
     heading(4, "The client copies the trained model back with scp");
     let model = demo_dir.join("model.npz");
     let _ = std::fs::remove_file(&model);
-    println!("$ scp -F {} shale-{id}:model.npz {}", files.config.display(), model.display());
-    run_quiet(ssh_base("scp").arg(format!("shale-{id}:model.npz")).arg(&model), "scp").await?;
+    println!(
+        "$ scp -F {} shale-{id}:model.npz {}",
+        files.config.display(),
+        model.display()
+    );
+    run_quiet(
+        ssh_base("scp")
+            .arg(format!("shale-{id}:model.npz"))
+            .arg(&model),
+        "scp",
+    )
+    .await?;
     let model_bytes = std::fs::metadata(&model)
         .context("the model did not arrive")?
         .len();
     println!("model.npz: {model_bytes} bytes (softmax weights 64×10 + biases), here on the client");
 
-    heading(5, "The live cost of the lease");
-    println!("$ shale watch {id} --once");
-    watch::print_snapshot(&watch::read(&client, id).await?);
-
-    heading(6, "The client ends the lease");
-    println!("$ shale order terminate {id}");
-    let tx = client.terminate(id).await?;
-    client_gas += tx.fee;
-    println!("Order {id} terminated (fee {}).", Fil(tx.fee));
-
-    heading(7, "The SP claims its pay with a Groth16 proof");
-    let claimed = wait_for_claim(&client, id, Duration::from_secs(20)).await?;
-    if claimed.is_zero() {
-        println!(
-            "No claim arrived. The settler (background claims with Groth16 proofs) is not part \
-             of this build's gateway yet, so the SP is paid nothing for usage and the whole \
-             escrow goes back to the client."
-        );
+    heading(
+        5,
+        "The live cost of the lease, while the SP's settler claims",
+    );
+    println!("$ shale watch {id}");
+    let first_claim = watch_until_claim(&client, id, Duration::from_secs(40)).await?;
+    if first_claim.is_zero() {
+        println!("(no claim yet: the settler claims once a batch of 16 one-second ticks is full)");
     } else {
-        println!("The SP's settler claimed {} with a proof the contract verified.", Fil(claimed));
+        println!(
+            "[SP] The settler proved a full batch of ticks and was paid {} on chain.",
+            Fil(first_claim)
+        );
     }
 
-    heading(8, "The client verifies its receipts against the claims");
+    heading(6, "The client verifies its receipts against the claims");
     println!("$ shale receipts {id} --verify");
     let receipts_checked = match receipts::run(&settings, id, true, false).await {
         Ok(_) => true,
         Err(e) if matches!(e.downcast_ref::<Failure>(), Some(Failure::Ssh(_))) => {
-            println!(
-                "The gateway in this build does not serve receipts yet ({e}); the check is \
-                 skipped, not passed."
-            );
+            println!("The gateway did not serve receipts ({e}); the check is skipped, not passed.");
             false
         }
         Err(e) => return Err(e),
     };
 
-    heading(9, "The SP settles: escrow left to the client, collateral back to the SP");
+    heading(7, "The client ends the lease");
+    println!("$ shale order terminate {id}");
+    let paid_before_end = client.order(id).await?.paid;
+    let tx = client.terminate(id).await?;
+    client_gas += tx.fee;
+    println!("Order {id} terminated (fee {}).", Fil(tx.fee));
+
+    heading(8, "The SP claims the rest with a Groth16 proof");
+    let claimed = wait_for_claim(&client, id, paid_before_end, Duration::from_secs(30)).await?;
+    let o = client.order(id).await?;
+    if o.paid.is_zero() {
+        println!(
+            "No claim arrived: the settler did not claim (see .state/dev/gateway.log); the SP is \
+             paid nothing for usage and the whole escrow goes back to the client."
+        );
+    } else {
+        println!(
+            "[SP] The settler's claims were verified on chain: {} paid for {} of lease and {} \
+             bytes ({} in the final claim).",
+            Fil(o.paid),
+            crate::view::duration(o.claimed_seconds),
+            o.claimed_bytes,
+            Fil(claimed)
+        );
+    }
+
+    heading(
+        9,
+        "The SP settles: escrow left to the client, collateral back to the SP",
+    );
     println!("[SP] $ shale order settle {id}");
     let o = client.order(id).await?;
     let tx = sp_market.settle(id).await?;
@@ -227,25 +276,50 @@ async fn story() -> anyhow::Result<DemoOutcome> {
     let after = balances(&client, &parties).await?;
     let final_order = client.order(id).await?;
     if final_order.state != OrderState::Ended || !final_order.settled {
-        bail!("order {id} should be ended and settled, it is {}", final_order.state);
+        bail!(
+            "order {id} should be ended and settled, it is {}",
+            final_order.state
+        );
     }
-    let gas = [client_gas, sp_gas, U256::ZERO];
+    let paid = final_order.paid;
+    let known_gas = [client_gas, sp_gas, U256::ZERO];
+    // Every wei that moved is either the lease's price (claims) or gas: gas is the rest.
+    let gas = [
+        before[0].saturating_sub(after[0]).saturating_sub(paid),
+        (before[1] + paid).saturating_sub(after[1]),
+        U256::ZERO,
+    ];
+    let lease = [
+        format!("-{}", format_fil(paid)),
+        format!("+{}", format_fil(paid)),
+        "0".to_string(),
+    ];
     let names = ["client", "SP", "marketplace contract"];
-    let mut t = table(["account", "before", "after", "change", "of which gas"]);
+    let mut t = table([
+        "account",
+        "before (FIL)",
+        "after (FIL)",
+        "change",
+        "for the lease",
+        "gas",
+    ]);
     for i in 0..3 {
         t.add_row(vec![
             format!("{} {:#x}", names[i], parties[i]),
             format_fil(before[i]),
             format_fil(after[i]),
             crate::money::format_delta(before[i], after[i]),
+            lease[i].clone(),
             format_fil(gas[i]),
         ]);
     }
     println!("{t}");
     println!(
-        "The client paid the SP {} for the lease; each side paid its own gas; the contract \
-         holds nothing for order {id} any more.\nDone in {}s.",
-        Fil(final_order.paid),
+        "The client paid the SP {} for {} of lease and {} bytes, proven tick by tick; each side \
+         paid its own gas; the contract holds nothing for order {id} any more.\nDone in {}s.",
+        Fil(paid),
+        crate::view::duration(final_order.claimed_seconds),
+        final_order.claimed_bytes,
         started.elapsed().as_secs()
     );
     let party = |i: usize| Party {
@@ -253,6 +327,7 @@ async fn story() -> anyhow::Result<DemoOutcome> {
         before_wei: before[i].to_string(),
         after_wei: after[i].to_string(),
         gas_wei: gas[i].to_string(),
+        known_gas_wei: known_gas[i].to_string(),
     };
     Ok(DemoOutcome {
         order: id,
@@ -326,20 +401,45 @@ async fn stream(cmd: &mut tokio::process::Command, wanted: &str) -> anyhow::Resu
 }
 
 /// Waits for the provider's claims on a terminated order; returns what was paid.
-async fn wait_for_claim(market: &Marketplace, id: u64, wait: Duration) -> anyhow::Result<U256> {
+/// Waits for a claim on a terminated order beyond `paid_before`: the lease's last ticks. The
+/// gateway writes the final tick when it sees the termination, and the settler claims it a few
+/// seconds later. Returns what that claim paid (zero if none came within `wait`).
+async fn wait_for_claim(
+    market: &Marketplace,
+    id: u64,
+    paid_before: U256,
+    wait: Duration,
+) -> anyhow::Result<U256> {
     let deadline = Instant::now() + wait;
     // Without verifiers the marketplace cannot accept any claim: do not wait for one.
     if market.batch_capacities().await?.is_empty() {
         return Ok(U256::ZERO);
     }
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message("[SP] waiting for the settler's final claim…");
+    spinner.enable_steady_tick(Duration::from_millis(120));
     loop {
         let o = market.order(id).await?;
-        if !o.paid.is_zero() && o.claimable_seconds_at(o.ended_at.unwrap_or(0)) == 0 {
-            return Ok(o.paid);
-        }
-        if Instant::now() > deadline {
-            return Ok(o.paid);
+        if o.paid > paid_before || Instant::now() > deadline {
+            spinner.finish_and_clear();
+            return Ok(o.paid - paid_before);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Shows the order live (one line a second) until the first claim is paid or `wait` passes;
+/// returns what was paid.
+async fn watch_until_claim(market: &Marketplace, id: u64, wait: Duration) -> anyhow::Result<U256> {
+    let deadline = Instant::now() + wait;
+    let capacities = market.batch_capacities().await?;
+    loop {
+        let snap = watch::read(market, id).await?;
+        watch::print_snapshot(&snap);
+        let paid: U256 = snap.paid_wei.parse()?;
+        if !paid.is_zero() || capacities.is_empty() || Instant::now() > deadline {
+            return Ok(paid);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
     }
 }

@@ -119,7 +119,12 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Starts `program` detached from this terminal (its own process group, so Ctrl-C here does not
 /// reach it), with stdout and stderr appended to `log`.
-fn spawn_detached(program: &Path, args: &[&str], log: &Path) -> anyhow::Result<u32> {
+fn spawn_detached(
+    program: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> anyhow::Result<u32> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -127,6 +132,7 @@ fn spawn_detached(program: &Path, args: &[&str], log: &Path) -> anyhow::Result<u
         .with_context(|| format!("opening {}", log.display()))?;
     let child = std::process::Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -219,6 +225,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
             "--accounts",
             "10",
         ],
+        &[],
         &dir.join("anvil.log"),
     )?;
     started.anvil_pid = Some(pid);
@@ -231,13 +238,56 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
             break keys;
         }
         if !alive(pid) || Instant::now() > deadline {
-            bail!("anvil did not come up; see {}", dir.join("anvil.log").display());
+            bail!(
+                "anvil did not come up; see {}",
+                dir.join("anvil.log").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let marketplace = loop {
+    let s2 = step("Groth16 set-up of the claim circuit (dev seed) and its Solidity verifier");
+    let keys_dir = dir.join("keys");
+    let verifier_code = claim_keys(&keys_dir).await?;
+    done(
+        s2,
+        format!(
+            "claim keys for batches of {CAPACITY} ticks in {}",
+            keys_dir.display()
+        ),
+    );
+    let verifier = loop {
         // Deploying is also the readiness probe of the RPC endpoint.
-        match devnet::deploy(&rpc_url, parse_key(&dev_keys, DEPLOYER)?, &[], &[]).await {
+        match devnet::deploy_bytecode(
+            &rpc_url,
+            parse_key(&dev_keys, DEPLOYER)?,
+            verifier_code.clone().into(),
+        )
+        .await
+        {
+            Ok(addr) => break addr,
+            Err(e) if Instant::now() < deadline && alive(pid) => {
+                tracing::debug!(error = %e, "anvil not ready yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "anvil did not come up; see {}",
+                        dir.join("anvil.log").display()
+                    )
+                })
+            }
+        }
+    };
+    let marketplace = loop {
+        match devnet::deploy(
+            &rpc_url,
+            parse_key(&dev_keys, DEPLOYER)?,
+            &[CAPACITY],
+            &[verifier],
+        )
+        .await
+        {
             Ok(addr) => break addr,
             Err(e) if Instant::now() < deadline && alive(pid) => {
                 tracing::debug!(error = %e, "anvil not ready yet");
@@ -272,6 +322,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
         let pid = spawn_detached(
             &me,
             &["dev", "containerd", "--dir", cdir_str],
+            &[],
             &dir.join("containerd.log"),
         )?;
         started.containerd_pid = Some(pid);
@@ -316,7 +367,21 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     // The gateway's config, then the image import through the same provisioner settings.
     let sp_key = parse_key(&dev_keys, SP)?;
     let gateway_port = free_port()?;
-    let namespace = "shale-dev".to_string();
+    // One namespace per state folder, so a second stack (a test's) never touches this one's
+    // containers when both use the system's containerd.
+    let namespace = if dir == std::fs::canonicalize(state_dir()).unwrap_or_default() {
+        "shale-dev".to_string()
+    } else {
+        let tag: String = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        format!("shale-dev-{tag}")
+    };
     started.namespace = Some(namespace.clone());
     let config_path = dir.join("gateway.toml");
     std::fs::write(
@@ -348,7 +413,13 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     // The gateway.
     let s = step("starting the gateway");
     let cfg = config_path.to_str().context("state path is not UTF-8")?;
-    let gpid = spawn_detached(&me, &["gateway", "--config", cfg], &dir.join("gateway.log"))?;
+    // The settler in the gateway process signs claims with the SP's key (dev key, by env).
+    let gpid = spawn_detached(
+        &me,
+        &["gateway", "--config", cfg],
+        &[("SHALE_PRIVATE_KEY", dev_keys[SP].as_str())],
+        &dir.join("gateway.log"),
+    )?;
     started.gateway_pid = Some(gpid);
     started.save(dir)?;
     let addr: SocketAddr = ([127, 0, 0, 1], gateway_port).into();
@@ -422,6 +493,28 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     Ok(state)
 }
 
+/// Batch capacity of the dev stack's claims: small, so a debug build proves in seconds.
+const CAPACITY: u32 = 16;
+/// Seed of the dev stack's Groth16 set-up. Anyone who knows it can forge proofs: local only.
+const KEY_SEED: u64 = 1;
+
+/// Derives the claim circuit's keys from the dev seed, writes the proving key where the
+/// settler loads it (`tick-16.pk`), and returns the verifier's creation code (compiled with the
+/// project's solc-js).
+async fn claim_keys(keys_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let keys_dir = keys_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let (pk, vk) = shale_circuits::setup_from_seed(CAPACITY as usize, KEY_SEED)
+            .context("the Groth16 set-up")?;
+        std::fs::create_dir_all(&keys_dir)?;
+        pk.write(&keys_dir.join(format!("tick-{CAPACITY}.pk")))
+            .context("writing the proving key")?;
+        shale_circuits::solc::compile_verifier(&vk)
+            .context("compiling the Solidity verifier with solc-js (run scripts/setup.sh)")
+    })
+    .await?
+}
+
 /// The dev stack's gateway config with its `[sp]` section.
 #[allow(clippy::too_many_arguments)]
 fn gateway_toml(
@@ -438,6 +531,8 @@ fn gateway_toml(
         r#"# Written by `shale dev up` for the local stack; see gateway/gateway.example.toml.
 listen = "127.0.0.1:{port}"
 host_key = "{dir}/host_ed25519"
+# The ledger of metered ticks (SQLite) and the gateway's other state.
+state_dir = "{dir}/gateway"
 
 [chain]
 rpc_url = "{rpc_url}"
@@ -467,6 +562,19 @@ gpu_count = 0
 price_per_hour = "0.36FIL"
 price_per_gib = "0.01FIL"
 
+[meter]
+# One-second ticks: a batch of 16 ticks fills, and is claimed, 16 s into the demo's lease.
+tick_interval_secs = 1
+
+[sp.settler]
+key_dir = "{dir}/keys"
+capacities = [{CAPACITY}]
+# Claim a partly full batch after 3 s (the lease's last ticks), look every second; the demo
+# settles itself.
+max_wait_secs = 3
+poll_interval_ms = 1000
+settle = false
+
 [sp.datasets.{DATASET}]
 description = "UCI optical handwritten digits: 1797 8x8 images with labels (scikit-learn's copy, from Debian's python3-sklearn)"
 "#,
@@ -479,9 +587,9 @@ description = "UCI optical handwritten digits: 1797 8x8 images with labels (scik
 /// The digits dataset: fetched once with `apt-get download python3-sklearn` + `dpkg -x` into
 /// `.state/datasets/`, then copied into the stack's dataset folder.
 async fn ensure_dataset(dir: &Path) -> anyhow::Result<PathBuf> {
-    let cache = dir
+    let cache = image_build::default_cache_dir()
         .parent()
-        .context("state dir has a parent")?
+        .context("the image cache has a parent")?
         .join("datasets/digits");
     let csv = cache.join("digits.csv");
     if !csv.is_file() {

@@ -139,7 +139,10 @@ pub async fn orders(config: &SpConfig, json: bool) -> anyhow::Result<()> {
         println!("No orders yet.");
         return Ok(());
     }
-    println!("{}", orders_table(&list, crate::cmd::watch::display_now(&market).await?));
+    println!(
+        "{}",
+        orders_table(&list, crate::cmd::watch::display_now(&market).await?)
+    );
     println!(
         "{pending} pending, {active} active, {ended} ended; earned {} in claims.",
         Fil(earned)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The README's first command: installs what Shale needs (scripts/setup.sh, and a Rust toolchain
+# when there is none), builds the `shale` binary, brings the local stack up (`shale dev up`:
+# anvil, the marketplace, containerd, the default image, the gateway, a demo SP with the digits
+# dataset), runs `shale demo`, and takes the stack down again.
+#
+#   scripts/demo.sh          # the whole story, then everything is stopped and removed
+#   scripts/demo.sh --keep   # leave the local stack running afterwards (`shale dev down` stops it)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+keep=false
+for arg in "$@"; do
+    case "$arg" in
+        --keep) keep=true ;;
+        *) echo "usage: scripts/demo.sh [--keep]" >&2; exit 2 ;;
+    esac
+done
+
+scripts/setup.sh
+export PATH="$root/.tools/bin:$HOME/.cargo/bin:$PATH"
+
+# Debian's own cargo is older than the workspace's rust-version: use rustup's stable toolchain.
+if ! command -v cargo >/dev/null; then
+    echo "demo: installing the Rust toolchain (rustup, stable, minimal profile)"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --no-modify-path >/dev/null
+fi
+
+echo "demo: building shale (first time: a few minutes)"
+cargo build -p shale --locked --quiet
+shale="${CARGO_TARGET_DIR:-$root/target}/debug/shale"
+
+if [ "$keep" = false ]; then
+    # Stop whatever `dev up` started, also when the demo fails or is interrupted.
+    trap '"$shale" dev down' EXIT
+fi
+"$shale" dev up
+"$shale" demo
