@@ -730,3 +730,152 @@ async fn measure_settler_proving_time_and_claim_gas() {
         }
     }
 }
+
+/// A JSON-RPC proxy in front of anvil that answers HTTP 503 (an outage, to the client) to the
+/// next `failures` `eth_estimateGas` requests, and forwards everything else untouched. Returns
+/// its URL and the counter of failures still to inject.
+async fn flaky_proxy(upstream: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let left = Arc::clone(&failures);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (upstream, left) = (upstream.clone(), Arc::clone(&left));
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut reader = BufReader::new(read);
+                // One JSON-RPC request per HTTP/1.1 request, several per connection.
+                loop {
+                    let (mut length, mut line) = (0usize, String::new());
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let header = line.trim_end();
+                        if header.is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = header.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap();
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).await.unwrap();
+                    let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let fail = request["method"] == "eth_estimateGas"
+                        && left
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                    let (status, answer) = if fail {
+                        ("503 Service Unavailable", b"node overloaded".to_vec())
+                    } else {
+                        let mut up = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                        let head = format!(
+                            "POST / HTTP/1.1\r\nhost: {upstream}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        up.write_all(head.as_bytes()).await.unwrap();
+                        up.write_all(&body).await.unwrap();
+                        let mut response = Vec::new();
+                        up.read_to_end(&mut response).await.unwrap();
+                        let split = response
+                            .windows(4)
+                            .position(|w| w == b"\r\n\r\n")
+                            .expect("an HTTP response");
+                        ("200 OK", response[split + 4..].to_vec())
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        answer.len()
+                    );
+                    write.write_all(head.as_bytes()).await.unwrap();
+                    write.write_all(&answer).await.unwrap();
+                }
+            });
+        }
+    });
+    (url, failures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_while_claiming_is_retried_with_backoff_and_paid_once() {
+    use std::sync::atomic::Ordering;
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    let id = world.active_order(10u64.pow(18), 1_000).await;
+    let ticks = world.append_ticks(id, 32).await;
+    let (proxy, failures) = flaky_proxy(world.devnet.rpc_url().to_owned()).await;
+    let market = Marketplace::connect(&proxy, world.sp.address(), Some(world.devnet.signer(1)))
+        .await
+        .unwrap();
+    let settler = Settler::new(
+        &SettlerConfig {
+            max_attempts: 3,
+            ..config()
+        },
+        market,
+        world.ledger.clone(),
+    )
+    .await
+    .unwrap();
+    settler.track(id, None);
+
+    // Two outages, then the third attempt goes through.
+    failures.store(2, Ordering::SeqCst);
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 2);
+    assert_eq!(settler.metrics().failures_with("outage"), 2);
+    let order = world.sp.order(id).await.unwrap();
+    assert_eq!(order.paid, charge(&ticks[..16]) + charge(&ticks[16..]));
+
+    // An outage longer than the attempts: the claim is recorded as failed, nothing is paid, and
+    // the next round proves and claims the same ticks again, paid exactly once.
+    world.append_ticks(id, 16).await;
+    failures.store(usize::MAX, Ordering::SeqCst);
+    let err = settler.round().await.remove(&id).unwrap().unwrap_err();
+    assert!(
+        matches!(err, SettlerError::RetriesExhausted { attempts: 3, .. }),
+        "{err}"
+    );
+    assert_eq!(settler.metrics().failures_with("retries_exhausted"), 1);
+    assert_eq!(world.sp.order(id).await.unwrap().paid, order.paid);
+    failures.store(0, Ordering::SeqCst);
+    let report = loop {
+        // The order cools down for `backoff_initial_ms` (10 ms here) after the failed round.
+        if let Some(report) = settler.round().await.remove(&id) {
+            break report.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(report.claimed, 1);
+    let statuses: Vec<_> = world
+        .ledger
+        .claims(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| (c.first_seq, c.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (0, ClaimStatus::Confirmed),
+            (16, ClaimStatus::Confirmed),
+            (32, ClaimStatus::Failed),
+            (32, ClaimStatus::Confirmed)
+        ]
+    );
+    let ticks = world.ledger.ticks(id, 0, 47).await.unwrap();
+    assert_eq!(
+        world.sp.order(id).await.unwrap().paid,
+        charge(&ticks[..16]) + charge(&ticks[16..32]) + charge(&ticks[32..])
+    );
+}
