@@ -13,6 +13,7 @@ use shale_contracts::{Address, U256};
 mod cmd;
 mod exit;
 mod money;
+mod policy;
 mod settings;
 mod spconfig;
 mod sshcfg;

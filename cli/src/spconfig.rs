@@ -28,6 +28,20 @@ pub struct SpSection {
     /// The settler `shale gateway` runs beside the gateway (claims with Groth16 proofs); none
     /// when absent. Fields: see `shale_gateway::settler::SettlerConfig`.
     pub settler: Option<shale_gateway::settler::SettlerConfig>,
+    /// The accept policy `shale gateway` applies to new orders.
+    #[serde(default)]
+    pub accept: AcceptSection,
+}
+
+/// `[sp.accept]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptSection {
+    /// Accept every new order that fits the offer, the free capacity and the local datasets;
+    /// decline (cancel, refunding the client) any other, logging why. Default false: accept by
+    /// hand with `shale sp accept`.
+    #[serde(default)]
+    pub auto: bool,
 }
 
 /// `[sp.offer]`: resources and prices; prices are amounts like `0.36FIL` (exact, in wei).

@@ -233,6 +233,10 @@ async fn wait_for_acceptance(
     let start = Instant::now();
     loop {
         let order = market.order(id).await?;
+        if order.state == OrderState::Cancelled {
+            spinner.finish_and_clear();
+            bail!("the provider declined order {id}; the escrow was refunded");
+        }
         if order.state != OrderState::Pending {
             spinner.finish_and_clear();
             if talk {
