@@ -237,6 +237,9 @@ impl russh::server::Handler for Connection {
                 .refuse(Refusal::EscrowExhausted(OrderId(order.id)))
                 .await);
         }
+        if let Some(settler) = self.shared.settler.get() {
+            settler.track(order.id, Some(&lease));
+        }
         let counter = lease.open_session();
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
         if let Err(e) = self

@@ -43,6 +43,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Meters, ledger and the escrow policy.
     pub billing: Billing,
+    /// The settler claiming this gateway's metered usage, when one runs in this process.
+    pub settler: std::sync::OnceLock<crate::settler::Settler>,
 }
 
 impl Shared {
@@ -226,6 +228,7 @@ impl Gateway {
             env_policy: Arc::new(EnvPolicy::new(&config.sessions.extra_env)),
             metrics: Metrics::default(),
             billing: Billing::new(meter, ledger, config.payment.warn_at.clone()),
+            settler: std::sync::OnceLock::new(),
         });
         Ok(Self {
             shared,
@@ -242,6 +245,16 @@ impl Gateway {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// Hands the gateway the settler running in the same process: it then learns of every lease
+    /// the gateway meters (so claims refresh the lease's unpaid totals), is woken when an order
+    /// ends, and its metrics are served on `/metrics`. Call before [`Gateway::run`].
+    pub fn attach_settler(&mut self, settler: crate::settler::Settler) {
+        let shared = Arc::get_mut(&mut self.shared)
+            .expect("the settler is attached before the gateway runs");
+        settler.metrics().register(shared.metrics.registry_mut());
+        let _ = shared.settler.set(settler);
     }
 
     /// Where `/metrics` is served, if configured.

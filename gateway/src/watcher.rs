@@ -97,6 +97,10 @@ async fn end_order(shared: &Shared, id: OrderId, why: &Refusal) {
     }
     let running = shared.billing.running(id).is_some();
     shared.billing.end(id).await;
+    // The final tick is stored: the settler may claim it now.
+    if let Some(settler) = shared.settler.get() {
+        settler.wake();
+    }
     let result = match why {
         Refusal::Ended(_) | Refusal::Cancelled(_) => shared.provisioner.release(id.0).await,
         Refusal::EscrowExhausted(_) if running => shared.provisioner.stop(id.0).await,
