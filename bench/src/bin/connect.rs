@@ -1,0 +1,124 @@
+//! Connection latency: `ssh HOST true` through the gateway (container warm) against OpenSSH's
+//! own sshd running `true` on the host, in the same run; plus the cold path (first connection of
+//! a new order: chain lookup and container start). Prints a table and writes JSON.
+//!
+//! `cargo run -p shale-bench --bin shale-bench-connect -- [ROUNDS] [COLD] [OUT.json]`
+
+use std::time::{Duration, Instant};
+
+use shale_bench::reference::ReferenceSshd;
+use shale_bench::stats::{summarize, Summary};
+use shale_tests::ssh::{run, Target};
+use shale_tests::{OrderOptions, Stack};
+
+fn time_ssh(target: &Target, command: &str) -> anyhow::Result<Duration> {
+    let mut cmd = target.ssh();
+    cmd.arg(command);
+    let start = Instant::now();
+    let out = run(cmd)?;
+    let took = start.elapsed();
+    anyhow::ensure!(out.code == Some(0), "ssh failed: {out:?}");
+    Ok(took)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(100);
+    let cold: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
+    let json_out = args.get(3).cloned();
+
+    let stack = Stack::start().await?;
+    let key = stack.key("bench", "ed25519")?;
+    let order = stack.order(&key, OrderOptions::default()).await?;
+    let gateway = stack.target(order.to_string(), &key);
+    let sshd = ReferenceSshd::start(stack.dir.path(), &key.public)?;
+    let reference = Target {
+        host: "127.0.0.1".into(),
+        port: sshd.port,
+        known_hosts: sshd.known_hosts.clone(),
+        key: key.path.clone(),
+        user: std::env::var("USER").unwrap_or_else(|_| "root".into()),
+        batch: true,
+    };
+
+    // Warm both (container started, caches filled), then interleave so load hits both alike.
+    time_ssh(&gateway, "true")?;
+    time_ssh(&reference, "true")?;
+    let (mut g, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        g.push(tokio::task::block_in_place(|| time_ssh(&gateway, "true"))?);
+        r.push(tokio::task::block_in_place(|| {
+            time_ssh(&reference, "true")
+        })?);
+    }
+    let mut c = Vec::new();
+    for i in 0..cold {
+        let key = stack.key(&format!("cold{i}"), "ed25519")?;
+        let order = stack.order(&key, OrderOptions::default()).await?;
+        let target = stack.target(order.to_string(), &key);
+        c.push(tokio::task::block_in_place(|| {
+            time_ssh(&target, "echo first-output")
+        })?);
+    }
+    let (g, r, c): (Summary, Summary, Summary) =
+        (summarize(&mut g), summarize(&mut r), summarize(&mut c));
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("machine: {cores} cores, {cpu}");
+    println!(
+        "{:<34} {:>5} {:>10} {:>10}",
+        "ssh HOST true", "n", "p50 ms", "p99 ms"
+    );
+    println!(
+        "{:<34} {:>5} {:>10.1} {:>10.1}",
+        "OpenSSH sshd (host, reference)",
+        r.n,
+        ms(r.p50),
+        ms(r.p99)
+    );
+    println!(
+        "{:<34} {:>5} {:>10.1} {:>10.1}",
+        "Shale gateway (container warm)",
+        g.n,
+        ms(g.p50),
+        ms(g.p99)
+    );
+    println!(
+        "{:<34} {:>5} {:>10.1} {:>10.1}",
+        "Shale gateway (cold: new order)",
+        c.n,
+        ms(c.p50),
+        ms(c.p99)
+    );
+    println!(
+        "ratio gateway/sshd: p50 {:.2}, p99 {:.2}",
+        ms(g.p50) / ms(r.p50),
+        ms(g.p99) / ms(r.p99)
+    );
+    if let Some(path) = json_out {
+        let json = serde_json::json!({
+            "machine": { "cores": cores, "cpu": cpu },
+            "reference_sshd_ms": { "n": r.n, "p50": ms(r.p50), "p99": ms(r.p99) },
+            "gateway_warm_ms": { "n": g.n, "p50": ms(g.p50), "p99": ms(g.p99) },
+            "gateway_cold_ms": { "n": c.n, "p50": ms(c.p50), "p99": ms(c.p99) },
+            "ratio_p50": ms(g.p50) / ms(r.p50),
+            "ratio_p99": ms(g.p99) / ms(r.p99),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    drop(sshd);
+    stack.stop().await
+}
