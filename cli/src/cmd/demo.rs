@@ -204,10 +204,10 @@ async fn story() -> anyhow::Result<DemoOutcome> {
     println!("$ shale watch {id}");
     let first_claim = watch_until_claim(&client, id, Duration::from_secs(40)).await?;
     if first_claim.is_zero() {
-        println!("(no claim yet: the settler claims once a batch of 16 one-second ticks is full)");
+        println!("(no claim yet: the settler claims a batch once its oldest tick is 3 s old)");
     } else {
         println!(
-            "[SP] The settler proved a full batch of ticks and was paid {} on chain.",
+            "[SP] The settler proved a batch of ticks and was paid {} on chain.",
             Fil(first_claim)
         );
     }
@@ -226,12 +226,31 @@ async fn story() -> anyhow::Result<DemoOutcome> {
     heading(7, "The client ends the lease");
     println!("$ shale order terminate {id}");
     let paid_before_end = client.order(id).await?.paid;
+    // What the lease had run up just before its end: the settler must claim at least this.
+    let metered_before_end: u64 = receipts::fetch(&settings, id)
+        .await
+        .map(|r| {
+            r.iter()
+                .filter_map(|x| match x {
+                    shale_meter::ledger::Receipt::Tick(t) => Some(t.seconds),
+                    _ => None,
+                })
+                .sum()
+        })
+        .unwrap_or(0);
     let tx = client.terminate(id).await?;
     client_gas += tx.fee;
     println!("Order {id} terminated (fee {}).", Fil(tx.fee));
 
     heading(8, "The SP claims the rest with a Groth16 proof");
-    let claimed = wait_for_claim(&client, id, paid_before_end, Duration::from_secs(30)).await?;
+    let claimed = wait_for_claims(
+        &client,
+        id,
+        paid_before_end,
+        metered_before_end,
+        Duration::from_secs(60),
+    )
+    .await?;
     let o = client.order(id).await?;
     if o.paid.is_zero() {
         println!(
@@ -241,7 +260,7 @@ async fn story() -> anyhow::Result<DemoOutcome> {
     } else {
         println!(
             "[SP] The settler's claims were verified on chain: {} paid for {} of lease and {} \
-             bytes ({} in the final claim).",
+             bytes ({} after the end).",
             Fil(o.paid),
             crate::view::duration(o.claimed_seconds),
             o.claimed_bytes,
@@ -401,26 +420,37 @@ async fn stream(cmd: &mut tokio::process::Command, wanted: &str) -> anyhow::Resu
 }
 
 /// Waits for the provider's claims on a terminated order; returns what was paid.
-/// Waits for a claim on a terminated order beyond `paid_before`: the lease's last ticks. The
-/// gateway writes the final tick when it sees the termination, and the settler claims it a few
-/// seconds later. Returns what that claim paid (zero if none came within `wait`).
-async fn wait_for_claim(
+/// Waits for the settler's claims on a terminated order: at least the `metered` seconds the
+/// receipts showed before the end, then no new claim for a few seconds (the gateway writes the
+/// lease's final partial tick when it sees the termination, and the settler claims it a few
+/// seconds later). Settling before that would give the rest up. Returns what was paid after
+/// `paid_before`.
+async fn wait_for_claims(
     market: &Marketplace,
     id: u64,
     paid_before: U256,
+    metered: u64,
     wait: Duration,
 ) -> anyhow::Result<U256> {
+    const QUIET: Duration = Duration::from_secs(6);
     let deadline = Instant::now() + wait;
     // Without verifiers the marketplace cannot accept any claim: do not wait for one.
     if market.batch_capacities().await?.is_empty() {
         return Ok(U256::ZERO);
     }
     let spinner = indicatif::ProgressBar::new_spinner();
-    spinner.set_message("[SP] waiting for the settler's final claim…");
+    spinner.set_message("[SP] the settler proves and claims the lease's last ticks…");
     spinner.enable_steady_tick(Duration::from_millis(120));
+    let mut last = (U256::MAX, Instant::now());
     loop {
         let o = market.order(id).await?;
-        if o.paid > paid_before || Instant::now() > deadline {
+        if o.paid != last.0 {
+            last = (o.paid, Instant::now());
+        }
+        let quiet = last.1.elapsed() >= QUIET;
+        if (o.claimed_seconds >= metered && o.paid > paid_before && quiet)
+            || Instant::now() > deadline
+        {
             spinner.finish_and_clear();
             return Ok(o.paid - paid_before);
         }

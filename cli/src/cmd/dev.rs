@@ -224,6 +224,10 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
             &port.to_string(),
             "--accounts",
             "10",
+            // A block every second, so the chain's clock runs: claims must fit inside the
+            // lease's time as the chain measures it, and that time only moves with blocks.
+            "--block-time",
+            "1",
         ],
         &[],
         &dir.join("anvil.log"),
