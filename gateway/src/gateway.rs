@@ -14,11 +14,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::admission::{admit_order, Refusal};
 use crate::billing::Billing;
 use crate::config::GatewayConfig;
 use crate::connection::{methods, Connection};
 use crate::hostkey;
 use crate::leases::LeaseBoard;
+use crate::login::OrderId;
 use crate::metrics::{KindLabel, Metrics, OrderDirectionLabel, OrderLabel, ReasonLabel};
 use crate::orders::OrderDirectory;
 use crate::policy::EnvPolicy;
@@ -285,6 +287,7 @@ impl Gateway {
             ..
         } = self;
         tracing::info!(addr = %listener.local_addr().map_err(GatewayError::Accept)?, "gateway listening");
+        adopt_leases(&shared).await;
         let watcher = tokio::spawn(watcher::run(shared.clone(), config.chain.poll_interval));
         let metrics_server = metrics_listener.map(|listener| {
             tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
@@ -359,5 +362,44 @@ impl Gateway {
         }
         shared.billing.shutdown().await;
         Ok(())
+    }
+}
+
+/// After a restart: keeps the containers of orders still leased on chain (and resumes billing
+/// them, continuing their tick chains), and releases the rest. An order the chain cannot confirm
+/// during an outage is kept, not released: losing a client's work is worse than a late cleanup.
+async fn adopt_leases(shared: &Shared) {
+    let found = match shared.provisioner.adopt(|_| true).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot adopt the containers of a previous run");
+            return;
+        }
+    };
+    for id in found.into_iter().map(OrderId) {
+        let order = match shared.orders.get(id).await {
+            Ok(order) => order,
+            Err(Refusal::ChainUnavailable(_)) => continue,
+            Err(refusal) => {
+                tracing::info!(order = id.0, reason = %refusal, "releasing a container no order leases");
+                let _ = shared.provisioner.release(id.0).await;
+                continue;
+            }
+        };
+        match admit_order(&order, shared.provider, crate::unix_now()) {
+            Ok(()) => match shared.billing.lease(&order, crate::unix_now()).await {
+                Ok(lease) => {
+                    if let Some(settler) = shared.settler.get() {
+                        settler.track(order.id, Some(&lease));
+                    }
+                    tracing::info!(order = id.0, "adopted a leased container");
+                }
+                Err(e) => tracing::warn!(order = id.0, error = %e, "cannot resume billing"),
+            },
+            Err(refusal) => {
+                tracing::info!(order = id.0, reason = %refusal, "releasing the container of an order that has ended");
+                let _ = shared.provisioner.release(id.0).await;
+            }
+        }
     }
 }

@@ -18,10 +18,11 @@ cache=${1:-$repo/.state/images}
 suite=${SHALE_IMAGE_SUITE:-bookworm}
 mirror=${SHALE_IMAGE_MIRROR:-http://deb.debian.org/debian}
 # What an order's user expects: a shell and coreutils, python3 with numpy, the SFTP server the
-# gateway runs for `sftp`/`scp`, rsync, TLS roots, ps/top, and `ip`/`ss` for port forwarding.
+# gateway runs for `sftp`/`scp`, the `scp` binary for legacy `scp -O`, rsync, TLS roots, ps/top,
+# and `ip`/`ss` for port forwarding.
 packages=(
     bash coreutils ca-certificates procps iproute2 rsync
-    python3 python3-numpy openssh-sftp-server
+    python3 python3-numpy openssh-sftp-server openssh-client
 )
 epoch=1700000000
 

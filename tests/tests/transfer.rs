@@ -36,7 +36,8 @@ fn random_file(path: &Path, bytes: usize) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_100_mib_file_round_trips_through_scp_and_sftp_unchanged() -> anyhow::Result<()> {
+async fn a_100_mib_file_round_trips_through_scp_legacy_scp_and_sftp_unchanged() -> anyhow::Result<()>
+{
     let stack = Stack::start().await?;
     let key = stack.key("alice", "ed25519")?;
     let order = stack.order(&key, OrderOptions::default()).await?;
@@ -85,6 +86,19 @@ async fn a_100_mib_file_round_trips_through_scp_and_sftp_unchanged() -> anyhow::
     .await??;
     assert_eq!(out.code, Some(0), "scp download: {out:?}");
     assert_eq!(sha256_file(&again)?, expected);
+
+    // Legacy scp (-O) runs `scp -f` in the container over an exec channel instead of SFTP.
+    let legacy = dir.join("legacy.bin");
+    let t = target.clone();
+    let l = legacy.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = t.scp();
+        cmd.arg("-O").arg(t.remote("big.bin")).arg(&l);
+        run(cmd)
+    })
+    .await??;
+    assert_eq!(out.code, Some(0), "scp -O download: {out:?}");
+    assert_eq!(sha256_file(&legacy)?, expected);
     stack.stop().await
 }
 
