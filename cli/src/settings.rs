@@ -143,6 +143,16 @@ impl Settings {
     }
 }
 
+/// Decrypts a keystore file with `password`.
+pub fn open_keystore(path: &Path, password: &str) -> anyhow::Result<PrivateKeySigner> {
+    PrivateKeySigner::decrypt_keystore(path, password).with_context(|| {
+        format!(
+            "cannot open the keystore {} (wrong password, or not a keystore file)",
+            path.display()
+        )
+    })
+}
+
 /// The signing key: a keystore file when one is configured, else `SHALE_PRIVATE_KEY`.
 pub fn load_signer(keystore: Option<&Path>) -> anyhow::Result<PrivateKeySigner> {
     if let Some(path) = keystore {
@@ -151,12 +161,7 @@ pub fn load_signer(keystore: Option<&Path>) -> anyhow::Result<PrivateKeySigner> 
             Err(_) => rpassword::prompt_password(format!("Password for {}: ", path.display()))
                 .context("reading the keystore password from the terminal")?,
         };
-        return PrivateKeySigner::decrypt_keystore(path, password).with_context(|| {
-            format!(
-                "cannot open the keystore {} (wrong password, or not a keystore file)",
-                path.display()
-            )
-        });
+        return open_keystore(path, &password);
     }
     match std::env::var("SHALE_PRIVATE_KEY") {
         Ok(hex) => hex.trim().parse::<PrivateKeySigner>().map_err(|_| {
@@ -166,5 +171,60 @@ pub fn load_signer(keystore: Option<&Path>) -> anyhow::Result<PrivateKeySigner> 
             "this command signs a transaction and needs a key: pass --keystore FILE (or set \
              SHALE_KEYSTORE), or for development set SHALE_PRIVATE_KEY to a hex private key"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keystore_opens_with_its_password_and_says_so_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = [7u8; 32];
+        let (made, _uuid) = PrivateKeySigner::encrypt_keystore(
+            dir.path(),
+            &mut rand::thread_rng(),
+            secret,
+            "correct horse",
+            Some("sp.json"),
+        )
+        .unwrap();
+        let path = dir.path().join("sp.json");
+        let opened = open_keystore(&path, "correct horse").unwrap();
+        assert_eq!(opened.address(), made.address());
+        let err = open_keystore(&path, "wrong").unwrap_err().to_string();
+        assert!(err.contains("wrong password"), "{err}");
+        let err = open_keystore(&dir.path().join("missing.json"), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot open the keystore"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "rpc_url = \"http://file:8545\"\nmarketplace = \"0x5fbdb2315678afecb367f032d93f642f64180aa3\"\n",
+        )
+        .unwrap();
+        let args = ChainArgs {
+            rpc_url: Some("http://flag:8545".into()),
+            marketplace: None,
+            config: Some(file.clone()),
+            keystore: None,
+            ssh_dir: Some(dir.path().into()),
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.rpc_url, "http://flag:8545");
+        assert_eq!(
+            format!("{:#x}", s.marketplace),
+            "0x5fbdb2315678afecb367f032d93f642f64180aa3"
+        );
+        std::fs::write(&file, "rpc_url = \"x\"\nbogus = 1\n").unwrap();
+        let err = format!("{:#}", args.resolve().unwrap_err());
+        assert!(err.contains("is invalid"), "{err}");
     }
 }
