@@ -301,13 +301,37 @@ impl russh::server::Handler for Connection {
         })
     }
 
-    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         if let Some((_, order)) = &self.order {
-            self.lease = Some(LeaseStart::begin(
+            let id = OrderId(order.id);
+            crate::quality::measure_round_trip(
+                session,
+                self.shared.metrics.session_rtt_seconds.clone(),
+                self.shared.billing.ledger().clone(),
+                id,
+                self.session.to_string(),
+            );
+            let lease = LeaseStart::begin(
                 self.shared.provisioner.clone(),
                 order,
                 self.shared.metrics.provisioning_seconds.clone(),
-            ));
+            );
+            // What the client really gets, measured once the container runs in this lease.
+            if !self.shared.quality.has(id) {
+                let (quality, provisioner, ledger, lease, session) = (
+                    self.shared.quality.clone(),
+                    self.shared.provisioner.clone(),
+                    self.shared.billing.ledger().clone(),
+                    lease.clone(),
+                    self.session.to_string(),
+                );
+                tokio::spawn(async move {
+                    if lease.ready().await.is_ok() {
+                        quality.probe(provisioner, ledger, id, session).await;
+                    }
+                });
+            }
+            self.lease = Some(lease);
             self.shared.metrics_session_started();
         }
         Ok(())

@@ -21,11 +21,14 @@ use crate::connection::{methods, Connection};
 use crate::hostkey;
 use crate::leases::LeaseBoard;
 use crate::login::OrderId;
-use crate::metrics::{KindLabel, Metrics, OrderDirectionLabel, OrderLabel, ReasonLabel};
+use crate::metrics::{
+    KindLabel, Metrics, OrderDirectionLabel, OrderGpuLabel, OrderLabel, ReasonLabel,
+};
 use crate::orders::OrderDirectory;
 use crate::policy::EnvPolicy;
 use crate::ratelimit::FailureLimiter;
 use crate::{metrics_http, watcher};
+use shale_meter::probe::Reading;
 
 /// What every connection of the gateway shares.
 pub struct Shared {
@@ -45,6 +48,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Meters, ledger and the escrow policy.
     pub billing: Billing,
+    /// The latest session-quality readings per order.
+    pub quality: Arc<crate::quality::QualityBoard>,
     /// The settler claiming this gateway's metered usage, when one runs in this process.
     pub settler: std::sync::OnceLock<crate::settler::Settler>,
 }
@@ -86,6 +91,50 @@ impl Shared {
         m.order_ticks.clear();
         m.order_tick_write_seconds.clear();
         m.order_tick_lag_seconds.clear();
+        m.order_probe_millicpus.clear();
+        m.order_probe_memory_bytes.clear();
+        m.order_probe_gpu_memory_bytes.clear();
+        for (id, readings) in self.quality.snapshot() {
+            let label = OrderLabel {
+                order: id.to_string(),
+            };
+            for reading in readings {
+                match reading {
+                    Reading::CpuCount {
+                        online,
+                        quota_millicpus,
+                    } => {
+                        let millis = quota_millicpus.unwrap_or(u64::from(online) * 1000);
+                        m.order_probe_millicpus
+                            .get_or_create(&label)
+                            .set(i64::try_from(millis).unwrap_or(i64::MAX));
+                    }
+                    Reading::MemoryLimit {
+                        limit_bytes,
+                        total_bytes,
+                    } => {
+                        let bytes = limit_bytes.unwrap_or(total_bytes);
+                        m.order_probe_memory_bytes
+                            .get_or_create(&label)
+                            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                    }
+                    Reading::Gpu {
+                        index,
+                        model,
+                        memory_mib,
+                    } => {
+                        m.order_probe_gpu_memory_bytes
+                            .get_or_create(&OrderGpuLabel {
+                                order: id.to_string(),
+                                gpu: index.to_string(),
+                                model,
+                            })
+                            .set(i64::try_from(memory_mib << 20).unwrap_or(i64::MAX));
+                    }
+                    Reading::RoundTrip { .. } => {}
+                }
+            }
+        }
         for id in self.billing.metered_orders() {
             let Some(lease) = self.billing.running(id) else {
                 continue;
@@ -230,6 +279,7 @@ impl Gateway {
             env_policy: Arc::new(EnvPolicy::new(&config.sessions.extra_env)),
             metrics: Metrics::default(),
             billing: Billing::new(meter, ledger, config.payment.warn_at.clone()),
+            quality: Arc::default(),
             settler: std::sync::OnceLock::new(),
         });
         Ok(Self {

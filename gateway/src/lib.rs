@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod metrics_http;
 pub mod orders;
 pub mod policy;
+pub mod quality;
 pub mod ratelimit;
 pub mod session_channel;
 pub mod settler;

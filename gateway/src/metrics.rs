@@ -77,6 +77,25 @@ pub struct Metrics {
     pub order_tick_write_seconds: Family<OrderLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// How late the last tick was stored after its time, in seconds.
     pub order_tick_lag_seconds: Family<OrderLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// SSH round-trip time, measured with keepalives.
+    pub session_rtt_seconds: Histogram,
+    /// CPUs seen from inside each live order's container (thousandths, quota if set).
+    pub order_probe_millicpus: Family<OrderLabel, Gauge>,
+    /// The memory limit seen from inside each live order's container.
+    pub order_probe_memory_bytes: Family<OrderLabel, Gauge>,
+    /// Memory of each GPU seen from inside each live order's container.
+    pub order_probe_gpu_memory_bytes: Family<OrderGpuLabel, Gauge>,
+}
+
+/// A label set naming one order's GPU.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrderGpuLabel {
+    /// The order id.
+    pub order: String,
+    /// The GPU's index inside the container.
+    pub gpu: String,
+    /// Its model.
+    pub model: String,
 }
 
 impl Default for Metrics {
@@ -98,6 +117,10 @@ impl Default for Metrics {
             order_ticks: Family::default(),
             order_tick_write_seconds: Family::default(),
             order_tick_lag_seconds: Family::default(),
+            session_rtt_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            order_probe_millicpus: Family::default(),
+            order_probe_memory_bytes: Family::default(),
+            order_probe_gpu_memory_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -174,6 +197,26 @@ impl Default for Metrics {
             "order_tick_lag_seconds",
             "How late the last tick was stored",
             m.order_tick_lag_seconds.clone(),
+        );
+        registry.register(
+            "session_rtt_seconds",
+            "SSH round-trip time measured with keepalives",
+            m.session_rtt_seconds.clone(),
+        );
+        registry.register(
+            "order_probe_millicpus",
+            "CPUs seen inside the order's container, in thousandths",
+            m.order_probe_millicpus.clone(),
+        );
+        registry.register(
+            "order_probe_memory_bytes",
+            "Memory limit seen inside the order's container",
+            m.order_probe_memory_bytes.clone(),
+        );
+        registry.register(
+            "order_probe_gpu_memory_bytes",
+            "GPU memory seen inside the order's container",
+            m.order_probe_gpu_memory_bytes.clone(),
         );
         Self { registry, ..m }
     }

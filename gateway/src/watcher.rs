@@ -97,6 +97,7 @@ async fn end_order(shared: &Shared, id: OrderId, why: &Refusal) {
     }
     let running = shared.billing.running(id).is_some();
     shared.billing.end(id).await;
+    shared.quality.forget(id);
     // The final tick is stored: the settler may claim it now.
     if let Some(settler) = shared.settler.get() {
         settler.wake();

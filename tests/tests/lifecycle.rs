@@ -171,6 +171,27 @@ async fn receipts_recompute_to_the_billed_chain_and_metrics_show_the_session() -
         metrics.contains(&format!("shale_gateway_order_ticks{{order=\"{order}\"}}")),
         "{metrics}"
     );
+    // The probes saw, from inside the container, what the order pays for: 2 CPUs, 1 GiB.
+    assert!(
+        metrics.contains(&format!(
+            "shale_gateway_order_probe_millicpus{{order=\"{order}\"}} 2000"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "shale_gateway_order_probe_memory_bytes{{order=\"{order}\"}} 1073741824"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shale_gateway_session_rtt_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        receipts.iter().any(|r| matches!(r, Receipt::Probe(_))),
+        "no probe readings in the receipts"
+    );
     stack.stop().await
 }
 

@@ -1,0 +1,164 @@
+//! Session quality as the client really gets it: probes run inside the order's container when
+//! its lease starts (CPUs, memory limit, GPUs as seen from inside) and the SSH round-trip time
+//! measured with keepalives. Readings go to the ledger (the client's receipts) and to metrics.
+//! This is how clients catch an SP that under-delivers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shale_meter::probe::{default_probes, run_probes, ProbeOutput, Reading};
+use shale_meter::Ledger;
+use shale_provisioner::{ExecRequest, ExitStatus, Provisioner};
+use tokio::io::AsyncReadExt;
+
+use crate::login::OrderId;
+
+/// How long one probe command may take before it counts as failed.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The latest readings of each order's probes, for `/metrics`.
+#[derive(Default)]
+pub struct QualityBoard {
+    readings: Mutex<HashMap<OrderId, Vec<Reading>>>,
+}
+
+impl QualityBoard {
+    /// The latest readings of every order.
+    pub fn snapshot(&self) -> Vec<(OrderId, Vec<Reading>)> {
+        self.readings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
+    /// Whether `order` was probed since its lease started in this process.
+    pub fn has(&self, order: OrderId) -> bool {
+        self.readings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&order)
+    }
+
+    /// Forgets `order` (its lease ended).
+    pub fn forget(&self, order: OrderId) {
+        self.readings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&order);
+    }
+
+    /// Runs the default probes in `order`'s container, records them in the ledger and keeps the
+    /// readings for metrics.
+    pub async fn probe(
+        self: Arc<Self>,
+        provisioner: Provisioner,
+        ledger: Ledger,
+        order: OrderId,
+        session: String,
+    ) {
+        let probes = default_probes();
+        let results = run_probes(&ledger, order.0, Some(&session), &probes, |argv| {
+            run_in_container(&provisioner, order, argv)
+        })
+        .await;
+        let mut readings = Vec::new();
+        for result in results {
+            match result.outcome {
+                Ok(r) => readings.extend(r),
+                Err(e) => {
+                    tracing::info!(order = order.0, probe = result.probe, error = %e, "probe gave no reading")
+                }
+            }
+        }
+        tracing::info!(order = order.0, readings = ?readings, "session-quality probes");
+        self.readings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(order, readings);
+    }
+}
+
+/// Runs `argv` in the container and collects its output, bounded in time.
+async fn run_in_container(
+    provisioner: &Provisioner,
+    order: OrderId,
+    argv: Vec<String>,
+) -> Result<ProbeOutput, String> {
+    let run = async {
+        let mut process = provisioner
+            .exec(
+                order.0,
+                ExecRequest {
+                    argv,
+                    ..ExecRequest::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        process
+            .handle
+            .close_stdin()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        let read_err = async {
+            if let Some(err) = process.stderr.as_mut() {
+                let _ = err.read_to_string(&mut stderr).await;
+            }
+        };
+        let (out, ()) = tokio::join!(process.stdout.read_to_string(&mut stdout), read_err);
+        out.map_err(|e| e.to_string())?;
+        let status = process.handle.wait().await.map_err(|e| e.to_string())?;
+        Ok(ProbeOutput {
+            exit_code: match status {
+                ExitStatus::Code(c) => Some(c),
+                ExitStatus::Signal(_) => None,
+            },
+            stdout,
+            stderr,
+        })
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, run)
+        .await
+        .map_err(|_| format!("no answer within {PROBE_TIMEOUT:?}"))?
+}
+
+/// Sends an SSH keepalive and records the time to its reply as the session's round-trip time.
+pub fn measure_round_trip(
+    session: &mut russh::server::Session,
+    histogram: prometheus_client::metrics::histogram::Histogram,
+    ledger: Ledger,
+    order: OrderId,
+    session_id: String,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let sent = Instant::now();
+    if session.send_ping(tx).is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(30), rx).await {
+            let rtt = sent.elapsed();
+            histogram.observe(rtt.as_secs_f64());
+            let reading = Reading::RoundTrip {
+                micros: rtt.as_micros() as u64,
+            };
+            if let Err(e) = ledger
+                .record_probe(
+                    order.0,
+                    Some(&session_id),
+                    "round_trip",
+                    shale_meter::ledger::now_ms(),
+                    &[reading],
+                )
+                .await
+            {
+                tracing::debug!(order = order.0, error = %e, "cannot record the round-trip time");
+            }
+        }
+    });
+}
