@@ -245,3 +245,85 @@ impl Metrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every series the shipped Grafana dashboard queries is one the gateway exports.
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_metrics() {
+        let mut metrics = Metrics::default();
+        let settler = crate::settler::SettlerMetrics::default();
+        settler.register(metrics.registry_mut());
+        // Label families render only once they hold a series: give each one.
+        let kind = KindLabel { kind: "x".into() };
+        let order = OrderLabel { order: "1".into() };
+        metrics.sessions_ended.get_or_create(&kind).inc();
+        metrics.channels_opened.get_or_create(&kind).inc();
+        metrics.bytes.get_or_create(&kind).inc();
+        metrics
+            .auth_failures
+            .get_or_create(&ReasonLabel { reason: "x".into() })
+            .inc();
+        metrics.order_funds_wei.get_or_create(&order).set(1.0);
+        metrics.order_runway_seconds.get_or_create(&order).set(1);
+        metrics
+            .order_bytes
+            .get_or_create(&OrderDirectionLabel {
+                order: "1".into(),
+                direction: "in".into(),
+            })
+            .set(1);
+        metrics.order_ticks.get_or_create(&order).set(1);
+        metrics
+            .order_tick_write_seconds
+            .get_or_create(&order)
+            .set(1.0);
+        metrics
+            .order_tick_lag_seconds
+            .get_or_create(&order)
+            .set(1.0);
+        metrics.order_probe_millicpus.get_or_create(&order).set(1);
+        metrics
+            .order_probe_memory_bytes
+            .get_or_create(&order)
+            .set(1);
+        metrics
+            .order_probe_gpu_memory_bytes
+            .get_or_create(&OrderGpuLabel {
+                order: "1".into(),
+                gpu: "0".into(),
+                model: "x".into(),
+            })
+            .set(1);
+        settler
+            .failures
+            .get_or_create(&crate::settler::FailureLabel { reason: "x".into() })
+            .inc();
+        let rendered = metrics.render();
+        let families: std::collections::BTreeSet<&str> = rendered
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let dashboard = include_str!("../grafana/shale-gateway.json");
+        let mut checked = 0;
+        for (i, _) in dashboard.match_indices("shale_gateway_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_total", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                families.contains(family),
+                "{name} is not exported; exported: {families:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 10);
+    }
+}
