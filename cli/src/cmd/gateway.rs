@@ -29,7 +29,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let provisioner = Provisioner::connect(config.containers.clone())
         .await
         .context("connecting to containerd")?;
-    let gateway = Gateway::bind(config.clone(), market, provisioner).await?;
+    let mut gateway = Gateway::bind(config.clone(), market, provisioner).await?;
     eprintln!(
         "shale gateway on {} with host key {}",
         gateway.local_addr(),
@@ -44,6 +44,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             Some(s) => {
                 let (settler, task) = start_settler(market.clone(), &config, s).await?;
                 settler_task = Some(task);
+                // The gateway tells it of every metered lease (claims then refresh the lease's
+                // unpaid totals) and serves its metrics.
+                gateway.attach_settler(settler.clone());
                 Some(settler)
             }
             None => None,
