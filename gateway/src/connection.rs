@@ -46,6 +46,8 @@ pub struct Connection {
     lease: Option<LeaseStart>,
     /// This session's byte counters, once admitted.
     counter: Option<Arc<SessionCounter>>,
+    /// Set when the order may no longer run anything but its receipts may still be read: why.
+    receipts_only: Option<Refusal>,
 }
 
 impl Connection {
@@ -69,6 +71,7 @@ impl Connection {
             seat: None,
             lease: None,
             counter: None,
+            receipts_only: None,
         }
     }
 
@@ -120,9 +123,21 @@ impl Connection {
         let id = parse_login(user)?;
         self.span.record("order", id.0);
         let order = self.shared.orders.get(id).await?;
-        admit_order(&order, self.shared.provider, crate::unix_now())?;
-        if self.shared.billing.still_exhausted(&order) {
-            return Err(Refusal::EscrowExhausted(id));
+        let verdict = admit_order(&order, self.shared.provider, crate::unix_now()).and_then(|()| {
+            if self.shared.billing.still_exhausted(&order) {
+                Err(Refusal::EscrowExhausted(id))
+            } else {
+                Ok(())
+            }
+        });
+        match verdict {
+            Ok(()) => self.receipts_only = None,
+            // The order's own key may still read its receipts (to check the final claims);
+            // everything else is refused with this reason once the session opens a channel.
+            Err(
+                refusal @ (Refusal::Ended(_) | Refusal::EscrowExhausted(_) | Refusal::Cancelled(_)),
+            ) => self.receipts_only = Some(refusal),
+            Err(refusal) => return Err(refusal),
         }
         self.order = Some((user.to_string(), order.clone()));
         Ok(order)
@@ -204,6 +219,10 @@ impl russh::server::Handler for Connection {
             return Ok(self
                 .refuse(admit_key(&order, key.public_key).unwrap_err())
                 .await);
+        }
+        if let Some(why) = &self.receipts_only {
+            tracing::info!(parent: &self.span, reason = why.reason(), "authenticated for receipts only");
+            return Ok(Auth::Accept);
         }
         let Some(handle) = self.handle.get().cloned() else {
             return Ok(self.refuse(Refusal::ShuttingDown).await);
@@ -302,6 +321,9 @@ impl russh::server::Handler for Connection {
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if self.receipts_only.is_some() {
+            return Ok(());
+        }
         if let Some((_, order)) = &self.order {
             let id = OrderId(order.id);
             crate::quality::measure_round_trip(
@@ -343,6 +365,19 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let (Some(why), Some((_, order))) = (&self.receipts_only, &self.order) {
+            reply.accept().await;
+            tokio::spawn(tracing::Instrument::instrument(
+                session_channel::serve_receipts_only(
+                    channel,
+                    OrderId(order.id),
+                    self.shared.billing.ledger().clone(),
+                    why.to_string(),
+                ),
+                self.span.clone(),
+            ));
+            return Ok(());
+        }
         let (Some((_, order)), Some(lease), Some(seat), Some(handle), Some(counter)) = (
             &self.order,
             &self.lease,

@@ -233,8 +233,19 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
 
 /// Answers the `shale-receipts` subsystem: the order's ticks, sessions and claims as JSON lines.
 async fn serve_receipts(ctx: &ChannelContext, tx: &russh::ChannelWriteHalf<Msg>) {
-    let mut out = Metered::new(tx.make_writer(), ctx.counter.open_channel(), Side::Client);
-    let status = match ctx.ledger.write_receipts(ctx.order.0, &mut out).await {
+    let out = Metered::new(tx.make_writer(), ctx.counter.open_channel(), Side::Client);
+    write_receipts(&ctx.ledger, ctx.order, tx, out).await;
+}
+
+async fn write_receipts<W>(
+    ledger: &Ledger,
+    order: OrderId,
+    tx: &russh::ChannelWriteHalf<Msg>,
+    mut out: W,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let status = match ledger.write_receipts(order.0, &mut out).await {
         Ok(lines) => {
             tracing::info!(lines, "receipts sent");
             0
@@ -253,6 +264,45 @@ async fn serve_receipts(ctx: &ChannelContext, tx: &russh::ChannelWriteHalf<Msg>)
     let _ = tx.exit_status(status).await;
     let _ = tx.eof().await;
     let _ = tx.close().await;
+}
+
+/// Serves a session channel of an order that may no longer run anything (it ended, or ran out
+/// of escrow): its receipts stay available, so the client can check the final claims; anything
+/// else is told `why` and refused. Nothing here is billed.
+pub async fn serve_receipts_only(
+    channel: Channel<Msg>,
+    order: OrderId,
+    ledger: Ledger,
+    why: String,
+) {
+    let (mut rx, tx) = channel.split();
+    loop {
+        match rx.wait().await {
+            Some(ChannelMsg::RequestSubsystem { name, .. })
+                if Subsystem::named(&name) == Some(Subsystem::Receipts) =>
+            {
+                let out = tx.make_writer();
+                write_receipts(&ledger, order, &tx, out).await;
+                return;
+            }
+            Some(ChannelMsg::RequestShell { .. })
+            | Some(ChannelMsg::Exec { .. })
+            | Some(ChannelMsg::RequestSubsystem { .. }) => {
+                let mut err = tx.make_writer_ext(Some(1));
+                let line = format!(
+                    "shale: {why}; its receipts remain: `ssh {order}@HOST -s shale-receipts`\r\n"
+                );
+                let _ = err.write_all(line.as_bytes()).await;
+                let _ = err.flush().await;
+                let _ = tx.exit_status(255).await;
+                let _ = tx.eof().await;
+                let _ = tx.close().await;
+                return;
+            }
+            Some(ChannelMsg::Close) | None => return,
+            Some(_) => {}
+        }
+    }
 }
 
 /// Records the time to start a process when dropped (also when the start fails).

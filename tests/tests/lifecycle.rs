@@ -55,6 +55,21 @@ async fn terminating_the_order_on_chain_cuts_its_sessions_with_the_reason() -> a
     let out = tokio::task::spawn_blocking(move || run(cmd)).await??;
     assert_eq!(out.code, Some(255));
     assert!(out.stderr.contains("has ended"), "{out:?}");
+
+    // Its receipts stay readable with the order's key, to check the final claims against.
+    let mut cmd = target.ssh();
+    cmd.args(["-s", "shale-receipts"]);
+    let out = tokio::task::spawn_blocking(move || run(cmd)).await??;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let receipts: Vec<Receipt> = out
+        .stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert!(
+        receipts.iter().any(|r| matches!(r, Receipt::Tick(_))),
+        "{receipts:?}"
+    );
     stack.stop().await
 }
 
