@@ -43,9 +43,29 @@ fi
 if [ "$standard_json" = 1 ]; then
     # solc-js exits before a pipe drains and cuts its output at 64 KiB; stdout to a regular file
     # is written synchronously, so compile into a temporary file and filter that.
+    # forge hands us a non-blocking pipe, and solc-js reads stdin with one readFileSync that
+    # fails with EAGAIN when the input is not there yet: copy stdin to a file first, retrying.
+    in=$(mktemp)
     out=$(mktemp)
-    trap 'rm -f "$out"' EXIT
-    node "$solcjs" --standard-json --base-path "${base_path:-.}" "${include_paths[@]}" >"$out"
+    trap 'rm -f "$in" "$out"' EXIT
+    node -e '
+        const fs = require("fs");
+        const buf = Buffer.alloc(1 << 16), parts = [];
+        const nap = new Int32Array(new SharedArrayBuffer(4));
+        for (;;) {
+            let n;
+            try { n = fs.readSync(0, buf, 0, buf.length, null); }
+            catch (e) {
+                if (e.code === "EAGAIN") { Atomics.wait(nap, 0, 0, 5); continue; }
+                if (e.code === "EOF") break;
+                throw e;
+            }
+            if (n === 0) break;
+            parts.push(Buffer.from(buf.subarray(0, n)));
+        }
+        fs.writeFileSync(process.argv[1], Buffer.concat(parts));
+    ' "$in"
+    node "$solcjs" --standard-json --base-path "${base_path:-.}" "${include_paths[@]}" <"$in" >"$out"
     grep -v '^>>>' "$out"
     exit 0
 fi
