@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's first command: installs what Shale needs (scripts/setup.sh, and a Rust toolchain
-# when there is none), builds the `shale` binary, brings the local stack up (`shale dev up`:
+# The README's first command: installs what Shale needs (scripts/setup.sh; a Rust toolchain must
+# already be there), builds the `shale` binary, brings the local stack up (`shale dev up`:
 # anvil, the marketplace, containerd, the default image, the gateway, a demo SP with the digits
 # dataset), runs `shale demo`, and takes the stack down again.
 #
@@ -21,10 +21,11 @@ done
 scripts/setup.sh
 export PATH="$root/.tools/bin:$HOME/.cargo/bin:$PATH"
 
-# Debian's own cargo is older than the workspace's rust-version: use rustup's stable toolchain.
+# Debian's own cargo is older than the workspace's rust-version (1.89): a rustup stable toolchain
+# is the one prerequisite the scripts do not install.
 if ! command -v cargo >/dev/null; then
-    echo "demo: installing the Rust toolchain (rustup, stable, minimal profile)"
-    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --no-modify-path >/dev/null
+    echo "demo: no cargo found; install a stable Rust toolchain (rustup, 1.89 or newer) and run again" >&2
+    exit 1
 fi
 
 echo "demo: building shale (first time: a few minutes)"
