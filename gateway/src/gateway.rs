@@ -303,10 +303,17 @@ impl Gateway {
     /// the gateway meters (so claims refresh the lease's unpaid totals), is woken when an order
     /// ends, and its metrics are served on `/metrics`. Call before [`Gateway::run`].
     pub fn attach_settler(&mut self, settler: crate::settler::Settler) {
-        let shared = Arc::get_mut(&mut self.shared)
-            .expect("the settler is attached before the gateway runs");
-        settler.metrics().register(shared.metrics.registry_mut());
-        let _ = shared.settler.set(settler);
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => settler.metrics().register(shared.metrics.registry_mut()),
+            // Someone holds the shared state already (`shared()` was called): the settler
+            // still works, only its metrics are not served here.
+            None => tracing::warn!(
+                "settler attached after sharing the gateway; its metrics are not on /metrics"
+            ),
+        }
+        if self.shared.settler.set(settler).is_err() {
+            tracing::warn!("a settler was already attached; keeping the first");
+        }
     }
 
     /// Where `/metrics` is served, if configured.

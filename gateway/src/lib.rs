@@ -1,10 +1,12 @@
 //! Shale's SSH gateway: a client with nothing but OpenSSH runs `ssh 42@sp.example` and lands in
 //! order 42's container.
 //!
-//! The path of a connection: [`server`](gateway) accepts, [`connection`] authenticates against the
-//! order on chain ([`orders`], [`admission`]), [`session_channel`] and [`forward`] run each
-//! channel in the order's container, [`leases`] knows every live session so that [`watcher`] can
-//! end them when the order ends.
+//! The path of a connection: [`gateway`] accepts, [`connection`] authenticates against the order
+//! on chain ([`orders`], [`admission`]), [`session_channel`] and [`forward`] run each channel in
+//! the order's container through metered pumps, [`leases`] knows every live session so that
+//! [`watcher`] can warn and end them when the order ends or its escrow runs out ([`billing`]).
+//! [`quality`] measures what the client really gets, [`metrics`] and [`metrics_http`] export it,
+//! and [`settler`] turns the ledger's ticks into Groth16-proved claims on chain.
 
 pub mod admission;
 pub mod billing;

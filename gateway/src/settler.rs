@@ -15,7 +15,7 @@
 //!    on chain (`claimableSeconds`), totals that fit `u64`, and a charge (`quote`, the contract's
 //!    own arithmetic) no larger than the escrow left. A claim the escrow cannot pay would be
 //!    refused, and since every later batch continues from it, it would block the order.
-//! 4. **Prove** on the bounded pool ([`prover`]) with the smallest capacity that holds the batch,
+//! 4. **Prove** on the bounded pool (the `prover` module) with the smallest capacity that holds the batch,
 //!    **claim** with retries and exponential backoff on outages, and record it in the ledger:
 //!    pending → submitted → confirmed (with its transaction hash) or failed.
 //! 5. Tell the order's [`LeaseMeter`] to re-read its unclaimed totals, and once an ended order
