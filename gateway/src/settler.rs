@@ -27,7 +27,8 @@
 //!
 //! ```no_run
 //! # async fn wire(market: shale_contracts::Marketplace, ledger: shale_meter::Ledger,
-//! #               registry: &mut prometheus_client::registry::Registry)
+//! #               registry: &mut prometheus_client::registry::Registry,
+//! #               lease: std::sync::Arc<shale_meter::LeaseMeter>)
 //! # -> Result<(), shale_gateway::settler::SettlerError> {
 //! use shale_gateway::settler::{Settler, SettlerConfig};
 //! let config = SettlerConfig { key_seed: Some(1), ..SettlerConfig::default() };
@@ -35,7 +36,6 @@
 //! settler.metrics().register(registry);
 //! let task = settler.spawn();
 //! // When a lease starts (and again when it ends, to claim at once):
-//! # let lease: std::sync::Arc<shale_meter::LeaseMeter> = unimplemented!();
 //! settler.track(42, Some(&lease));
 //! settler.wake();
 //! // On shutdown:
