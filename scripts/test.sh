@@ -9,7 +9,7 @@ export PATH="$root/.tools/bin:$PATH"
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --features shale-bench/system --locked -- -D warnings
 echo "== forge test"
 (cd contracts && forge test --offline --use "$root/.tools/bin/solc")
 echo "== cargo test"

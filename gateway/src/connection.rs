@@ -339,7 +339,7 @@ impl russh::server::Handler for Connection {
                 self.shared.metrics.provisioning_seconds.clone(),
             );
             // What the client really gets, measured once the container runs in this lease.
-            if !self.shared.quality.has(id) {
+            if self.shared.quality.due(id, crate::quality::PROBE_EVERY) {
                 let (quality, provisioner, ledger, lease, session) = (
                     self.shared.quality.clone(),
                     self.shared.provisioner.clone(),
@@ -363,7 +363,7 @@ impl russh::server::Handler for Connection {
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let (Some(why), Some((_, order))) = (&self.receipts_only, &self.order) {
             reply.accept().await;
@@ -392,6 +392,13 @@ impl russh::server::Handler for Connection {
         };
         reply.accept().await;
         Metrics::count(&self.shared.metrics.channels_opened, "session");
+        crate::quality::measure_round_trip(
+            session,
+            self.shared.metrics.session_rtt_seconds.clone(),
+            self.shared.billing.ledger().clone(),
+            OrderId(order.id),
+            self.session.to_string(),
+        );
         let ctx = session_channel::ChannelContext {
             order: OrderId(order.id),
             lease: lease.clone(),

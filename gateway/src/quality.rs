@@ -17,10 +17,15 @@ use crate::login::OrderId;
 /// How long one probe command may take before it counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How often the probes run again during a lease: an SP could shrink a lease after it starts.
+pub const PROBE_EVERY: Duration = Duration::from_secs(600);
+
 /// The latest readings of each order's probes, for `/metrics`.
 #[derive(Default)]
 pub struct QualityBoard {
     readings: Mutex<HashMap<OrderId, Vec<Reading>>>,
+    /// When each order was last probed (or a probe was started), to pace them.
+    probed_at: Mutex<HashMap<OrderId, Instant>>,
 }
 
 impl QualityBoard {
@@ -34,17 +39,25 @@ impl QualityBoard {
             .collect()
     }
 
-    /// Whether `order` was probed since its lease started in this process.
-    pub fn has(&self, order: OrderId) -> bool {
-        self.readings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&order)
+    /// Claims the next probe of `order` if none ran within `every`; false when one is recent.
+    pub fn due(&self, order: OrderId, every: Duration) -> bool {
+        let mut probed = self.probed_at.lock().unwrap_or_else(|p| p.into_inner());
+        match probed.get(&order) {
+            Some(at) if at.elapsed() < every => false,
+            _ => {
+                probed.insert(order, Instant::now());
+                true
+            }
+        }
     }
 
     /// Forgets `order` (its lease ended).
     pub fn forget(&self, order: OrderId) {
         self.readings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&order);
+        self.probed_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&order);
@@ -74,6 +87,14 @@ impl QualityBoard {
             }
         }
         tracing::info!(order = order.0, readings = ?readings, "session-quality probes");
+        if readings.is_empty() {
+            // Nothing answered (the container was not up yet): try again at the next chance.
+            self.probed_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&order);
+            return;
+        }
         self.readings
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -161,4 +182,21 @@ pub fn measure_round_trip(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_are_paced_per_order_and_restart_after_forget() {
+        let board = QualityBoard::default();
+        let (a, b) = (OrderId(1), OrderId(2));
+        assert!(board.due(a, Duration::from_secs(600)));
+        assert!(!board.due(a, Duration::from_secs(600)));
+        assert!(board.due(b, Duration::from_secs(600)));
+        assert!(board.due(a, Duration::ZERO));
+        board.forget(a);
+        assert!(board.due(a, Duration::from_secs(600)));
+    }
 }

@@ -77,6 +77,17 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
                 end_order(&shared, id, &refusal).await;
                 continue;
             }
+            // What the client gets is checked again during the lease, not only at its start.
+            if shared.billing.running(id).is_some()
+                && shared.quality.due(id, crate::quality::PROBE_EVERY)
+            {
+                tokio::spawn(shared.quality.clone().probe(
+                    shared.provisioner.clone(),
+                    shared.billing.ledger().clone(),
+                    id,
+                    "periodic".into(),
+                ));
+            }
             match shared.billing.verdict(&order) {
                 EscrowVerdict::Fine => {}
                 EscrowVerdict::Warn(line) => shared.board.notify(id, &line).await,

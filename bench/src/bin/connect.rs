@@ -2,7 +2,7 @@
 //! own sshd running `true` on the host, in the same run; plus the cold path (first connection of
 //! a new order: chain lookup and container start). Prints a table and writes JSON.
 //!
-//! `cargo run -p shale-bench --bin shale-bench-connect -- [ROUNDS] [COLD] [OUT.json]`
+//! `cargo run -p shale-bench --features system --bin shale-bench-connect -- [ROUNDS] [COLD] [OUT.json]`
 
 use std::time::{Duration, Instant};
 
