@@ -42,6 +42,9 @@ pub struct DevState {
     pub provider: Address,
     pub client: Address,
     pub gateway: SocketAddr,
+    /// Where the gateway serves Prometheus `/metrics`.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
     pub host_key: String,
     pub anvil_pid: u32,
     pub gateway_pid: u32,
@@ -371,6 +374,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     // The gateway's config, then the image import through the same provisioner settings.
     let sp_key = parse_key(&dev_keys, SP)?;
     let gateway_port = free_port()?;
+    let metrics_port = free_port()?;
     // One namespace per state folder, so a second stack (a test's) never touches this one's
     // containers when both use the system's containerd.
     let namespace = if dir == std::fs::canonicalize(state_dir()).unwrap_or_default() {
@@ -393,6 +397,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
         gateway_toml(
             dir,
             gateway_port,
+            metrics_port,
             &rpc_url,
             marketplace,
             sp_key.address(),
@@ -466,6 +471,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
         provider: sp_key.address(),
         client: parse_key(&dev_keys, CLIENT)?.address(),
         gateway: addr,
+        metrics: Some(([127, 0, 0, 1], metrics_port).into()),
         host_key,
         anvil_pid: pid,
         gateway_pid: gpid,
@@ -524,6 +530,7 @@ async fn claim_keys(keys_dir: &Path) -> anyhow::Result<Vec<u8>> {
 fn gateway_toml(
     dir: &Path,
     port: u16,
+    metrics_port: u16,
     rpc_url: &str,
     marketplace: Address,
     provider: Address,
@@ -565,6 +572,9 @@ gpu_count = 0
 # 0.36 FIL an hour is 10^14 wei a second.
 price_per_hour = "0.36FIL"
 price_per_gib = "0.01FIL"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 
 [meter]
 # One-second ticks: a batch of 16 ticks fills, and is claimed, 16 s into the demo's lease.
@@ -741,6 +751,9 @@ fn print_endpoints(s: &DevState) {
         s.gateway.port(),
         s.gateway.ip()
     );
+    if let Some(metrics) = s.metrics {
+        println!("  metrics      http://{metrics}/metrics");
+    }
     println!(
         "  SP           {:#x} (key: source {}/sp.env)",
         s.provider,
