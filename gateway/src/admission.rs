@@ -118,10 +118,15 @@ pub fn admit_key(order: &Order, key: &PublicKey) -> Result<(), Refusal> {
     if key_digest(key) == order.key_fingerprint {
         Ok(())
     } else {
-        Err(Refusal::WrongKey {
-            order: OrderId(order.id),
-            expected: format_fingerprint(&order.key_fingerprint),
-        })
+        Err(wrong_key(order))
+    }
+}
+
+/// The refusal for a key that is not `order`'s, naming the fingerprint the order expects.
+pub fn wrong_key(order: &Order) -> Refusal {
+    Refusal::WrongKey {
+        order: OrderId(order.id),
+        expected: format_fingerprint(&order.key_fingerprint),
     }
 }
 

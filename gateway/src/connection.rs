@@ -18,7 +18,7 @@ use shale_contracts::Order;
 use shale_meter::SessionCounter;
 use tracing::Span;
 
-use crate::admission::{admit_key, admit_order, Refusal};
+use crate::admission::{admit_key, admit_order, wrong_key, Refusal};
 use crate::gateway::Shared;
 use crate::lease_start::LeaseStart;
 use crate::leases::{SessionId, SessionSeat};
@@ -185,12 +185,7 @@ impl russh::server::Handler for Connection {
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
         // Not advertised; a client that tries anyway learns what is wrong with its login.
         match self.order_for(user).await {
-            Ok(order) => Ok(self
-                .refuse(Refusal::WrongKey {
-                    order: OrderId(order.id),
-                    expected: crate::admission::format_fingerprint(&order.key_fingerprint),
-                })
-                .await),
+            Ok(order) => Ok(self.refuse(wrong_key(&order)).await),
             Err(refusal) => Ok(self.refuse(refusal).await),
         }
     }
@@ -215,10 +210,10 @@ impl russh::server::Handler for Connection {
             Ok(order) => order,
             Err(refusal) => return Ok(self.refuse(refusal).await),
         };
-        if let Auth::Reject { .. } = self.check_key(&order, key.public_key).await {
-            return Ok(self
-                .refuse(admit_key(&order, key.public_key).unwrap_err())
-                .await);
+        // Only a key already accepted when offered gets here with a valid signature; check again
+        // all the same, since a client may sign without offering first.
+        if let Err(refusal) = admit_key(&order, key.public_key) {
+            return Ok(self.refuse(refusal).await);
         }
         if let Some(why) = &self.receipts_only {
             tracing::info!(parent: &self.span, reason = why.reason(), "authenticated for receipts only");
@@ -236,7 +231,7 @@ impl russh::server::Handler for Connection {
             Err(refusal) => return Ok(self.refuse(refusal).await),
         };
         // Billing starts with the lease; nothing is served that cannot be recorded.
-        let lease = match self.shared.billing.lease(&order, crate::unix_now()).await {
+        let lease = match self.shared.start_billing(&order).await {
             Ok(lease) => lease,
             Err(e) => {
                 tracing::error!(parent: &self.span, error = %e, "cannot meter the order");
@@ -255,9 +250,6 @@ impl russh::server::Handler for Connection {
             return Ok(self
                 .refuse(Refusal::EscrowExhausted(OrderId(order.id)))
                 .await);
-        }
-        if let Some(settler) = self.shared.settler.get() {
-            settler.track(order.id, Some(&lease));
         }
         let counter = lease.open_session();
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
@@ -302,10 +294,7 @@ impl russh::server::Handler for Connection {
         let refusal = match self.pending_refusal.take() {
             Some(r) => r,
             None => match self.order_for(user).await {
-                Ok(order) => Refusal::WrongKey {
-                    order: OrderId(order.id),
-                    expected: crate::admission::format_fingerprint(&order.key_fingerprint),
-                },
+                Ok(order) => wrong_key(&order),
                 Err(r) => r,
             },
         };

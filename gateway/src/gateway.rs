@@ -82,6 +82,19 @@ impl Shared {
             .inc_by(bytes.bytes_out);
     }
 
+    /// Starts (or finds) `order`'s lease meter and tells the settler, if one runs here, so that
+    /// its claims refresh the lease's unpaid totals.
+    pub async fn start_billing(
+        &self,
+        order: &shale_contracts::Order,
+    ) -> Result<Arc<shale_meter::LeaseMeter>, shale_meter::MeterError> {
+        let lease = self.billing.lease(order, crate::unix_now()).await?;
+        if let Some(settler) = self.settler.get() {
+            settler.track(order.id, Some(&lease));
+        }
+        Ok(lease)
+    }
+
     /// Rebuilds the per-order series from the live leases (called at each scrape).
     pub async fn refresh_metrics(&self) {
         let m = &self.metrics;
@@ -444,13 +457,8 @@ async fn adopt_leases(shared: &Shared) {
             }
         };
         match admit_order(&order, shared.provider, crate::unix_now()) {
-            Ok(()) => match shared.billing.lease(&order, crate::unix_now()).await {
-                Ok(lease) => {
-                    if let Some(settler) = shared.settler.get() {
-                        settler.track(order.id, Some(&lease));
-                    }
-                    tracing::info!(order = id.0, "adopted a leased container");
-                }
+            Ok(()) => match shared.start_billing(&order).await {
+                Ok(_) => tracing::info!(order = id.0, "adopted a leased container"),
                 Err(e) => tracing::warn!(order = id.0, error = %e, "cannot resume billing"),
             },
             Err(refusal) => {
