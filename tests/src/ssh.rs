@@ -123,30 +123,32 @@ impl Target {
         self
     }
 
+    /// The arguments of `ssh` up to the remote command: the options, port, login and host.
+    fn ssh_args(&self) -> Vec<String> {
+        let mut args = self.options();
+        args.extend([
+            "-p".into(),
+            self.port.to_string(),
+            "-l".into(),
+            self.user.clone(),
+            self.host.clone(),
+        ]);
+        args
+    }
+
     /// `ssh` with the options, port and login set; append the remote command.
     pub fn ssh(&self) -> Command {
         let mut cmd = Command::new("ssh");
-        cmd.args(self.options())
-            .args(["-p", &self.port.to_string(), "-l", &self.user, &self.host])
-            .stdin(Stdio::null());
+        cmd.args(self.ssh_args()).stdin(Stdio::null());
         cmd
     }
 
     /// `ssh ... command` run inside a fresh pseudo-terminal (util-linux `script`), as a person
     /// typing it would; its output, stdout and stderr mixed, comes on stdout.
     pub fn ssh_in_terminal(&self, command: &str) -> Command {
-        let mut line = vec!["ssh".to_string()];
-        line.extend(self.options());
-        line.extend([
-            "-p".into(),
-            self.port.to_string(),
-            "-l".into(),
-            self.user.clone(),
-            self.host.clone(),
-            command.into(),
-        ]);
-        let quoted: Vec<String> = line
-            .iter()
+        let quoted: Vec<String> = std::iter::once("ssh".to_string())
+            .chain(self.ssh_args())
+            .chain(std::iter::once(command.to_string()))
             .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
             .collect();
         let mut cmd = Command::new("script");
