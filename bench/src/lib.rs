@@ -2,4 +2,6 @@
 //! the same run, and report ratios.
 
 pub mod reference;
+#[cfg(feature = "system")]
+pub mod side_by_side;
 pub mod stats;

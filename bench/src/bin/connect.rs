@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use shale_bench::reference::ReferenceSshd;
+use shale_bench::side_by_side::SideBySide;
 use shale_bench::stats::{summarize, Summary};
 use shale_tests::ssh::{run, Target};
-use shale_tests::{OrderOptions, Stack};
+use shale_tests::OrderOptions;
 
 fn time_ssh(target: &Target, command: &str) -> anyhow::Result<Duration> {
     let mut cmd = target.ssh();
@@ -32,29 +32,15 @@ async fn main() -> anyhow::Result<()> {
     let cold: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(5);
     let json_out = args.get(3).cloned();
 
-    let stack = Stack::start().await?;
-    let key = stack.key("bench", "ed25519")?;
-    let order = stack.order(&key, OrderOptions::default()).await?;
-    let gateway = stack.target(order.to_string(), &key);
-    let sshd = ReferenceSshd::start(stack.dir.path(), &key.public)?;
-    let reference = Target {
-        host: "127.0.0.1".into(),
-        port: sshd.port,
-        known_hosts: sshd.known_hosts.clone(),
-        key: key.path.clone(),
-        user: std::env::var("USER").unwrap_or_else(|_| "root".into()),
-        batch: true,
-    };
-
+    let sides = SideBySide::start().await?;
+    let (stack, gateway, reference) = (&sides.stack, &sides.gateway, &sides.reference);
     // Warm both (container started, caches filled), then interleave so load hits both alike.
-    time_ssh(&gateway, "true")?;
-    time_ssh(&reference, "true")?;
+    time_ssh(gateway, "true")?;
+    time_ssh(reference, "true")?;
     let (mut g, mut r) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        g.push(tokio::task::block_in_place(|| time_ssh(&gateway, "true"))?);
-        r.push(tokio::task::block_in_place(|| {
-            time_ssh(&reference, "true")
-        })?);
+        g.push(tokio::task::block_in_place(|| time_ssh(gateway, "true"))?);
+        r.push(tokio::task::block_in_place(|| time_ssh(reference, "true"))?);
     }
     let mut c = Vec::new();
     for i in 0..cold {
@@ -119,6 +105,5 @@ async fn main() -> anyhow::Result<()> {
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
-    drop(sshd);
-    stack.stop().await
+    sides.stop().await
 }

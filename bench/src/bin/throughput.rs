@@ -9,9 +9,8 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Instant;
 
-use shale_bench::reference::ReferenceSshd;
+use shale_bench::side_by_side::SideBySide;
 use shale_tests::ssh::Target;
-use shale_tests::{OrderOptions, Stack};
 
 // The AEAD ciphers both sides offer by default (russh has no aes128-gcm in its default list).
 const CIPHERS: [&str; 2] = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com"];
@@ -58,22 +57,11 @@ async fn main() -> anyhow::Result<()> {
     let mib: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1024);
     let json_out = args.get(2).cloned();
 
-    let stack = Stack::start().await?;
-    let key = stack.key("bench", "ed25519")?;
-    let order = stack.order(&key, OrderOptions::default()).await?;
-    let gateway = stack.target(order.to_string(), &key);
-    let sshd = ReferenceSshd::start(stack.dir.path(), &key.public)?;
-    let reference = Target {
-        host: "127.0.0.1".into(),
-        port: sshd.port,
-        known_hosts: sshd.known_hosts.clone(),
-        key: key.path.clone(),
-        user: std::env::var("USER").unwrap_or_else(|_| "root".into()),
-        batch: true,
-    };
+    let sides = SideBySide::start().await?;
+    let (gateway, reference) = (&sides.gateway, &sides.reference);
     // Warm the container and both servers.
-    tokio::task::block_in_place(|| upload(&gateway, CIPHERS[0], 8))?;
-    tokio::task::block_in_place(|| upload(&reference, CIPHERS[0], 8))?;
+    tokio::task::block_in_place(|| upload(gateway, CIPHERS[0], 8))?;
+    tokio::task::block_in_place(|| upload(reference, CIPHERS[0], 8))?;
 
     let mb = (mib << 20) as f64 / 1e6;
     let mut rows = Vec::new();
@@ -90,8 +78,8 @@ async fn main() -> anyhow::Result<()> {
             ),
             ("download", download),
         ] {
-            let r = tokio::task::block_in_place(|| run(&reference, cipher, mib))?;
-            let g = tokio::task::block_in_place(|| run(&gateway, cipher, mib))?;
+            let r = tokio::task::block_in_place(|| run(reference, cipher, mib))?;
+            let g = tokio::task::block_in_place(|| run(gateway, cipher, mib))?;
             let (r, g) = (mb / r, mb / g);
             println!(
                 "{cipher:<32} {direction:<10} {r:>10.1} {g:>10.1} {:>7.2}",
@@ -106,6 +94,5 @@ async fn main() -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({"mib": mib, "rows": rows}))?,
         )?;
     }
-    drop(sshd);
-    stack.stop().await
+    sides.stop().await
 }
