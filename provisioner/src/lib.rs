@@ -20,6 +20,7 @@ mod image;
 pub mod image_build;
 mod lease;
 mod netns;
+mod seccomp;
 mod spec;
 
 pub use cdi::{CdiRegistry, ContainerEdits, DeviceNode, HookEdit, MountEdit};

@@ -5,8 +5,8 @@
 //!   network namespace (loopback only, so one order can never reach another);
 //! - processes run as an unprivileged uid with no effective capabilities and `no_new_privileges`,
 //!   so setuid binaries in the image cannot raise them; the bounding set is Docker's minimal one;
-//! - a seccomp filter that refuses the syscalls containerd's default profile refuses to a process
-//!   without capabilities (mount, namespaces, module loading, kexec, keyrings, bpf, perf, ...);
+//! - a seccomp allowlist equivalent to containerd's default profile for a process without
+//!   capabilities (see `seccomp.rs`: no mounts, namespaces, modules, kexec, keyrings, bpf, ...);
 //! - runc's default masked and read-only `/proc` and `/sys` paths; only the default device nodes
 //!   (and CDI devices the order was given) are allowed by the devices cgroup;
 //! - the image's root filesystem is read-only by default (see `ProvisionerConfig::readonly_rootfs`);
@@ -44,82 +44,6 @@ const BOUNDING_CAPS: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-/// Syscalls refused with EPERM: those containerd's default profile allows only with
-/// capabilities an order never has, plus io_uring, which it refuses too.
-const DENIED_SYSCALLS: &[&str] = &[
-    "acct",
-    "add_key",
-    "bpf",
-    "clock_adjtime",
-    "clock_settime",
-    "create_module",
-    "delete_module",
-    "finit_module",
-    "fsconfig",
-    "fsmount",
-    "fsopen",
-    "fspick",
-    "get_kernel_syms",
-    "init_module",
-    "io_uring_enter",
-    "io_uring_register",
-    "io_uring_setup",
-    "ioperm",
-    "iopl",
-    "kcmp",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "mount",
-    "mount_setattr",
-    "move_mount",
-    "name_to_handle_at",
-    "nfsservctl",
-    "open_by_handle_at",
-    "open_tree",
-    "perf_event_open",
-    "pivot_root",
-    "query_module",
-    "quotactl",
-    "quotactl_fd",
-    "reboot",
-    "request_key",
-    "setns",
-    "settimeofday",
-    "stime",
-    "swapoff",
-    "swapon",
-    "sysfs",
-    "_sysctl",
-    "syslog",
-    "umount",
-    "umount2",
-    "unshare",
-    "uselib",
-    "userfaultfd",
-    "ustat",
-    "vhangup",
-    "vm86",
-    "vm86old",
-];
-
-/// clone(2) flags that make new namespaces: CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER,
-/// NEWPID, NEWNET. containerd's profile refuses them to processes without CAP_SYS_ADMIN.
-const CLONE_NAMESPACE_FLAGS: [u64; 7] = [
-    0x0002_0000,
-    0x0200_0000,
-    0x0400_0000,
-    0x0800_0000,
-    0x1000_0000,
-    0x2000_0000,
-    0x4000_0000,
-];
-/// socket(2) family refused as in containerd's profile (host/VM sockets).
-const AF_VSOCK: u64 = 40;
-const EPERM: u32 = 1;
-const ENOSYS: u32 = 38;
-
 /// The parts of an order's container that vary.
 pub(crate) struct ContainerShape<'a> {
     pub order: u64,
@@ -133,28 +57,6 @@ pub(crate) struct ContainerShape<'a> {
     pub etc_dir: &'a Path,
     pub dataset: Option<(&'a str, &'a Path)>,
     pub edits: &'a ContainerEdits,
-}
-
-pub(crate) fn seccomp() -> Value {
-    let mut syscalls =
-        vec![json!({ "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM })];
-    // One rule per flag: a filter compares masked arguments for equality, and any matching rule
-    // refuses the call. New user namespaces in particular would hand back every capability.
-    for flag in CLONE_NAMESPACE_FLAGS {
-        syscalls.push(json!({ "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
-            "args": [{ "index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ" }] }));
-    }
-    syscalls.push(
-        json!({ "names": ["socket"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
-        "args": [{ "index": 0, "value": AF_VSOCK, "op": "SCMP_CMP_EQ" }] }),
-    );
-    // clone3's flags live in memory a filter cannot read; ENOSYS makes libc fall back to clone.
-    syscalls.push(json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS }));
-    json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "syscalls": syscalls,
-    })
 }
 
 fn capabilities(uid: u32) -> Value {
@@ -261,7 +163,7 @@ pub(crate) fn container(config: &ProvisionerConfig, shape: &ContainerShape<'_>) 
                 "pids": { "limit": shape.pids_limit },
             },
             "devices": devices,
-            "seccomp": seccomp(),
+            "seccomp": crate::seccomp::profile(),
             "maskedPaths": [
                 "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
                 "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",

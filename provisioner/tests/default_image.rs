@@ -46,8 +46,8 @@ async fn the_default_image_has_python_numpy_sftp_and_rsync() {
     )
     .await;
     assert_eq!((out.as_str(), st), ("45\n", ExitStatus::Code(0)), "{err}");
-    let (out, _, st) = sh(&h.prov, 51, "whoami; echo $HOME; bash -c 'echo bash ok'; rsync --version | head -1 | tr -s ' ' | cut -d' ' -f1-2; ps -o pid= -p 1").await;
-    assert_eq!(st, ExitStatus::Code(0));
+    let (out, err, st) = sh(&h.prov, 51, "whoami; echo $HOME; bash -c 'echo bash ok'; rsync --version | head -1 | tr -s ' ' | cut -d' ' -f1-2; ps -o pid= -p 1").await;
+    assert_eq!(st, ExitStatus::Code(0), "{out}{err}");
     let lines: Vec<&str> = out.lines().map(str::trim).collect();
     assert_eq!(
         lines,
@@ -70,6 +70,33 @@ if pid > 0: os.waitpid(pid, 0); print('cloned')\n\
 else: print('errno', ctypes.get_errno())\n";
     let (out, err, _) = run(&h.prov, 51, &["python3", "-c", probe]).await;
     assert_eq!(out.trim(), "errno 1", "{err}");
+
+    // The filter is an allowlist: calls that need no capability but are not on it (kcmp on
+    // oneself, a NUMA policy) are refused, while ordinary ones (a thread, a socket pair, ptrace
+    // of one's own child by strace-like tools) go through.
+    let probe = r#"
+import ctypes, os, socket, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    r = libc.syscall(nr, *args)
+    return r if r >= 0 else -ctypes.get_errno()
+me = os.getpid()
+print('kcmp', call(312, me, me, 0, 0, 0))
+print('set_mempolicy', call(238, 0, 0, 0))
+t = threading.Thread(target=lambda: None); t.start(); t.join()
+a, b = socket.socketpair(); a.send(b'x'); print('socketpair', b.recv(1))
+pid = os.fork()
+if pid == 0:
+    libc.ptrace(0, 0, 0, 0); os._exit(7)
+print('child', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"#;
+    let (out, err, st) = run(&h.prov, 51, &["python3", "-c", probe]).await;
+    assert_eq!(st, ExitStatus::Code(0), "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec!["kcmp -1", "set_mempolicy -1", "socketpair b'x'", "child 7"],
+        "{err}"
+    );
 
     // The SFTP server answers SSH_FXP_INIT (version 3) with SSH_FXP_VERSION.
     let mut sftp = h
