@@ -108,6 +108,15 @@ pub struct SessionConfig {
     /// How long shutdown waits for sessions to end after telling users.
     #[serde(with = "secs")]
     pub drain: Duration,
+    /// Whether channel bytes are counted for billing. Always on from a configuration file (it
+    /// cannot be set there); only a benchmark that embeds the gateway turns it off, to measure
+    /// what counting costs on the whole byte path.
+    #[serde(skip, default = "counting_bytes")]
+    pub count_bytes: bool,
+}
+
+fn counting_bytes() -> bool {
+    true
 }
 
 impl Default for SessionConfig {
@@ -119,6 +128,7 @@ impl Default for SessionConfig {
             keepalive: Duration::from_secs(15),
             extra_env: Vec::new(),
             drain: Duration::from_secs(10),
+            count_bytes: true,
         }
     }
 }
@@ -218,5 +228,14 @@ mod tests {
         let text = include_str!("../gateway.example.toml")
             .replace("[sessions]", "[sessions]\nmax_per_oder = 3");
         assert!(toml::from_str::<GatewayConfig>(&text).is_err());
+    }
+
+    #[test]
+    fn a_config_file_cannot_turn_byte_counting_off() {
+        let text = include_str!("../gateway.example.toml");
+        let config: GatewayConfig = toml::from_str(text).unwrap();
+        assert!(config.sessions.count_bytes);
+        let off = text.replace("[sessions]", "[sessions]\ncount_bytes = false");
+        assert!(toml::from_str::<GatewayConfig>(&off).is_err());
     }
 }

@@ -396,6 +396,7 @@ impl russh::server::Handler for Connection {
             handle: handle.clone(),
             seat: seat.clone(),
             counter: counter.clone(),
+            count_bytes: self.shared.count_bytes,
             ledger: self.shared.billing.ledger().clone(),
             exec_seconds: self.shared.metrics.exec_seconds.clone(),
         };

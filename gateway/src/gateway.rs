@@ -44,6 +44,8 @@ pub struct Shared {
     pub limiter: FailureLimiter,
     /// Which environment variables clients may set.
     pub env_policy: Arc<EnvPolicy>,
+    /// Whether channel bytes are counted (see `SessionConfig::count_bytes`).
+    pub count_bytes: bool,
     /// Exported metrics.
     pub metrics: Metrics,
     /// Meters, ledger and the escrow policy.
@@ -290,6 +292,7 @@ impl Gateway {
             board: LeaseBoard::new(config.sessions.max_per_order),
             limiter: FailureLimiter::new(config.auth.max_failures, config.auth.failure_window),
             env_policy: Arc::new(EnvPolicy::new(&config.sessions.extra_env)),
+            count_bytes: config.sessions.count_bytes,
             metrics: Metrics::default(),
             billing: Billing::new(meter, ledger, config.payment.warn_at.clone()),
             quality: Arc::default(),

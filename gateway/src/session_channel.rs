@@ -38,6 +38,8 @@ pub struct ChannelContext {
     pub seat: Arc<SessionSeat>,
     /// The session's byte counters (billing).
     pub counter: Arc<SessionCounter>,
+    /// Whether the pumps count bytes onto `counter` (off only in benchmarks).
+    pub count_bytes: bool,
     /// The ledger, for the receipts subsystem.
     pub ledger: Ledger,
     /// Where the time to start a process is recorded.
@@ -182,21 +184,31 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
     // One end of each pump is metered: what reaches the client is "out", what reaches the
     // process is "in". The counter is this channel's own, so pumps share no lock.
     let counter = ctx.counter.open_channel();
-    let out_pump = tokio::spawn(pump(
-        stdout,
-        Metered::new(tx.make_writer(), counter.clone(), Side::Client),
-    ));
-    let err_pump = stderr.map(|e| {
-        tokio::spawn(pump(
-            e,
-            Metered::new(tx.make_writer_ext(Some(1)), counter.clone(), Side::Client),
-        ))
-    });
-    let in_pump = tokio::spawn(client_to_process(
-        rx,
-        Metered::new(stdin, counter, Side::Container),
-        proc.clone(),
-    ));
+    let (out_pump, err_pump, in_pump) = if ctx.count_bytes {
+        (
+            tokio::spawn(pump(
+                stdout,
+                Metered::new(tx.make_writer(), counter.clone(), Side::Client),
+            )),
+            stderr.map(|e| {
+                tokio::spawn(pump(
+                    e,
+                    Metered::new(tx.make_writer_ext(Some(1)), counter.clone(), Side::Client),
+                ))
+            }),
+            tokio::spawn(client_to_process(
+                rx,
+                Metered::new(stdin, counter, Side::Container),
+                proc.clone(),
+            )),
+        )
+    } else {
+        (
+            tokio::spawn(pump(stdout, tx.make_writer())),
+            stderr.map(|e| tokio::spawn(pump(e, tx.make_writer_ext(Some(1))))),
+            tokio::spawn(client_to_process(rx, stdin, proc.clone())),
+        )
+    };
 
     let status = proc.wait().await;
     // Everything the process wrote goes out before its exit status, as with sshd.

@@ -10,4 +10,4 @@ pub mod ssh;
 pub mod stack;
 
 pub use ssh::{ClientKey, SshOutput};
-pub use stack::{OrderOptions, Stack};
+pub use stack::{OrderOptions, Stack, StackOptions};

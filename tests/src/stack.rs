@@ -49,6 +49,13 @@ impl Default for OrderOptions {
     }
 }
 
+/// How the stack's gateway is set up, where a test or benchmark needs other than the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// The gateway's session policy (limits per order, byte counting).
+    pub sessions: SessionConfig,
+}
+
 /// A running stack. Dropping it stops the gateway, the chain and (if it started one) containerd.
 pub struct Stack {
     /// Scratch space: keys, known_hosts, volumes, the dataset.
@@ -89,6 +96,11 @@ fn init_tracing() {
 impl Stack {
     /// Starts everything and registers the SP with one dataset.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    /// Starts everything with `options` for the gateway.
+    pub async fn start_with(options: StackOptions) -> anyhow::Result<Self> {
         init_tracing();
         let dir = tempfile::Builder::new().prefix("shale-e2e-").tempdir()?;
 
@@ -160,7 +172,7 @@ impl Stack {
                 poll_interval: Duration::from_millis(500),
             },
             containers,
-            sessions: SessionConfig::default(),
+            sessions: options.sessions,
             state_dir: dir.path().join("gateway"),
             meter: shale_meter::MeterConfig {
                 tick_interval_secs: 1,
