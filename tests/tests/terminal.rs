@@ -24,7 +24,16 @@ fn winsize(rows: u16, cols: u16) -> Winsize {
 
 /// Reads from the terminal until `needle` appears (or a generous bound passes, then fails).
 fn read_until(master: &mut std::fs::File, seen: &mut String, needle: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    read_until_for(master, seen, needle, Duration::from_secs(60))
+}
+
+fn read_until_for(
+    master: &mut std::fs::File,
+    seen: &mut String,
+    needle: &str,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + wait;
     let mut buf = [0u8; 4096];
     while !seen.contains(needle) {
         anyhow::ensure!(
@@ -88,8 +97,15 @@ async fn an_interactive_shell_follows_the_terminal_and_ctrl_c() -> anyhow::Resul
         read_until(&mut term, &mut seen, "30 100")?;
 
         unsafe { set_window_size(master_fd, &winsize(40, 120))? };
-        term.write_all(b"stty size\n")?;
-        read_until(&mut term, &mut seen, "40 120")?;
+        // ssh reads the resize (SIGWINCH) and the keys typed after it in whichever order its loop
+        // gets to them, as it does against any sshd: ask again until the new size shows.
+        let mut asked = 0;
+        while !seen.contains("40 120") {
+            anyhow::ensure!(asked < 30, "the resize never arrived: {seen:?}");
+            term.write_all(b"stty size\n")?;
+            asked += 1;
+            let _ = read_until_for(&mut term, &mut seen, "40 120", Duration::from_secs(2));
+        }
 
         term.write_all(b"sleep 600; echo not-$((1+1))-interrupted\n")?;
         std::thread::sleep(Duration::from_millis(500));
