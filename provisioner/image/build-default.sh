@@ -3,6 +3,10 @@
 #
 #   build-default.sh [CACHE_DIR]     (default: <repo>/.state/images)
 #
+# A variant adds packages and gets its own archive and image name:
+#   SHALE_IMAGE_VARIANT=bench-sshd SHALE_IMAGE_EXTRA_PACKAGES="openssh-server" build-default.sh
+# (the benchmarks' sshd-in-a-container reference is one; orders always run the plain default).
+#
 # Prints the archive's path on stdout. The archive is cached under a key that hashes the package
 # list, the suite, the mirror and these scripts, so a second call returns at once; delete the file
 # (or change the list) to rebuild. Needs root and `mmdebstrap`.
@@ -24,24 +28,28 @@ packages=(
     bash coreutils ca-certificates procps iproute2 rsync
     python3 python3-numpy openssh-sftp-server openssh-client
 )
+variant=${SHALE_IMAGE_VARIANT:-default}
+case "$variant" in *[!a-z0-9-]*|"") echo "bad SHALE_IMAGE_VARIANT: $variant" >&2; exit 2;; esac
+read -r -a extra <<< "${SHALE_IMAGE_EXTRA_PACKAGES:-}"
+packages+=("${extra[@]}")
 epoch=1700000000
 
 key=$( { printf '%s\n' "$suite" "$mirror" "$epoch" "${packages[@]}"; cat "$here/build-default.sh" "$here/oci-pack.sh"; } \
     | sha256sum | cut -c1-16)
-out="$cache/default-$key.oci.tar"
+out="$cache/$variant-$key.oci.tar"
 if [ -s "$out" ]; then
     echo "$out"
     exit 0
 fi
 mkdir -p "$cache"
 # One build at a time per image: a second caller waits, then finds the first one's archive.
-exec 9>"$cache/.lock-default"
+exec 9>"$cache/.lock-$variant"
 flock 9
 if [ -s "$out" ]; then
     echo "$out"
     exit 0
 fi
-tmp=$(mktemp -d "$cache/.build-default.XXXXXX")
+tmp=$(mktemp -d "$cache/.build-$variant.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
 include=$(IFS=,; echo "${packages[*]}")
@@ -60,5 +68,5 @@ SOURCE_DATE_EPOCH=$epoch mmdebstrap --quiet --mode=root --variant=essential --fo
     --customize-hook='rm -rf "$1/var/lib/apt/lists"/* "$1/var/cache/apt"/* "$1/var/log"/*' \
     "$suite" "$tmp/rootfs.tar" "$mirror" >&2
 
-"$here/oci-pack.sh" "$tmp/rootfs.tar" "shale/default:latest" "$out"
+"$here/oci-pack.sh" "$tmp/rootfs.tar" "shale/$variant:latest" "$out"
 echo "$out"

@@ -27,16 +27,41 @@ pub async fn build_default_image(cache_dir: &Path) -> Result<PathBuf, ProvisionE
     run_script("build-default.sh", cache_dir).await
 }
 
+/// Builds (or finds cached) a variant of the default image with `extra_packages` added, packed
+/// as `shale/<variant>:latest` (the benchmarks' sshd-in-a-container reference adds
+/// `openssh-server`). Returns the archive and the image's name.
+pub async fn build_default_variant(
+    cache_dir: &Path,
+    variant: &str,
+    extra_packages: &[&str],
+) -> Result<(PathBuf, crate::ImageRef), ProvisionError> {
+    let env = [
+        ("SHALE_IMAGE_VARIANT", variant.to_string()),
+        ("SHALE_IMAGE_EXTRA_PACKAGES", extra_packages.join(" ")),
+    ];
+    let archive = run_script_with("build-default.sh", cache_dir, &env).await?;
+    Ok((archive, crate::ImageRef(format!("shale/{variant}:latest"))))
+}
+
 /// Builds (or finds cached) the small busybox image the fast tests use.
 pub async fn build_busybox_image(cache_dir: &Path) -> Result<PathBuf, ProvisionError> {
     run_script("build-busybox.sh", cache_dir).await
 }
 
 async fn run_script(name: &str, cache_dir: &Path) -> Result<PathBuf, ProvisionError> {
+    run_script_with(name, cache_dir, &[]).await
+}
+
+async fn run_script_with(
+    name: &str,
+    cache_dir: &Path,
+    env: &[(&str, String)],
+) -> Result<PathBuf, ProvisionError> {
     let script = scripts_dir().join(name);
     let out = tokio::process::Command::new("bash")
         .arg(&script)
         .arg(cache_dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .output()
         .await
