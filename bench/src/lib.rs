@@ -1,6 +1,8 @@
 //! Shale's benchmarks: whole-system runs that compare the gateway with OpenSSH's own `sshd` in
 //! the same run, and report ratios.
 
+#[cfg(feature = "system")]
+pub mod load;
 pub mod reference;
 #[cfg(feature = "system")]
 pub mod side_by_side;

@@ -37,13 +37,16 @@ impl ReferenceSshd {
         // sshd insists on this directory for privilege separation.
         std::fs::create_dir_all("/run/sshd")?;
         let config = dir.join("sshd_config");
+        // MaxStartups: the load harness keeps many handshakes in flight; the default (10:30:100)
+        // would drop some of them at random, which is not what it measures.
         std::fs::write(
             &config,
             format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                  PermitRootLogin prohibit-password\nStrictModes no\nPidFile none\n\
-                 Subsystem sftp internal-sftp\n",
+                 Subsystem sftp internal-sftp\n\
+                 MaxStartups 1000\n",
                 host_key.display(),
                 authorized.display()
             ),
@@ -71,6 +74,11 @@ impl ReferenceSshd {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("sshd did not start listening on port {port}")
+    }
+
+    /// The listening sshd's process id (its per-connection processes are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
