@@ -2,7 +2,10 @@
 //! the same run, and report ratios.
 
 #[cfg(feature = "system")]
+pub mod container_sshd;
+#[cfg(feature = "system")]
 pub mod load;
+pub mod machine;
 pub mod reference;
 #[cfg(feature = "system")]
 pub mod side_by_side;

@@ -1,9 +1,12 @@
 //! The set-up every whole-system comparison shares: the end-to-end stack with one accepted order,
-//! and a private OpenSSH sshd that the same client key logs in to.
+//! and a private OpenSSH sshd that the same client key logs in to. Comparisons that need them add
+//! the original design (sshd inside a container) and a gateway that does not count bytes.
 
-use shale_tests::ssh::Target;
-use shale_tests::{OrderOptions, Stack};
+use shale_gateway::config::SessionConfig;
+use shale_tests::ssh::{ClientKey, Target};
+use shale_tests::{OrderOptions, Stack, StackOptions};
 
+use crate::container_sshd::ContainerSshd;
 use crate::reference::ReferenceSshd;
 
 /// The gateway and the reference, reachable with the same key.
@@ -14,7 +17,17 @@ pub struct SideBySide {
     pub gateway: Target,
     /// The host through OpenSSH's sshd.
     pub reference: Target,
+    /// The client key every side accepts.
+    pub key: ClientKey,
     sshd: ReferenceSshd,
+}
+
+/// A second stack whose gateway does not count channel bytes: the "metering off" side.
+pub struct Unmetered {
+    /// The stack; stop it when done.
+    pub stack: Stack,
+    /// An order's container through that gateway.
+    pub gateway: Target,
 }
 
 impl SideBySide {
@@ -37,8 +50,39 @@ impl SideBySide {
             stack,
             gateway,
             reference,
+            key,
             sshd,
         })
+    }
+
+    /// Starts sshd inside a container with an order's resources (the stack's offer: 2 CPUs,
+    /// 1 GiB), the original design, on the same containerd, and how to reach it.
+    pub async fn container_reference(&self) -> anyhow::Result<(ContainerSshd, Target)> {
+        let sshd =
+            ContainerSshd::start(&self.stack.provisioner, 2, 1 << 30, &self.key.public).await?;
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port: sshd.port,
+            known_hosts: sshd.known_hosts.clone(),
+            key: self.key.path.clone(),
+            user: sshd.user.clone(),
+            batch: true,
+        };
+        Ok((sshd, target))
+    }
+
+    /// Starts a second stack whose gateway does not count bytes, with an order for the same key.
+    pub async fn unmetered(&self) -> anyhow::Result<Unmetered> {
+        let stack = Stack::start_with(StackOptions {
+            sessions: SessionConfig {
+                count_bytes: false,
+                ..SessionConfig::default()
+            },
+        })
+        .await?;
+        let order = stack.order(&self.key, OrderOptions::default()).await?;
+        let gateway = stack.target(order.to_string(), &self.key);
+        Ok(Unmetered { stack, gateway })
     }
 
     /// Stops sshd, then the stack.

@@ -1,6 +1,7 @@
 //! Connection latency: `ssh HOST true` through the gateway (container warm) against OpenSSH's
-//! own sshd running `true` on the host, in the same run; plus the cold path (first connection of
-//! a new order: chain lookup and container start). Prints a table and writes JSON.
+//! own sshd running `true` on the host and sshd inside a container (the original design), in the
+//! same run; plus the cold path (first connection of a new order: chain lookup and container
+//! start). Prints a table and writes JSON.
 //!
 //! `cargo run -p shale-bench --features system --bin shale-bench-connect -- [ROUNDS] [COLD] [OUT.json]`
 
@@ -33,15 +34,21 @@ async fn main() -> anyhow::Result<()> {
     let json_out = args.get(3).cloned();
 
     let sides = SideBySide::start().await?;
+    let (contained_sshd, contained) = sides.container_reference().await?;
     let (stack, gateway, reference) = (&sides.stack, &sides.gateway, &sides.reference);
-    // Warm both (container started, caches filled), then interleave so load hits both alike.
-    time_ssh(gateway, "true")?;
-    time_ssh(reference, "true")?;
-    let (mut g, mut r) = (Vec::new(), Vec::new());
+    // Warm all three (container started, caches filled), then interleave so load hits all alike.
+    for target in [gateway, reference, &contained] {
+        tokio::task::block_in_place(|| time_ssh(target, "true"))?;
+    }
+    let (mut g, mut r, mut k) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         g.push(tokio::task::block_in_place(|| time_ssh(gateway, "true"))?);
         r.push(tokio::task::block_in_place(|| time_ssh(reference, "true"))?);
+        k.push(tokio::task::block_in_place(|| {
+            time_ssh(&contained, "true")
+        })?);
     }
+    contained_sshd.stop().await?;
     let mut c = Vec::new();
     for i in 0..cold {
         let key = stack.key(&format!("cold{i}"), "ed25519")?;
@@ -51,19 +58,15 @@ async fn main() -> anyhow::Result<()> {
             time_ssh(&target, "echo first-output")
         })?);
     }
-    let (g, r, c): (Summary, Summary, Summary) =
-        (summarize(&mut g), summarize(&mut r), summarize(&mut c));
+    let (g, r, k, c): (Summary, Summary, Summary, Summary) = (
+        summarize(&mut g),
+        summarize(&mut r),
+        summarize(&mut k),
+        summarize(&mut c),
+    );
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("machine: {cores} cores, {cpu}");
+    let machine = shale_bench::machine::Machine::this();
+    println!("machine: {machine}");
     println!(
         "{:<34} {:>5} {:>10} {:>10}",
         "ssh HOST true", "n", "p50 ms", "p99 ms"
@@ -74,6 +77,13 @@ async fn main() -> anyhow::Result<()> {
         r.n,
         ms(r.p50),
         ms(r.p99)
+    );
+    println!(
+        "{:<34} {:>5} {:>10.1} {:>10.1}",
+        "OpenSSH sshd in a container (ref.)",
+        k.n,
+        ms(k.p50),
+        ms(k.p99)
     );
     println!(
         "{:<34} {:>5} {:>10.1} {:>10.1}",
@@ -90,18 +100,23 @@ async fn main() -> anyhow::Result<()> {
         ms(c.p99)
     );
     println!(
-        "ratio gateway/sshd: p50 {:.2}, p99 {:.2}",
+        "ratio gateway/sshd: p50 {:.2}, p99 {:.2}; gateway/sshd-in-container: p50 {:.2}, p99 {:.2}",
         ms(g.p50) / ms(r.p50),
-        ms(g.p99) / ms(r.p99)
+        ms(g.p99) / ms(r.p99),
+        ms(g.p50) / ms(k.p50),
+        ms(g.p99) / ms(k.p99)
     );
     if let Some(path) = json_out {
         let json = serde_json::json!({
-            "machine": { "cores": cores, "cpu": cpu },
+            "machine": machine,
             "reference_sshd_ms": { "n": r.n, "p50": ms(r.p50), "p99": ms(r.p99) },
+            "container_sshd_ms": { "n": k.n, "p50": ms(k.p50), "p99": ms(k.p99) },
             "gateway_warm_ms": { "n": g.n, "p50": ms(g.p50), "p99": ms(g.p99) },
             "gateway_cold_ms": { "n": c.n, "p50": ms(c.p50), "p99": ms(c.p99) },
             "ratio_p50": ms(g.p50) / ms(r.p50),
             "ratio_p99": ms(g.p99) / ms(r.p99),
+            "ratio_container_p50": ms(g.p50) / ms(k.p50),
+            "ratio_container_p99": ms(g.p99) / ms(k.p99),
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }

@@ -312,19 +312,6 @@ async fn grow_orders(
 }
 
 /// The namespace `Stack` gives the stack's containers (derived from its scratch directory).
-fn stack_namespace(stack: &Stack) -> String {
-    let name = stack
-        .dir
-        .path()
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy();
-    format!(
-        "shale-test-{}",
-        name.trim_start_matches("shale-e2e-").to_lowercase()
-    )
-}
-
 fn print_row(r: &Row) {
     let relay_mem = r
         .relay_mem_per_session_kib
@@ -354,21 +341,6 @@ fn print_row(r: &Row) {
     }
 }
 
-fn machine() -> (usize, String) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    (
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu,
-    )
-}
-
 async fn run(opts: Options) -> anyhow::Result<()> {
     let open_files = procfs::raise_open_files()?;
     let stack = Stack::start().await?;
@@ -386,7 +358,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         port: stack.gateway.port(),
         key: key.path.clone(),
         host_key: stack.host_key.clone(),
-        relay: Some(stack_namespace(&stack)),
+        relay: Some(stack.provisioner.config().namespace.clone()),
     };
     let reference = Server {
         name: "sshd",
@@ -399,8 +371,8 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     };
     let per_order = shale_gateway::config::SessionConfig::default().max_per_order;
 
-    let (cores, cpu_model) = machine();
-    println!("machine: {cores} cores, {cpu_model}; open files {open_files}");
+    let machine = shale_bench::machine::Machine::this();
+    println!("machine: {machine}; open files {open_files}");
     println!(
         "{}s of typing per run, a key every 100-500 ms after its echo; gateway: {per_order} sessions per order",
         opts.secs
@@ -456,7 +428,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     }
     if let Some(path) = &opts.json {
         let json = serde_json::json!({
-            "machine": { "cores": cores, "cpu": cpu_model },
+            "machine": machine,
             "secs": opts.secs,
             "ramp": opts.ramp,
             "think_ms": [100, 500],

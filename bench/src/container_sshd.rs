@@ -1,0 +1,179 @@
+//! The original Shale design, as a second reference: OpenSSH's `sshd` running inside the order's
+//! container (the default image plus `openssh-server`), reached through a port on the host.
+//!
+//! The container has its own network namespace, as every order container does, so the host port
+//! is a user-space relay into that namespace: what Docker's `docker-proxy` does for a published
+//! port reached over loopback. sshd runs as the order's unprivileged user, with the same limits
+//! and seccomp profile as any order.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use shale_provisioner::{image_build, ExecRequest, LeaseSpec, Process, Provisioner};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The port sshd listens on inside the container.
+const SSHD_PORT: u16 = 2222;
+/// The only order in the reference's own containerd namespace.
+const ORDER: u64 = 1;
+/// The image variant: the default image and the OpenSSH server.
+const VARIANT: &str = "bench-sshd";
+
+/// sshd in a container, stopped (container released) by [`ContainerSshd::stop`].
+pub struct ContainerSshd {
+    provisioner: Provisioner,
+    sshd: Process,
+    relay: JoinHandle<()>,
+    /// The host port that reaches sshd.
+    pub port: u16,
+    /// A `known_hosts` file pinning sshd's host key.
+    pub known_hosts: PathBuf,
+    /// The user to log in as (the image's order user).
+    pub user: String,
+}
+
+impl ContainerSshd {
+    /// Starts sshd in a fresh container on `provisioner`'s daemon (in a namespace of its own), with
+    /// `cpus` and `memory_bytes` like an order's, letting `client_public_key` log in.
+    pub async fn start(
+        provisioner: &Provisioner,
+        cpus: u32,
+        memory_bytes: u64,
+        client_public_key: &str,
+    ) -> anyhow::Result<Self> {
+        let (archive, image) = image_build::build_default_variant(
+            &image_build::default_cache_dir(),
+            VARIANT,
+            &["openssh-server"],
+        )
+        .await
+        .context("building the sshd image")?;
+        let mut config = provisioner.config().clone();
+        config.namespace = format!("{}-sshd", config.namespace);
+        config.state_dir = config.state_dir.join("sshd-reference");
+        config.image = image;
+        let provisioner = Provisioner::connect(config).await?;
+        provisioner.import_image(&archive).await?;
+        let lease = provisioner
+            .ensure(&LeaseSpec {
+                order: ORDER,
+                cpus,
+                memory_bytes,
+                gpus: 0,
+                dataset: None,
+                expires_at: SystemTime::now() + Duration::from_secs(24 * 3600),
+                pids_limit: None,
+            })
+            .await
+            .context("starting the sshd container")?;
+
+        // Host key, authorized key and config on the order's volume, owned by the order's user:
+        // a non-root sshd lets that user, and only that user, log in.
+        let dir = lease.volume.join(".sshd");
+        std::fs::create_dir_all(&dir)?;
+        let host_key = dir.join("host_ed25519");
+        let _ = std::fs::remove_file(&host_key);
+        let keygen = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key)
+            .output()?;
+        anyhow::ensure!(
+            keygen.status.success(),
+            "ssh-keygen: {}",
+            String::from_utf8_lossy(&keygen.stderr)
+        );
+        std::fs::write(
+            dir.join("authorized_keys"),
+            format!("{client_public_key}\n"),
+        )?;
+        let inside = format!("{}/.sshd", provisioner.config().work_dir);
+        std::fs::write(
+            dir.join("sshd_config"),
+            format!(
+                "Port {SSHD_PORT}\nListenAddress 127.0.0.1\nHostKey {inside}/host_ed25519\n\
+                 AuthorizedKeysFile {inside}/authorized_keys\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
+                 Subsystem sftp internal-sftp\n"
+            ),
+        )?;
+        let (uid, gid) = provisioner.config().user;
+        for entry in std::fs::read_dir(&dir)? {
+            std::os::unix::fs::chown(entry?.path(), Some(uid), Some(gid))?;
+        }
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+
+        let sshd = provisioner
+            .exec(
+                ORDER,
+                ExecRequest {
+                    argv: ["/usr/sbin/sshd", "-D", "-e", "-f"]
+                        .into_iter()
+                        .map(String::from)
+                        .chain([format!("{inside}/sshd_config")])
+                        .collect(),
+                    env: Vec::new(),
+                    tty: None,
+                    cwd: None,
+                },
+            )
+            .await
+            .context("starting sshd in the container")?;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let relay = tokio::spawn(relay(listener, provisioner.clone()));
+
+        let public = std::fs::read_to_string(host_key.with_extension("pub"))?;
+        let known_hosts = dir.join("known_hosts");
+        std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {public}"))?;
+        let reference = Self {
+            provisioner,
+            sshd,
+            relay,
+            port,
+            known_hosts,
+            user: "user".into(),
+        };
+        reference.wait_listening().await?;
+        Ok(reference)
+    }
+
+    /// Waits until sshd accepts connections inside the container.
+    async fn wait_listening(&self) -> anyhow::Result<()> {
+        for _ in 0..100 {
+            if self.provisioner.connect_tcp(ORDER, SSHD_PORT).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("sshd did not start listening in the container")
+    }
+
+    /// Stops sshd and releases the container.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.relay.abort();
+        // Releasing the container stops sshd with it.
+        drop(self.sshd);
+        self.provisioner.release(ORDER).await?;
+        Ok(())
+    }
+}
+
+/// Relays each host connection into the container's network namespace.
+async fn relay(listener: TcpListener, provisioner: Provisioner) {
+    while let Ok((mut client, _)) = listener.accept().await {
+        let provisioner = provisioner.clone();
+        tokio::spawn(async move {
+            match provisioner.connect_tcp(ORDER, SSHD_PORT).await {
+                Ok(mut inside) => {
+                    let _ = client.set_nodelay(true);
+                    let _ = inside.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut inside).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "relay into the sshd container failed"),
+            }
+        });
+    }
+}
