@@ -51,6 +51,6 @@ else
     criterion=()
 fi
 run metering cargo bench --locked -p shale-bench --bench metering -- "${criterion[@]}"
-run auth cargo bench --locked -p shale-gateway --bench auth -- "${criterion[@]}"
-run prover cargo bench --locked -p shale-circuits --bench prover -- "${criterion[@]}"
+run auth cargo bench --locked -p shale-bench --bench auth -- "${criterion[@]}"
+run prover cargo bench --locked -p shale-bench --bench prover -- "${criterion[@]}"
 echo "results: $out (criterion's own reports: $CARGO_TARGET_DIR/criterion)" >&2

@@ -11,7 +11,7 @@
 //! and exits successfully.
 //!
 //! ```text
-//! cargo bench -p shale-gateway --bench auth
+//! cargo bench -p shale-bench --bench auth
 //! ```
 
 use std::cell::RefCell;

@@ -18,8 +18,8 @@
 //! machine shared with other work wall times swing from one group to the next, CPU time much less.
 //!
 //! ```text
-//! cargo bench -p shale-circuits --bench prover
-//! SHALE_BENCH_PROVER_MAX=4096 cargo bench -p shale-circuits --bench prover   # setup takes minutes
+//! cargo bench -p shale-bench --bench prover
+//! SHALE_BENCH_PROVER_MAX=4096 cargo bench -p shale-bench --bench prover   # setup takes minutes
 //! ```
 
 use std::cell::RefCell;
