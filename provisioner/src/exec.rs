@@ -325,6 +325,18 @@ impl AsyncRead for ProcessOutput {
     }
 }
 
+/// The FIFOs' buffer: bulk output moves between the shim and the gateway in larger, fewer
+/// chunks than with the kernel's 64 KiB default. Pages are allocated only as data waits in it.
+const FIFO_BUFFER_BYTES: i32 = 1 << 20;
+
+/// Widens a FIFO's buffer to `FIFO_BUFFER_BYTES`; best effort (the kernel caps it at
+/// `/proc/sys/fs/pipe-max-size`, and a smaller buffer only costs speed).
+fn widen_fifo(fifo: &impl std::os::fd::AsFd) {
+    if let Err(e) = nix::fcntl::fcntl(fifo, nix::fcntl::FcntlArg::F_SETPIPE_SZ(FIFO_BUFFER_BYTES)) {
+        tracing::debug!(error = %e, "could not widen a FIFO");
+    }
+}
+
 /// Opens the read end of a FIFO; blocks (on a blocking thread) until the shim opens the writer.
 fn open_reader(path: PathBuf) -> tokio::task::JoinHandle<io::Result<std::fs::File>> {
     tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().read(true).open(path))
@@ -407,6 +419,7 @@ impl Provisioner {
                 return Err(ProvisionError::io("open stdin FIFO", &stdin_path, e));
             }
         };
+        widen_fifo(&sender);
 
         let cwd = req
             .cwd
@@ -505,6 +518,10 @@ impl Provisioner {
                 });
             }
         };
+        widen_fifo(&out_file);
+        if let Some(f) = &err_file {
+            widen_fifo(f);
+        }
         let stdout = ProcessOutput {
             receiver: pipe::Receiver::from_file(out_file)
                 .map_err(|e| ProvisionError::io("open output FIFO", &stdout_path, e))?,
