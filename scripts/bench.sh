@@ -3,7 +3,7 @@
 # run, in release builds. Not part of CI (a full run takes about half an hour on 2 cores).
 #
 #   scripts/bench.sh            # everything; JSON under bench/results/, logs next to it
-#   scripts/bench.sh --quick    # a smoke run of each harness (seconds to a few minutes)
+#   scripts/bench.sh --quick    # a smoke run of each harness, into bench/results/quick/ (git-ignored)
 #
 # What runs, in order:
 #   shale-bench-connect      ssh HOST true: gateway vs sshd on the host vs sshd in a container
@@ -27,6 +27,8 @@ scripts/setup.sh
 export PATH="$root/.tools/bin:$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 out=$root/bench/results
+# A smoke run never overwrites the published results.
+$quick && out=$out/quick
 mkdir -p "$out"
 
 cargo build --release --locked -p shale-bench --features system --bins
@@ -44,6 +46,7 @@ if $quick; then
     run throughput "$bin/shale-bench-throughput" 16 1 "$out/throughput.json"
     run load "$bin/shale-bench-load" 5 --secs 3 --json "$out/load.json"
     criterion=(--warm-up-time 1 --measurement-time 2)
+    export SHALE_BENCH_PROVER_MAX=16
 else
     run connect "$bin/shale-bench-connect" 100 5 "$out/connect.json"
     run throughput "$bin/shale-bench-throughput" 1024 3 "$out/throughput.json"
