@@ -10,11 +10,12 @@ use std::sync::Arc;
 
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, Sig};
-use shale_meter::{Ledger, Metered, SessionCounter, Side};
+use shale_meter::{ChannelCounter, Ledger, Metered, SessionCounter, Side};
 use shale_provisioner::{
     ExecRequest, ExitStatus, Process, ProcessHandle, ProvisionError, Provisioner, PtySize,
 };
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::either::Either;
 use tracing::Instrument;
 
 use crate::lease_start::LeaseStart;
@@ -183,32 +184,22 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
 
     // One end of each pump is metered: what reaches the client is "out", what reaches the
     // process is "in". The counter is this channel's own, so pumps share no lock.
-    let counter = ctx.counter.open_channel();
-    let (out_pump, err_pump, in_pump) = if ctx.count_bytes {
-        (
-            tokio::spawn(pump(
-                stdout,
-                Metered::new(tx.make_writer(), counter.clone(), Side::Client),
-            )),
-            stderr.map(|e| {
-                tokio::spawn(pump(
-                    e,
-                    Metered::new(tx.make_writer_ext(Some(1)), counter.clone(), Side::Client),
-                ))
-            }),
-            tokio::spawn(client_to_process(
-                rx,
-                Metered::new(stdin, counter, Side::Container),
-                proc.clone(),
-            )),
-        )
-    } else {
-        (
-            tokio::spawn(pump(stdout, tx.make_writer())),
-            stderr.map(|e| tokio::spawn(pump(e, tx.make_writer_ext(Some(1))))),
-            tokio::spawn(client_to_process(rx, stdin, proc.clone())),
-        )
-    };
+    let counter = ctx.count_bytes.then(|| ctx.counter.open_channel());
+    let out_pump = tokio::spawn(pump(
+        stdout,
+        metered(tx.make_writer(), &counter, Side::Client),
+    ));
+    let err_pump = stderr.map(|e| {
+        tokio::spawn(pump(
+            e,
+            metered(tx.make_writer_ext(Some(1)), &counter, Side::Client),
+        ))
+    });
+    let in_pump = tokio::spawn(client_to_process(
+        rx,
+        metered(stdin, &counter, Side::Container),
+        proc.clone(),
+    ));
 
     let status = proc.wait().await;
     // Everything the process wrote goes out before its exit status, as with sshd.
@@ -357,6 +348,18 @@ where
         }
     }
     let _ = to.flush().await;
+}
+
+/// `inner`, counted onto `counter` as seen from `side`; left alone where byte counting is off.
+fn metered<S>(
+    inner: S,
+    counter: &Option<Arc<ChannelCounter>>,
+    side: Side,
+) -> Either<Metered<S>, S> {
+    match counter {
+        Some(counter) => Either::Left(Metered::new(inner, counter.clone(), side)),
+        None => Either::Right(inner),
+    }
 }
 
 /// Feeds the client's stdin, EOF, window changes and signals to the process.
