@@ -6,13 +6,15 @@
 //! port reached over loopback. sshd runs as the order's unprivileged user, with the same limits
 //! and seccomp profile as any order.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use shale_provisioner::{image_build, ExecRequest, LeaseSpec, Process, Provisioner};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+use crate::reference::{generate_host_key, sshd_config, write_known_hosts};
 
 /// The port sshd listens on inside the container.
 const SSHD_PORT: u16 = 2222;
@@ -74,28 +76,18 @@ impl ContainerSshd {
         let dir = lease.volume.join(".sshd");
         std::fs::create_dir_all(&dir)?;
         let host_key = dir.join("host_ed25519");
-        let _ = std::fs::remove_file(&host_key);
-        let keygen = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&host_key)
-            .output()?;
-        anyhow::ensure!(
-            keygen.status.success(),
-            "ssh-keygen: {}",
-            String::from_utf8_lossy(&keygen.stderr)
-        );
+        generate_host_key(&host_key)?;
         std::fs::write(
             dir.join("authorized_keys"),
             format!("{client_public_key}\n"),
         )?;
-        let inside = format!("{}/.sshd", provisioner.config().work_dir);
+        let inside = Path::new(&provisioner.config().work_dir).join(".sshd");
         std::fs::write(
             dir.join("sshd_config"),
-            format!(
-                "Port {SSHD_PORT}\nListenAddress 127.0.0.1\nHostKey {inside}/host_ed25519\n\
-                 AuthorizedKeysFile {inside}/authorized_keys\nPasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
-                 Subsystem sftp internal-sftp\n"
+            sshd_config(
+                SSHD_PORT,
+                &inside.join("host_ed25519"),
+                &inside.join("authorized_keys"),
             ),
         )?;
         let (uid, gid) = provisioner.config().user;
@@ -111,7 +103,7 @@ impl ContainerSshd {
                     argv: ["/usr/sbin/sshd", "-D", "-e", "-f"]
                         .into_iter()
                         .map(String::from)
-                        .chain([format!("{inside}/sshd_config")])
+                        .chain([inside.join("sshd_config").display().to_string()])
                         .collect(),
                     env: Vec::new(),
                     tty: None,
@@ -125,9 +117,8 @@ impl ContainerSshd {
         let port = listener.local_addr()?.port();
         let relay = tokio::spawn(relay(listener, provisioner.clone()));
 
-        let public = std::fs::read_to_string(host_key.with_extension("pub"))?;
         let known_hosts = dir.join("known_hosts");
-        std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {public}"))?;
+        write_known_hosts(&known_hosts, port, &host_key)?;
         let reference = Self {
             provisioner,
             sshd,

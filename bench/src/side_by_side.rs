@@ -2,6 +2,8 @@
 //! and a private OpenSSH sshd that the same client key logs in to. Comparisons that need them add
 //! the original design (sshd inside a container) and a gateway that does not count bytes.
 
+use std::path::Path;
+
 use shale_gateway::config::SessionConfig;
 use shale_tests::ssh::{ClientKey, Target};
 use shale_tests::{OrderOptions, Stack, StackOptions};
@@ -38,14 +40,8 @@ impl SideBySide {
         let order = stack.order(&key, OrderOptions::default()).await?;
         let gateway = stack.target(order.to_string(), &key);
         let sshd = ReferenceSshd::start(stack.dir.path(), &key.public)?;
-        let reference = Target {
-            host: "127.0.0.1".into(),
-            port: sshd.port,
-            known_hosts: sshd.known_hosts.clone(),
-            key: key.path.clone(),
-            user: std::env::var("USER").unwrap_or_else(|_| "root".into()),
-            batch: true,
-        };
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let reference = loopback(sshd.port, &sshd.known_hosts, &key, user);
         Ok(Self {
             stack,
             gateway,
@@ -60,14 +56,7 @@ impl SideBySide {
     pub async fn container_reference(&self) -> anyhow::Result<(ContainerSshd, Target)> {
         let sshd =
             ContainerSshd::start(&self.stack.provisioner, 2, 1 << 30, &self.key.public).await?;
-        let target = Target {
-            host: "127.0.0.1".into(),
-            port: sshd.port,
-            known_hosts: sshd.known_hosts.clone(),
-            key: self.key.path.clone(),
-            user: sshd.user.clone(),
-            batch: true,
-        };
+        let target = loopback(sshd.port, &sshd.known_hosts, &self.key, sshd.user.clone());
         Ok((sshd, target))
     }
 
@@ -89,5 +78,17 @@ impl SideBySide {
     pub async fn stop(self) -> anyhow::Result<()> {
         drop(self.sshd);
         self.stack.stop().await
+    }
+}
+
+/// How `key` reaches an sshd on 127.0.0.1:`port` as `user`.
+fn loopback(port: u16, known_hosts: &Path, key: &ClientKey, user: String) -> Target {
+    Target {
+        host: "127.0.0.1".into(),
+        port,
+        known_hosts: known_hosts.to_path_buf(),
+        key: key.path.clone(),
+        user,
+        batch: true,
     }
 }
