@@ -49,15 +49,13 @@ impl World {
             .deploy_marketplace_with_test_verifier(&[16])
             .await
             .expect("marketplace deploys");
-        let connect = |i: usize| {
-            let url = devnet.rpc_url().to_owned();
-            let signer = devnet.signer(i);
-            async move {
-                Marketplace::connect(&url, market, Some(signer))
-                    .await
-                    .expect("connects")
-                    .with_poll_interval(Duration::from_millis(50))
-            }
+        let chain = &devnet;
+        let connect = |i: usize| async move {
+            chain
+                .marketplace_as(market, i)
+                .await
+                .expect("connects")
+                .with_poll_interval(Duration::from_millis(50))
         };
         let (sp, client) = (connect(1).await, connect(2).await);
         let offer = Offer {

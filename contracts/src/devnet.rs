@@ -236,6 +236,15 @@ impl Devnet {
         self.deploy_marketplace(batch_capacities, &verifiers).await
     }
 
+    /// The marketplace at `market`, signing as dev account `account`.
+    pub async fn marketplace_as(
+        &self,
+        market: Address,
+        account: usize,
+    ) -> Result<crate::Marketplace, ChainError> {
+        crate::Marketplace::connect(&self.rpc_url, market, Some(self.signer(account))).await
+    }
+
     fn read_provider(&self) -> Result<impl alloy::providers::Provider, ChainError> {
         let url = self
             .rpc_url

@@ -98,15 +98,13 @@ impl World {
             .deploy_marketplace(&[capacity], &[verifier])
             .await
             .expect("marketplace deploys");
-        let connect = |i: usize| {
-            let url = devnet.rpc_url().to_owned();
-            let signer = devnet.signer(i);
-            async move {
-                Marketplace::connect(&url, address, Some(signer))
-                    .await
-                    .expect("connects")
-                    .with_poll_interval(Duration::from_millis(50))
-            }
+        let chain = &devnet;
+        let connect = |i: usize| async move {
+            chain
+                .marketplace_as(address, i)
+                .await
+                .expect("connects")
+                .with_poll_interval(Duration::from_millis(50))
         };
         let sp = connect(1).await;
         let client = connect(2).await;

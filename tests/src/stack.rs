@@ -109,18 +109,8 @@ impl Stack {
             .deploy_marketplace(&[], &[])
             .await
             .context("deploying the marketplace")?;
-        let sp = Marketplace::connect(
-            devnet.rpc_url(),
-            marketplace,
-            Some(devnet.signer(SP_ACCOUNT)),
-        )
-        .await?;
-        let client = Marketplace::connect(
-            devnet.rpc_url(),
-            marketplace,
-            Some(devnet.signer(CLIENT_ACCOUNT)),
-        )
-        .await?;
+        let sp = devnet.marketplace_as(marketplace, SP_ACCOUNT).await?;
+        let client = devnet.marketplace_as(marketplace, CLIENT_ACCOUNT).await?;
 
         let socket = std::env::var_os("SHALE_CONTAINERD_SOCKET").map(PathBuf::from);
         let containerd =

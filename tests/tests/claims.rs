@@ -80,15 +80,13 @@ async fn every_flipped_bit_of_a_real_claim_is_refused_on_chain_and_the_real_one_
         .deploy_marketplace(&[CAPACITY], &[verifier])
         .await
         .unwrap();
-    let connect = |i: usize| {
-        let url = devnet.rpc_url().to_owned();
-        let signer = devnet.signer(i);
-        async move {
-            Marketplace::connect(&url, address, Some(signer))
-                .await
-                .unwrap()
-                .with_poll_interval(Duration::from_millis(50))
-        }
+    let chain = &devnet;
+    let connect = |i: usize| async move {
+        chain
+            .marketplace_as(address, i)
+            .await
+            .unwrap()
+            .with_poll_interval(Duration::from_millis(50))
     };
     let (sp, client) = (connect(1).await, connect(2).await);
     let offer = Offer {
