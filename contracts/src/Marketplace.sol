@@ -41,9 +41,16 @@ contract Marketplace is ProviderRegistry {
     struct Terms {
         /// SHA-256 of the client's SSH public key blob (what `ssh-keygen -lf` prints, base64).
         bytes32 keyFingerprint;
-        // The five small fields share one storage slot (4 + 8 + 4 + 8 + 8 bytes).
+        // cpus, memoryMiB, diskMiB, gpus and maxDuration fill one storage slot (4 + 8 + 8 + 4 + 8
+        // bytes); acceptTimeout starts a second one with 24 bytes to spare for later small
+        // fields. The disk costs createOrder that one extra slot whichever field spills over;
+        // acceptTimeout is the one because only `cancel` reads it, while maxDuration, read by
+        // every claim and state check, stays in the first slot.
         uint32 cpus;
         uint64 memoryMiB;
+        /// Disk the order's container may write (root filesystem changes, /work): at least 1 MiB,
+        /// at most the provider's `offer.maxDiskMiB` when the order is created.
+        uint64 diskMiB;
         uint32 gpus;
         uint64 maxDuration;
         /// Seconds after creation from which the client may cancel if nobody accepted.
@@ -143,6 +150,8 @@ contract Marketplace is ProviderRegistry {
     error ZeroDuration();
     error DurationTooLong(uint64 duration, uint64 max);
     error ZeroFingerprint();
+    error ZeroDisk();
+    error DiskTooLarge(uint64 diskMiB, uint64 maxDiskMiB);
     error ZeroAmount();
     error UnknownBatchCapacity(uint32 capacity);
     error HeadOutOfField(bytes32 head);
@@ -245,6 +254,8 @@ contract Marketplace is ProviderRegistry {
         if (terms.keyFingerprint == bytes32(0)) revert ZeroFingerprint();
         Provider storage p = _provider(provider);
         if (!p.active) revert ProviderInactive(provider);
+        if (terms.diskMiB == 0) revert ZeroDisk();
+        if (terms.diskMiB > p.offer.maxDiskMiB) revert DiskTooLarge(terms.diskMiB, p.offer.maxDiskMiB);
         if (bytes(terms.datasetId).length != 0) _requireDataset(provider, terms.datasetId);
 
         orderId = ++orderCount;

@@ -10,8 +10,14 @@ pragma solidity ^0.8.24;
 abstract contract ProviderRegistry {
     /// Resources and tariff a provider offers. Prices are integer wei.
     struct Offer {
+        // cpus, memoryMiB, diskMiB and maxDiskMiB share one storage slot (4 + 8 + 8 + 8 bytes).
         uint32 cpus;
         uint64 memoryMiB;
+        /// Disk an order gets when it does not ask for a size: everything the order can write
+        /// (its root filesystem's changes, /work) is bounded by its disk. Never 0.
+        uint64 diskMiB;
+        /// The most disk one order may ask for; at least `diskMiB`.
+        uint64 maxDiskMiB;
         string gpuModel;
         uint32 gpuCount;
         uint256 pricePerSecond;
@@ -68,6 +74,8 @@ abstract contract ProviderRegistry {
     error TooManyDatasets(uint256 max);
     error DatasetExists(address provider, string datasetId);
     error UnknownDataset(address provider, string datasetId);
+    /// An offer's default disk must be non-zero and at most its maximum per order.
+    error InvalidOfferDisk(uint64 diskMiB, uint64 maxDiskMiB);
 
     /// Registers the caller as a provider, or re-activates a withdrawn one with fresh details
     /// (its datasets are replaced, its ratings kept).
@@ -216,6 +224,9 @@ abstract contract ProviderRegistry {
         _checkLength("endpoint", endpoint);
         _checkLength("sshHostKey", sshHostKey);
         _checkLength("offer.gpuModel", offer.gpuModel);
+        if (offer.diskMiB == 0 || offer.diskMiB > offer.maxDiskMiB) {
+            revert InvalidOfferDisk(offer.diskMiB, offer.maxDiskMiB);
+        }
     }
 
     function _checkLength(string memory field, string calldata value) private pure {

@@ -197,6 +197,11 @@ pub fn describe(error: &E) -> String {
             e.duration, e.max
         ),
         E::ZeroFingerprint(_) => "an order needs the fingerprint of an SSH key".into(),
+        E::ZeroDisk(_) => "an order needs a non-zero disk".into(),
+        E::DiskTooLarge(e) => format!(
+            "a disk of {} MiB is more than the {} MiB the provider offers per order",
+            e.diskMiB, e.maxDiskMiB
+        ),
         E::ZeroAmount(_) => "the amount must not be zero".into(),
         E::UnknownBatchCapacity(e) => format!(
             "this marketplace has no verifier for batch capacity {}",
@@ -234,6 +239,11 @@ pub fn describe(error: &E) -> String {
         E::ProviderInactive(e) => format!("provider {} has withdrawn its offer", e.provider),
         E::EmptyField(e) => format!("{} must not be empty", e.field),
         E::TooLong(e) => format!("{} is {} bytes long, at most {} are allowed", e.field, e.length, e.max),
+        E::InvalidOfferDisk(e) => format!(
+            "an offer's disk must be more than 0 and at most its maximum per order, not {} MiB \
+             with a maximum of {} MiB",
+            e.diskMiB, e.maxDiskMiB
+        ),
         E::TooManyDatasets(e) => format!("a provider may list at most {} datasets", e.max),
         E::DatasetExists(e) => format!(
             "provider {} already lists dataset {:?}",

@@ -61,6 +61,8 @@ pub struct Order {
     pub key_fingerprint: [u8; 32],
     pub cpus: u32,
     pub memory_mib: u64,
+    /// Disk the order's container may write (root filesystem changes and `/work`), in MiB.
+    pub disk_mib: u64,
     pub gpus: u32,
     /// Dataset id of the provider's registry entry, mounted read-only into the lease.
     pub dataset: Option<String>,
@@ -134,6 +136,7 @@ impl Order {
             key_fingerprint: terms.keyFingerprint.0,
             cpus: terms.cpus,
             memory_mib: terms.memoryMiB,
+            disk_mib: terms.diskMiB,
             gpus: terms.gpus,
             dataset: (!terms.datasetId.is_empty()).then_some(terms.datasetId),
             price_per_second: terms.pricePerSecond,
@@ -165,6 +168,8 @@ pub struct NewOrder {
     pub key_fingerprint: [u8; 32],
     pub cpus: u32,
     pub memory_mib: u64,
+    /// Disk in MiB: more than 0 and at most the offer's `max_disk_mib`, or the contract refuses.
+    pub disk_mib: u64,
     pub gpus: u32,
     pub dataset: Option<String>,
     pub price_per_second: U256,
@@ -179,8 +184,9 @@ pub struct NewOrder {
 }
 
 impl NewOrder {
-    /// An order for `provider`'s current offer and tariff, with the given escrow and duration;
-    /// collateral defaults to a tenth of the escrow and the accept timeout to ten minutes.
+    /// An order for `provider`'s current offer and tariff (its default disk included), with the
+    /// given escrow and duration; collateral defaults to a tenth of the escrow and the accept
+    /// timeout to ten minutes.
     pub fn for_offer(
         provider: &Provider,
         key_fingerprint: [u8; 32],
@@ -192,6 +198,7 @@ impl NewOrder {
             key_fingerprint,
             cpus: provider.offer.cpus,
             memory_mib: provider.offer.memory_mib,
+            disk_mib: provider.offer.disk_mib,
             gpus: provider.offer.gpu_count,
             dataset: None,
             price_per_second: provider.offer.price_per_second,
@@ -208,6 +215,7 @@ impl NewOrder {
             keyFingerprint: B256::from(self.key_fingerprint),
             cpus: self.cpus,
             memoryMiB: self.memory_mib,
+            diskMiB: self.disk_mib,
             gpus: self.gpus,
             datasetId: self.dataset.clone().unwrap_or_default(),
             pricePerSecond: self.price_per_second,
@@ -224,6 +232,10 @@ impl NewOrder {
 pub struct Offer {
     pub cpus: u32,
     pub memory_mib: u64,
+    /// Disk an order gets when it asks for no size, in MiB; never 0.
+    pub disk_mib: u64,
+    /// The most disk one order may ask for, in MiB; at least `disk_mib`.
+    pub max_disk_mib: u64,
     /// Empty when the offer has no GPU.
     pub gpu_model: String,
     pub gpu_count: u32,
@@ -236,6 +248,8 @@ impl Offer {
         reg_abi::Offer {
             cpus: self.cpus,
             memoryMiB: self.memory_mib,
+            diskMiB: self.disk_mib,
+            maxDiskMiB: self.max_disk_mib,
             gpuModel: self.gpu_model.clone(),
             gpuCount: self.gpu_count,
             pricePerSecond: self.price_per_second,
@@ -247,6 +261,8 @@ impl Offer {
         Self {
             cpus: raw.cpus,
             memory_mib: raw.memoryMiB,
+            disk_mib: raw.diskMiB,
+            max_disk_mib: raw.maxDiskMiB,
             gpu_model: raw.gpuModel,
             gpu_count: raw.gpuCount,
             price_per_second: raw.pricePerSecond,
@@ -423,6 +439,7 @@ mod tests {
             key_fingerprint: [1; 32],
             cpus: 1,
             memory_mib: 512,
+            disk_mib: 1024,
             gpus: 0,
             dataset: None,
             price_per_second: U256::from(1),

@@ -26,6 +26,9 @@ abstract contract MarketplaceBase is Test {
     uint256 internal constant PPG = 7_000_000_001;
     uint64 internal constant MAX_DURATION = 3_600;
     uint64 internal constant ACCEPT_TIMEOUT = 600;
+    /// The offer's default disk (20 GiB) and its maximum per order (100 GiB).
+    uint64 internal constant DISK = 20_480;
+    uint64 internal constant MAX_DISK = 102_400;
     uint256 internal constant T0 = 1_700_000_000;
     // A literal, not sha256(...): the precompile call would consume a pending vm.prank.
     bytes32 internal constant FINGERPRINT = 0xf58bc21c75eb95d03efad6cf906a79619967d2c54c6da622e369673ed188eb76;
@@ -48,7 +51,14 @@ abstract contract MarketplaceBase is Test {
 
     function _offer() internal pure returns (ProviderRegistry.Offer memory) {
         return ProviderRegistry.Offer({
-            cpus: 8, memoryMiB: 32_768, gpuModel: "NVIDIA L4", gpuCount: 1, pricePerSecond: PPS, pricePerGiB: PPG
+            cpus: 8,
+            memoryMiB: 32_768,
+            diskMiB: DISK,
+            maxDiskMiB: MAX_DISK,
+            gpuModel: "NVIDIA L4",
+            gpuCount: 1,
+            pricePerSecond: PPS,
+            pricePerGiB: PPG
         });
     }
 
@@ -74,6 +84,7 @@ abstract contract MarketplaceBase is Test {
             keyFingerprint: FINGERPRINT,
             cpus: 2,
             memoryMiB: 2048,
+            diskMiB: 10_240,
             gpus: 0,
             datasetId: "era5",
             pricePerSecond: PPS,

@@ -39,6 +39,7 @@ contract OrdersTest is MarketplaceBase {
         assertEq(o.terms.keyFingerprint, FINGERPRINT, "fingerprint");
         assertEq(o.terms.cpus, 2, "cpus");
         assertEq(o.terms.memoryMiB, 2048, "memory");
+        assertEq(o.terms.diskMiB, 10_240, "disk");
         assertEq(o.terms.datasetId, "era5", "dataset");
         assertEq(o.terms.maxDuration, MAX_DURATION, "duration");
         assertEq(o.escrow, ESCROW, "escrow");
@@ -101,6 +102,44 @@ contract OrdersTest is MarketplaceBase {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
         vm.prank(client);
         m.createOrder{value: ESCROW}(stranger, terms);
+    }
+
+    function test_createOrder_refusesAZeroDisk() public {
+        Marketplace.Terms memory terms = _terms();
+        terms.diskMiB = 0;
+        vm.expectRevert(Marketplace.ZeroDisk.selector);
+        _createWith(terms, ESCROW);
+    }
+
+    function test_createOrder_refusesMoreDiskThanTheOfferAllows() public {
+        Marketplace.Terms memory terms = _terms();
+        terms.diskMiB = MAX_DISK;
+        uint256 id = _createWith(terms, ESCROW);
+        assertEq(m.getOrder(id).terms.diskMiB, MAX_DISK, "the maximum itself is allowed");
+
+        terms.diskMiB = MAX_DISK + 1;
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.DiskTooLarge.selector, MAX_DISK + 1, MAX_DISK));
+        _createWith(terms, ESCROW);
+
+        terms.diskMiB = type(uint64).max;
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.DiskTooLarge.selector, type(uint64).max, MAX_DISK));
+        _createWith(terms, ESCROW);
+    }
+
+    function test_createOrder_checksTheDiskAgainstTheOfferOfTheMoment() public {
+        uint256 before = _create();
+        ProviderRegistry.Offer memory offer = _offer();
+        offer.diskMiB = 1_024;
+        offer.maxDiskMiB = 4_096;
+        vm.prank(sp);
+        m.updateProvider("sp.example:2222", HOST_KEY, offer);
+
+        assertEq(m.getOrder(before).terms.diskMiB, 10_240, "an existing order keeps its disk");
+        Marketplace.Terms memory terms = _terms();
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.DiskTooLarge.selector, 10_240, 4_096));
+        _createWith(terms, ESCROW);
+        terms.diskMiB = 4_096;
+        _createWith(terms, ESCROW);
     }
 
     function test_getOrder_refusesUnknownIds() public {

@@ -21,6 +21,8 @@ contract RegistryTest is MarketplaceBase {
         assertEq(p.sshHostKey, HOST_KEY, "host key");
         assertEq(p.offer.cpus, 8, "cpus");
         assertEq(p.offer.memoryMiB, 32_768, "memory");
+        assertEq(p.offer.diskMiB, DISK, "disk");
+        assertEq(p.offer.maxDiskMiB, MAX_DISK, "max disk");
         assertEq(p.offer.gpuModel, "NVIDIA L4", "gpu model");
         assertEq(p.offer.gpuCount, 1, "gpu count");
         assertEq(p.offer.pricePerSecond, PPS, "price per second");
@@ -71,6 +73,35 @@ contract RegistryTest is MarketplaceBase {
         m.registerProvider(string(long), HOST_KEY, _offer(), none);
     }
 
+    function test_registerProvider_refusesAnOfferWithoutDisk() public {
+        ProviderRegistry.Dataset[] memory none;
+        ProviderRegistry.Offer memory offer = _offer();
+        offer.diskMiB = 0;
+        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, MAX_DISK));
+        vm.prank(sp2);
+        m.registerProvider("b:22", HOST_KEY, offer, none);
+
+        offer.maxDiskMiB = 0;
+        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, 0));
+        vm.prank(sp2);
+        m.registerProvider("b:22", HOST_KEY, offer, none);
+    }
+
+    function test_registerProvider_refusesADefaultDiskAboveTheMaximum() public {
+        ProviderRegistry.Dataset[] memory none;
+        ProviderRegistry.Offer memory offer = _offer();
+        offer.diskMiB = MAX_DISK + 1;
+        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, MAX_DISK + 1, MAX_DISK));
+        vm.prank(sp2);
+        m.registerProvider("b:22", HOST_KEY, offer, none);
+
+        // A default equal to the maximum is fine.
+        offer.diskMiB = MAX_DISK;
+        vm.prank(sp2);
+        m.registerProvider("b:22", HOST_KEY, offer, none);
+        assertEq(m.getProvider(sp2).offer.diskMiB, MAX_DISK, "disk");
+    }
+
     function test_registerProvider_refusesDuplicateDatasetIds() public {
         ProviderRegistry.Dataset[] memory ds = new ProviderRegistry.Dataset[](2);
         ds[0] = _dataset("x");
@@ -91,6 +122,21 @@ contract RegistryTest is MarketplaceBase {
         assertEq(p.endpoint, "new.example:2200", "endpoint");
         assertEq(p.sshHostKey, "ssh-rsa AAAAB3 sp", "key");
         assertEq(p.offer.pricePerSecond, 5, "price");
+    }
+
+    function test_updateProvider_refusesAnInvalidDiskOffer() public {
+        ProviderRegistry.Offer memory offer = _offer();
+        offer.maxDiskMiB = DISK - 1;
+        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, DISK, DISK - 1));
+        vm.prank(sp);
+        m.updateProvider("sp.example:2222", HOST_KEY, offer);
+
+        offer = _offer();
+        offer.diskMiB = 0;
+        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, MAX_DISK));
+        vm.prank(sp);
+        m.updateProvider("sp.example:2222", HOST_KEY, offer);
+        assertEq(m.getProvider(sp).offer.diskMiB, DISK, "the old offer stands");
     }
 
     function test_updateProvider_refusesUnknownAndWithdrawnProviders() public {

@@ -37,6 +37,7 @@ async fn order_is_created_accepted_and_terminated() {
     assert_eq!(order.provider, world.sp_address());
     assert_eq!(order.key_fingerprint, request.key_fingerprint);
     assert_eq!(order.dataset.as_deref(), Some("era5"));
+    assert_eq!(order.disk_mib, 10_240);
     assert_eq!(order.escrow, request.escrow);
     assert_eq!(order.collateral, request.collateral);
     assert_eq!(order.accepted_at, None);
@@ -83,6 +84,41 @@ async fn revert_reason_is_decoded_into_words() {
             "the marketplace refused: {} is not the provider of order {id}",
             world.stranger.sender().unwrap()
         )
+    );
+}
+
+#[tokio::test]
+async fn disk_outside_the_offer_is_refused_in_words() {
+    let world = World::with_provider().await;
+    let mut request = world.new_order();
+    request.disk_mib = 0;
+    let err = world.client.create_order(&request).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the marketplace refused: an order needs a non-zero disk"
+    );
+    request.disk_mib = offer().max_disk_mib + 1;
+    let err = world.client.create_order(&request).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the marketplace refused: a disk of 102401 MiB is more than the 102400 MiB the provider \
+         offers per order"
+    );
+    request.disk_mib = offer().max_disk_mib;
+    let id = world.client.create_order(&request).await.unwrap();
+    assert_eq!(world.reader.order(id).await.unwrap().disk_mib, 102_400);
+
+    let mut bad = offer();
+    bad.disk_mib = bad.max_disk_mib + 1;
+    let err = world
+        .sp
+        .update_provider("sp.example:2222", HOST_KEY, &bad)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the marketplace refused: an offer's disk must be more than 0 and at most its maximum \
+         per order, not 102401 MiB with a maximum of 102400 MiB"
     );
 }
 

@@ -80,6 +80,7 @@ impl World {
             key_fingerprint: key_fingerprint(b"client key blob"),
             cpus: 2,
             memory_mib: 2048,
+            disk_mib: 10_240,
             gpus: 0,
             dataset: Some("era5".into()),
             price_per_second: U256::from(1_000_003u64),
@@ -145,6 +146,8 @@ pub fn offer() -> Offer {
     Offer {
         cpus: 8,
         memory_mib: 32_768,
+        disk_mib: 20_480,
+        max_disk_mib: 102_400,
         gpu_model: "NVIDIA L4".into(),
         gpu_count: 1,
         price_per_second: U256::from(1_000_003u64),
