@@ -90,7 +90,10 @@ struct CdiHook {
 /// A device node to create in the container and allow in its devices cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceNode {
+    /// Where the node appears in the container.
     pub path: String,
+    /// The host's node it stands for (`path` when the spec names no other).
+    pub host_path: String,
     /// `c` or `b`.
     pub kind: String,
     pub major: i64,
@@ -267,6 +270,7 @@ fn resolve_node(node: &CdiDeviceNode) -> Result<DeviceNode, String> {
     let rdev = meta.as_ref().map(|m| m.rdev()).unwrap_or(0);
     Ok(DeviceNode {
         path: node.path.clone(),
+        host_path: host,
         kind,
         major: node.major.unwrap_or(nix::sys::stat::major(rdev) as i64),
         minor: node.minor.unwrap_or(nix::sys::stat::minor(rdev) as i64),

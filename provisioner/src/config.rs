@@ -68,15 +68,22 @@ pub struct ProvisionerConfig {
     /// How long a stopping order's processes get after SIGTERM before SIGKILL.
     #[serde(with = "duration_secs")]
     pub stop_grace: Duration,
-    /// uid and gid of the processes inside an order's container; they own `/work`.
+    /// uid and gid of the processes inside an order's container (inside its user namespace, so
+    /// 0 is root there and an unprivileged host uid outside); they own `/work`.
     pub user: (u32, u32),
+    /// The first host uid (and gid) of the ranges given to orders' user namespaces. Order `n`'s
+    /// range is `uid_base + slot * 65536 ..+ 65536`; no host account may live in the whole span.
+    pub uid_base: u32,
+    /// How many orders can hold a uid range at once (the span is `uid_ranges * 65536` ids).
+    pub uid_ranges: u32,
+    /// Which chain and marketplace the orders belong to (e.g. `31337:0x5fbd…`); part of every
+    /// container's id and label, so a new marketplace on the same state directory never sees
+    /// another marketplace's order of the same number.
+    pub scope: String,
     /// Where the order's writable volume is mounted; also `HOME` and the working directory.
     pub work_dir: String,
     /// Where datasets are mounted, as `<data_dir>/<dataset id>`, read-only.
     pub data_dir: String,
-    /// Keep the image's root filesystem read-only (the default); when false each order writes to
-    /// its own snapshot, which lives as long as the container.
-    pub readonly_rootfs: bool,
     /// The pids limit when an order does not name one.
     pub default_pids_limit: u64,
     /// Size of `/tmp` (a tmpfs counted against the order's memory), in bytes.
@@ -95,10 +102,12 @@ impl Default for ProvisionerConfig {
             gpu_kind: "nvidia.com/gpu".to_string(),
             provider: "local".to_string(),
             stop_grace: Duration::from_secs(10),
-            user: (1000, 1000),
+            user: (0, 0),
+            uid_base: 1 << 30,
+            uid_ranges: 4096,
+            scope: "local".to_string(),
             work_dir: "/work".to_string(),
             data_dir: "/data".to_string(),
-            readonly_rootfs: true,
             default_pids_limit: 1024,
             tmp_size_bytes: 256 << 20,
         }

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
-    images_client::ImagesClient, leases_client::LeasesClient,
+    images_client::ImagesClient, leases_client::LeasesClient, namespaces_client::NamespacesClient,
     snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient,
-    version_client::VersionClient,
+    version_client::VersionClient, Container, ListContainersRequest, ListNamespacesRequest,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -122,6 +122,40 @@ impl Ctd {
     }
     pub(crate) fn leases(&self) -> LeasesClient<Channel> {
         LeasesClient::new(self.channel.clone())
+    }
+
+    /// The containers matching `filter` in every containerd namespace, not only ours: for what
+    /// must be unique on the host whoever holds it (an order's host uid range).
+    pub(crate) async fn containers_everywhere(
+        &self,
+        filter: &str,
+    ) -> Result<Vec<Container>, ProvisionError> {
+        let namespaces = NamespacesClient::new(self.channel.clone())
+            .list(self.req(ListNamespacesRequest::default()))
+            .await
+            .map_err(|s| self.status("list containerd namespaces", s))?
+            .into_inner()
+            .namespaces;
+        let mut found = Vec::new();
+        for ns in namespaces {
+            let Ok(header) = ns.name.parse() else {
+                continue;
+            };
+            let mut req = Request::new(ListContainersRequest {
+                filters: vec![filter.to_string()],
+            });
+            req.set_timeout(CALL_TIMEOUT);
+            req.metadata_mut().insert("containerd-namespace", header);
+            found.extend(
+                self.containers()
+                    .list(req)
+                    .await
+                    .map_err(|s| self.status("list containers", s))?
+                    .into_inner()
+                    .containers,
+            );
+        }
+        Ok(found)
     }
 }
 

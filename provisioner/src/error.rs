@@ -37,6 +37,10 @@ pub enum ProvisionError {
     CdiInvalid { path: PathBuf, reason: String },
 
     /// The order's container could not be created or its task did not start.
+    /// Every order slot of a kind (uid ranges, disk) is taken; the order can start when one frees.
+    #[error("this provider is at capacity: {0}; try again when another lease ends")]
+    AtCapacity(String),
+
     #[error("the container for order {order} failed to start: {reason}")]
     StartFailed { order: u64, reason: String },
 

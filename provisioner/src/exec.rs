@@ -371,7 +371,7 @@ impl Provisioner {
             });
         }
         let ctd = self.inner.ctd.clone();
-        let container_id = Self::container_id(order);
+        let container_id = self.container_id(order);
         let mut env: Vec<String> = self.order_env(order).await?.as_ref().clone();
         for (k, v) in &req.env {
             let prefix = format!("{k}=");
@@ -432,6 +432,13 @@ impl Provisioner {
             &cwd,
             tty.map(|t| (t.cols, t.rows)),
         );
+        let process_spec = match process_spec {
+            Ok(p) => p,
+            Err(e) => {
+                cleanup_dir(&dir);
+                return Err(e);
+            }
+        };
         let exec_req = ExecProcessRequest {
             container_id: container_id.clone(),
             stdin: stdin_path.display().to_string(),

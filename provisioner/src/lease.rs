@@ -1,14 +1,13 @@
 //! Leases: an order's container, created (or found) by `ensure`, stopped, released, adopted.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use containerd_client::services::v1::{
-    container::Runtime, snapshots::MountsRequest, snapshots::PrepareSnapshotRequest,
-    snapshots::RemoveSnapshotRequest, Container, CreateContainerRequest, CreateTaskRequest,
+    container::Runtime, snapshots::MountsRequest, snapshots::RemoveSnapshotRequest,
+    snapshots::ViewSnapshotRequest, Container, CreateContainerRequest, CreateTaskRequest,
     DeleteContainerRequest, DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest,
     ListContainersRequest, StartRequest, UpdateContainerRequest, WaitRequest,
 };
@@ -19,8 +18,11 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::cdi::{CdiRegistry, ContainerEdits};
 use crate::ctd::{is_already_exists, is_not_found, SNAPSHOTTER};
+use crate::disk::MIN_DISK_BYTES;
 use crate::image::ResolvedImage;
+use crate::rootfs::{image_layers, IdmappedLayers};
 use crate::spec::{self, ContainerShape};
+use crate::userns::{self, IdRange};
 use crate::{ImageRef, ProvisionError, Provisioner};
 
 const LABEL_ORDER: &str = "shale.order";
@@ -28,6 +30,12 @@ const LABEL_PROVIDER: &str = "shale.provider";
 const LABEL_EXPIRES: &str = "shale.expires_at";
 const LABEL_GPUS: &str = "shale.gpus";
 const LABEL_DATASET: &str = "shale.dataset";
+/// The chain and marketplace the order belongs to (`ProvisionerConfig::scope`).
+const LABEL_SCOPE: &str = "shale.scope";
+/// The first host uid/gid of the order's user namespace: the allocator's only record.
+pub(crate) const LABEL_UID_BASE: &str = "shale.uid_base";
+/// The size of the order's disk in bytes.
+const LABEL_DISK: &str = "shale.disk_bytes";
 const RUNTIME: &str = "io.containerd.runc.v2";
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 /// Below this an order's container cannot even start its init.
@@ -36,7 +44,7 @@ const MIN_MEMORY: u64 = 8 << 20;
 /// What an order pays for: the shape of its container.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseSpec {
-    /// The order id on chain; names the container (`order-<id>`).
+    /// The order id on chain; with `ProvisionerConfig::scope` it names the container.
     pub order: u64,
     /// Whole CPUs, enforced as a CFS quota.
     pub cpus: u32,
@@ -50,20 +58,26 @@ pub struct LeaseSpec {
     pub expires_at: SystemTime,
     /// Process limit; `ProvisionerConfig::default_pids_limit` when `None`.
     pub pids_limit: Option<u64>,
+    /// The order's disk: everything it writes (root filesystem changes, `/work`) fits in it.
+    pub disk_bytes: u64,
 }
 
 /// A running order container.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub order: u64,
-    /// containerd's container id (`order-<id>`).
+    /// containerd's container id (`o<scope hash>-<order>`).
     pub container_id: String,
     /// Host pid of the container's init.
     pub pid: u32,
     /// The image the container was created from.
     pub image: ImageRef,
-    /// The order's writable volume on the host (mounted at `ProvisionerConfig::work_dir`).
+    /// The order's home on the host, on its disk (mounted at `ProvisionerConfig::work_dir`).
     pub volume: PathBuf,
+    /// The host ids the order's user namespace maps its ids to.
+    pub ids: Option<IdRange>,
+    /// The size of the order's disk, as recorded on its container.
+    pub disk_bytes: u64,
     /// CDI device names given to this order.
     pub gpus: Vec<String>,
     /// True when an existing container was found (and started again if it had stopped).
@@ -101,6 +115,16 @@ impl Provisioner {
                 reason: format!("the order asks for {} CPUs and {} bytes of memory; at least 1 CPU and {MIN_MEMORY} bytes are needed", spec.cpus, spec.memory_bytes),
             });
         }
+        if spec.disk_bytes < MIN_DISK_BYTES {
+            return Err(ProvisionError::StartFailed {
+                order,
+                reason: format!(
+                    "the order asks for a disk of {} MiB; at least {} MiB are needed",
+                    spec.disk_bytes >> 20,
+                    MIN_DISK_BYTES >> 20
+                ),
+            });
+        }
         let dataset = match &spec.dataset {
             None => None,
             Some(id) => {
@@ -119,7 +143,7 @@ impl Provisioner {
         let lock = self.order_lock(order);
         let _guard = lock.lock().await;
         let ctd = &self.inner.ctd;
-        let id = Self::container_id(order);
+        let id = self.container_id(order);
 
         match ctd
             .containers()
@@ -150,15 +174,20 @@ impl Provisioner {
         };
         let (gpus, edits) = self.allocate_gpus(order, spec.gpus).await?;
 
+        // The range is taken once the container carrying its label exists: allocate and create
+        // under one lock, so two orders never pick the same free range.
+        let allocation = userns::ALLOCATION.lock().await;
+        let ids = self.free_id_range().await?;
         // containerd's garbage collector removes snapshots nothing refers to; a short lease
         // holds the new snapshot until the container (which refers to it) exists.
         let gc_lease = ctd.temporary_lease("shale-ensure").await?;
         let created = self
-            .create_container(order, spec, &image, gpus, &edits, dataset, &gc_lease)
+            .create_container(order, spec, &image, gpus, &edits, dataset, ids, &gc_lease)
             .await;
         ctd.drop_lease(gc_lease).await;
+        drop(allocation);
         let created = created?;
-        let pid = match self.start_task(order, &id).await {
+        let pid = match self.start_task(order, &created).await {
             Ok(pid) => pid,
             Err(e) => {
                 // Leave nothing half-made behind; the next ensure starts clean.
@@ -178,14 +207,17 @@ impl Provisioner {
         gpus: Vec<String>,
         edits: &ContainerEdits,
         dataset: Option<(String, PathBuf)>,
+        ids: IdRange,
         gc_lease: &str,
     ) -> Result<Container, ProvisionError> {
         let ctd = &self.inner.ctd;
-        let id = Self::container_id(order);
+        let id = self.container_id(order);
+        // A read-only view of the image: its layers become the order's lower layers, idmapped
+        // at every task start; the order's writes go to its own disk.
         let prepare = ctd
             .snapshots()
-            .prepare(ctd.req_leased(
-                PrepareSnapshotRequest {
+            .view(ctd.req_leased(
+                ViewSnapshotRequest {
                     snapshotter: SNAPSHOTTER.into(),
                     key: id.clone(),
                     parent: image.chain_id.clone(),
@@ -201,9 +233,13 @@ impl Provisioner {
             Err(s) => return Err(ctd.status("prepare the order's root filesystem", s)),
         }
 
-        let volume = self.volume_dir(order);
+        let disk = self.disk(order);
         let etc = self.etc_dir(order);
-        self.prepare_host_dirs(order, &volume, &etc).await?;
+        self.prepare_host_dirs(order, &etc).await?;
+        // The disk is made here, so its cost is the first start's alone.
+        disk.ensure(spec.disk_bytes, ids, self.inner.config.user)
+            .await?;
+        let home = disk.home();
 
         let mut env: Vec<String> = image.config.env.clone().unwrap_or_default();
         env.retain(|e| !e.starts_with("HOME=") && !e.starts_with("SHALE_ORDER="));
@@ -213,18 +249,19 @@ impl Provisioner {
             order,
             hostname: id.clone(),
             cgroups_path: format!("/shale/{}-{id}", self.inner.instance),
+            ids,
             env,
             cpus: spec.cpus,
             memory_bytes: spec.memory_bytes,
             pids_limit: spec
                 .pids_limit
                 .unwrap_or(self.inner.config.default_pids_limit),
-            volume: &volume,
+            home: &home,
             etc_dir: &etc,
             dataset: dataset.as_ref().map(|(id, p)| (id.as_str(), p.as_path())),
             edits,
         };
-        let oci = spec::container(&self.inner.config, &shape);
+        let oci = spec::container(&self.inner.config, &shape)?;
 
         let mut labels = HashMap::new();
         labels.insert(LABEL_ORDER.to_string(), order.to_string());
@@ -236,6 +273,9 @@ impl Provisioner {
             LABEL_EXPIRES.to_string(),
             unix_secs(spec.expires_at).to_string(),
         );
+        labels.insert(LABEL_SCOPE.to_string(), self.inner.config.scope.clone());
+        labels.insert(LABEL_UID_BASE.to_string(), ids.host_base.to_string());
+        labels.insert(LABEL_DISK.to_string(), spec.disk_bytes.to_string());
         if !gpus.is_empty() {
             labels.insert(LABEL_GPUS.to_string(), gpus.join(","));
         }
@@ -282,7 +322,7 @@ impl Provisioner {
     /// The order's container as it is now, without starting anything; `None` when it has none.
     pub async fn lease(&self, order: u64) -> Result<Option<Lease>, ProvisionError> {
         let ctd = &self.inner.ctd;
-        let id = Self::container_id(order);
+        let id = self.container_id(order);
         let container = match ctd
             .containers()
             .get(ctd.req(GetContainerRequest { id: id.clone() }))
@@ -321,7 +361,13 @@ impl Provisioner {
             container_id: c.id.clone(),
             pid,
             image: ImageRef(c.image.clone()),
-            volume: self.volume_dir(order),
+            volume: self.disk(order).home(),
+            ids: id_range_of(c),
+            disk_bytes: c
+                .labels
+                .get(LABEL_DISK)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
             gpus: c
                 .labels
                 .get(LABEL_GPUS)
@@ -357,24 +403,9 @@ impl Provisioner {
         Ok(())
     }
 
-    async fn prepare_host_dirs(
-        &self,
-        order: u64,
-        volume: &PathBuf,
-        etc: &PathBuf,
-    ) -> Result<(), ProvisionError> {
-        let (uid, gid) = self.inner.config.user;
-        if !volume.exists() {
-            std::fs::create_dir_all(volume)
-                .map_err(|e| ProvisionError::io("create volume", volume, e))?;
-            nix::unistd::chown(volume, Some(uid.into()), Some(gid.into())).map_err(|e| {
-                ProvisionError::io("give the order user its volume", volume, e.into())
-            })?;
-            std::fs::set_permissions(volume, std::fs::Permissions::from_mode(0o750))
-                .map_err(|e| ProvisionError::io("set permissions on", volume, e))?;
-        }
+    async fn prepare_host_dirs(&self, order: u64, etc: &PathBuf) -> Result<(), ProvisionError> {
         std::fs::create_dir_all(etc).map_err(|e| ProvisionError::io("create", etc, e))?;
-        let host = Self::container_id(order);
+        let host = self.container_id(order);
         let hosts =
             format!("127.0.0.1\tlocalhost {host}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         std::fs::write(etc.join("hosts"), hosts)
@@ -397,7 +428,7 @@ impl Provisioner {
         let all = registry.devices_of_kind(&self.inner.config.gpu_kind);
         let mut used = BTreeSet::new();
         for c in self.list_containers().await? {
-            if c.id != Self::container_id(order) {
+            if c.id != self.container_id(order) {
                 if let Some(g) = c.labels.get(LABEL_GPUS) {
                     used.extend(g.split(',').map(str::to_string));
                 }
@@ -418,8 +449,8 @@ impl Provisioner {
     async fn list_containers(&self) -> Result<Vec<Container>, ProvisionError> {
         let ctd = &self.inner.ctd;
         let filter = format!(
-            "labels.\"{LABEL_PROVIDER}\"=={}",
-            self.inner.config.provider
+            "labels.\"{LABEL_PROVIDER}\"=={},labels.\"{LABEL_SCOPE}\"=={}",
+            self.inner.config.provider, self.inner.config.scope
         );
         Ok(ctd
             .containers()
@@ -461,13 +492,47 @@ impl Provisioner {
             Err(s) if is_not_found(&s) => {}
             Err(s) => return Err(ctd.status("look up the order's task", s)),
         }
-        self.start_task(order, &container.id).await
+        self.start_task(order, container).await
     }
 
-    async fn start_task(&self, order: u64, id: &str) -> Result<u32, ProvisionError> {
+    /// The lowest host uid range no container on this containerd holds. Call it under
+    /// `userns::ALLOCATION`.
+    async fn free_id_range(&self) -> Result<IdRange, ProvisionError> {
+        let filter = format!("labels.\"{LABEL_UID_BASE}\"");
+        let taken: BTreeSet<u32> = self
+            .inner
+            .ctd
+            .containers_everywhere(&filter)
+            .await?
+            .iter()
+            .filter_map(id_range_of)
+            .map(|r| r.host_base)
+            .collect();
+        userns::pick(&self.inner.config, &taken).ok_or_else(|| {
+            ProvisionError::AtCapacity(format!(
+                "all {} user-namespace ranges are in use",
+                self.inner.config.uid_ranges
+            ))
+        })
+    }
+
+    /// Starts the container's task: mounts its disk (after a reboot too), idmaps the image's
+    /// layers to the order's namespace, and gives the shim the overlay of both as the root.
+    async fn start_task(&self, order: u64, container: &Container) -> Result<u32, ProvisionError> {
         let ctd = &self.inner.ctd;
+        let id = container.id.as_str();
         let failed = |reason: String| ProvisionError::StartFailed { order, reason };
-        let mounts: Vec<Mount> = ctd
+        let ids = id_range_of(container).ok_or_else(|| {
+            failed("its container carries no user-namespace range (made by an older Shale?)".into())
+        })?;
+        let disk_bytes = container
+            .labels
+            .get(LABEL_DISK)
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| failed("its container records no disk size".into()))?;
+        let disk = self.disk(order);
+        disk.ensure(disk_bytes, ids, self.inner.config.user).await?;
+        let view: Vec<Mount> = ctd
             .snapshots()
             .mounts(ctd.req(MountsRequest {
                 snapshotter: SNAPSHOTTER.into(),
@@ -477,17 +542,24 @@ impl Provisioner {
             .map_err(|s| ctd.status("find the order's root filesystem", s))?
             .into_inner()
             .mounts;
-        ctd.tasks()
+        let layers = image_layers(&view)?;
+        let userns = userns::namespace_for(ids)?;
+        // Held until the shim has mounted the overlay; dropping it detaches the idmapped layers.
+        let idmapped = IdmappedLayers::mount(&self.idmap_dir(order), &layers, &userns)?;
+        let rootfs = vec![idmapped.overlay(&disk.upper(), &disk.overlay_work())];
+        let created = ctd
+            .tasks()
             .create(ctd.req(CreateTaskRequest {
                 container_id: id.to_string(),
-                rootfs: mounts,
+                rootfs,
                 ..Default::default()
             }))
-            .await
-            .map_err(|s| match ctd.status("create the task", s) {
-                ProvisionError::Runtime { status, .. } => failed(status),
-                other => other,
-            })?;
+            .await;
+        drop(idmapped);
+        created.map_err(|s| match ctd.status("create the task", s) {
+            ProvisionError::Runtime { status, .. } => failed(status),
+            other => other,
+        })?;
         let started = ctd
             .tasks()
             .start(ctd.req(StartRequest {
@@ -538,7 +610,7 @@ impl Provisioner {
 
     async fn stop_locked(&self, order: u64) -> Result<(), ProvisionError> {
         let ctd = &self.inner.ctd;
-        let id = Self::container_id(order);
+        let id = self.container_id(order);
         match ctd
             .containers()
             .get(ctd.req(GetContainerRequest { id: id.clone() }))
@@ -631,10 +703,11 @@ impl Provisioner {
             Err(e) => return Err(e),
         }
         self.remove_container(order).await?;
+        self.disk(order).remove().await?;
         for dir in [
-            self.volume_dir(order),
             self.etc_dir(order),
             self.fifo_dir(order),
+            self.idmap_dir(order),
         ] {
             let d = dir.clone();
             let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
@@ -657,7 +730,7 @@ impl Provisioner {
 
     async fn remove_container(&self, order: u64) -> Result<(), ProvisionError> {
         let ctd = &self.inner.ctd;
-        let id = Self::container_id(order);
+        let id = self.container_id(order);
         self.delete_task(&id).await?;
         match ctd
             .containers()
@@ -718,15 +791,14 @@ impl Provisioner {
                 self.release(order).await?;
             }
         }
-        // Volumes whose container is gone and whose lease is over.
-        let volumes = self.inner.config.state_dir.join("volumes");
-        if let Ok(entries) = std::fs::read_dir(&volumes) {
+        // Disks whose container is gone (a crash between the two) and whose lease is over.
+        let disks = self.inner.config.state_dir.join("disks");
+        if let Ok(entries) = std::fs::read_dir(&disks) {
             for e in entries.flatten() {
                 let name = e.file_name();
                 let Some(order) = name
                     .to_str()
-                    .and_then(|n| n.strip_prefix("order-"))
-                    .and_then(|n| n.parse().ok())
+                    .and_then(|n| self.order_of_container_id(n.trim_end_matches(".ext4")))
                 else {
                     continue;
                 };
@@ -754,7 +826,7 @@ impl Provisioner {
         let c = match ctd
             .containers()
             .get(ctd.req(GetContainerRequest {
-                id: Self::container_id(order),
+                id: self.container_id(order),
             }))
             .await
         {
@@ -793,7 +865,7 @@ impl Provisioner {
         match ctd
             .tasks()
             .get(ctd.req(GetRequest {
-                container_id: Self::container_id(order),
+                container_id: self.container_id(order),
                 exec_id: String::new(),
             }))
             .await
@@ -810,6 +882,14 @@ impl Provisioner {
             Err(s) => Err(ctd.status("look up the order's task", s)),
         }
     }
+}
+
+/// The user-namespace range recorded on a container.
+fn id_range_of(c: &Container) -> Option<IdRange> {
+    c.labels
+        .get(LABEL_UID_BASE)
+        .and_then(|s| s.parse::<u32>().ok())
+        .map(IdRange::at)
 }
 
 /// Signal numbers as containerd wants them (u32).

@@ -14,22 +14,27 @@ mod cdi;
 mod config;
 mod ctd;
 pub mod daemon;
+mod disk;
 mod error;
 mod exec;
 mod image;
 pub mod image_build;
 mod lease;
 mod netns;
+mod rootfs;
 mod seccomp;
 mod spec;
+mod userns;
 
 pub use cdi::{CdiRegistry, ContainerEdits, DeviceNode, HookEdit, MountEdit};
 pub use config::{ImageRef, ProvisionerConfig};
+pub use disk::MIN_DISK_BYTES;
 pub use error::ProvisionError;
 pub use exec::{
     ExecRequest, ExitStatus, Process, ProcessHandle, ProcessOutput, ProcessStdin, PtySize,
 };
 pub use lease::{Lease, LeaseSpec};
+pub use userns::IdRange;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +64,9 @@ struct Inner {
     exec_seq: AtomicU64,
     /// Distinguishes this provisioner's cgroups from another instance's on the same host.
     instance: String,
+    /// The prefix of every container id: the scope's hash, so that the same order number of
+    /// another chain or marketplace names another container, disk and state.
+    id_prefix: String,
 }
 
 impl Provisioner {
@@ -76,7 +84,8 @@ impl Provisioner {
                 config.namespace
             )));
         }
-        for sub in ["volumes", "orders", "fifo", "runc"] {
+        userns::check_span(&config)?;
+        for sub in ["disks", "orders", "fifo", "runc", "idmap"] {
             let dir = config.state_dir.join(sub);
             std::fs::create_dir_all(&dir).map_err(|e| ProvisionError::io("create", dir, e))?;
         }
@@ -94,6 +103,11 @@ impl Provisioner {
             );
             format!("{:x}", h)[..10].to_string()
         };
+        let id_prefix = {
+            use sha2::{Digest, Sha256};
+            let h = Sha256::digest(config.scope.as_bytes());
+            format!("o{}", &format!("{:x}", h)[..8])
+        };
         info!(socket = %config.socket.display(), namespace = %config.namespace, "connected to containerd");
         Ok(Provisioner {
             inner: Arc::new(Inner {
@@ -104,6 +118,7 @@ impl Provisioner {
                 envs: Mutex::new(HashMap::new()),
                 exec_seq: AtomicU64::new(0),
                 instance,
+                id_prefix,
             }),
         })
     }
@@ -144,16 +159,33 @@ impl Provisioner {
         locks.entry(order).or_default().clone()
     }
 
-    fn container_id(order: u64) -> String {
-        format!("order-{order}")
+    /// containerd's id of the order's container: `o<scope hash>-<order>`.
+    fn container_id(&self, order: u64) -> String {
+        format!("{}-{order}", self.inner.id_prefix)
     }
 
-    fn volume_dir(&self, order: u64) -> PathBuf {
+    /// The order a container id of this scope names.
+    fn order_of_container_id(&self, id: &str) -> Option<u64> {
+        id.strip_prefix(self.inner.id_prefix.as_str())?
+            .strip_prefix('-')?
+            .parse()
+            .ok()
+    }
+
+    fn disk(&self, order: u64) -> disk::Disk {
+        disk::Disk::at(
+            &self.inner.config.state_dir.join("disks"),
+            &self.container_id(order),
+        )
+    }
+
+    /// Where the image's layers are idmapped for the moment a task is created.
+    fn idmap_dir(&self, order: u64) -> PathBuf {
         self.inner
             .config
             .state_dir
-            .join("volumes")
-            .join(Self::container_id(order))
+            .join("idmap")
+            .join(self.container_id(order))
     }
 
     fn etc_dir(&self, order: u64) -> PathBuf {
@@ -161,7 +193,7 @@ impl Provisioner {
             .config
             .state_dir
             .join("orders")
-            .join(Self::container_id(order))
+            .join(self.container_id(order))
     }
 
     fn fifo_dir(&self, order: u64) -> PathBuf {
@@ -169,6 +201,6 @@ impl Provisioner {
             .config
             .state_dir
             .join("fifo")
-            .join(Self::container_id(order))
+            .join(self.container_id(order))
     }
 }

@@ -21,7 +21,12 @@
 //! since 4.8: the pid namespace and the uid check confine them to the order's own processes, and
 //! users debug their jobs with `gdb` and `strace`.
 
-use serde_json::{json, Value};
+use oci_spec::runtime::{
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder,
+    LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscallBuilder,
+};
+
+use crate::ProvisionError;
 
 /// Syscalls allowed with any arguments. Names libseccomp does not know (other architectures'
 /// or newer kernels') are skipped by runc, so the list can cover 32-bit and 64-bit names.
@@ -399,26 +404,69 @@ const EPERM: u32 = 1;
 const ENOSYS: u32 = 38;
 
 /// The `linux.seccomp` section of an order container's OCI spec.
-pub(crate) fn profile() -> Value {
-    let mut syscalls = vec![json!({ "names": ALLOWED, "action": "SCMP_ACT_ALLOW" })];
+pub(crate) fn profile() -> Result<LinuxSeccomp, ProvisionError> {
+    let invalid = |e: oci_spec::OciSpecError| {
+        ProvisionError::Config(format!("the seccomp profile is invalid: {e}"))
+    };
+    let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let allow = |list: &[&str], args: Vec<LinuxSeccompArg>| {
+        let mut rule = LinuxSyscallBuilder::default()
+            .names(names(list))
+            .action(LinuxSeccompAction::ScmpActAllow);
+        if !args.is_empty() {
+            rule = rule.args(args);
+        }
+        rule.build().map_err(invalid)
+    };
+    let arg = |value: u64, value_two: Option<u64>, op: LinuxSeccompOperator| {
+        let mut a = LinuxSeccompArgBuilder::default()
+            .index(0usize)
+            .value(value)
+            .op(op);
+        if let Some(v) = value_two {
+            a = a.value_two(v);
+        }
+        a.build().map_err(invalid)
+    };
+    let mut syscalls = vec![allow(ALLOWED, Vec::new())?];
     for persona in PERSONALITIES {
-        syscalls.push(
-            json!({ "names": ["personality"], "action": "SCMP_ACT_ALLOW",
-            "args": [{ "index": 0, "value": persona, "op": "SCMP_CMP_EQ" }] }),
-        );
+        syscalls.push(allow(
+            &["personality"],
+            vec![arg(persona, None, LinuxSeccompOperator::ScmpCmpEq)?],
+        )?);
     }
     // Threads and plain forks: no namespace flag set.
-    syscalls.push(json!({ "names": ["clone"], "action": "SCMP_ACT_ALLOW",
-        "args": [{ "index": 0, "value": CLONE_NAMESPACE_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ" }] }));
-    syscalls.push(json!({ "names": ["socket"], "action": "SCMP_ACT_ALLOW",
-        "args": [{ "index": 0, "value": AF_VSOCK, "op": "SCMP_CMP_NE" }] }));
-    syscalls.push(json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS }));
-    json!({
-        "defaultAction": "SCMP_ACT_ERRNO",
-        "defaultErrnoRet": EPERM,
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "syscalls": syscalls,
-    })
+    syscalls.push(allow(
+        &["clone"],
+        vec![arg(
+            CLONE_NAMESPACE_FLAGS,
+            Some(0),
+            LinuxSeccompOperator::ScmpCmpMaskedEq,
+        )?],
+    )?);
+    syscalls.push(allow(
+        &["socket"],
+        vec![arg(AF_VSOCK, None, LinuxSeccompOperator::ScmpCmpNe)?],
+    )?);
+    syscalls.push(
+        LinuxSyscallBuilder::default()
+            .names(names(&["clone3"]))
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(ENOSYS)
+            .build()
+            .map_err(invalid)?,
+    );
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActErrno)
+        .default_errno_ret(EPERM)
+        .architectures(vec![
+            Arch::ScmpArchX86_64,
+            Arch::ScmpArchX86,
+            Arch::ScmpArchX32,
+        ])
+        .syscalls(syscalls)
+        .build()
+        .map_err(invalid)
 }
 
 #[cfg(test)]
@@ -488,8 +536,17 @@ mod tests {
 
     #[test]
     fn unlisted_calls_are_refused_with_eperm() {
-        let p = profile();
+        let p = serde_json::to_value(profile().unwrap()).unwrap();
         assert_eq!(p["defaultAction"], "SCMP_ACT_ERRNO");
         assert_eq!(p["defaultErrnoRet"], EPERM);
+        assert_eq!(p["syscalls"][0]["action"], "SCMP_ACT_ALLOW");
+        let clone = p["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["names"][0] == "clone")
+            .unwrap();
+        assert_eq!(clone["args"][0]["op"], "SCMP_CMP_MASKED_EQ");
+        assert_eq!(clone["args"][0]["valueTwo"], 0);
     }
 }

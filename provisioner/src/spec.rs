@@ -1,26 +1,37 @@
-//! The OCI runtime spec of an order's container: limits, mounts, and the hardening defaults.
+//! The OCI runtime spec of an order's container: limits, mounts, and the hardening defaults,
+//! built with `oci-spec`'s typed builders so that every field is checked by the compiler.
 //!
 //! Hardening, and why each part is there:
-//! - no privileged mode, no host namespaces: each order has its own pid, ipc, uts, mount and
-//!   network namespace (loopback only, so one order can never reach another);
-//! - processes run as an unprivileged uid with no effective capabilities and `no_new_privileges`,
-//!   so setuid binaries in the image cannot raise them; the bounding set is Docker's minimal one;
-//! - a seccomp allowlist equivalent to containerd's default profile for a process without
-//!   capabilities (see `seccomp.rs`: no mounts, namespaces, modules, kexec, keyrings, bpf, ...);
+//! - no privileged mode, no host namespaces: each order has its own user, pid, ipc, uts, mount,
+//!   cgroup and network namespace (loopback only, so one order can never reach another);
+//! - the user namespace maps the order's uid 0 to a host range of its own (see `userns.rs`), never
+//!   0 and never a host account: root inside, so `apt-get`, `dpkg` and `chown` work, and nobody
+//!   outside. Capabilities exist only in that namespace; the bounding set is Docker's default set,
+//!   and `no_new_privileges` stays on, so setuid binaries in the image raise nothing;
+//! - a seccomp allowlist equivalent to containerd's default profile (see `seccomp.rs`: no mounts,
+//!   namespaces, modules, kexec, keyrings, bpf, ...);
 //! - runc's default masked and read-only `/proc` and `/sys` paths; only the default device nodes
 //!   (and CDI devices the order was given) are allowed by the devices cgroup;
-//! - the image's root filesystem is read-only by default (see `ProvisionerConfig::readonly_rootfs`);
-//!   writable places are `/work` (the order's volume), `/tmp` and `/run` (tmpfs, counted against
-//!   the memory limit), `/dev/shm`;
+//! - the root filesystem is the image with the order's own writable layer on top, on the order's
+//!   own disk (see `disk.rs`), like `/work`; `/tmp` and `/run` are tmpfs counted against the
+//!   memory limit; datasets are recursively read-only, nosuid, nodev;
 //! - memory without swap, a CPU quota, and a pids limit in the order's own cgroup;
 //! - containerd's socket and the host's filesystems are never mounted.
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use serde_json::{json, Value};
+use oci_spec::runtime::{
+    Capabilities, Capability, HookBuilder, Hooks, HooksBuilder, LinuxBuilder,
+    LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType,
+    LinuxIdMapping, LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, Process,
+    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+};
 
 use crate::cdi::ContainerEdits;
-use crate::ProvisionerConfig;
+use crate::userns::IdRange;
+use crate::{ProvisionError, ProvisionerConfig};
 
 /// The container's long-running init: waits forever, reaps orphans (the shell's `wait`), and
 /// exits on SIGTERM so that `stop` is graceful. It needs only `/bin/sh` and `sleep`.
@@ -30,18 +41,22 @@ pub(crate) const INIT_SCRIPT: &str =
 /// CPU period for the CFS quota; one CPU is one full period of runtime per period.
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// The bounding capability set: Docker's minimal set. Effective sets stay empty for non-root.
-const BOUNDING_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
+/// The bounding capability set: Docker's default set, less `CAP_MKNOD` (a device node made in a
+/// user namespace cannot be opened anyway) and `CAP_NET_RAW` (raw sockets wait for the network).
+/// `CAP_SETFCAP` is added because package scripts set file capabilities (`setcap` in postinst of
+/// e.g. iputils-ping). All of them act only inside the order's user namespace.
+const BOUNDING_CAPS: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setpcap,
+    Capability::Setfcap,
+    Capability::NetBindService,
+    Capability::Kill,
+    Capability::AuditWrite,
 ];
 
 /// The parts of an order's container that vary.
@@ -53,21 +68,33 @@ pub(crate) struct ContainerShape<'a> {
     pub cpus: u32,
     pub memory_bytes: u64,
     pub pids_limit: u64,
-    pub volume: &'a Path,
+    pub ids: IdRange,
+    pub home: &'a Path,
     pub etc_dir: &'a Path,
     pub dataset: Option<(&'a str, &'a Path)>,
     pub edits: &'a ContainerEdits,
 }
 
-fn capabilities(uid: u32) -> Value {
-    let effective: &[&str] = if uid == 0 { BOUNDING_CAPS } else { &[] };
-    json!({
-        "bounding": BOUNDING_CAPS,
-        "effective": effective,
-        "permitted": effective,
-        "inheritable": [],
-        "ambient": [],
-    })
+fn invalid(e: oci_spec::OciSpecError) -> ProvisionError {
+    ProvisionError::Config(format!("the container spec is invalid: {e}"))
+}
+
+fn capabilities(uid: u32) -> Result<oci_spec::runtime::LinuxCapabilities, ProvisionError> {
+    let bounding: Capabilities = BOUNDING_CAPS.iter().copied().collect();
+    // A non-root user keeps no effective capabilities, as outside any namespace.
+    let effective = if uid == 0 {
+        bounding.clone()
+    } else {
+        Capabilities::new()
+    };
+    LinuxCapabilitiesBuilder::default()
+        .bounding(bounding)
+        .effective(effective.clone())
+        .permitted(effective)
+        .inheritable(Capabilities::new())
+        .ambient(Capabilities::new())
+        .build()
+        .map_err(invalid)
 }
 
 /// The process spec shared by the init and every exec.
@@ -77,112 +104,466 @@ pub(crate) fn process(
     env: &[String],
     cwd: &str,
     terminal: Option<(u16, u16)>,
-) -> Value {
+) -> Result<Process, ProvisionError> {
     let (uid, gid) = config.user;
-    let mut p = json!({
-        "terminal": terminal.is_some(),
-        "user": { "uid": uid, "gid": gid, "additionalGids": [gid] },
-        "args": args,
-        "env": env,
-        "cwd": cwd,
-        "capabilities": capabilities(uid),
-        "noNewPrivileges": true,
+    let user = UserBuilder::default()
+        .uid(uid)
+        .gid(gid)
+        .additional_gids(vec![gid])
+        .build()
+        .map_err(invalid)?;
+    let mut p = ProcessBuilder::default()
+        .terminal(terminal.is_some())
+        .user(user)
+        .args(args.to_vec())
+        .env(env.to_vec())
+        .cwd(cwd)
+        .capabilities(capabilities(uid)?)
+        .no_new_privileges(true)
+        // Inherited from the shim, as before the typed spec: no rlimit is set here.
+        .rlimits(Vec::new())
         // Under memory pressure on the host, an order's processes go before the host's own.
-        "oomScoreAdj": 500,
-    });
+        .oom_score_adj(500)
+        .build()
+        .map_err(invalid)?;
     if let Some((cols, rows)) = terminal {
-        p["consoleSize"] = json!({ "width": cols.max(1), "height": rows.max(1) });
+        let size = oci_spec::runtime::BoxBuilder::default()
+            .width(u64::from(cols.max(1)))
+            .height(u64::from(rows.max(1)))
+            .build()
+            .map_err(invalid)?;
+        p.set_console_size(Some(size));
     }
-    p
+    Ok(p)
 }
 
-pub(crate) fn container(config: &ProvisionerConfig, shape: &ContainerShape<'_>) -> Value {
+fn mount(
+    destination: impl AsRef<Path>,
+    kind: &str,
+    source: impl AsRef<Path>,
+    options: &[&str],
+) -> Result<Mount, ProvisionError> {
+    MountBuilder::default()
+        .destination(destination.as_ref())
+        .typ(kind)
+        .source(source.as_ref())
+        .options(options.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+        .build()
+        .map_err(invalid)
+}
+
+fn id_mapping(ids: IdRange) -> Result<Vec<LinuxIdMapping>, ProvisionError> {
+    Ok(vec![LinuxIdMappingBuilder::default()
+        .container_id(0u32)
+        .host_id(ids.host_base)
+        .size(ids.size)
+        .build()
+        .map_err(invalid)?])
+}
+
+fn mounts(
+    config: &ProvisionerConfig,
+    shape: &ContainerShape<'_>,
+) -> Result<Vec<Mount>, ProvisionError> {
+    let tmp_size = format!("size={}", config.tmp_size_bytes);
+    let mut mounts = vec![
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
+        )?,
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
+        // With a cgroup namespace the container sees its own cgroup as the root of this tree.
+        mount(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+        )?,
+        mount(
+            "/run",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "nodev", "mode=755", "size=65536k"],
+        )?,
+        mount(
+            "/tmp",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "nodev", "mode=1777", &tmp_size],
+        )?,
+        mount(
+            &config.work_dir,
+            "bind",
+            shape.home,
+            &["rbind", "rw", "nosuid", "nodev"],
+        )?,
+        mount(
+            "/etc/hosts",
+            "bind",
+            shape.etc_dir.join("hosts"),
+            &["rbind", "ro", "nosuid", "nodev", "noexec"],
+        )?,
+        mount(
+            "/etc/hostname",
+            "bind",
+            shape.etc_dir.join("hostname"),
+            &["rbind", "ro", "nosuid", "nodev", "noexec"],
+        )?,
+    ];
+    if let Some((id, path)) = shape.dataset {
+        // `rro`: read-only all the way down, submounts of the dataset included (runc ≥ 1.1).
+        mounts.push(mount(
+            format!("{}/{id}", config.data_dir),
+            "bind",
+            path,
+            &["rbind", "rro", "nosuid", "nodev"],
+        )?);
+    }
+    for m in &shape.edits.mounts {
+        let kind = m.r#type.as_deref().unwrap_or("bind");
+        let options: Vec<&str> = m.options.iter().map(String::as_str).collect();
+        mounts.push(mount(&m.container_path, kind, &m.host_path, &options)?);
+    }
+    Ok(mounts)
+}
+
+fn device_type(kind: &str) -> Result<LinuxDeviceType, ProvisionError> {
+    match kind {
+        "c" | "u" => Ok(LinuxDeviceType::C),
+        "b" => Ok(LinuxDeviceType::B),
+        "p" => Ok(LinuxDeviceType::P),
+        other => Err(ProvisionError::Config(format!(
+            "a CDI device has type {other:?}; expected c, b or p"
+        ))),
+    }
+}
+
+fn hooks(edits: &ContainerEdits) -> Result<Option<Hooks>, ProvisionError> {
+    if edits.hooks.is_empty() {
+        return Ok(None);
+    }
+    let mut by_name: HashMap<&str, Vec<oci_spec::runtime::Hook>> = HashMap::new();
+    for h in &edits.hooks {
+        let mut hook = HookBuilder::default()
+            .path(&h.path)
+            .args(h.args.clone())
+            .env(h.env.clone());
+        if let Some(t) = h.timeout {
+            hook = hook.timeout(t);
+        }
+        by_name
+            .entry(h.hook_name.as_str())
+            .or_default()
+            .push(hook.build().map_err(invalid)?);
+    }
+    let mut hooks = HooksBuilder::default();
+    for (name, list) in by_name {
+        hooks = match name {
+            "prestart" =>
+            {
+                #[allow(deprecated)]
+                hooks.prestart(list)
+            }
+            "createRuntime" => hooks.create_runtime(list),
+            "createContainer" => hooks.create_container(list),
+            "startContainer" => hooks.start_container(list),
+            "poststart" => hooks.poststart(list),
+            "poststop" => hooks.poststop(list),
+            other => {
+                return Err(ProvisionError::Config(format!(
+                    "a CDI spec names the unknown hook {other:?}"
+                )))
+            }
+        };
+    }
+    Ok(Some(hooks.build().map_err(invalid)?))
+}
+
+/// The whole runtime spec of an order's container.
+pub(crate) fn container(
+    config: &ProvisionerConfig,
+    shape: &ContainerShape<'_>,
+) -> Result<Spec, ProvisionError> {
     let init_args = vec![
         "/bin/sh".to_string(),
         "-c".to_string(),
         INIT_SCRIPT.to_string(),
     ];
-    let mut mounts = vec![
-        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
-        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
-        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
-        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
-        json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755", "size=65536k"]}),
-        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-               "options": ["nosuid", "nodev", "mode=1777", format!("size={}", config.tmp_size_bytes)]}),
-        json!({"destination": config.work_dir, "type": "bind", "source": shape.volume,
-               "options": ["rbind", "rw", "nosuid", "nodev"]}),
-        json!({"destination": "/etc/hosts", "type": "bind", "source": shape.etc_dir.join("hosts"),
-               "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}),
-        json!({"destination": "/etc/hostname", "type": "bind", "source": shape.etc_dir.join("hostname"),
-               "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}),
-    ];
-    if let Some((id, path)) = shape.dataset {
-        mounts.push(json!({"destination": format!("{}/{id}", config.data_dir), "type": "bind", "source": path,
-                           "options": ["rbind", "ro", "nosuid", "nodev"]}));
-    }
-    for m in &shape.edits.mounts {
-        mounts.push(json!({"destination": m.container_path, "type": m.r#type.clone().unwrap_or_else(|| "bind".into()),
-                           "source": m.host_path, "options": m.options}));
-    }
-
     let mut env = shape.env.clone();
     env.extend(shape.edits.env.iter().cloned());
 
-    let mut device_rules = vec![json!({"allow": false, "access": "rwm"})];
-    let mut devices = Vec::new();
+    let mut device_rules = vec![LinuxDeviceCgroupBuilder::default()
+        .allow(false)
+        .access("rwm")
+        .build()
+        .map_err(invalid)?];
+    // In a user namespace no device node can be made (runc would bind the container path from
+    // the host instead): every CDI node is bound from its host node, and allowed in the cgroup.
+    let mut device_mounts = Vec::new();
     for d in &shape.edits.device_nodes {
-        devices.push(
-            json!({"path": d.path, "type": d.kind, "major": d.major, "minor": d.minor,
-                            "fileMode": d.file_mode, "uid": d.uid, "gid": d.gid}),
-        );
+        let typ = device_type(&d.kind)?;
+        device_mounts.push(mount(
+            &d.path,
+            "bind",
+            &d.host_path,
+            &["rbind", "nosuid", "noexec"],
+        )?);
         device_rules.push(
-            json!({"allow": true, "type": d.kind, "major": d.major, "minor": d.minor,
-                                 "access": d.permissions}),
+            LinuxDeviceCgroupBuilder::default()
+                .allow(true)
+                .typ(typ)
+                .major(d.major)
+                .minor(d.minor)
+                .access(&d.permissions)
+                .build()
+                .map_err(invalid)?,
         );
     }
 
-    let mut spec = json!({
-        "ociVersion": "1.0.2",
-        "process": process(config, &init_args, &env, &config.work_dir, None),
-        "root": { "path": "rootfs", "readonly": config.readonly_rootfs },
-        "hostname": shape.hostname,
-        "mounts": mounts,
-        "annotations": { "shale.order": shape.order.to_string() },
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}],
-            "cgroupsPath": shape.cgroups_path,
-            "resources": {
-                "devices": device_rules,
-                // swap is memory+swap in OCI terms: equal to the limit means no swap at all.
-                "memory": { "limit": shape.memory_bytes, "swap": shape.memory_bytes },
-                "cpu": { "quota": u64::from(shape.cpus) * CPU_PERIOD_US, "period": CPU_PERIOD_US },
-                "pids": { "limit": shape.pids_limit },
+    let namespaces = [
+        LinuxNamespaceType::User,
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Cgroup,
+        LinuxNamespaceType::Network,
+    ]
+    .into_iter()
+    .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(invalid)?;
+
+    let resources = LinuxResourcesBuilder::default()
+        .devices(device_rules)
+        // swap is memory+swap in OCI terms: equal to the limit means no swap at all.
+        .memory(
+            LinuxMemoryBuilder::default()
+                .limit(i64::try_from(shape.memory_bytes).unwrap_or(i64::MAX))
+                .swap(i64::try_from(shape.memory_bytes).unwrap_or(i64::MAX))
+                .build()
+                .map_err(invalid)?,
+        )
+        .cpu(
+            LinuxCpuBuilder::default()
+                .quota(i64::from(shape.cpus) * CPU_PERIOD_US as i64)
+                .period(CPU_PERIOD_US)
+                .build()
+                .map_err(invalid)?,
+        )
+        .pids(
+            LinuxPidsBuilder::default()
+                .limit(i64::try_from(shape.pids_limit).unwrap_or(i64::MAX))
+                .build()
+                .map_err(invalid)?,
+        )
+        .build()
+        .map_err(invalid)?;
+
+    let linux = LinuxBuilder::default()
+        .uid_mappings(id_mapping(shape.ids)?)
+        .gid_mappings(id_mapping(shape.ids)?)
+        .namespaces(namespaces)
+        .cgroups_path(&shape.cgroups_path)
+        .resources(resources)
+        .devices(Vec::new())
+        .seccomp(crate::seccomp::profile()?)
+        .masked_paths(
+            [
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/proc/scsi",
+                "/sys/firmware",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )
+        .readonly_paths(
+            [
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )
+        .build()
+        .map_err(invalid)?;
+
+    let mut spec = SpecBuilder::default()
+        .version("1.0.2")
+        .process(process(config, &init_args, &env, &config.work_dir, None)?)
+        // The order's own writable layer is on top of the image (see `rootfs.rs`).
+        .root(
+            RootBuilder::default()
+                .path("rootfs")
+                .readonly(false)
+                .build()
+                .map_err(invalid)?,
+        )
+        .hostname(shape.hostname.clone())
+        .mounts([mounts(config, shape)?, device_mounts].concat())
+        .annotations(HashMap::from([(
+            "shale.order".to_string(),
+            shape.order.to_string(),
+        )]))
+        .linux(linux)
+        .build()
+        .map_err(invalid)?;
+    spec.set_hooks(hooks(shape.edits)?);
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape<'a>(edits: &'a ContainerEdits) -> ContainerShape<'a> {
+        ContainerShape {
+            order: 7,
+            hostname: "order-7".into(),
+            cgroups_path: "/shale/x-order-7".into(),
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            cpus: 2,
+            memory_bytes: 1 << 30,
+            pids_limit: 512,
+            ids: IdRange {
+                host_base: 1 << 30,
+                size: 65536,
             },
-            "devices": devices,
-            "seccomp": crate::seccomp::profile(),
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-            ],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-        },
-    });
-    if !shape.edits.hooks.is_empty() {
-        let mut hooks = serde_json::Map::new();
-        for h in &shape.edits.hooks {
-            let entry = json!({"path": h.path, "args": h.args, "env": h.env, "timeout": h.timeout});
-            hooks
-                .entry(h.hook_name.clone())
-                .or_insert_with(|| json!([]))
-                .as_array_mut()
-                .expect("array")
-                .push(entry);
+            home: Path::new("/state/disks/o-7/home"),
+            etc_dir: Path::new("/state/orders/o-7"),
+            dataset: Some(("mnist", Path::new("/srv/mnist"))),
+            edits,
         }
-        spec["hooks"] = Value::Object(hooks);
     }
-    spec
+
+    #[test]
+    fn the_order_runs_as_root_in_its_own_user_and_cgroup_namespace() {
+        let edits = ContainerEdits::default();
+        let spec = container(&ProvisionerConfig::default(), &shape(&edits)).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        let linux = &json["linux"];
+        let kinds: Vec<&str> = linux["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert!(kinds.contains(&"user") && kinds.contains(&"cgroup") && kinds.contains(&"network"));
+        for map in ["uidMappings", "gidMappings"] {
+            assert_eq!(linux[map][0]["containerID"], 0);
+            assert_eq!(linux[map][0]["hostID"], 1 << 30);
+            assert_eq!(linux[map][0]["size"], 65536);
+        }
+        assert_eq!(json["process"]["user"]["uid"], 0);
+        assert_eq!(json["process"]["noNewPrivileges"], true);
+        assert_eq!(json["root"]["readonly"], false);
+        assert!(json.get("hooks").is_none());
+        let caps = json["process"]["capabilities"]["effective"]
+            .as_array()
+            .unwrap();
+        assert!(caps.iter().any(|c| c == "CAP_CHOWN"));
+        assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN"));
+    }
+
+    #[test]
+    fn datasets_are_recursively_read_only_nosuid_nodev() {
+        let edits = ContainerEdits::default();
+        let spec = container(&ProvisionerConfig::default(), &shape(&edits)).unwrap();
+        let data = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/data/mnist"))
+            .expect("dataset mount");
+        let options = data.options().as_ref().unwrap();
+        for o in ["rro", "nosuid", "nodev", "rbind"] {
+            assert!(
+                options.iter().any(|x| x == o),
+                "{o} missing from {options:?}"
+            );
+        }
+        assert!(!options.iter().any(|x| x == "rw"));
+    }
+
+    #[test]
+    fn a_non_root_user_keeps_no_effective_capabilities() {
+        let config = ProvisionerConfig {
+            user: (1000, 1000),
+            ..Default::default()
+        };
+        let p = process(&config, &["id".into()], &[], "/work", Some((0, 0))).unwrap();
+        let caps = p.capabilities().as_ref().unwrap();
+        assert!(caps.effective().as_ref().unwrap().is_empty());
+        assert!(!caps.bounding().as_ref().unwrap().is_empty());
+        let size = p.console_size().unwrap();
+        assert_eq!(
+            (size.width(), size.height()),
+            (1, 1),
+            "a 0x0 PTY is clamped"
+        );
+    }
+
+    #[test]
+    fn cdi_hooks_keep_their_stage_and_unknown_stages_are_refused() {
+        let mut edits = ContainerEdits::default();
+        edits.hooks.push(crate::cdi::HookEdit {
+            hook_name: "createContainer".into(),
+            path: "/usr/bin/nvidia-ctk".into(),
+            args: vec!["nvidia-ctk".into(), "hook".into()],
+            env: vec![],
+            timeout: None,
+        });
+        let spec = container(&ProvisionerConfig::default(), &shape(&edits)).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(
+            json["hooks"]["createContainer"][0]["path"],
+            "/usr/bin/nvidia-ctk"
+        );
+        edits.hooks[0].hook_name = "sometime".into();
+        assert!(container(&ProvisionerConfig::default(), &shape(&edits)).is_err());
+    }
 }

@@ -19,7 +19,7 @@ async fn exec_reports_output_streams_and_exit_codes() {
         ("out\n", "err\n", ExitStatus::Code(3))
     );
     let (out, _, st) = run(&h.prov, 1, &["id", "-u"]).await;
-    assert_eq!((out.trim(), st), ("1000", ExitStatus::Code(0)));
+    assert_eq!((out.trim(), st), ("0", ExitStatus::Code(0)));
     let (out, _, _) = sh(&h.prov, 1, "pwd; echo $HOME; echo $SHALE_ORDER").await;
     assert_eq!(out, "/work\n/work\n1\n");
 

@@ -16,12 +16,15 @@ fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processes_run_without_privileges() {
+async fn processes_are_root_inside_and_nobody_outside() {
     let h = Harness::busybox().await;
-    h.prov.ensure(&lease(31)).await.expect("ensure");
+    let first = h.prov.ensure(&lease(31)).await.expect("ensure");
+    let second = h.prov.ensure(&lease(35)).await.expect("ensure a neighbour");
     let (status, _, _) = run(&h.prov, 31, &["cat", "/proc/self/status"]).await;
-    assert_eq!(status_field(&status, "CapEff:"), "0000000000000000");
-    assert_eq!(status_field(&status, "CapPrm:"), "0000000000000000");
+    assert_eq!(
+        status_field(&status, "Uid:").split_whitespace().next(),
+        Some("0")
+    );
     assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
     assert_eq!(
         status_field(&status, "Seccomp:"),
@@ -32,12 +35,62 @@ async fn processes_run_without_privileges() {
     const CAP_SYS_ADMIN: u64 = 1 << 21;
     const CAP_NET_ADMIN: u64 = 1 << 12;
     const CAP_SYS_PTRACE: u64 = 1 << 19;
+    const CAP_SYS_MODULE: u64 = 1 << 16;
     assert_eq!(
-        bounding & (CAP_SYS_ADMIN | CAP_NET_ADMIN | CAP_SYS_PTRACE),
+        bounding & (CAP_SYS_ADMIN | CAP_NET_ADMIN | CAP_SYS_PTRACE | CAP_SYS_MODULE),
         0,
         "bounding set {bounding:x}"
     );
+    let effective = u64::from_str_radix(status_field(&status, "CapEff:"), 16).unwrap();
+    assert_eq!(
+        effective, bounding,
+        "root holds its capabilities, in its namespace only"
+    );
+
+    // Outside, each order's root is a host uid of its own: never root, never an account.
+    let mut host_uids = Vec::new();
+    for (order, l) in [(31, &first), (35, &second)] {
+        let ids = l.ids.expect("the lease records its range");
+        let (map, _, _) = run(&h.prov, order, &["cat", "/proc/self/uid_map"]).await;
+        assert_eq!(
+            map.split_whitespace().collect::<Vec<_>>(),
+            vec![
+                "0".to_string(),
+                ids.host_base.to_string(),
+                ids.size.to_string()
+            ]
+        );
+        let host = std::fs::read_to_string(format!("/proc/{}/status", l.pid)).unwrap();
+        let uid: u32 = status_field(&host, "Uid:")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let gid: u32 = status_field(&host, "Gid:")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!((uid, gid), (ids.host_base, ids.host_base));
+        assert!(
+            uid > 65536,
+            "host uid {uid} is in the range of host accounts"
+        );
+        host_uids.push(uid);
+    }
+    assert_ne!(host_uids[0], host_uids[1], "two orders share host uids");
+    // The image's files belong to the order's root, without a copy of the image.
+    let (out, _, _) = sh(&h.prov, 31, "stat -c %u:%g /bin/busybox /etc/passwd /").await;
+    assert_eq!(out, "0:0\n0:0\n0:0\n");
+    // The order's own cgroup is the root of the tree it sees.
+    let (out, _, _) = run(&h.prov, 31, &["cat", "/proc/self/cgroup"]).await;
+    for line in out.lines() {
+        assert!(line.ends_with(":/"), "the host's cgroup tree shows: {line}");
+    }
     h.prov.release(31).await.expect("release");
+    h.prov.release(35).await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,8 +104,11 @@ async fn escapes_are_refused() {
         "echo 1 > /proc/sys/vm/drop_caches",             // read-only /proc/sys
         "echo b > /proc/sysrq-trigger",
         "ls /run/containerd", // the runtime's socket is not there
-        "touch /bin/x",       // read-only root filesystem
         "nsenter -t 1 -n true",
+        "mknod /tmp/sda b 8 0 && head -c1 /tmp/sda", // no devices beyond the default ones
+        // The limits are the SP's: the cgroup tree is read-only (v1 layout, then v2).
+        "for f in /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/pids.max; do [ -f $f ] && echo 100000 > $f && exit 0; done; exit 1",
+        "chroot / true", // CAP_SYS_CHROOT is not granted
     ] {
         let (_, _, st) = sh(&h.prov, 32, line).await;
         assert_ne!(st, ExitStatus::Code(0), "{line:?} succeeded");
@@ -84,7 +140,7 @@ async fn escapes_are_refused() {
         );
     }
     let (out, _, _) = run(&h.prov, 32, &["hostname"]).await;
-    assert_eq!(out, "order-32\n");
+    assert!(out.trim_end().ends_with("-32"), "hostname {out:?}");
     h.prov.release(32).await.expect("release");
 }
 

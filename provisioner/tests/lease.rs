@@ -26,7 +26,7 @@ async fn ensure_is_idempotent_and_safe_under_concurrent_calls() {
     assert!(
         leases
             .iter()
-            .all(|l| l.pid == pid && l.container_id == "order-11"),
+            .all(|l| l.pid == pid && l.container_id.ends_with("-11")),
         "{leases:?}"
     );
     assert_eq!(
@@ -57,9 +57,6 @@ async fn the_volume_survives_stop_and_goes_with_release() {
     )
     .await;
     assert_eq!(st, ExitStatus::Code(0));
-    // The image's root filesystem is read-only; /tmp is writable.
-    let (_, err, st) = sh(&h.prov, 12, "touch /etc/x").await;
-    assert_ne!(st, ExitStatus::Code(0), "rootfs write succeeded: {err}");
     let (_, _, st) = sh(&h.prov, 12, "touch /tmp/x").await;
     assert_eq!(st, ExitStatus::Code(0));
 
@@ -242,7 +239,15 @@ async fn a_restarted_gateway_adopts_live_orders_and_releases_the_rest() {
         restarted.exec(22, cmd(&["true"])).await.err(),
         Some(ProvisionError::NotProvisioned { order: 22 })
     ));
-    assert!(!h.config.state_dir.join("volumes/order-22").exists());
+    let disks: Vec<_> = std::fs::read_dir(h.config.state_dir.join("disks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !disks.iter().any(|d| d.contains("-22")),
+        "the released order's disk is gone: {disks:?}"
+    );
 
     // Adopting again changes nothing.
     let again = restarted
@@ -282,13 +287,7 @@ async fn stop_ends_every_process_of_the_order_even_one_ignoring_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writable_root_filesystem_is_private_to_the_order_and_kept_until_release() {
-    // The image's files belong to root; an operator who wants a writable root filesystem
-    // typically also runs orders as root (still without privileges beyond the minimal set).
-    let h = Harness::start(TestImage::Busybox, |c| {
-        c.readonly_rootfs = false;
-        c.user = (0, 0);
-    })
-    .await;
+    let h = Harness::busybox().await;
     h.prov.ensure(&lease(25)).await.expect("ensure");
     h.prov.ensure(&lease(26)).await.expect("ensure");
     let (_, err, st) = sh(&h.prov, 25, "echo mine > /etc/order-note").await;

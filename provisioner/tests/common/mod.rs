@@ -111,6 +111,7 @@ pub fn lease(order: u64) -> LeaseSpec {
         dataset: None,
         expires_at: SystemTime::now() + Duration::from_secs(3600),
         pids_limit: None,
+        disk_bytes: 64 << 20,
     }
 }
 
