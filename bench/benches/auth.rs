@@ -61,6 +61,8 @@ impl World {
         let offer = Offer {
             cpus: 2,
             memory_mib: 2048,
+            disk_mib: 1024,
+            max_disk_mib: 1024,
             gpu_model: String::new(),
             gpu_count: 0,
             price_per_second: U256::from(1_000_003u64),

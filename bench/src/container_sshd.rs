@@ -67,6 +67,8 @@ impl ContainerSshd {
                 dataset: None,
                 expires_at: SystemTime::now() + Duration::from_secs(24 * 3600),
                 pids_limit: None,
+                // The disk the stack's orders get by default, like the gateway's side.
+                disk_bytes: shale_tests::stack::STACK_DISK_MIB << 20,
             })
             .await
             .context("starting the sshd container")?;

@@ -78,6 +78,7 @@ pub fn lease_spec(order: &Order) -> LeaseSpec {
         order: order.id,
         cpus: order.cpus,
         memory_bytes: order.memory_mib.saturating_mul(1024 * 1024),
+        disk_bytes: order.disk_mib.saturating_mul(1 << 20),
         gpus: order.gpus,
         dataset: order.dataset.clone(),
         expires_at,

@@ -111,6 +111,8 @@ impl World {
         let offer = Offer {
             cpus: 2,
             memory_mib: 2048,
+            disk_mib: 1024,
+            max_disk_mib: 1024,
             gpu_model: String::new(),
             gpu_count: 0,
             price_per_second: U256::from(PRICE_PER_SECOND),

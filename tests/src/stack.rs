@@ -36,6 +36,8 @@ pub struct OrderOptions {
     pub max_duration_secs: u64,
     /// The dataset to mount.
     pub dataset: Option<String>,
+    /// The order's disk in MiB; the offer's default ([`STACK_DISK_MIB`]) when `None`.
+    pub disk_mib: Option<u64>,
 }
 
 impl Default for OrderOptions {
@@ -45,9 +47,14 @@ impl Default for OrderOptions {
             escrow: U256::from(10u64).pow(U256::from(18u64)),
             max_duration_secs: 3600,
             dataset: Some(DATASET.into()),
+            disk_mib: None,
         }
     }
 }
+
+/// The disk the stack's SP offers per order by default, and the most an order may ask for (MiB).
+pub const STACK_DISK_MIB: u64 = 512;
+pub const STACK_MAX_DISK_MIB: u64 = 4096;
 
 /// How the stack's gateway is set up, where a test or benchmark needs other than the defaults.
 #[derive(Debug, Clone, Default)]
@@ -203,6 +210,8 @@ impl Stack {
             &Offer {
                 cpus: 2,
                 memory_mib: 1024,
+                disk_mib: STACK_DISK_MIB,
+                max_disk_mib: STACK_MAX_DISK_MIB,
                 gpu_model: String::new(),
                 gpu_count: 0,
                 price_per_second: U256::from(1_000_000_000u64),
@@ -267,6 +276,9 @@ impl Stack {
             options.max_duration_secs,
         );
         order.dataset = options.dataset;
+        if let Some(disk) = options.disk_mib {
+            order.disk_mib = disk;
+        }
         let id = self.client.create_order(&order).await?;
         if options.accept {
             self.sp.accept(id).await?;

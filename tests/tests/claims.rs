@@ -92,6 +92,8 @@ async fn every_flipped_bit_of_a_real_claim_is_refused_on_chain_and_the_real_one_
     let offer = Offer {
         cpus: 1,
         memory_mib: 512,
+        disk_mib: 1024,
+        max_disk_mib: 1024,
         gpu_model: String::new(),
         gpu_count: 0,
         price_per_second: U256::from(1_000u64),
