@@ -112,8 +112,12 @@ enum OrderCommand {
         #[arg(long)]
         cpus: Option<u32>,
         /// Memory, e.g. 8GiB (default: the offer).
-        #[arg(long, value_parser = view::parse_memory)]
+        #[arg(long, value_parser = view::parse_size)]
         memory: Option<u64>,
+        /// Disk, e.g. 20GiB: everything the container can write (its system's changes and
+        /// /work), at most the offer's maximum (default: the offer's disk).
+        #[arg(long, value_parser = view::parse_size)]
+        disk: Option<u64>,
         /// GPUs (default: the offer).
         #[arg(long)]
         gpus: Option<u32>,
@@ -220,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     key,
                     cpus,
                     memory,
+                    disk,
                     gpus,
                     dataset,
                     hours,
@@ -231,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         key,
                         cpus,
                         memory_mib: memory,
+                        disk_mib: disk,
                         gpus,
                         dataset,
                         hours,

@@ -1,6 +1,8 @@
 //! The SP's auto-accept policy: accept an order that fits the offer, the free capacity and the
 //! local datasets; decline any other with the reason.
 
+use std::path::Path;
+
 use shale_contracts::{Order, Provider};
 
 /// What is still free on the machine, from the offer less the live orders.
@@ -8,11 +10,63 @@ use shale_contracts::{Order, Provider};
 pub struct Free {
     pub cpus: u64,
     pub memory_mib: u64,
+    /// Disk that can still be promised to an order; `None` when the host's disk could not be
+    /// measured (then only the offer's maximum per order is checked).
+    pub disk_mib: Option<u64>,
     pub gpus: u64,
 }
 
+/// The filesystem that holds the orders' disks, in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostDisk {
+    /// Its size.
+    pub total_mib: u64,
+    /// What an unprivileged writer may still allocate on it now.
+    pub available_mib: u64,
+}
+
+/// Measures the filesystem that holds `path` (or, while `path` does not exist yet, its nearest
+/// existing ancestor): the provisioner keeps the orders' disk images under its state directory.
+pub fn host_disk(path: &Path) -> std::io::Result<HostDisk> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path
+        .ancestors()
+        .find(|p| !p.as_os_str().is_empty() && p.exists())
+        .unwrap_or(Path::new("/"));
+    let c_path = std::ffi::CString::new(existing.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a NUL-terminated string and `stat` is a writable statvfs buffer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    // The field types are c_ulong and fsblkcnt_t, 32 bits on some targets, 64 bits here.
+    #[allow(clippy::unnecessary_cast)]
+    let (frsize, blocks, avail) = (
+        stat.f_frsize as u64,
+        stat.f_blocks as u64,
+        stat.f_bavail as u64,
+    );
+    let mib = |blocks: u64| {
+        let bytes = u128::from(blocks) * u128::from(frsize);
+        u64::try_from(bytes >> 20).unwrap_or(u64::MAX)
+    };
+    Ok(HostDisk {
+        total_mib: mib(blocks),
+        available_mib: mib(avail),
+    })
+}
+
 /// The offer's resources less those of `live` orders (the offer is the machine's total).
-pub fn free_capacity(provider: &Provider, live: &[Order]) -> Free {
+///
+/// Disk has no total in the offer: the filesystem of the orders' disks plays that part. What
+/// can still be promised is its size less the disks of the live orders (each is reserved in full
+/// when its lease starts, so one accepted but not yet started counts too), and never more than
+/// what is available on it right now (the host's own files, the ledger and the images use it as
+/// well).
+pub fn free_capacity(provider: &Provider, live: &[Order], disk: Option<HostDisk>) -> Free {
     let used = |f: fn(&Order) -> u64| live.iter().map(f).sum::<u64>();
     Free {
         cpus: u64::from(provider.offer.cpus).saturating_sub(used(|o| u64::from(o.cpus))),
@@ -20,6 +74,11 @@ pub fn free_capacity(provider: &Provider, live: &[Order]) -> Free {
             .offer
             .memory_mib
             .saturating_sub(used(|o| o.memory_mib)),
+        disk_mib: disk.map(|d| {
+            d.total_mib
+                .saturating_sub(used(|o| o.disk_mib))
+                .min(d.available_mib)
+        }),
         gpus: u64::from(provider.offer.gpu_count).saturating_sub(used(|o| u64::from(o.gpus))),
     }
 }
@@ -53,6 +112,20 @@ pub fn decide(
             order.memory_mib, free.memory_mib
         ));
     }
+    if order.disk_mib == 0 || order.disk_mib > provider.offer.max_disk_mib {
+        return Err(format!(
+            "it asks for {} MiB of disk, the offer allows 1 to {} MiB per order",
+            order.disk_mib, provider.offer.max_disk_mib
+        ));
+    }
+    if let Some(free_disk) = free.disk_mib {
+        if order.disk_mib > free_disk {
+            return Err(format!(
+                "it asks for {} MiB of disk, {} MiB are free",
+                order.disk_mib, free_disk
+            ));
+        }
+    }
     if u64::from(order.gpus) > free.gpus {
         return Err(format!(
             "it asks for {} GPUs, {} are free",
@@ -75,6 +148,8 @@ mod tests {
             offer: Offer {
                 cpus: 4,
                 memory_mib: 4096,
+                disk_mib: 1024,
+                max_disk_mib: 10_240,
                 gpu_model: String::new(),
                 gpu_count: 1,
                 price_per_second: U256::from(10u8),
@@ -95,6 +170,7 @@ mod tests {
             key_fingerprint: [0; 32],
             cpus,
             memory_mib,
+            disk_mib: 1024,
             gpus,
             dataset: dataset.map(Into::into),
             price_per_second: U256::from(10u8),
@@ -121,12 +197,13 @@ mod tests {
     fn orders_that_fit_are_accepted_and_others_declined_with_the_reason() {
         let p = provider();
         let local = |d: &str| d == "digits";
-        let free = free_capacity(&p, &[order(3, 1024, 1, None)]);
+        let free = free_capacity(&p, &[order(3, 1024, 1, None)], None);
         assert_eq!(
             free,
             Free {
                 cpus: 1,
                 memory_mib: 3072,
+                disk_mib: None,
                 gpus: 0
             }
         );
@@ -147,5 +224,59 @@ mod tests {
         assert!(decide(&cheap, &p, free, local)
             .unwrap_err()
             .contains("below"));
+    }
+
+    #[test]
+    fn disk_must_fit_the_offers_maximum_and_the_hosts_free_disk() {
+        let p = provider();
+        let local = |_: &str| false;
+        let with_disk = |disk_mib| {
+            let mut o = order(1, 1, 0, None);
+            o.disk_mib = disk_mib;
+            o
+        };
+        // A 20 GiB filesystem, two live orders of 1 GiB and 4 GiB: 15 GiB can be promised,
+        // unless less is available now (the host's own files use the disk too).
+        let live = [with_disk(1024), with_disk(4096)];
+        let disk = HostDisk {
+            total_mib: 20_480,
+            available_mib: 18_000,
+        };
+        let free = free_capacity(&p, &live, Some(disk));
+        assert_eq!(free.disk_mib, Some(15_360));
+        let tight = free_capacity(
+            &p,
+            &live,
+            Some(HostDisk {
+                available_mib: 2_000,
+                ..disk
+            }),
+        );
+        assert_eq!(tight.disk_mib, Some(2_000));
+
+        assert!(decide(&with_disk(10_240), &p, free, local).is_ok());
+        assert_eq!(
+            decide(&with_disk(10_241), &p, free, local).unwrap_err(),
+            "it asks for 10241 MiB of disk, the offer allows 1 to 10240 MiB per order"
+        );
+        assert!(decide(&with_disk(0), &p, free, local)
+            .unwrap_err()
+            .contains("the offer allows"));
+        assert_eq!(
+            decide(&with_disk(2_001), &p, tight, local).unwrap_err(),
+            "it asks for 2001 MiB of disk, 2000 MiB are free"
+        );
+        // Unmeasured host disk: only the offer's maximum applies.
+        let unknown = free_capacity(&p, &live, None);
+        assert!(decide(&with_disk(10_240), &p, unknown, local).is_ok());
+    }
+
+    #[test]
+    fn the_host_disk_is_measured_from_the_nearest_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = host_disk(&dir.path().join("not/yet/made")).unwrap();
+        assert!(disk.total_mib > 0);
+        assert!(disk.available_mib <= disk.total_mib);
+        assert_eq!(host_disk(dir.path()).unwrap().total_mib, disk.total_mib);
     }
 }

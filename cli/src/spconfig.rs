@@ -51,6 +51,11 @@ pub struct OfferSection {
     pub cpus: u32,
     /// Memory, e.g. `8GiB`.
     pub memory: String,
+    /// Disk an order gets unless it asks for another size, e.g. `20GiB`: everything its
+    /// container can write (its system's changes and /work) is bounded by it.
+    pub disk: String,
+    /// The most disk one order may ask for, e.g. `200GiB`; at least `disk`. Default: `disk`.
+    pub max_disk: Option<String>,
     #[serde(default)]
     pub gpu_model: String,
     #[serde(default)]
@@ -59,6 +64,54 @@ pub struct OfferSection {
     pub price_per_hour: String,
     /// Price per GiB moved either way, e.g. `0.001FIL`.
     pub price_per_gib: String,
+}
+
+impl OfferSection {
+    /// The offer in the contract's units: MiB and wei per second.
+    pub fn to_offer(&self) -> anyhow::Result<Offer> {
+        let o = self;
+        let per_hour =
+            crate::money::parse_amount(&o.price_per_hour).context("[sp.offer] price_per_hour")?;
+        if !(per_hour % U256::from(3600u32)).is_zero() {
+            anyhow::bail!(
+                "[sp.offer] price_per_hour {} is not a whole number of wei per second; the \
+                 contract charges per second (use a multiple of 3600 wei)",
+                o.price_per_hour
+            );
+        }
+        let size = |field: &str, text: &str| {
+            crate::view::parse_size(text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("[sp.offer] {field}"))
+        };
+        let disk_mib = size("disk", &o.disk)?;
+        let max_disk_mib = match &o.max_disk {
+            Some(max) => size("max_disk", max)?,
+            None => disk_mib,
+        };
+        if disk_mib == 0 {
+            anyhow::bail!("[sp.offer] disk must be more than 0");
+        }
+        if disk_mib > max_disk_mib {
+            anyhow::bail!(
+                "[sp.offer] disk {} is more than max_disk {}: an order's default disk must be one \
+                 it may ask for",
+                o.disk,
+                o.max_disk.as_deref().unwrap_or_default()
+            );
+        }
+        Ok(Offer {
+            cpus: o.cpus,
+            memory_mib: size("memory", &o.memory)?,
+            disk_mib,
+            max_disk_mib,
+            gpu_model: o.gpu_model.clone(),
+            gpu_count: o.gpu_count,
+            price_per_second: per_hour / U256::from(3600u32),
+            price_per_gib: crate::money::parse_amount(&o.price_per_gib)
+                .context("[sp.offer] price_per_gib")?,
+        })
+    }
 }
 
 /// `[sp.datasets.ID]`.
@@ -112,33 +165,17 @@ impl SpConfig {
 
     /// The offer of `[sp.offer]`, in wei.
     pub fn offer(&self) -> anyhow::Result<Offer> {
-        let o = self.sp.offer.as_ref().with_context(|| {
-            format!(
-                "{} has no [sp.offer] section: say what you offer (cpus, memory, price_per_hour, \
-                 price_per_gib)",
-                self.path.display()
-            )
-        })?;
-        let per_hour =
-            crate::money::parse_amount(&o.price_per_hour).context("[sp.offer] price_per_hour")?;
-        if !(per_hour % U256::from(3600u32)).is_zero() {
-            anyhow::bail!(
-                "[sp.offer] price_per_hour {} is not a whole number of wei per second; the \
-                 contract charges per second (use a multiple of 3600 wei)",
-                o.price_per_hour
-            );
-        }
-        Ok(Offer {
-            cpus: o.cpus,
-            memory_mib: crate::view::parse_memory(&o.memory)
-                .map_err(anyhow::Error::msg)
-                .context("[sp.offer] memory")?,
-            gpu_model: o.gpu_model.clone(),
-            gpu_count: o.gpu_count,
-            price_per_second: per_hour / U256::from(3600u32),
-            price_per_gib: crate::money::parse_amount(&o.price_per_gib)
-                .context("[sp.offer] price_per_gib")?,
-        })
+        self.sp
+            .offer
+            .as_ref()
+            .with_context(|| {
+                format!(
+                    "{} has no [sp.offer] section: say what you offer (cpus, memory, disk, \
+                     price_per_hour, price_per_gib)",
+                    self.path.display()
+                )
+            })?
+            .to_offer()
     }
 
     /// The datasets served locally (`[containers.datasets]`), described by `[sp.datasets]`,
@@ -174,4 +211,42 @@ fn dir_size(path: &Path) -> std::io::Result<u64> {
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(extra: &str) -> anyhow::Result<OfferSection> {
+        let text = format!(
+            "cpus = 4\nmemory = \"8GiB\"\nprice_per_hour = \"3600wei\"\nprice_per_gib = \"1wei\"\n{extra}"
+        );
+        Ok(toml::from_str(&text)?)
+    }
+
+    #[test]
+    fn the_offer_states_its_disk_and_the_most_an_order_may_ask_for() {
+        let offer = section("disk = \"20GiB\"\nmax_disk = \"1TiB\"")
+            .unwrap()
+            .to_offer()
+            .unwrap();
+        assert_eq!((offer.disk_mib, offer.max_disk_mib), (20_480, 1_048_576));
+        assert_eq!(offer.memory_mib, 8192);
+
+        // Without max_disk an order may ask for the default disk and no more.
+        let offer = section("disk = \"512MiB\"").unwrap().to_offer().unwrap();
+        assert_eq!((offer.disk_mib, offer.max_disk_mib), (512, 512));
+
+        let err = section("disk = \"20GiB\"\nmax_disk = \"10GiB\"")
+            .unwrap()
+            .to_offer()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("more than max_disk"), "{err:#}");
+        let err = section("disk = \"0\"").unwrap().to_offer().unwrap_err();
+        assert!(format!("{err:#}").contains("more than 0"), "{err:#}");
+        let err = section("disk = \"20GB\"").unwrap().to_offer().unwrap_err();
+        assert!(format!("{err:#}").contains("[sp.offer] disk"), "{err:#}");
+        // The disk is part of every offer.
+        assert!(section("").is_err());
+    }
 }

@@ -39,6 +39,10 @@ pub struct ProviderView {
     pub active: bool,
     pub cpus: u32,
     pub memory_mib: u64,
+    /// Disk an order gets unless it asks for another size.
+    pub disk_mib: u64,
+    /// The most disk one order may ask for.
+    pub max_disk_mib: u64,
     pub gpu_model: String,
     pub gpu_count: u32,
     pub price_per_second_wei: String,
@@ -68,6 +72,8 @@ impl From<&Provider> for ProviderView {
             active: p.active,
             cpus: p.offer.cpus,
             memory_mib: p.offer.memory_mib,
+            disk_mib: p.offer.disk_mib,
+            max_disk_mib: p.offer.max_disk_mib,
             gpu_model: p.offer.gpu_model.clone(),
             gpu_count: p.offer.gpu_count,
             price_per_second_wei: p.offer.price_per_second.to_string(),
@@ -94,6 +100,7 @@ pub struct OrderView {
     pub key_fingerprint: String,
     pub cpus: u32,
     pub memory_mib: u64,
+    pub disk_mib: u64,
     pub gpus: u32,
     pub dataset: Option<String>,
     pub price_per_second_wei: String,
@@ -125,6 +132,7 @@ impl From<&Order> for OrderView {
             key_fingerprint: format_fingerprint(&o.key_fingerprint),
             cpus: o.cpus,
             memory_mib: o.memory_mib,
+            disk_mib: o.disk_mib,
             gpus: o.gpus,
             dataset: o.dataset.clone(),
             price_per_second_wei: o.price_per_second.to_string(),
@@ -165,8 +173,8 @@ pub fn duration(secs: u64) -> String {
     }
 }
 
-/// Memory in words: MiB under a GiB, GiB with two decimals above.
-pub fn memory(mib: u64) -> String {
+/// A memory or disk size in words: MiB under a GiB, GiB with two decimals above.
+pub fn size(mib: u64) -> String {
     if mib >= 1024 && mib.is_multiple_of(1024) {
         format!("{} GiB", mib / 1024)
     } else if mib >= 1024 {
@@ -176,21 +184,21 @@ pub fn memory(mib: u64) -> String {
     }
 }
 
-/// Parses `8GiB`, `512MiB`, `1024` (MiB) into MiB.
-pub fn parse_memory(text: &str) -> Result<u64, String> {
+/// Parses a memory or disk size, `8GiB`, `512MiB`, `1TiB`, `1024` (MiB), into MiB.
+pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (n, unit) = t.split_at(split);
     let n: u64 = n
         .parse()
-        .map_err(|_| format!("{text:?} is not a memory size (write 8GiB or 512MiB)"))?;
+        .map_err(|_| format!("{text:?} is not a size (write 8GiB or 512MiB)"))?;
     let factor = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "mib" | "m" => 1,
         "gib" | "g" => 1024,
         "tib" | "t" => 1024 * 1024,
         other => {
             return Err(format!(
-                "{text:?}: unknown memory unit {other:?} (use MiB, GiB)"
+                "{text:?}: unknown size unit {other:?} (use MiB, GiB, TiB)"
             ))
         }
     };
@@ -203,15 +211,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_sizes_parse_and_print() {
-        assert_eq!(parse_memory("8GiB").unwrap(), 8192);
-        assert_eq!(parse_memory("512MiB").unwrap(), 512);
-        assert_eq!(parse_memory("1024").unwrap(), 1024);
-        assert!(parse_memory("8GB").is_err());
-        assert!(parse_memory("GiB").is_err());
-        assert_eq!(memory(8192), "8 GiB");
-        assert_eq!(memory(1536), "1.50 GiB");
-        assert_eq!(memory(512), "512 MiB");
+    fn sizes_parse_and_print() {
+        assert_eq!(parse_size("8GiB").unwrap(), 8192);
+        assert_eq!(parse_size("512MiB").unwrap(), 512);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("20GiB").unwrap(), 20_480);
+        assert_eq!(parse_size("1TiB").unwrap(), 1_048_576);
+        assert!(parse_size("8GB").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("99999999999999999TiB").is_err());
+        assert_eq!(size(8192), "8 GiB");
+        assert_eq!(size(1536), "1.50 GiB");
+        assert_eq!(size(512), "512 MiB");
     }
 
     #[test]

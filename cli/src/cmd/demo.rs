@@ -107,7 +107,7 @@ async fn story() -> anyhow::Result<DemoOutcome> {
     let key = demo_dir.join("id_ed25519");
     make_key(&key)?;
     println!(
-        "$ shale order create --provider {:#x} --key {}.pub --cpus 2 --memory 1GiB --gpus 0 \\\n    --dataset {DATASET} --hours 1 --deposit 0.5FIL",
+        "$ shale order create --provider {:#x} --key {}.pub --cpus 2 --memory 1GiB --disk 2GiB \\\n    --gpus 0 --dataset {DATASET} --hours 1 --deposit 0.5FIL",
         state.provider,
         key.display()
     );
@@ -133,6 +133,7 @@ async fn story() -> anyhow::Result<DemoOutcome> {
         key: key.with_extension("pub"),
         cpus: Some(2),
         memory_mib: Some(1024),
+        disk_mib: Some(2048),
         gpus: Some(0),
         dataset: Some(DATASET.into()),
         hours: 1,

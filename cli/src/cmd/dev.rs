@@ -567,6 +567,9 @@ endpoint = "127.0.0.1:{port}"
 [sp.offer]
 cpus = 2
 memory = "1GiB"
+# Disk an order gets unless it asks (--disk), and the most one order may ask for.
+disk = "1GiB"
+max_disk = "8GiB"
 gpu_model = ""
 gpu_count = 0
 # 0.36 FIL an hour is 10^14 wei a second.

@@ -168,7 +168,16 @@ async fn apply_policy(market: &Marketplace, sp: &SpConfig, id: u64) -> anyhow::R
         .into_iter()
         .filter(|o| o.provider == me.address && o.is_live_at(now))
         .collect();
-    let free = crate::policy::free_capacity(&me, &live);
+    // The provisioner keeps the orders' disk images under its state directory.
+    let disks = sp.gateway.containers.state_dir.join("disks");
+    let host_disk = match crate::policy::host_disk(&disks) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(order = id, path = %disks.display(), error = %e, "cannot measure the host's free disk; checking the order's disk against the offer only");
+            None
+        }
+    };
+    let free = crate::policy::free_capacity(&me, &live, host_disk);
     let datasets = &sp.gateway.containers.datasets;
     match crate::policy::decide(&order, &me, free, |d| datasets.contains_key(d)) {
         Ok(()) => {

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::money::format_fil;
 use crate::settings::Settings;
-use crate::view::{memory, per_hour, print_json, rating_text, table, ProviderView};
+use crate::view::{per_hour, print_json, rating_text, size, table, ProviderView};
 
 /// Lists the providers, active ones first.
 pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Result<()> {
@@ -21,8 +21,8 @@ pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Re
         return Ok(());
     }
     let mut t = table([
-        "provider", "endpoint", "cpus", "memory", "gpus", "FIL/hour", "FIL/GiB", "datasets",
-        "rating",
+        "provider", "endpoint", "cpus", "memory", "disk", "gpus", "FIL/hour", "FIL/GiB",
+        "datasets", "rating",
     ]);
     for p in &providers {
         let gpus = if p.offer.gpu_count == 0 {
@@ -39,7 +39,12 @@ pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Re
             ),
             p.endpoint.clone(),
             p.offer.cpus.to_string(),
-            memory(p.offer.memory_mib),
+            size(p.offer.memory_mib),
+            format!(
+                "{} (up to {})",
+                size(p.offer.disk_mib),
+                size(p.offer.max_disk_mib)
+            ),
             gpus,
             format_fil(per_hour(p.offer.price_per_second)),
             format_fil(p.offer.price_per_gib),

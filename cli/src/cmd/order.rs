@@ -16,7 +16,7 @@ use crate::exit::Failure;
 use crate::money::{format_fil, Fil};
 use crate::settings::Settings;
 use crate::sshcfg::{split_endpoint, OrderHost, SshFiles};
-use crate::view::{duration, memory, print_json, table, OrderView};
+use crate::view::{duration, print_json, size, table, OrderView};
 
 /// What `shale order create` asks for.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub struct CreateRequest {
     pub key: PathBuf,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
+    /// Disk in MiB; the offer's default disk when `None`.
+    pub disk_mib: Option<u64>,
     pub gpus: Option<u32>,
     pub dataset: Option<String>,
     pub hours: u64,
@@ -130,8 +132,22 @@ pub async fn create_with(
     if let Some(m) = req.memory_mib {
         order.memory_mib = m;
     }
+    if let Some(d) = req.disk_mib {
+        order.disk_mib = d;
+    }
     if let Some(g) = req.gpus {
         order.gpus = g;
+    }
+    if order.disk_mib == 0 {
+        bail!("an order needs a disk of more than 0 MiB");
+    }
+    if order.disk_mib > provider.offer.max_disk_mib {
+        bail!(
+            "provider {:#x} sells at most {} of disk per order; {} is more",
+            req.provider,
+            size(provider.offer.max_disk_mib),
+            size(order.disk_mib)
+        );
     }
     order.accept_timeout_secs = req.wait.as_secs().max(1);
     if talk {
@@ -140,9 +156,11 @@ pub async fn create_with(
             .price_per_second
             .saturating_mul(U256::from(3600u32));
         eprintln!(
-            "Ordering {} CPUs, {}, {} GPUs{} from {:#x} for up to {}h at {} per hour + {} per GiB.",
+            "Ordering {} CPUs, {} of memory, {} of disk, {} GPUs{} from {:#x} for up to {}h at {} \
+             per hour + {} per GiB.",
             order.cpus,
-            memory(order.memory_mib),
+            size(order.memory_mib),
+            size(order.disk_mib),
             order.gpus,
             order
                 .dataset
@@ -336,7 +354,7 @@ pub fn orders_table(orders: &[Order], now: u64) -> comfy_table::Table {
             o.id.to_string(),
             o.state.to_string(),
             format!("{:#x}", o.provider),
-            format!("{} cpu, {}, {} gpu", o.cpus, memory(o.memory_mib), o.gpus),
+            resources(o),
             o.dataset.clone().unwrap_or_else(|| "-".into()),
             format_fil(o.escrow),
             format_fil(o.paid),
@@ -344,6 +362,17 @@ pub fn orders_table(orders: &[Order], now: u64) -> comfy_table::Table {
         ]);
     }
     t
+}
+
+/// An order's resources in words: `2 cpu, 2 GiB, 20 GiB disk, 0 gpu`.
+fn resources(o: &Order) -> String {
+    format!(
+        "{} cpu, {}, {} disk, {} gpu",
+        o.cpus,
+        size(o.memory_mib),
+        size(o.disk_mib),
+        o.gpus
+    )
 }
 
 /// `shale order show ID`.
@@ -360,10 +389,7 @@ pub async fn show(settings: &Settings, id: u64, json: bool) -> anyhow::Result<()
         ("client", v.client),
         ("provider", v.provider),
         ("key", v.key_fingerprint),
-        (
-            "resources",
-            format!("{} cpu, {}, {} gpu", o.cpus, memory(o.memory_mib), o.gpus),
-        ),
+        ("resources", resources(&o)),
         ("dataset", v.dataset.unwrap_or_else(|| "-".into())),
         (
             "tariff",
