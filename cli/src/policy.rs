@@ -112,9 +112,11 @@ pub fn decide(
             order.memory_mib, free.memory_mib
         ));
     }
-    if order.disk_mib == 0 || order.disk_mib > provider.offer.max_disk_mib {
+    // Below the provisioner's minimum the container could never start: decline now, not later.
+    let min_mib = shale_provisioner::MIN_DISK_BYTES >> 20;
+    if order.disk_mib < min_mib || order.disk_mib > provider.offer.max_disk_mib {
         return Err(format!(
-            "it asks for {} MiB of disk, the offer allows 1 to {} MiB per order",
+            "it asks for {} MiB of disk, the offer allows {min_mib} to {} MiB per order",
             order.disk_mib, provider.offer.max_disk_mib
         ));
     }
@@ -257,11 +259,14 @@ mod tests {
         assert!(decide(&with_disk(10_240), &p, free, local).is_ok());
         assert_eq!(
             decide(&with_disk(10_241), &p, free, local).unwrap_err(),
-            "it asks for 10241 MiB of disk, the offer allows 1 to 10240 MiB per order"
+            "it asks for 10241 MiB of disk, the offer allows 32 to 10240 MiB per order"
         );
         assert!(decide(&with_disk(0), &p, free, local)
             .unwrap_err()
             .contains("the offer allows"));
+        // Under the provisioner's minimum the container could never start.
+        assert!(decide(&with_disk(31), &p, free, local).is_err());
+        assert!(decide(&with_disk(32), &p, free, local).is_ok());
         assert_eq!(
             decide(&with_disk(2_001), &p, tight, local).unwrap_err(),
             "it asks for 2001 MiB of disk, 2000 MiB are free"

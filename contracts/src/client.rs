@@ -108,6 +108,18 @@ impl Marketplace {
         self.address
     }
 
+    /// Which orders this client's order ids name: `CHAIN_ID:MARKETPLACE`. Order 1 of another
+    /// chain or marketplace is another order; whatever is keyed by order ids outside the chain
+    /// (containers, disks) is keyed by this too.
+    pub async fn scope(&self) -> Result<String, ChainError> {
+        let chain_id = self
+            .provider
+            .get_chain_id()
+            .await
+            .map_err(|e| ChainError::from_rpc(&self.rpc_url, e))?;
+        Ok(format!("{chain_id}:{:#x}", self.address))
+    }
+
     /// The address transactions are sent from, when the client has a signer.
     pub fn sender(&self) -> Option<Address> {
         self.sender

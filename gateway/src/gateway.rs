@@ -220,6 +220,16 @@ pub enum GatewayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The provisioner keys containers by another chain or marketplace than the gateway serves:
+    /// order ids would name another marketplace's containers and disks.
+    #[error("the provisioner's scope is {provisioner:?} but the marketplace is {marketplace:?}; connect it with `scope = {marketplace:?}`")]
+    ScopeMismatch {
+        provisioner: String,
+        marketplace: String,
+    },
+    /// The chain could not be asked which chain and marketplace it is.
+    #[error("cannot identify the marketplace: {0}")]
+    Chain(#[from] shale_contracts::ChainError),
 }
 
 /// A bound, not yet running gateway.
@@ -239,6 +249,13 @@ impl Gateway {
         market: Marketplace,
         provisioner: Provisioner,
     ) -> Result<Self, GatewayError> {
+        let scope = market.scope().await?;
+        if provisioner.config().scope != scope {
+            return Err(GatewayError::ScopeMismatch {
+                provisioner: provisioner.config().scope.clone(),
+                marketplace: scope,
+            });
+        }
         let host_key = hostkey::load_or_generate(&config.host_key)?;
         std::fs::create_dir_all(&config.state_dir).map_err(|e| {
             shale_meter::MeterError::InvalidConfig(format!(

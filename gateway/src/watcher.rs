@@ -1,5 +1,7 @@
 //! Ends sessions when their order ends: driven by marketplace events, with a periodic re-check of
-//! every order that has live sessions as the fallback for a missed event and for lease expiry.
+//! every order that has live sessions, is billed, or has a container, as the fallback for a
+//! missed event and for lease expiry. An order nobody is connected to is released on time too:
+//! its container, GPUs, disk and uid range go back within one poll of its lease's end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,9 +59,14 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        // Orders with sessions, and orders still billed with nobody connected.
+        // Orders with sessions, orders still billed with nobody connected, and orders that hold
+        // a container (running or stopped) whatever the gateway remembers of them.
         let mut live: Vec<OrderId> = shared.board.orders();
         live.extend(shared.billing.metered_orders());
+        match shared.provisioner.orders().await {
+            Ok(held) => live.extend(held.into_iter().map(OrderId)),
+            Err(e) => tracing::warn!(error = %e, "cannot list the orders' containers"),
+        }
         live.sort_unstable();
         live.dedup();
         for id in live {

@@ -9,7 +9,7 @@ use containerd_client::services::v1::{
     container::Runtime, snapshots::MountsRequest, snapshots::RemoveSnapshotRequest,
     snapshots::ViewSnapshotRequest, Container, CreateContainerRequest, CreateTaskRequest,
     DeleteContainerRequest, DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest,
-    ListContainersRequest, StartRequest, UpdateContainerRequest, WaitRequest,
+    ListContainersRequest, ListTasksRequest, StartRequest, UpdateContainerRequest, WaitRequest,
 };
 use containerd_client::types::v1::Status as TaskStatus;
 use containerd_client::types::Mount;
@@ -319,6 +319,19 @@ impl Provisioner {
         Ok(created)
     }
 
+    /// The orders that have a container in this scope, running or stopped: what the gateway
+    /// must watch even when nobody is connected, so that an ended lease is released on time.
+    pub async fn orders(&self) -> Result<Vec<u64>, ProvisionError> {
+        let mut orders: Vec<u64> = self
+            .list_containers()
+            .await?
+            .iter()
+            .filter_map(|c| c.labels.get(LABEL_ORDER)?.parse().ok())
+            .collect();
+        orders.sort_unstable();
+        Ok(orders)
+    }
+
     /// The order's container as it is now, without starting anything; `None` when it has none.
     pub async fn lease(&self, order: u64) -> Result<Option<Lease>, ProvisionError> {
         let ctd = &self.inner.ctd;
@@ -426,14 +439,7 @@ impl Provisioner {
         }
         let registry = CdiRegistry::load(&self.inner.config.cdi_dirs)?;
         let all = registry.devices_of_kind(&self.inner.config.gpu_kind);
-        let mut used = BTreeSet::new();
-        for c in self.list_containers().await? {
-            if c.id != self.container_id(order) {
-                if let Some(g) = c.labels.get(LABEL_GPUS) {
-                    used.extend(g.split(',').map(str::to_string));
-                }
-            }
-        }
+        let used = self.gpus_in_use(order).await?;
         let free: Vec<String> = all.iter().filter(|d| !used.contains(*d)).cloned().collect();
         if (free.len() as u32) < wanted {
             return Err(ProvisionError::GpusUnavailable {
@@ -444,6 +450,40 @@ impl Provisioner {
         let chosen: Vec<String> = free.into_iter().take(wanted as usize).collect();
         let edits = registry.edits_for(&chosen)?;
         Ok((chosen, edits))
+    }
+
+    /// The GPUs held by other orders: those of containers whose task runs. A stopped order
+    /// (out of escrow) holds none; it gets its own back only if nobody took them meanwhile.
+    async fn gpus_in_use(&self, order: u64) -> Result<BTreeSet<String>, ProvisionError> {
+        let ctd = &self.inner.ctd;
+        let running: BTreeSet<String> = ctd
+            .tasks()
+            .list(ctd.req(ListTasksRequest::default()))
+            .await
+            .map_err(|s| ctd.status("list tasks", s))?
+            .into_inner()
+            .tasks
+            .into_iter()
+            .filter(|t| {
+                t.status == TaskStatus::Running as i32 || t.status == TaskStatus::Paused as i32
+            })
+            .map(|t| {
+                if t.container_id.is_empty() {
+                    t.id
+                } else {
+                    t.container_id
+                }
+            })
+            .collect();
+        let mut used = BTreeSet::new();
+        for c in self.list_containers().await? {
+            if c.id != self.container_id(order) && running.contains(&c.id) {
+                if let Some(g) = c.labels.get(LABEL_GPUS) {
+                    used.extend(g.split(',').map(str::to_string));
+                }
+            }
+        }
+        Ok(used)
     }
 
     async fn list_containers(&self) -> Result<Vec<Container>, ProvisionError> {
@@ -492,6 +532,26 @@ impl Provisioner {
             Err(s) if is_not_found(&s) => {}
             Err(s) => return Err(ctd.status("look up the order's task", s)),
         }
+        let own: Vec<String> = container
+            .labels
+            .get(LABEL_GPUS)
+            .map(|g| g.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
+        // A stopped order's GPUs may have gone to another order while it was stopped.
+        let _gpu_guard = if own.is_empty() {
+            None
+        } else {
+            let guard = self.inner.gpu_lock.lock().await;
+            let used = self.gpus_in_use(order).await?;
+            let taken = own.iter().filter(|g| used.contains(*g)).count() as u32;
+            if taken > 0 {
+                return Err(ProvisionError::GpusUnavailable {
+                    wanted: own.len() as u32,
+                    available: own.len() as u32 - taken,
+                });
+            }
+            Some(guard)
+        };
         self.start_task(order, container).await
     }
 
@@ -530,8 +590,10 @@ impl Provisioner {
             .get(LABEL_DISK)
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or_else(|| failed("its container records no disk size".into()))?;
+        let started = std::time::Instant::now();
         let disk = self.disk(order);
         disk.ensure(disk_bytes, ids, self.inner.config.user).await?;
+        let disk_ready = started.elapsed();
         let view: Vec<Mount> = ctd
             .snapshots()
             .mounts(ctd.req(MountsRequest {
@@ -547,6 +609,7 @@ impl Provisioner {
         // Held until the shim has mounted the overlay; dropping it detaches the idmapped layers.
         let idmapped = IdmappedLayers::mount(&self.idmap_dir(order), &layers, &userns)?;
         let rootfs = vec![idmapped.overlay(&disk.upper(), &disk.overlay_work())];
+        let idmap_ready = started.elapsed();
         let created = ctd
             .tasks()
             .create(ctd.req(CreateTaskRequest {
@@ -556,6 +619,12 @@ impl Provisioner {
             }))
             .await;
         drop(idmapped);
+        debug!(
+            disk_us = disk_ready.as_micros() as u64,
+            userns_idmap_us = (idmap_ready - disk_ready).as_micros() as u64,
+            task_create_us = (started.elapsed() - idmap_ready).as_micros() as u64,
+            "task created"
+        );
         created.map_err(|s| match ctd.status("create the task", s) {
             ProvisionError::Runtime { status, .. } => failed(status),
             other => other,

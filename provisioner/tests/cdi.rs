@@ -84,6 +84,40 @@ async fn cdi_devices_are_injected_and_never_shared() {
         h.prov.ensure(&later).await.expect("freed GPU").gpus,
         vec!["shale.test/gpu=0"]
     );
+    // A stopped order (out of escrow) holds no GPU: the next order gets it, and the stopped
+    // one cannot start again on a GPU that is now someone else's.
+    h.prov.stop(44).await.expect("stop");
+    let mut next = lease(46);
+    next.gpus = 1;
+    assert_eq!(
+        h.prov
+            .ensure(&next)
+            .await
+            .expect("the stopped order's GPU")
+            .gpus,
+        vec!["shale.test/gpu=0"]
+    );
+    let mut again = lease(44);
+    again.gpus = 1;
+    let err = h.prov.ensure(&again).await.expect_err("its GPU is taken");
+    assert!(
+        matches!(
+            err,
+            ProvisionError::GpusUnavailable {
+                wanted: 1,
+                available: 0
+            }
+        ),
+        "{err:?}"
+    );
+    h.prov.release(46).await.expect("release");
+    assert!(
+        h.prov
+            .ensure(&again)
+            .await
+            .expect("its GPU is free again")
+            .running
+    );
     h.prov.release(43).await.expect("release");
     h.prov.release(44).await.expect("release");
 }

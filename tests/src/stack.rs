@@ -149,6 +149,7 @@ impl Stack {
             datasets: BTreeMap::from([(DATASET.to_string(), dataset_dir)]),
             provider: format!("{:#x}", devnet.signer(SP_ACCOUNT).address()),
             stop_grace: Duration::from_secs(2),
+            scope: sp.scope().await?,
             ..ProvisionerConfig::default()
         };
         let provisioner = Provisioner::connect(containers.clone())

@@ -74,6 +74,60 @@ async fn terminating_the_order_on_chain_cuts_its_sessions_with_the_reason() -> a
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_expired_order_with_nobody_connected_is_released_on_time() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let key = stack.key("erin", "ed25519")?;
+    let order = stack
+        .order(
+            &key,
+            OrderOptions {
+                max_duration_secs: 25,
+                ..OrderOptions::default()
+            },
+        )
+        .await?;
+    let target = stack.target(order.to_string(), &key);
+    // Root inside; on the host, a uid of the order's own range.
+    let mut cmd = target.ssh();
+    cmd.arg("id -u; echo mine > /etc/note");
+    let out = tokio::task::spawn_blocking(move || run(cmd)).await??;
+    assert_eq!((out.code, out.stdout.as_str()), (Some(0), "0\n"), "{out:?}");
+    let lease = stack.provisioner.lease(order).await?.expect("a container");
+    let ids = lease.ids.expect("a uid range");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", lease.pid))?;
+    let host_uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    assert_eq!(host_uid, ids.host_base.to_string());
+    assert!(ids.host_base > 65536);
+
+    // Nobody is connected when the lease ends: the container goes within a poll or two.
+    let expires = lease.expires_at.expect("expiry recorded");
+    let mut released = false;
+    for _ in 0..120 {
+        if stack.provisioner.lease(order).await?.is_none() {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(released, "the expired order still has its container");
+    let late = std::time::SystemTime::now()
+        .duration_since(expires)
+        .unwrap_or_default();
+    assert!(
+        std::time::SystemTime::now() >= expires,
+        "released before the lease ended"
+    );
+    eprintln!("released {late:?} after the lease ended");
+    assert!(!stack.provisioner.orders().await?.contains(&order));
+    stack.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_small_escrow_warns_then_cuts_and_a_top_up_resumes() -> anyhow::Result<()> {
     let stack = Stack::start().await?;
     let key = stack.key("bob", "ed25519")?;

@@ -701,7 +701,11 @@ async fn stop(dir: &Path, keep_logs: bool) -> anyhow::Result<()> {
             SpConfig::load(cfg),
             Marketplace::connect(rpc, addr, None).await,
         ) {
-            if let Ok(p) = Provisioner::connect(config.gateway.containers.clone()).await {
+            let containers = shale_provisioner::ProvisionerConfig {
+                scope: market.scope().await.unwrap_or_default(),
+                ..config.gateway.containers.clone()
+            };
+            if let Ok(p) = Provisioner::connect(containers).await {
                 let count = market.order_count().await.unwrap_or(0);
                 for id in 1..=count {
                     let _ = p.release(id).await;

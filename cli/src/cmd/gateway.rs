@@ -14,7 +14,7 @@ use futures::StreamExt;
 use shale_contracts::{MarketEvent, Marketplace, OrderState};
 use shale_gateway::settler::{Settler, SettlerConfig};
 use shale_gateway::{Gateway, GatewayConfig};
-use shale_provisioner::Provisioner;
+use shale_provisioner::{Provisioner, ProvisionerConfig};
 
 use crate::spconfig::SpConfig;
 
@@ -26,7 +26,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let market = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
         .await
         .with_context(|| format!("connecting to the marketplace at {}", config.chain.rpc_url))?;
-    let provisioner = Provisioner::connect(config.containers.clone())
+    // Containers and disks are keyed by chain and marketplace as well as by order id.
+    let containers = ProvisionerConfig {
+        scope: market
+            .scope()
+            .await
+            .context("identifying the marketplace")?,
+        ..config.containers.clone()
+    };
+    let provisioner = Provisioner::connect(containers)
         .await
         .context("connecting to containerd")?;
     let mut gateway = Gateway::bind(config.clone(), market, provisioner).await?;
