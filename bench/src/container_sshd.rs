@@ -73,8 +73,8 @@ impl ContainerSshd {
             .await
             .context("starting the sshd container")?;
 
-        // Host key, authorized key and config on the order's volume, owned by the order's user:
-        // a non-root sshd lets that user, and only that user, log in.
+        // Host key, authorized key and config on the order's volume, owned by the container's
+        // user (root inside its namespace by default), which sshd runs as.
         let dir = lease.volume.join(".sshd");
         std::fs::create_dir_all(&dir)?;
         let host_key = dir.join("host_ed25519");
@@ -92,7 +92,11 @@ impl ContainerSshd {
                 &inside.join("authorized_keys"),
             ),
         )?;
+        // The container's user is an id of the order's user namespace: own the files as the
+        // host id it maps to, so that they belong to that user inside.
+        let ids = lease.ids.context("the sshd container has no uid range")?;
         let (uid, gid) = provisioner.config().user;
+        let (uid, gid) = (ids.host_id(uid), ids.host_id(gid));
         for entry in std::fs::read_dir(&dir)? {
             std::os::unix::fs::chown(entry?.path(), Some(uid), Some(gid))?;
         }

@@ -91,6 +91,12 @@ async fn limits_are_enforced_in_the_orders_cgroup() {
     spec.pids_limit = Some(77);
     h.prov.ensure(&spec).await.expect("ensure");
     let cg2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    // One host has one layout: say which one this run checked.
+    eprintln!(
+        "cgroup {} checked here; the {} branch runs on a host with that layout",
+        if cg2 { "v2" } else { "v1" },
+        if cg2 { "v1" } else { "v2" }
+    );
     let line = if cg2 {
         "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory.swap.max /sys/fs/cgroup/cpu.max /sys/fs/cgroup/pids.max"
     } else {
