@@ -21,8 +21,10 @@ pub fn default_cache_dir() -> PathBuf {
         .join("images")
 }
 
-/// Builds (or finds cached) the default order image: Debian with bash, coreutils, python3 and
-/// numpy, the SFTP server, rsync, CA certificates, procps and iproute2. Returns the archive path.
+/// Builds (or finds cached) the default order image: Debian 12 with apt (sources for the Debian
+/// archive), python3 with pip, venv and numpy, build-essential, git, curl, wget, the SFTP server,
+/// rsync, CA certificates, procps, iproute2, less, tmux, vim-tiny, a locale, and bash as root's
+/// shell. Returns the archive path.
 pub async fn build_default_image(cache_dir: &Path) -> Result<PathBuf, ProvisionError> {
     run_script("build-default.sh", cache_dir).await
 }
