@@ -176,7 +176,7 @@ impl Provisioner {
 
         // The range is taken once the container carrying its label exists: allocate and create
         // under one lock, so two orders never pick the same free range.
-        let allocation = userns::ALLOCATION.lock().await;
+        let allocation = userns::lock_allocation().await?;
         let ids = self.free_id_range().await?;
         // containerd's garbage collector removes snapshots nothing refers to; a short lease
         // holds the new snapshot until the container (which refers to it) exists.
@@ -556,7 +556,7 @@ impl Provisioner {
     }
 
     /// The lowest host uid range no container on this containerd holds. Call it under
-    /// `userns::ALLOCATION`.
+    /// `userns::lock_allocation`.
     async fn free_id_range(&self) -> Result<IdRange, ProvisionError> {
         let filter = format!("labels.\"{LABEL_UID_BASE}\"");
         let taken: BTreeSet<u32> = self

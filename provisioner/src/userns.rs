@@ -3,13 +3,15 @@
 //! Order processes are uid 0 inside and `host_base ..+ 65536` outside. Ranges are slots above
 //! `ProvisionerConfig::uid_base`; the slot an order holds is a label on its container, so the
 //! allocator has no state of its own to lose: a restarted gateway reads the labels, and deleting
-//! the container frees the range. Allocation is serialized in-process and looks at the
-//! containers of every containerd namespace, so two provisioners on one daemon never share one.
+//! the container frees the range. Allocation is serialized in-process and across processes (a
+//! lock file under `/run/lock`) and looks at the containers of every containerd namespace, so
+//! two provisioners on one daemon never share one.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
@@ -45,7 +47,45 @@ impl IdRange {
 
 /// Serializes allocations in this process: the label that marks a range as taken is written
 /// only when the container is created, so allocation and creation happen under this lock.
-pub(crate) static ALLOCATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+static ALLOCATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The host-wide lock file that serializes allocations between processes (two gateways, or a
+/// gateway and `shale dev`, on one containerd).
+const HOST_LOCK: &str = "/run/lock/shale-uid-ranges.lock";
+
+/// Held while a range is picked and the container that records it is created.
+pub(crate) struct AllocationGuard {
+    _process: tokio::sync::MutexGuard<'static, ()>,
+    _host: Flock<File>,
+}
+
+/// Takes the in-process lock, then the host-wide one (waiting for another process if need be).
+pub(crate) async fn lock_allocation() -> Result<AllocationGuard, ProvisionError> {
+    let process = ALLOCATION.lock().await;
+    let host = tokio::task::spawn_blocking(|| {
+        let path = std::path::Path::new(HOST_LOCK);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| ProvisionError::io("create", dir, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| ProvisionError::io("open", path, e))?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| ProvisionError::io("lock", path, e.into()))
+    })
+    .await
+    .map_err(|e| ProvisionError::Runtime {
+        action: "lock the uid ranges".into(),
+        status: e.to_string(),
+    })??;
+    Ok(AllocationGuard {
+        _process: process,
+        _host: host,
+    })
+}
 
 /// Checks that the configured span is usable: above the ids of every system and human account,
 /// inside `u32`, and free of every account in `/etc/passwd` and `/etc/group`.
@@ -170,6 +210,25 @@ mod tests {
         };
         assert!(check_span(&high).is_err());
         assert!(check_span(&ProvisionerConfig::default()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn another_process_waits_for_the_host_lock() {
+        let held = lock_allocation().await.expect("lock");
+        // A second open file description is what another process would hold.
+        let other = std::fs::OpenOptions::new()
+            .write(true)
+            .open(HOST_LOCK)
+            .unwrap();
+        let other = match Flock::lock(other, FlockArg::LockExclusiveNonblock) {
+            Ok(_) => panic!("the lock was taken twice"),
+            Err((file, e)) => {
+                assert_eq!(e, nix::errno::Errno::EWOULDBLOCK);
+                file
+            }
+        };
+        drop(held);
+        assert!(Flock::lock(other, FlockArg::LockExclusiveNonblock).is_ok());
     }
 
     #[test]
