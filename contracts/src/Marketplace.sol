@@ -150,7 +150,7 @@ contract Marketplace is ProviderRegistry {
     error ZeroDuration();
     error DurationTooLong(uint64 duration, uint64 max);
     error ZeroFingerprint();
-    error ZeroDisk();
+    error DiskTooSmall(uint64 diskMiB, uint64 minDiskMiB);
     error DiskTooLarge(uint64 diskMiB, uint64 maxDiskMiB);
     error ZeroAmount();
     error UnknownBatchCapacity(uint32 capacity);
@@ -254,7 +254,7 @@ contract Marketplace is ProviderRegistry {
         if (terms.keyFingerprint == bytes32(0)) revert ZeroFingerprint();
         Provider storage p = _provider(provider);
         if (!p.active) revert ProviderInactive(provider);
-        if (terms.diskMiB == 0) revert ZeroDisk();
+        if (terms.diskMiB < MIN_DISK_MIB) revert DiskTooSmall(terms.diskMiB, MIN_DISK_MIB);
         if (terms.diskMiB > p.offer.maxDiskMiB) revert DiskTooLarge(terms.diskMiB, p.offer.maxDiskMiB);
         if (bytes(terms.datasetId).length != 0) _requireDataset(provider, terms.datasetId);
 

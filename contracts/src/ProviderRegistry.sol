@@ -53,6 +53,10 @@ abstract contract ProviderRegistry {
     uint256 public constant MAX_TEXT = 1024;
     uint256 public constant MAX_REVIEW = 280;
     uint256 public constant MAX_DATASETS = 256;
+    /// The smallest disk an order may have: below it the provider's filesystem (ext4 with its
+    /// journal) cannot hold the order's changes to the image. The provisioner's
+    /// `MIN_DISK_BYTES` is the same size.
+    uint64 public constant MIN_DISK_MIB = 32;
 
     mapping(address => Provider) private _providers;
     mapping(address => Dataset[]) private _datasets;
@@ -224,7 +228,7 @@ abstract contract ProviderRegistry {
         _checkLength("endpoint", endpoint);
         _checkLength("sshHostKey", sshHostKey);
         _checkLength("offer.gpuModel", offer.gpuModel);
-        if (offer.diskMiB == 0 || offer.diskMiB > offer.maxDiskMiB) {
+        if (offer.diskMiB < MIN_DISK_MIB || offer.diskMiB > offer.maxDiskMiB) {
             revert InvalidOfferDisk(offer.diskMiB, offer.maxDiskMiB);
         }
     }

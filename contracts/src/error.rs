@@ -197,7 +197,10 @@ pub fn describe(error: &E) -> String {
             e.duration, e.max
         ),
         E::ZeroFingerprint(_) => "an order needs the fingerprint of an SSH key".into(),
-        E::ZeroDisk(_) => "an order needs a non-zero disk".into(),
+        E::DiskTooSmall(e) => format!(
+            "a disk of {} MiB is too small: an order needs at least {} MiB",
+            e.diskMiB, e.minDiskMiB
+        ),
         E::DiskTooLarge(e) => format!(
             "a disk of {} MiB is more than the {} MiB the provider offers per order",
             e.diskMiB, e.maxDiskMiB
@@ -240,8 +243,8 @@ pub fn describe(error: &E) -> String {
         E::EmptyField(e) => format!("{} must not be empty", e.field),
         E::TooLong(e) => format!("{} is {} bytes long, at most {} are allowed", e.field, e.length, e.max),
         E::InvalidOfferDisk(e) => format!(
-            "an offer's disk must be more than 0 and at most its maximum per order, not {} MiB \
-             with a maximum of {} MiB",
+            "an offer's disk must be at least 32 MiB and at most its maximum per order, not {} \
+             MiB with a maximum of {} MiB",
             e.diskMiB, e.maxDiskMiB
         ),
         E::TooManyDatasets(e) => format!("a provider may list at most {} datasets", e.max),

@@ -104,11 +104,17 @@ contract OrdersTest is MarketplaceBase {
         m.createOrder{value: ESCROW}(stranger, terms);
     }
 
-    function test_createOrder_refusesAZeroDisk() public {
+    function test_createOrder_refusesADiskBelowTheMinimum() public {
         Marketplace.Terms memory terms = _terms();
         terms.diskMiB = 0;
-        vm.expectRevert(Marketplace.ZeroDisk.selector);
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.DiskTooSmall.selector, 0, 32));
         _createWith(terms, ESCROW);
+        terms.diskMiB = 31;
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.DiskTooSmall.selector, 31, 32));
+        _createWith(terms, ESCROW);
+        terms.diskMiB = m.MIN_DISK_MIB();
+        uint256 id = _createWith(terms, ESCROW);
+        assertEq(m.getOrder(id).terms.diskMiB, 32, "the minimum itself is allowed");
     }
 
     function test_createOrder_refusesMoreDiskThanTheOfferAllows() public {

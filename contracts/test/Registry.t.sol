@@ -85,6 +85,12 @@ contract RegistryTest is MarketplaceBase {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, 0));
         vm.prank(sp2);
         m.registerProvider("b:22", HOST_KEY, offer, none);
+
+        offer.diskMiB = 31;
+        offer.maxDiskMiB = MAX_DISK;
+        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 31, MAX_DISK));
+        vm.prank(sp2);
+        m.registerProvider("b:22", HOST_KEY, offer, none);
     }
 
     function test_registerProvider_refusesADefaultDiskAboveTheMaximum() public {

@@ -95,7 +95,7 @@ async fn disk_outside_the_offer_is_refused_in_words() {
     let err = world.client.create_order(&request).await.unwrap_err();
     assert_eq!(
         err.to_string(),
-        "the marketplace refused: an order needs a non-zero disk"
+        "the marketplace refused: a disk of 0 MiB is too small: an order needs at least 32 MiB"
     );
     request.disk_mib = offer().max_disk_mib + 1;
     let err = world.client.create_order(&request).await.unwrap_err();
