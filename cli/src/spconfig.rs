@@ -89,8 +89,9 @@ impl OfferSection {
             Some(max) => size("max_disk", max)?,
             None => disk_mib,
         };
-        if disk_mib == 0 {
-            anyhow::bail!("[sp.offer] disk must be more than 0");
+        let min_mib = shale_provisioner::MIN_DISK_BYTES >> 20;
+        if disk_mib < min_mib {
+            anyhow::bail!("[sp.offer] disk must be at least {min_mib} MiB");
         }
         if disk_mib > max_disk_mib {
             anyhow::bail!(
@@ -242,8 +243,13 @@ mod tests {
             .to_offer()
             .unwrap_err();
         assert!(format!("{err:#}").contains("more than max_disk"), "{err:#}");
-        let err = section("disk = \"0\"").unwrap().to_offer().unwrap_err();
-        assert!(format!("{err:#}").contains("more than 0"), "{err:#}");
+        for small in ["0", "31MiB"] {
+            let err = section(&format!("disk = \"{small}\""))
+                .unwrap()
+                .to_offer()
+                .unwrap_err();
+            assert!(format!("{err:#}").contains("at least 32 MiB"), "{err:#}");
+        }
         let err = section("disk = \"20GB\"").unwrap().to_offer().unwrap_err();
         assert!(format!("{err:#}").contains("[sp.offer] disk"), "{err:#}");
         // The disk is part of every offer.

@@ -117,8 +117,8 @@ async fn disk_outside_the_offer_is_refused_in_words() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "the marketplace refused: an offer's disk must be more than 0 and at most its maximum \
-         per order, not 102401 MiB with a maximum of 102400 MiB"
+        "the marketplace refused: an offer's disk must be at least 32 MiB and at most its \
+         maximum per order, not 102401 MiB with a maximum of 102400 MiB"
     );
 }
 
