@@ -18,6 +18,8 @@ use crate::reference::{generate_host_key, sshd_config, write_known_hosts};
 
 /// The port sshd listens on inside the container.
 const SSHD_PORT: u16 = 2222;
+/// The image's unprivileged account (`user`), which sshd runs as and the bench logs in as.
+const SSHD_UID: u32 = 1000;
 /// The only order in the reference's own containerd namespace.
 const ORDER: u64 = 1;
 /// The image variant: the default image and the OpenSSH server.
@@ -73,8 +75,8 @@ impl ContainerSshd {
             .await
             .context("starting the sshd container")?;
 
-        // Host key, authorized key and config on the order's volume, owned by the container's
-        // user (root inside its namespace by default), which sshd runs as.
+        // Host key, authorized key and config on the order's volume, owned by the user sshd runs
+        // as: a non-root sshd lets that user, and only that user, log in.
         let dir = lease.volume.join(".sshd");
         std::fs::create_dir_all(&dir)?;
         let host_key = dir.join("host_ed25519");
@@ -92,25 +94,39 @@ impl ContainerSshd {
                 &inside.join("authorized_keys"),
             ),
         )?;
-        // The container's user is an id of the order's user namespace: own the files as the
-        // host id it maps to, so that they belong to that user inside.
+        // sshd runs as the image's user (uid 1000 in the order's user namespace): own the files
+        // as the host id that maps to, so that they belong to that user inside.
         let ids = lease.ids.context("the sshd container has no uid range")?;
-        let (uid, gid) = provisioner.config().user;
-        let (uid, gid) = (ids.host_id(uid), ids.host_id(gid));
+        let (uid, gid) = (ids.host_id(SSHD_UID), ids.host_id(SSHD_UID));
         for entry in std::fs::read_dir(&dir)? {
             std::os::unix::fs::chown(entry?.path(), Some(uid), Some(gid))?;
         }
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        // The order's home belongs to its root: let sshd's user through to its files.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&lease.volume, std::fs::Permissions::from_mode(0o755))?;
 
         let sshd = provisioner
             .exec(
                 ORDER,
                 ExecRequest {
-                    argv: ["/usr/sbin/sshd", "-D", "-e", "-f"]
-                        .into_iter()
-                        .map(String::from)
-                        .chain([inside.join("sshd_config").display().to_string()])
-                        .collect(),
+                    // sshd runs as the image's unprivileged user, as a tenant's own sshd
+                    // would without root: a root sshd's privilege separation chroots, which
+                    // the order's seccomp profile refuses.
+                    argv: [
+                        "/usr/bin/setpriv",
+                        "--reuid=1000",
+                        "--regid=1000",
+                        "--clear-groups",
+                        "/usr/sbin/sshd",
+                        "-D",
+                        "-e",
+                        "-f",
+                    ]
+                    .into_iter()
+                    .map(String::from)
+                    .chain([inside.join("sshd_config").display().to_string()])
+                    .collect(),
                     env: Vec::new(),
                     tty: None,
                     cwd: None,
