@@ -141,6 +141,11 @@ fn main() {
         eprintln!(
             "SKIPPED: anvil not found (SHALE_ANVIL, PATH, .tools/bin/anvil); run scripts/setup.sh"
         );
+        // In CI a missing component is a failure, never a skipped pass.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: the reason above fails the test"
+        );
         return;
     }
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");

@@ -258,6 +258,11 @@ mod tests {
     fn compiles_a_contract_and_reports_errors() {
         let Ok(solc) = SolcJs::find() else {
             eprintln!("SKIPPED: solc-js not installed; run scripts/setup.sh");
+            // In CI a missing component is a failure, never a skipped pass.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: the reason above fails the test"
+            );
             return;
         };
         let code = solc

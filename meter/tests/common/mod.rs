@@ -63,6 +63,11 @@ impl PgCluster {
                 "SKIPPED: PostgreSQL ledger tests need Debian's postgresql \
                  (/usr/lib/postgresql/*/bin/initdb not found; apt-get install -y postgresql)"
             );
+            // In CI a missing component is a failure, never a skipped pass.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: the reason above fails the test"
+            );
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
