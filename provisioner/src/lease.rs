@@ -376,16 +376,8 @@ impl Provisioner {
             image: ImageRef(c.image.clone()),
             volume: self.disk(order).home(),
             ids: id_range_of(c),
-            disk_bytes: c
-                .labels
-                .get(LABEL_DISK)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
-            gpus: c
-                .labels
-                .get(LABEL_GPUS)
-                .map(|g| g.split(',').map(str::to_string).collect())
-                .unwrap_or_default(),
+            disk_bytes: disk_bytes_of(c).unwrap_or(0),
+            gpus: gpus_of(c),
             reused,
             running: true,
             expires_at: c
@@ -478,9 +470,7 @@ impl Provisioner {
         let mut used = BTreeSet::new();
         for c in self.list_containers().await? {
             if c.id != self.container_id(order) && running.contains(&c.id) {
-                if let Some(g) = c.labels.get(LABEL_GPUS) {
-                    used.extend(g.split(',').map(str::to_string));
-                }
+                used.extend(gpus_of(&c));
             }
         }
         Ok(used)
@@ -532,11 +522,7 @@ impl Provisioner {
             Err(s) if is_not_found(&s) => {}
             Err(s) => return Err(ctd.status("look up the order's task", s)),
         }
-        let own: Vec<String> = container
-            .labels
-            .get(LABEL_GPUS)
-            .map(|g| g.split(',').map(str::to_string).collect())
-            .unwrap_or_default();
+        let own = gpus_of(container);
         // A stopped order's GPUs may have gone to another order while it was stopped.
         let _gpu_guard = if own.is_empty() {
             None
@@ -585,10 +571,7 @@ impl Provisioner {
         let ids = id_range_of(container).ok_or_else(|| {
             failed("its container carries no user-namespace range (made by an older Shale?)".into())
         })?;
-        let disk_bytes = container
-            .labels
-            .get(LABEL_DISK)
-            .and_then(|s| s.parse::<u64>().ok())
+        let disk_bytes = disk_bytes_of(container)
             .ok_or_else(|| failed("its container records no disk size".into()))?;
         let started = std::time::Instant::now();
         let disk = self.disk(order);
@@ -959,6 +942,19 @@ fn id_range_of(c: &Container) -> Option<IdRange> {
         .get(LABEL_UID_BASE)
         .and_then(|s| s.parse::<u32>().ok())
         .map(IdRange::at)
+}
+
+/// The CDI devices recorded on a container.
+fn gpus_of(c: &Container) -> Vec<String> {
+    c.labels
+        .get(LABEL_GPUS)
+        .map(|g| g.split(',').map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// The disk size recorded on a container.
+fn disk_bytes_of(c: &Container) -> Option<u64> {
+    c.labels.get(LABEL_DISK).and_then(|s| s.parse().ok())
 }
 
 /// Signal numbers as containerd wants them (u32).

@@ -96,18 +96,11 @@ impl Provisioner {
             ..config
         };
         let ctd = Ctd::connect(&config.socket, &config.namespace).await?;
-        let instance = {
-            use sha2::{Digest, Sha256};
-            let h = Sha256::digest(
-                format!("{}\0{}", config.state_dir.display(), config.namespace).as_bytes(),
-            );
-            format!("{:x}", h)[..10].to_string()
-        };
-        let id_prefix = {
-            use sha2::{Digest, Sha256};
-            let h = Sha256::digest(config.scope.as_bytes());
-            format!("o{}", &format!("{:x}", h)[..8])
-        };
+        let instance = short_hash(
+            format!("{}\0{}", config.state_dir.display(), config.namespace).as_bytes(),
+            10,
+        );
+        let id_prefix = format!("o{}", short_hash(config.scope.as_bytes(), 8));
         info!(socket = %config.socket.display(), namespace = %config.namespace, "connected to containerd");
         Ok(Provisioner {
             inner: Arc::new(Inner {
@@ -203,4 +196,12 @@ impl Provisioner {
             .join("fifo")
             .join(self.container_id(order))
     }
+}
+
+/// The first `hex_digits` hex digits of the SHA-256 of `bytes`: a short, stable name.
+fn short_hash(bytes: &[u8], hex_digits: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hex = format!("{:x}", Sha256::digest(bytes));
+    hex.truncate(hex_digits);
+    hex
 }
