@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::network::NetworkConfig;
+
 /// The name of an image in containerd's image store, e.g. `shale/default:latest`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -88,6 +90,8 @@ pub struct ProvisionerConfig {
     pub default_pids_limit: u64,
     /// Size of `/tmp` (a tmpfs counted against the order's memory), in bytes.
     pub tmp_size_bytes: u64,
+    /// Each order's way out to the internet, and what it may not reach.
+    pub network: NetworkConfig,
 }
 
 impl Default for ProvisionerConfig {
@@ -110,6 +114,7 @@ impl Default for ProvisionerConfig {
             data_dir: "/data".to_string(),
             default_pids_limit: 1024,
             tmp_size_bytes: 256 << 20,
+            network: NetworkConfig::default(),
         }
     }
 }

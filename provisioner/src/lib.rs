@@ -21,6 +21,7 @@ mod image;
 pub mod image_build;
 mod lease;
 mod netns;
+mod network;
 mod rootfs;
 mod seccomp;
 mod spec;
@@ -34,6 +35,9 @@ pub use exec::{
     ExecRequest, ExitStatus, Process, ProcessHandle, ProcessOutput, ProcessStdin, PtySize,
 };
 pub use lease::{Lease, LeaseSpec};
+pub use network::{
+    NetRule, NetworkConfig, Reconciled, Traffic, DENIED_RANGES, DENIED_TCP_PORTS,
+};
 pub use userns::IdRange;
 
 use std::collections::HashMap;
