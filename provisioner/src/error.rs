@@ -52,12 +52,14 @@ pub enum ProvisionError {
     #[error("could not run the command in the container of order {order}: {reason}")]
     ExecFailed { order: u64, reason: String },
 
-    /// A TCP connection inside the order's network namespace failed (e.g. nothing listens).
+    /// A TCP connection from inside the order's network namespace failed (nothing listens, the
+    /// name does not resolve, the order's network refuses the destination).
     #[error(
-        "could not connect to 127.0.0.1:{port} inside the container of order {order}: {source}"
+        "could not connect to {host}:{port} from inside the container of order {order}: {source}"
     )]
     Connect {
         order: u64,
+        host: String,
         port: u16,
         #[source]
         source: std::io::Error,
@@ -77,6 +79,9 @@ pub enum ProvisionError {
     },
 
     /// The configuration is unusable.
+    #[error("the orders' network failed: {0}")]
+    Network(String),
+
     #[error("invalid provisioner configuration: {0}")]
     Config(String),
 }

@@ -476,7 +476,7 @@ impl Provisioner {
         Ok(used)
     }
 
-    async fn list_containers(&self) -> Result<Vec<Container>, ProvisionError> {
+    pub(crate) async fn list_containers(&self) -> Result<Vec<Container>, ProvisionError> {
         let ctd = &self.inner.ctd;
         let filter = format!(
             "labels.\"{LABEL_PROVIDER}\"=={},labels.\"{LABEL_SCOPE}\"=={}",
@@ -574,6 +574,10 @@ impl Provisioner {
         let disk_bytes = disk_bytes_of(container)
             .ok_or_else(|| failed("its container records no disk size".into()))?;
         let started = std::time::Instant::now();
+        let etc = self.etc_dir(order);
+        std::fs::create_dir_all(&etc).map_err(|e| ProvisionError::io("create", &etc, e))?;
+        std::fs::write(etc.join("resolv.conf"), self.resolv_conf())
+            .map_err(|e| ProvisionError::io("write", etc.join("resolv.conf"), e))?;
         let disk = self.disk(order);
         disk.ensure(disk_bytes, ids, self.inner.config.user).await?;
         let disk_ready = started.elapsed();
@@ -608,10 +612,23 @@ impl Provisioner {
             task_create_us = (started.elapsed() - idmap_ready).as_micros() as u64,
             "task created"
         );
-        created.map_err(|s| match ctd.status("create the task", s) {
-            ProvisionError::Runtime { status, .. } => failed(status),
-            other => other,
-        })?;
+        let pid = created
+            .map_err(|s| match ctd.status("create the task", s) {
+                ProvisionError::Runtime { status, .. } => failed(status),
+                other => other,
+            })?
+            .into_inner()
+            .pid;
+        // Before the first process runs, so it starts with its way out and its rules.
+        let net_started = std::time::Instant::now();
+        if let Err(e) = self.attach_network(order, ids, pid).await {
+            self.delete_task(id).await.ok();
+            return Err(failed(format!("its network could not be set up: {e}")));
+        }
+        debug!(
+            network_us = net_started.elapsed().as_micros() as u64,
+            "network attached"
+        );
         let started = ctd
             .tasks()
             .start(ctd.req(StartRequest {
@@ -755,6 +772,8 @@ impl Provisioner {
             Err(e) => return Err(e),
         }
         self.remove_container(order).await?;
+        // Its link died with the task; its rules go now (the table with the last order).
+        self.write_rules(None).await?;
         self.disk(order).remove().await?;
         for dir in [
             self.etc_dir(order),
@@ -859,6 +878,11 @@ impl Provisioner {
                 }
             }
         }
+        // Links and rules as the adopted orders need them; what a crash left behind goes.
+        let net = self.reconcile_network().await?;
+        if net.rules_rewritten || net.orphans_removed > 0 || !net.restored.is_empty() {
+            info!(?net, "network reconciled after adoption");
+        }
         adopted.sort_unstable();
         Ok(adopted)
     }
@@ -911,6 +935,25 @@ impl Provisioner {
         Ok(env)
     }
 
+    /// The uid range of the order's container, or `None` when it has none.
+    pub(crate) async fn order_id_range(
+        &self,
+        order: u64,
+    ) -> Result<Option<IdRange>, ProvisionError> {
+        let ctd = &self.inner.ctd;
+        match ctd
+            .containers()
+            .get(ctd.req(GetContainerRequest {
+                id: self.container_id(order),
+            }))
+            .await
+        {
+            Ok(resp) => Ok(resp.into_inner().container.as_ref().and_then(id_range_of)),
+            Err(s) if is_not_found(&s) => Ok(None),
+            Err(s) => Err(ctd.status("look up the order's container", s)),
+        }
+    }
+
     /// Host pid of the order's running init, for entering its namespaces.
     pub(crate) async fn task_pid(&self, order: u64) -> Result<u32, ProvisionError> {
         let ctd = &self.inner.ctd;
@@ -936,8 +979,13 @@ impl Provisioner {
     }
 }
 
+/// The order number recorded on a container.
+pub(crate) fn order_of(c: &Container) -> Option<u64> {
+    c.labels.get(LABEL_ORDER)?.parse().ok()
+}
+
 /// The user-namespace range recorded on a container.
-fn id_range_of(c: &Container) -> Option<IdRange> {
+pub(crate) fn id_range_of(c: &Container) -> Option<IdRange> {
     c.labels
         .get(LABEL_UID_BASE)
         .and_then(|s| s.parse::<u32>().ok())

@@ -36,7 +36,7 @@ pub use exec::{
 };
 pub use lease::{Lease, LeaseSpec};
 pub use network::{
-    NetRule, NetworkConfig, Reconciled, Traffic, DENIED_RANGES, DENIED_TCP_PORTS,
+    NetRule, NetworkConfig, OrderLink, Reconciled, Traffic, DENIED_RANGES, DENIED_TCP_PORTS,
 };
 pub use userns::IdRange;
 
@@ -71,6 +71,8 @@ struct Inner {
     /// The prefix of every container id: the scope's hash, so that the same order number of
     /// another chain or marketplace names another container, disk and state.
     id_prefix: String,
+    /// Serializes writes of the orders' nftables table.
+    net_lock: tokio::sync::Mutex<()>,
 }
 
 impl Provisioner {
@@ -89,6 +91,7 @@ impl Provisioner {
             )));
         }
         userns::check_span(&config)?;
+        Provisioner::check_network(&config)?;
         for sub in ["disks", "orders", "fifo", "runc", "idmap"] {
             let dir = config.state_dir.join(sub);
             std::fs::create_dir_all(&dir).map_err(|e| ProvisionError::io("create", dir, e))?;
@@ -116,6 +119,7 @@ impl Provisioner {
                 exec_seq: AtomicU64::new(0),
                 instance,
                 id_prefix,
+                net_lock: tokio::sync::Mutex::new(()),
             }),
         })
     }

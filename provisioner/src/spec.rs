@@ -242,6 +242,13 @@ fn mounts(
             shape.etc_dir.join("hostname"),
             &["rbind", "ro", "nosuid", "nodev", "noexec"],
         )?,
+        // The provider's resolvers; the image's own file is empty.
+        mount(
+            "/etc/resolv.conf",
+            "bind",
+            shape.etc_dir.join("resolv.conf"),
+            &["rbind", "ro", "nosuid", "nodev", "noexec"],
+        )?,
     ];
     if let Some((id, path)) = shape.dataset {
         // `rro`: read-only all the way down, submounts of the dataset included (runc ≥ 1.1).

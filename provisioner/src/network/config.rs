@@ -89,7 +89,10 @@ impl NetworkConfig {
             ));
         }
         if self.subnet.prefix_len() > 31 {
-            return Err(format!("network.subnet {} is smaller than a /31", self.subnet));
+            return Err(format!(
+                "network.subnet {} is smaller than a /31",
+                self.subnet
+            ));
         }
         Ok(())
     }
@@ -114,7 +117,10 @@ mod tests {
         );
         assert_eq!(
             cfg.link_addresses(4095),
-            ("10.89.31.254".parse().unwrap(), "10.89.31.255".parse().unwrap())
+            (
+                "10.89.31.254".parse().unwrap(),
+                "10.89.31.255".parse().unwrap()
+            )
         );
         assert!(cfg.check(4096).is_ok());
         let small = NetworkConfig {

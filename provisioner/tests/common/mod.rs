@@ -23,6 +23,7 @@ pub struct Harness {
 }
 
 static NEXT_NS: AtomicU64 = AtomicU64::new(0);
+static NEXT_SUBNET: AtomicU64 = AtomicU64::new(0);
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -74,6 +75,10 @@ impl Harness {
             cdi_dirs: vec![],
             ..Default::default()
         };
+        // Each harness may run its own containerd, whose uid slots can coincide with another's:
+        // a subnet of its own keeps two tests' order links apart.
+        let n = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id()) * 7;
+        config.network.subnet = format!("10.{}.0.0/16", 100 + n % 150).parse().unwrap();
         let probe = Provisioner::connect(config.clone()).await.expect("connect");
         let started = std::time::Instant::now();
         let image = probe.import_image(&archive).await.expect("import");
