@@ -227,7 +227,7 @@ async fn tcp_reaches_only_the_orders_own_loopback() {
         .expect("listen");
     let mut stream = None;
     for _ in 0..100 {
-        match h.prov.connect_tcp(7, 8080).await {
+        match h.prov.connect_tcp(7, "127.0.0.1", 8080).await {
             Ok(s) => {
                 stream = Some(s);
                 break;
@@ -261,7 +261,7 @@ async fn tcp_reaches_only_the_orders_own_loopback() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let err = h
         .prov
-        .connect_tcp(8, 9090)
+        .connect_tcp(8, "127.0.0.1", 9090)
         .await
         .expect_err("order 8 cannot reach order 7");
     assert!(
@@ -275,9 +275,37 @@ async fn tcp_reaches_only_the_orders_own_loopback() {
         ),
         "{err:?}"
     );
-    // ...and the only interface is loopback.
+    // ...its interfaces are its own loopback and its one link out...
     let (out, _, _) = sh(&h.prov, 8, "ls /sys/class/net").await;
-    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), vec!["lo"]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        vec!["eth0", "lo"]
+    );
+    // ...and order 7's address, where it listens on every interface, is refused at once.
+    let (addr7, _, _) = sh(
+        &h.prov,
+        7,
+        "ip -4 -o addr show eth0 2>/dev/null || cat /proc/net/fib_trie",
+    )
+    .await;
+    let addr7 = container_address(&addr7).expect("order 7 has an address on eth0");
+    let _wide = h
+        .prov
+        .exec(7, cmd(&["nc", "-l", "-p", "9091"]))
+        .await
+        .expect("listen on every interface");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (out, err, st) = sh(
+        &h.prov,
+        8,
+        &format!("echo hi | nc -w 3 {addr7} 9091; echo rc=$?"),
+    )
+    .await;
+    assert_eq!(st, shale_provisioner::ExitStatus::Code(0), "{err}");
+    assert!(
+        out.contains("rc=1"),
+        "order 8 must not reach order 7 at {addr7}: {out} {err}"
+    );
     h.prov.release(7).await.expect("release");
     h.prov.release(8).await.expect("release");
 }
@@ -310,4 +338,17 @@ async fn containerd_going_away_mid_exec_is_a_clear_error() {
     let (out, _, _) = run(&h.prov, 9, &["echo", "back"]).await;
     assert_eq!(out, "back\n");
     h.prov.release(9).await.expect("release");
+}
+
+/// The container's eth0 address, from `ip -o addr` or, where there is no `ip`, from the
+/// kernel's routing trie (`/proc/net/fib_trie`, whose `/32 host LOCAL` entries are its own).
+fn container_address(text: &str) -> Option<String> {
+    if let Some(word) = text.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
+        return word.split('/').next().map(str::to_string);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines.windows(2).find_map(|w| {
+        let addr = w[0].trim().trim_start_matches("|-- ").trim();
+        (w[1].contains("/32 host LOCAL") && !addr.starts_with("127.")).then(|| addr.to_string())
+    })
 }
