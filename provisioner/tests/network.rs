@@ -182,6 +182,25 @@ async fn an_order_reaches_the_internet_not_the_host_and_its_network_is_restored_
     let ours: Vec<_> = links.iter().filter(|l| l.contains('-')).cloned().collect();
     assert!(nft_has_table(&table), "the rules are in place");
 
+    // Intact, a reconcile writes nothing (a rewrite would restart the rate limit's bucket).
+    let fixed = h.prov.reconcile_network().await.expect("reconcile");
+    assert_eq!(fixed, Default::default(), "an intact network is left alone");
+    // One denied range deleted by hand is noticed and put back.
+    assert!(Command::new("nft")
+        .args([
+            "delete",
+            "element",
+            "inet",
+            &table,
+            "denied",
+            "{ 169.254.0.0/16 }"
+        ])
+        .status()
+        .unwrap()
+        .success());
+    let fixed = h.prov.reconcile_network().await.expect("reconcile");
+    assert!(fixed.rules_rewritten, "{fixed:?}");
+
     // Deleted by hand: the next reconcile writes the rules and the link again.
     assert!(Command::new("nft")
         .args(["delete", "table", "inet", &table])

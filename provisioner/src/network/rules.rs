@@ -438,10 +438,10 @@ impl Table {
         let mut seen = 0;
         for obj in current.objects.iter() {
             if let schema::NfObject::ListObject(NfListObject::Set(set)) = obj {
-                // Interval sets come back merged, so only non-interval sets are counted exactly.
+                // Interval sets hold aggregated prefixes, which nft lists back one for one.
                 let have = set.elem.as_ref().map_or(0, |e| e.len());
                 match want(&set.name) {
-                    Some(n) if set.flags.is_some() || n == have => seen += 1,
+                    Some(n) if n == have => seen += 1,
                     _ => return false,
                 }
             }
