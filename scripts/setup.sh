@@ -14,6 +14,7 @@ apt_packages=(
     rsync                      # rsync over ssh, tested end to end
     mmdebstrap                 # builds the default container image from Debian packages
     iproute2                   # network namespaces
+    nftables                   # the host-side rules of every order's network (nft)
     postgresql                 # the shared-ledger backend, tested in CI
     ca-certificates curl git
 )
