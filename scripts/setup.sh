@@ -16,6 +16,7 @@ apt_packages=(
     iproute2                   # network namespaces
     nftables                   # the host-side rules of every order's network (nft)
     postgresql                 # the shared-ledger backend, tested in CI
+    python3                    # the simulated internet's servers in the network tests
     ca-certificates curl git
 )
 missing=()
