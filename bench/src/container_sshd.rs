@@ -156,7 +156,12 @@ impl ContainerSshd {
     /// Waits until sshd accepts connections inside the container.
     async fn wait_listening(&self) -> anyhow::Result<()> {
         for _ in 0..100 {
-            if self.provisioner.connect_tcp(ORDER, SSHD_PORT).await.is_ok() {
+            if self
+                .provisioner
+                .connect_tcp(ORDER, "127.0.0.1", SSHD_PORT)
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -179,7 +184,7 @@ async fn relay(listener: TcpListener, provisioner: Provisioner) {
     while let Ok((mut client, _)) = listener.accept().await {
         let provisioner = provisioner.clone();
         tokio::spawn(async move {
-            match provisioner.connect_tcp(ORDER, SSHD_PORT).await {
+            match provisioner.connect_tcp(ORDER, "127.0.0.1", SSHD_PORT).await {
                 Ok(mut inside) => {
                     let _ = client.set_nodelay(true);
                     let _ = inside.set_nodelay(true);

@@ -24,7 +24,7 @@ use crate::lease_start::LeaseStart;
 use crate::leases::{SessionId, SessionSeat};
 use crate::login::{parse_login, OrderId};
 use crate::metrics::Metrics;
-use crate::policy::{is_container_loopback, Subsystem};
+use crate::policy::{check_forward, Subsystem};
 use crate::{forward, session_channel};
 
 /// Keys a client may offer before the gateway stops listening and tells it why.
@@ -426,17 +426,21 @@ impl russh::server::Handler for Connection {
                 .await;
             return Ok(());
         };
-        let port = match u16::try_from(port_to_connect) {
-            Ok(p) if p != 0 && is_container_loopback(host_to_connect) => p,
-            _ => {
+        let port = match check_forward(host_to_connect, port_to_connect) {
+            Ok(port) => port,
+            Err(refusal) => {
                 let _enter = self.span.enter();
                 tracing::info!(
                     host = host_to_connect,
                     port = port_to_connect,
-                    "refused a forward outside the container"
+                    %refusal,
+                    "refused a forward"
                 );
                 reply
-                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .reject(ChannelOpenFailure::Other {
+                        code: ChannelOpenFailure::AdministrativelyProhibited.code(),
+                        reason: refusal.to_string(),
+                    })
                     .await;
                 return Ok(());
             }
@@ -448,7 +452,10 @@ impl russh::server::Handler for Connection {
                 channel,
                 reply,
                 OrderId(order.id),
-                port,
+                forward::Target {
+                    host: host_to_connect.to_string(),
+                    port,
+                },
                 lease.clone(),
                 self.shared.provisioner.clone(),
                 counter.open_channel(),

@@ -57,13 +57,61 @@ impl Subsystem {
     }
 }
 
-/// Whether a `direct-tcpip` target names the container's own loopback. Only that is forwarded:
-/// never the SP's host, its network, or another order.
-pub fn is_container_loopback(host: &str) -> bool {
-    matches!(
-        host.to_ascii_lowercase().as_str(),
-        "localhost" | "127.0.0.1" | "::1" | "[::1]" | "ip6-localhost"
-    )
+/// Why a `direct-tcpip` target is refused before anything is dialled. The `Display` text is what
+/// the client's `ssh` prints after `open failed: administratively prohibited:`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardRefusal {
+    /// Port 0 or above 65535.
+    #[error("port {0} is not a TCP port")]
+    Port(u32),
+    /// Not an address or a host name.
+    #[error("{0:?} is not a host name or an IPv4 address")]
+    Host(String),
+    /// An IPv6 address other than `::1`.
+    #[error("orders have IPv4 only; of IPv6 only ::1 is reachable")]
+    Ipv6,
+}
+
+/// Checks a `direct-tcpip` target (`ssh -L`, `ssh -D`, `ssh -W`) and returns its port. Any
+/// well-formed target is allowed here: it is dialled from inside the order's network namespace,
+/// so the order's own network rules decide what it reaches (its loopback and the internet, never
+/// the SP's host, private ranges or other orders), exactly as for the container's connections.
+pub fn check_forward(host: &str, port: u32) -> Result<u16, ForwardRefusal> {
+    let port = match u16::try_from(port) {
+        Ok(p) if p != 0 => p,
+        _ => return Err(ForwardRefusal::Port(port)),
+    };
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if bare.contains(':') {
+        return match bare.parse::<std::net::Ipv6Addr>() {
+            Ok(v6) if v6.is_loopback() => Ok(port),
+            Ok(_) => Err(ForwardRefusal::Ipv6),
+            Err(_) => Err(ForwardRefusal::Host(host.to_string())),
+        };
+    }
+    // A DNS name (or an IPv4 literal, which has the same characters): at most 253 bytes, labels
+    // of letters, digits, `-` and `_` that neither start nor end with `-`, and an optional
+    // trailing dot.
+    let name = bare.strip_suffix('.').unwrap_or(bare);
+    let well_formed = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if well_formed {
+        Ok(port)
+    } else {
+        Err(ForwardRefusal::Host(host.to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -109,19 +157,56 @@ mod tests {
     }
 
     #[test]
-    fn forwarding_reaches_only_the_containers_loopback() {
-        for ok in ["localhost", "127.0.0.1", "::1", "LOCALHOST"] {
-            assert!(is_container_loopback(ok), "{ok}");
-        }
-        for bad in [
+    fn forwards_to_the_containers_loopback_and_the_internet_pass() {
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "127.0.0.1",
+            "::1",
+            "[::1]",
+            "203.0.113.7",
+            "pypi.org",
+            "files.pythonhosted.org.",
+            "update.code.visualstudio.com",
+            "my_host-1",
+            // Denied ranges are well-formed targets: the order's network refuses them, not the
+            // gateway, so a forward reaches exactly what the container itself reaches.
             "10.0.0.1",
             "169.254.169.254",
-            "example.com",
-            "127.0.0.2",
-            "0.0.0.0",
-            "",
         ] {
-            assert!(!is_container_loopback(bad), "{bad}");
+            assert_eq!(check_forward(host, 8888), Ok(8888), "{host}");
         }
+    }
+
+    #[test]
+    fn malformed_targets_ipv6_and_bad_ports_are_refused_with_a_reason() {
+        assert_eq!(check_forward("localhost", 0), Err(ForwardRefusal::Port(0)));
+        assert_eq!(
+            check_forward("localhost", 70_000),
+            Err(ForwardRefusal::Port(70_000))
+        );
+        for host in ["2001:db8::1", "[fe80::1]", "::ffff:10.0.0.1"] {
+            assert_eq!(check_forward(host, 80), Err(ForwardRefusal::Ipv6), "{host}");
+        }
+        let long = "a".repeat(254);
+        for host in [
+            "",
+            ".",
+            "a..b",
+            "-",
+            "a b",
+            "host/path",
+            "a\0b",
+            "exa\u{301}mple.com",
+            "1:2:3",
+            long.as_str(),
+        ] {
+            assert_eq!(
+                check_forward(host, 80),
+                Err(ForwardRefusal::Host(host.to_string())),
+                "{host:?}"
+            );
+        }
+        assert!(ForwardRefusal::Ipv6.to_string().contains("IPv4 only"));
     }
 }
