@@ -7,7 +7,8 @@ use shale_contracts::{Order, OrderState};
 
 use crate::login::{MalformedLogin, OrderId};
 
-/// Why a client was not let in. The `Display` text is what the user sees on their terminal.
+/// Why a client was not let in, or was put out. The `Display` text is what the user sees on
+/// their terminal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// The username is not an order id.
@@ -61,6 +62,15 @@ pub enum Refusal {
     /// The gateway is shutting down.
     #[error("the gateway is restarting; reconnect in a moment")]
     ShuttingDown,
+    /// The order's network lost its rules or link and could not be restored, so the provisioner
+    /// stopped the container rather than leave it open; a new login starts it again.
+    #[error("order {order}'s container was stopped because its network could not be restored ({reason}); its files are kept, reconnect to start it again")]
+    NetworkLost {
+        /// The order.
+        order: OrderId,
+        /// What the provisioner said.
+        reason: String,
+    },
 }
 
 impl Refusal {
@@ -80,6 +90,7 @@ impl Refusal {
             Refusal::SessionCap { .. } => "session_cap",
             Refusal::LedgerUnavailable => "ledger_unavailable",
             Refusal::ShuttingDown => "shutting_down",
+            Refusal::NetworkLost { .. } => "network_lost",
         }
     }
 }

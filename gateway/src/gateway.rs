@@ -52,6 +52,8 @@ pub struct Shared {
     pub billing: Billing,
     /// The latest session-quality readings per order.
     pub quality: Arc<crate::quality::QualityBoard>,
+    /// Bytes through each order's network interface.
+    pub traffic: crate::traffic::TrafficBoard,
     /// The settler claiming this gateway's metered usage, when one runs in this process.
     pub settler: std::sync::OnceLock<crate::settler::Settler>,
 }
@@ -146,7 +148,8 @@ impl Shared {
                             })
                             .set(i64::try_from(memory_mib << 20).unwrap_or(i64::MAX));
                     }
-                    Reading::RoundTrip { .. } => {}
+                    // Interface bytes are exported as counters by the traffic board.
+                    Reading::RoundTrip { .. } | Reading::Network { .. } => {}
                 }
             }
         }
@@ -298,6 +301,8 @@ impl Gateway {
             channel_buffer_size: 256,
             ..Default::default()
         });
+        let metrics = Metrics::default();
+        let traffic = crate::traffic::TrafficBoard::new(&metrics);
         let shared = Arc::new(Shared {
             provider: config.chain.provider,
             orders: OrderDirectory::new(
@@ -310,9 +315,10 @@ impl Gateway {
             limiter: FailureLimiter::new(config.auth.max_failures, config.auth.failure_window),
             env_policy: Arc::new(EnvPolicy::new(&config.sessions.extra_env)),
             count_bytes: config.sessions.count_bytes,
-            metrics: Metrics::default(),
+            metrics,
             billing: Billing::new(meter, ledger, config.payment.warn_at.clone()),
             quality: Arc::default(),
+            traffic,
             settler: std::sync::OnceLock::new(),
         });
         Ok(Self {

@@ -5,8 +5,9 @@
 //! on chain ([`orders`], [`admission`]), [`session_channel`] and [`forward`] run each channel in
 //! the order's container through metered pumps, [`leases`] knows every live session so that
 //! [`watcher`] can warn and end them when the order ends or its escrow runs out ([`billing`]).
-//! [`quality`] measures what the client really gets, [`metrics`] and [`metrics_http`] export it,
-//! and [`settler`] turns the ledger's ticks into Groth16-proved claims on chain.
+//! [`quality`] measures what the client really gets, [`traffic`] counts what its container moves
+//! on its own network (which [`watcher`] also keeps repaired), [`metrics`] and [`metrics_http`]
+//! export it, and [`settler`] turns the ledger's ticks into Groth16-proved claims on chain.
 
 pub mod admission;
 pub mod billing;
@@ -26,6 +27,7 @@ pub mod quality;
 pub mod ratelimit;
 pub mod session_channel;
 pub mod settler;
+pub mod traffic;
 pub mod watcher;
 
 pub use config::GatewayConfig;

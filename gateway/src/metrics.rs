@@ -1,6 +1,9 @@
 //! The gateway's Prometheus metrics. They are a layer the gateway's parts report to, rendered in
-//! the Prometheus text format by the `/metrics` endpoint. Per-order series are rebuilt from the
-//! live leases at every scrape, so an ended order's series disappear with it.
+//! the Prometheus text format by the `/metrics` endpoint. Per-order gauges are rebuilt from the
+//! live leases at every scrape, so an ended order's series disappear with it; the per-order
+//! network counters are kept by [`crate::traffic`] and removed when the order's container goes.
+//! The network's series are named `shale_…`, not `shale_gateway_…`: they describe the order's
+//! network, which the provisioner owns, whichever process exports them.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -47,6 +50,8 @@ fn latency() -> Histogram {
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
+    /// The order network's series, under `shale_`.
+    network_registry: Registry,
     /// Authenticated SSH sessions open now.
     pub sessions_active: Gauge,
     /// Authenticated SSH sessions since start.
@@ -85,6 +90,14 @@ pub struct Metrics {
     pub order_probe_memory_bytes: Family<OrderLabel, Gauge>,
     /// Memory of each GPU seen from inside each live order's container.
     pub order_probe_gpu_memory_bytes: Family<OrderGpuLabel, Gauge>,
+    /// Bytes each order sent out through its network interface (not SSH channel bytes).
+    pub order_network_egress_bytes: Family<OrderLabel, Counter>,
+    /// Bytes each order received through its network interface.
+    pub order_network_ingress_bytes: Family<OrderLabel, Counter>,
+    /// Repairs of the orders' network by reconcile, by kind (`restored`, `orphan_removed`).
+    pub network_repairs: Family<KindLabel, Counter>,
+    /// Orders stopped because their network could not be restored.
+    pub network_stopped_orders: Counter,
 }
 
 /// A label set naming one order's GPU.
@@ -121,8 +134,14 @@ impl Default for Metrics {
             order_probe_millicpus: Family::default(),
             order_probe_memory_bytes: Family::default(),
             order_probe_gpu_memory_bytes: Family::default(),
+            order_network_egress_bytes: Family::default(),
+            order_network_ingress_bytes: Family::default(),
+            network_repairs: Family::default(),
+            network_stopped_orders: Counter::default(),
             registry: Registry::default(),
+            network_registry: Registry::default(),
         };
+        let mut network = Registry::with_prefix("shale");
         registry.register(
             "sessions_active",
             "Authenticated SSH sessions open now",
@@ -218,15 +237,42 @@ impl Default for Metrics {
             "GPU memory seen inside the order's container",
             m.order_probe_gpu_memory_bytes.clone(),
         );
-        Self { registry, ..m }
+        network.register(
+            "order_network_egress_bytes",
+            "Bytes the order sent out through its network interface",
+            m.order_network_egress_bytes.clone(),
+        );
+        network.register(
+            "order_network_ingress_bytes",
+            "Bytes the order received through its network interface",
+            m.order_network_ingress_bytes.clone(),
+        );
+        network.register(
+            "network_repairs",
+            "Repairs of the orders' network by reconcile, by kind",
+            m.network_repairs.clone(),
+        );
+        network.register(
+            "network_stopped_orders",
+            "Orders stopped because their network could not be restored",
+            m.network_stopped_orders.clone(),
+        );
+        Self {
+            registry,
+            network_registry: network,
+            ..m
+        }
     }
 }
 
 impl Metrics {
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.network_registry))
+            .and_then(|()| encode_eof(&mut out))
             .expect("writing to a String cannot fail");
         out
     }
@@ -249,6 +295,29 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_networks_series_are_named_shale_and_the_page_ends_once() {
+        let metrics = Metrics::default();
+        Metrics::count(&metrics.network_repairs, "restored");
+        metrics.network_stopped_orders.inc();
+        metrics
+            .order_network_ingress_bytes
+            .get_or_create(&OrderLabel { order: "9".into() })
+            .inc_by(42);
+        metrics.sessions_total.inc();
+        let page = metrics.render();
+        for line in [
+            "shale_network_repairs_total{kind=\"restored\"} 1",
+            "shale_network_stopped_orders_total 1",
+            "shale_order_network_ingress_bytes_total{order=\"9\"} 42",
+            "shale_gateway_sessions_total 1",
+        ] {
+            assert!(page.lines().any(|l| l == line), "{line} not in\n{page}");
+        }
+        assert_eq!(page.matches("# EOF").count(), 1, "{page}");
+        assert!(page.ends_with("# EOF\n"), "{page}");
+    }
 
     /// Every series the shipped Grafana dashboard queries is one the gateway exports.
     #[test]

@@ -2,6 +2,10 @@
 //! every order that has live sessions, is billed, or has a container, as the fallback for a
 //! missed event and for lease expiry. An order nobody is connected to is released on time too:
 //! its container, GPUs, disk and uid range go back within one poll of its lease's end.
+//!
+//! Every few polls the orders' network is reconciled (links and rules deleted by hand restored,
+//! an order that cannot be restored ended like any stopped order, leftovers removed) and each
+//! order's interface counters are read into [`crate::traffic`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +17,19 @@ use crate::admission::{admit_order, Refusal};
 use crate::billing::EscrowVerdict;
 use crate::gateway::Shared;
 use crate::login::OrderId;
+use crate::metrics::{KindLabel, Metrics};
+use crate::quality::PROBE_EVERY;
+
+/// The orders' network is checked once every this many polls: its rules rarely change, and
+/// reading every order's counters is not free.
+const NETWORK_EVERY_POLLS: u32 = 5;
 
 /// Runs until aborted.
 pub async fn run(shared: Arc<Shared>, poll: Duration) {
     tokio::join!(
         follow_events(shared.clone()),
-        recheck_live_orders(shared, poll)
+        recheck_live_orders(shared.clone(), poll),
+        watch_network(shared, poll * NETWORK_EVERY_POLLS)
     );
 }
 
@@ -85,9 +96,7 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
                 continue;
             }
             // What the client gets is checked again during the lease, not only at its start.
-            if shared.billing.running(id).is_some()
-                && shared.quality.due(id, crate::quality::PROBE_EVERY)
-            {
+            if shared.billing.running(id).is_some() && shared.quality.due(id, PROBE_EVERY) {
                 tokio::spawn(shared.quality.clone().probe(
                     shared.provisioner.clone(),
                     shared.billing.ledger().clone(),
@@ -120,12 +129,95 @@ async fn end_order(shared: &Shared, id: OrderId, why: &Refusal) {
     if let Some(settler) = shared.settler.get() {
         settler.wake();
     }
+    let finish_traffic = || {
+        shared
+            .traffic
+            .finish(&shared.provisioner, shared.billing.ledger(), id)
+    };
     let result = match why {
-        Refusal::Ended(_) | Refusal::Cancelled(_) => shared.provisioner.release(id.0).await,
-        Refusal::EscrowExhausted(_) if running => shared.provisioner.stop(id.0).await,
+        Refusal::Ended(_) | Refusal::Cancelled(_) => {
+            finish_traffic().await;
+            shared.provisioner.release(id.0).await
+        }
+        Refusal::EscrowExhausted(_) if running => {
+            finish_traffic().await;
+            shared.provisioner.stop(id.0).await
+        }
+        // The provisioner stopped the container already.
+        Refusal::NetworkLost { .. } => {
+            finish_traffic().await;
+            Ok(())
+        }
         _ => Ok(()),
     };
     if let Err(e) = result {
         tracing::warn!(order = id.0, error = %e, "stopping the order's container failed");
+    }
+}
+
+/// Every `every`: reconciles the orders' network, then reads each held order's interface
+/// counters (recorded in its session-quality readings once per [`PROBE_EVERY`]).
+async fn watch_network(shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // The first tick is at once: after a restart, leftovers go before anything is counted.
+        tick.tick().await;
+        repair_network(&shared).await;
+        let held: Vec<OrderId> = match shared.provisioner.orders().await {
+            Ok(held) => held.into_iter().map(OrderId).collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the orders' containers");
+                continue;
+            }
+        };
+        shared.traffic.retain(&held.iter().copied().collect());
+        shared
+            .traffic
+            .sample(
+                &shared.provisioner,
+                shared.billing.ledger(),
+                &held,
+                PROBE_EVERY,
+            )
+            .await;
+    }
+}
+
+/// One reconcile of the orders' network, logged and counted; an order the provisioner had to
+/// stop is ended like any other stopped order, its users told why.
+async fn repair_network(shared: &Shared) {
+    let repaired = match shared.provisioner.reconcile_network().await {
+        Ok(repaired) => repaired,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reconcile the orders' network");
+            return;
+        }
+    };
+    for &order in &repaired.restored {
+        tracing::warn!(
+            order,
+            "restored the order's network: its link or rules had gone"
+        );
+        Metrics::count(&shared.metrics.network_repairs, "restored");
+    }
+    if repaired.orphans_removed > 0 {
+        tracing::info!(
+            removed = repaired.orphans_removed,
+            "removed network links left by orders that no longer run"
+        );
+        shared
+            .metrics
+            .network_repairs
+            .get_or_create(&KindLabel {
+                kind: "orphan_removed".into(),
+            })
+            .inc_by(repaired.orphans_removed as u64);
+    }
+    for (order, reason) in repaired.stopped {
+        tracing::warn!(order, %reason, "stopped an order whose network could not be restored");
+        shared.metrics.network_stopped_orders.inc();
+        let id = OrderId(order);
+        end_order(shared, id, &Refusal::NetworkLost { order: id, reason }).await;
     }
 }

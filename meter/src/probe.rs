@@ -46,6 +46,16 @@ pub enum Reading {
         /// Microseconds from keepalive sent to reply received.
         micros: u64,
     },
+    /// Bytes through the order's network interface (its own way to the internet, not the SSH
+    /// channels), as the host end counts them, summed over the container's restarts since the
+    /// gateway started watching it. Recorded for quality and audit; today's tariff bills SSH
+    /// channel bytes only.
+    Network {
+        /// Bytes the order sent out.
+        egress_bytes: u64,
+        /// Bytes the order received.
+        ingress_bytes: u64,
+    },
 }
 
 /// What a probe's command produced.
@@ -574,5 +584,15 @@ mod tests {
             serde_json::to_string(&r).unwrap(),
             r#"{"kind":"round_trip","micros":1234}"#
         );
+        let n = Reading::Network {
+            egress_bytes: 5,
+            ingress_bytes: 7,
+        };
+        let json = serde_json::to_string(&n).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"network","egress_bytes":5,"ingress_bytes":7}"#
+        );
+        assert_eq!(serde_json::from_str::<Reading>(&json).unwrap(), n);
     }
 }
