@@ -221,6 +221,17 @@ mod tests {
         let full: GatewayConfig = toml::from_str(&uncommented).unwrap();
         assert_eq!(full.auth.max_failures, 20);
         assert_eq!(full.containers.namespace, "shale");
+        // The network section's commented values are the defaults, and its examples are real.
+        let defaults = shale_provisioner::NetworkConfig::default();
+        assert_eq!(config.containers.network, defaults);
+        let network = &full.containers.network;
+        assert_eq!(
+            (network.enabled, network.subnet, &network.dns),
+            (defaults.enabled, defaults.subnet, &defaults.dns)
+        );
+        assert_eq!(network.allow[0].ports, vec![80, 443]);
+        assert_eq!(network.deny.len(), 2);
+        assert_eq!(network.egress_bytes_per_sec, Some(12_500_000));
     }
 
     #[test]
