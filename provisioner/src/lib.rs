@@ -5,6 +5,11 @@
 //! [`Provisioner::connect_tcp`] for `ssh -L`. [`Provisioner::release`] ends a lease and
 //! [`Provisioner::adopt`] reconciles containers with the chain after a gateway restart.
 //!
+//! Every order's container has its own network namespace with one way out: a veth pair, NAT on
+//! the host's uplink and host-side nftables rules that let through the internet and nothing
+//! else (see [`NetworkConfig`]); [`Provisioner::reconcile_network`] restores what was deleted
+//! and removes what a crash left, and [`Provisioner::traffic`] reads each order's byte counts.
+//!
 //! Images come from local OCI archives ([`Provisioner::import_image`]); no registry is needed.
 //! The default image is built from Debian packages by `provisioner/image/build-default.sh`
 //! (see [`image_build`]). [`daemon::LocalContainerd`] starts a project-local containerd for tests
