@@ -2,7 +2,7 @@
 //!
 //! The gateway calls [`Provisioner::ensure`] when an order's first session arrives, then
 //! [`Provisioner::exec`] for every SSH channel (shell, command, `sftp` subsystem) and
-//! [`Provisioner::connect_tcp`] for `ssh -L`. [`Provisioner::release`] ends a lease and
+//! [`Provisioner::connect_tcp`] for `ssh -L` and `ssh -D`. [`Provisioner::release`] ends a lease and
 //! [`Provisioner::adopt`] reconciles containers with the chain after a gateway restart.
 //!
 //! Every order's container has its own network namespace with one way out: a veth pair, NAT on

@@ -183,7 +183,7 @@ async fn ssh_l_reaches_a_server_inside_the_container_and_nothing_else() -> anyho
     let _ = child.wait();
     assert!(body.contains("hello-from-the-container"), "{body:?}");
 
-    // A target outside the container is refused by the gateway before any connection is made.
+    // A name that cannot resolve is refused from inside the order's namespace, with no DNS query.
     let mut cmd = target.ssh();
     cmd.args(["-W", "example.invalid:80"]);
     let out = tokio::task::spawn_blocking(move || run(cmd)).await??;
