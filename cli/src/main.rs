@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shale_contracts::{Address, U256};
 
@@ -18,6 +19,7 @@ mod settings;
 mod spconfig;
 mod sshcfg;
 mod view;
+mod wire;
 
 use settings::ChainArgs;
 use spconfig::SpConfig;
@@ -81,6 +83,18 @@ enum Command {
         /// Print one snapshot and exit.
         #[arg(long)]
         once: bool,
+    },
+    /// The local payment tunnel: OpenSSH's ProxyCommand for an order's Host entry. Relays
+    /// the connection unchanged and counts its bytes on the wire in FILE, durably.
+    Tunnel {
+        host: String,
+        port: u16,
+        /// The order's wire-count file (written by `shale order create`).
+        #[arg(long)]
+        counts: PathBuf,
+        /// Bytes counted ahead per durable write (at most this much is over-counted by a crash).
+        #[arg(long, default_value_t = cmd::tunnel::DEFAULT_STEP)]
+        step: u64,
     },
     /// Run the SSH gateway (SP side).
     Gateway {
@@ -268,6 +282,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch { order, once } => {
             cmd::watch::run(&cli.chain.resolve()?, order, once, json).await
         }
+        Command::Tunnel {
+            host,
+            port,
+            counts,
+            step,
+        } => tokio::task::spawn_blocking(move || cmd::tunnel::run(&host, port, &counts, step))
+            .await
+            .context("the tunnel thread")?,
         Command::Gateway { config } => cmd::gateway::run(&config).await,
         Command::Sp(sp) => match sp {
             SpCommand::HostKey { config } => {

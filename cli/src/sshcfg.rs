@@ -48,6 +48,9 @@ pub struct OrderHost {
     pub host_key: String,
     /// The client's private key file (the public key's path without `.pub`).
     pub identity: PathBuf,
+    /// The `shale` binary that runs the payment tunnel as OpenSSH's `ProxyCommand`; none: ssh
+    /// connects directly and bytes are paid only up to the order's allowance.
+    pub tunnel: Option<PathBuf>,
 }
 
 impl OrderHost {
@@ -76,6 +79,11 @@ impl SshFiles {
         }
     }
 
+    /// The wire-count file of order `order`'s payment tunnel.
+    pub fn wire_counts(&self, order: u64) -> PathBuf {
+        self.dir.join("wire").join(format!("shale-{order}.json"))
+    }
+
     /// Writes (or replaces) the entry and the pinned key of `host`; returns the alias.
     pub fn write(&self, host: &OrderHost, include_from: Option<&Path>) -> anyhow::Result<String> {
         std::fs::create_dir_all(&self.dir)
@@ -90,6 +98,14 @@ impl SshFiles {
             host.identity.display(),
             self.known_hosts.display()
         );
+        let entry = match &host.tunnel {
+            Some(exe) => format!(
+                "{entry}    ProxyCommand \"{}\" tunnel --counts \"{}\" %h %p\n",
+                exe.display(),
+                self.wire_counts(host.order).display()
+            ),
+            None => entry,
+        };
         replace_block(&self.config, &format!("Host {alias}\n"), &entry)?;
         let pattern = known_hosts_pattern(&host.host, host.port);
         let key = host
@@ -199,6 +215,7 @@ mod tests {
             port: 2222,
             host_key: "ssh-ed25519 AAAAC3 comment".into(),
             identity: "/k/id".into(),
+            tunnel: None,
         };
         assert_eq!(files.write(&host, Some(&user)).unwrap(), "shale-7");
         host.port = 2223;
@@ -215,5 +232,20 @@ mod tests {
         assert!(user_text.starts_with("Include "));
         assert_eq!(user_text.matches("Include").count(), 1);
         assert!(user_text.ends_with("Host other\n    User me\n"));
+        assert!(!config.contains("ProxyCommand"));
+
+        // With the tunnel, OpenSSH reaches the gateway through `shale tunnel`.
+        host.tunnel = Some("/usr/bin/shale".into());
+        files.write(&host, None).unwrap();
+        let config = std::fs::read_to_string(&files.config).unwrap();
+        let counts = files.wire_counts(7);
+        assert!(
+            config.contains(&format!(
+                "    ProxyCommand \"/usr/bin/shale\" tunnel --counts \"{}\" %h %p\n",
+                counts.display()
+            )),
+            "{config}"
+        );
+        assert_eq!(config.matches("Host shale-7").count(), 1);
     }
 }

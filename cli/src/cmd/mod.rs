@@ -7,4 +7,5 @@ pub mod market;
 pub mod order;
 pub mod receipts;
 pub mod sp;
+pub mod tunnel;
 pub mod watch;

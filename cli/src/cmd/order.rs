@@ -17,6 +17,7 @@ use crate::money::{format_fil, Fil};
 use crate::settings::Settings;
 use crate::sshcfg::{split_endpoint, OrderHost, SshFiles};
 use crate::view::{duration, print_json, size, table, OrderView};
+use crate::wire::WireCounts;
 
 /// What `shale order create` asks for.
 #[derive(Debug, Clone)]
@@ -200,7 +201,10 @@ pub async fn create_with(
         port,
         host_key: provider.ssh_host_key.clone(),
         identity: identity.clone(),
+        tunnel: Some(std::env::current_exe().context("finding the shale binary for the tunnel")?),
     };
+    // A new order under this alias starts its wire count from zero.
+    WireCounts::at(files.wire_counts(id)).reset()?;
     let alias = files.write(&order_host, Some(&user_config))?;
     let created = CreatedOrder {
         order: id,

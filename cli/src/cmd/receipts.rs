@@ -18,6 +18,7 @@ use crate::money::Fil;
 use crate::settings::Settings;
 use crate::sshcfg::SshFiles;
 use crate::view::{duration, hex, print_json, table};
+use crate::wire::{WireCounts, WireTotals};
 
 /// The stock `ssh` invocation for order `id`, through the Host entry `order create` wrote.
 pub fn ssh(settings: &Settings, id: u64) -> tokio::process::Command {
@@ -70,6 +71,11 @@ pub struct Verdict {
     pub claimed_ticks: Option<usize>,
     pub usage_seconds: u64,
     pub usage_bytes: u128,
+    /// The receipts' bytes into the container and out of it.
+    pub usage_bytes_in: u64,
+    pub usage_bytes_out: u64,
+    /// What this machine's payment tunnel counted on the wire, when it has a count.
+    pub wire: Option<WireTotals>,
     pub usage_charge_wei: String,
     pub claimed_seconds: u64,
     pub claimed_bytes: String,
@@ -178,6 +184,9 @@ pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
         claimed_ticks,
         usage_seconds: usage.seconds,
         usage_bytes: usage.bytes_total(),
+        usage_bytes_in: usage.bytes_in,
+        usage_bytes_out: usage.bytes_out,
+        wire: None,
         usage_charge_wei: charge.to_string(),
         claimed_seconds: order.claimed_seconds,
         claimed_bytes: order.claimed_bytes.to_string(),
@@ -185,6 +194,28 @@ pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
         matches: problems.is_empty(),
         problems,
     }
+}
+
+/// Holds the provider's byte totals to what the client's own tunnel relayed: SSH framing makes
+/// the wire carry more than the channel payload the gateway meters, so an honest provider is
+/// always at or below the tunnel's counts.
+pub fn hold_to_wire(v: &mut Verdict, wire: WireTotals) {
+    if v.usage_bytes_in > wire.up {
+        v.problems.push(format!(
+            "the provider counts {} bytes into the container, but only {} went through this \
+             machine's tunnel (an over-claim, unless you also connected without `ssh shale-{}`)",
+            v.usage_bytes_in, wire.up, v.order
+        ));
+    }
+    if v.usage_bytes_out > wire.down {
+        v.problems.push(format!(
+            "the provider counts {} bytes out of the container, but only {} came through this \
+             machine's tunnel (an over-claim, unless you also connected without `ssh shale-{}`)",
+            v.usage_bytes_out, wire.down, v.order
+        ));
+    }
+    v.wire = Some(wire);
+    v.matches = v.problems.is_empty();
 }
 
 /// `shale receipts ORDER [--verify]`.
@@ -197,7 +228,11 @@ pub async fn run(
     let market = settings.reader().await?;
     let order = market.order(id).await?;
     let receipts = fetch(settings, id).await?;
-    let v = check(&order, &receipts);
+    let mut v = check(&order, &receipts);
+    let counts = WireCounts::at(SshFiles::new(&settings.ssh_dir).wire_counts(id));
+    if counts.path().exists() {
+        hold_to_wire(&mut v, counts.read()?);
+    }
     if json && !verify {
         print_json(&receipts)?;
         return Ok(v);
