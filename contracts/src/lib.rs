@@ -8,6 +8,7 @@
 //!
 //! Money is integer wei ([`U256`]) throughout; the contract documents its rounding rules.
 
+pub mod ack;
 pub mod bindings;
 mod client;
 pub mod devnet;
