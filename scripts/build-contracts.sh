@@ -43,15 +43,23 @@ const input = {
     outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object', 'evm.deployedBytecode.object'] } },
   },
 };
-const output = JSON.parse(solc.compile(JSON.stringify(input), {
-  import: (p) => fs.existsSync(p) ? { contents: fs.readFileSync(p, 'utf8') } : { error: `not found: ${p}` },
-}));
+// Imports resolve like forge's remappings in foundry.toml: npm packages (OpenZeppelin, pinned in
+// tools/package.json) from .tools/node_modules, everything else relative to contracts/.
+const nodeModules = path.join('..', '.tools', 'node_modules');
+const resolveImport = (p) => {
+  const file = p.startsWith('@openzeppelin/') ? path.join(nodeModules, p) : p;
+  return fs.existsSync(file) ? { contents: fs.readFileSync(file, 'utf8') } : { error: `not found: ${p} (${file}); run scripts/setup.sh` };
+};
+const output = JSON.parse(solc.compile(JSON.stringify(input), { import: resolveImport }));
 const errors = (output.errors || []).filter((e) => e.severity === 'error');
 for (const e of output.errors || []) process.stderr.write(e.formattedMessage + '\n');
 if (errors.length > 0) process.exit(1);
 
 let written = 0;
 for (const [file, contracts] of Object.entries(output.contracts)) {
+  // Imported library sources (OpenZeppelin) are compiled into the contracts that use them;
+  // they get no artifacts of their own.
+  if (!prod.includes(file) && !testOnly.includes(file)) continue;
   for (const [name, c] of Object.entries(contracts)) {
     // Interfaces and abstract contracts have no bytecode: nothing to deploy, skip them
     // (their ABI is part of the contracts that implement them).
