@@ -59,6 +59,9 @@ pub enum MeterError {
     },
 
     /// A tick's head is not the hash of its previous head and fields.
+    #[error("acknowledgment of order {order} refused: {detail}")]
+    StaleAck { order: u64, detail: String },
+
     #[error("tick {seq} of order {order} carries a head that is not the hash of its fields")]
     HeadMismatch {
         /// The order.

@@ -158,6 +158,27 @@ pub struct ProbeRecord {
     pub reading: Reading,
 }
 
+/// A client's acknowledgment of an order's cumulative usage, with its EIP-712 signature (the
+/// gateway checks the signer before it is stored; the ledger keeps it for the settler's claims
+/// and the receipts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckRecord {
+    /// The order.
+    pub order: u64,
+    /// The tick-chain head the client checked up to.
+    pub head: Head,
+    /// Cumulative leased seconds acknowledged.
+    pub seconds: u64,
+    /// Cumulative bytes into the container acknowledged.
+    pub bytes_in: u64,
+    /// Cumulative bytes out of the container acknowledged.
+    pub bytes_out: u64,
+    /// `r ‖ s ‖ v`, 65 bytes, as `0x`-prefixed hex.
+    pub signature: String,
+    /// Unix milliseconds when the gateway received it.
+    pub received_at_ms: u64,
+}
+
 /// One line of an order's receipts, as streamed to the client in JSON lines.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -170,6 +191,8 @@ pub enum Receipt {
     Claim(ClaimRecord),
     /// A session-quality reading.
     Probe(ProbeRecord),
+    /// An acknowledgment the client's tunnel signed.
+    Ack(AckRecord),
 }
 
 /// Ticks fetched per query when streaming receipts, to bound memory on long leases.
@@ -682,6 +705,64 @@ impl Ledger {
             .collect()
     }
 
+    /// Stores an acknowledgment whose signature the caller has checked. One below the newest
+    /// stored (in seconds or either byte total) is refused: totals are cumulative.
+    pub async fn record_ack(&self, ack: &AckRecord) -> Result<(), MeterError> {
+        let signature = decode_signature(ack.order, &ack.signature)?;
+        let mut tx = self.pool.begin().await?;
+        let newest = sqlx::query(
+            "SELECT seconds, bytes_in, bytes_out FROM acknowledgments WHERE order_id = $1 \
+             ORDER BY ack_id DESC LIMIT 1",
+        )
+        .bind(int("order", ack.order)?)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(r) = newest {
+            let (s, i, o) = (
+                uint(ack.order, &r, "seconds")?,
+                uint(ack.order, &r, "bytes_in")?,
+                uint(ack.order, &r, "bytes_out")?,
+            );
+            if ack.seconds < s || ack.bytes_in < i || ack.bytes_out < o {
+                return Err(MeterError::StaleAck {
+                    order: ack.order,
+                    detail: format!(
+                        "{} s, {} B in, {} B out is below the acknowledged {s} s, {i} B in, {o} B out",
+                        ack.seconds, ack.bytes_in, ack.bytes_out
+                    ),
+                });
+            }
+        }
+        sqlx::query(
+            "INSERT INTO acknowledgments (order_id, head, seconds, bytes_in, bytes_out, \
+                                          signature, received_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(int("order", ack.order)?)
+        .bind(ack.head.0.to_vec())
+        .bind(int("seconds", ack.seconds)?)
+        .bind(int("bytes_in", ack.bytes_in)?)
+        .bind(int("bytes_out", ack.bytes_out)?)
+        .bind(signature)
+        .bind(int("received_at_ms", ack.received_at_ms)?)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The newest acknowledgment of `order`, if its client sent any.
+    pub async fn latest_ack(&self, order: u64) -> Result<Option<AckRecord>, MeterError> {
+        let row = sqlx::query(
+            "SELECT head, seconds, bytes_in, bytes_out, signature, received_at_ms \
+             FROM acknowledgments WHERE order_id = $1 ORDER BY ack_id DESC LIMIT 1",
+        )
+        .bind(int("order", order)?)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| ack_from_row(order, &r)).transpose()
+    }
+
     /// The whole record of `order` in memory: sessions, ticks in seq order, claims, probe
     /// readings. For long leases prefer [`Ledger::write_receipts`], which streams.
     pub async fn receipts(&self, order: u64) -> Result<Vec<Receipt>, MeterError> {
@@ -705,6 +786,7 @@ impl Ledger {
                 .into_iter()
                 .map(Receipt::Probe),
         );
+        out.extend(self.latest_ack(order).await?.map(Receipt::Ack));
         Ok(out)
     }
 
@@ -741,6 +823,10 @@ impl Ledger {
         }
         for p in self.probe_readings(order).await? {
             push_line(&mut buf, &Receipt::Probe(p))?;
+            lines += 1;
+        }
+        if let Some(a) = self.latest_ack(order).await? {
+            push_line(&mut buf, &Receipt::Ack(a))?;
             lines += 1;
         }
         out.write_all(&buf).await?;
@@ -813,6 +899,44 @@ fn head(order: u64, row: &AnyRow, column: &str) -> Result<Head, MeterError> {
 fn wei(order: u64, row: &AnyRow, column: &str) -> Result<U256, MeterError> {
     let text: String = row.try_get(column)?;
     crate::wei::parse(&text).map_err(|detail| MeterError::CorruptRow { order, detail })
+}
+
+fn decode_signature(order: u64, hex_text: &str) -> Result<Vec<u8>, MeterError> {
+    let digits = hex_text.strip_prefix("0x").unwrap_or(hex_text);
+    let bytes: Option<Vec<u8>> = (0..digits.len())
+        .step_by(2)
+        .map(|i| {
+            digits
+                .get(i..i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+        })
+        .collect();
+    match bytes {
+        Some(b) if b.len() == 65 => Ok(b),
+        _ => Err(MeterError::StaleAck {
+            order,
+            detail: "the signature is not 65 bytes of hex".into(),
+        }),
+    }
+}
+
+fn ack_from_row(order: u64, r: &AnyRow) -> Result<AckRecord, MeterError> {
+    let signature: Vec<u8> = r.try_get("signature")?;
+    Ok(AckRecord {
+        order,
+        head: head(order, r, "head")?,
+        seconds: uint(order, r, "seconds")?,
+        bytes_in: uint(order, r, "bytes_in")?,
+        bytes_out: uint(order, r, "bytes_out")?,
+        signature: format!(
+            "0x{}",
+            signature
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
+        received_at_ms: uint(order, r, "received_at_ms")?,
+    })
 }
 
 fn tick_from_row(order: u64, r: &AnyRow) -> Result<Tick, MeterError> {

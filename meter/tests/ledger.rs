@@ -300,6 +300,50 @@ async fn probe_readings_round_trip(ledger: Ledger) {
     assert!(ledger.probe_readings(4).await.unwrap().is_empty());
 }
 
+async fn acknowledgments_only_grow_and_the_newest_is_served(ledger: Ledger) {
+    use shale_meter::ledger::AckRecord;
+    let sig = format!("0x{}", "ab".repeat(65));
+    let ack = |seconds, bytes_in, bytes_out| AckRecord {
+        order: 5,
+        head: Head([seconds as u8; 32]),
+        seconds,
+        bytes_in,
+        bytes_out,
+        signature: sig.clone(),
+        received_at_ms: 1_000 + seconds,
+    };
+    assert_eq!(ledger.latest_ack(5).await.unwrap(), None);
+    ledger.record_ack(&ack(60, 100, 2_000)).await.unwrap();
+    ledger.record_ack(&ack(120, 100, 9_000)).await.unwrap();
+    assert_eq!(
+        ledger.latest_ack(5).await.unwrap(),
+        Some(ack(120, 100, 9_000))
+    );
+    // Older totals (any of the three lower) are refused and change nothing.
+    for older in [
+        ack(119, 100, 9_000),
+        ack(120, 99, 9_000),
+        ack(120, 100, 8_999),
+    ] {
+        assert!(matches!(
+            ledger.record_ack(&older).await,
+            Err(MeterError::StaleAck { order: 5, .. })
+        ));
+    }
+    let short = AckRecord {
+        signature: "0xabcd".into(),
+        ..ack(200, 200, 20_000)
+    };
+    assert!(ledger.record_ack(&short).await.is_err());
+    assert_eq!(
+        ledger.latest_ack(5).await.unwrap(),
+        Some(ack(120, 100, 9_000))
+    );
+    assert_eq!(ledger.latest_ack(6).await.unwrap(), None);
+    let receipts = ledger.receipts(5).await.unwrap();
+    assert_eq!(receipts, vec![Receipt::Ack(ack(120, 100, 9_000))]);
+}
+
 async fn receipts_stream_as_json_lines_that_verify_to_the_stored_head(ledger: Ledger) {
     // More ticks than one receipts page, so paging is exercised.
     let mut chain = TickChain::genesis(77, tariff());
@@ -404,6 +448,7 @@ ledger_checks!(
     unclaimed_ticks_and_usage_follow_confirmed_claims,
     sessions_are_recorded_with_their_usage,
     probe_readings_round_trip,
+    acknowledgments_only_grow_and_the_newest_is_served,
     receipts_stream_as_json_lines_that_verify_to_the_stored_head,
     values_that_do_not_fit_bigint_are_refused_not_wrapped,
 );
