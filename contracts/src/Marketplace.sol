@@ -1,33 +1,53 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ITickVerifier} from "./ITickVerifier.sol";
 import {ProviderRegistry} from "./ProviderRegistry.sol";
 
 /// @title Shale marketplace: orders, escrow, collateral, metered claims and ratings.
 ///
 /// A client creates an order naming a registered provider, the SHA-256 fingerprint of its SSH key,
-/// resources, an optional dataset, a tariff and a maximum duration, and pays the escrow with the
-/// call. The provider accepts by posting the collateral the order states. While the order is live
-/// the provider claims metered usage with Groth16 proofs over its tick chain; each claim is paid
-/// out of the escrow. Either side can terminate at any time; an order also ends by itself at
-/// `acceptedAt + maxDuration`. After the end, the provider may still claim usage up to the end time
-/// during `CLAIM_WINDOW`; then `settle` returns what is left of the escrow to the client and the
-/// collateral to the provider (less any slash, see below). The client can rate the provider once.
+/// its acknowledgment key, resources, an optional dataset, a tariff, a byte allowance and a maximum
+/// duration, and pays the escrow with the call. The provider accepts, before the accept timeout, by
+/// posting the collateral the order states. While the order is live the provider claims metered
+/// usage with Groth16 proofs over its tick chain; each claim is paid out of the escrow. Either side
+/// can terminate at any time; an order also ends by itself at `acceptedAt + maxDuration`. After the
+/// end, the provider may still claim usage up to the end time during `CLAIM_WINDOW` (a deployment
+/// parameter); then `settle` returns what is left of the escrow to the client and the collateral to
+/// the provider (less any slash, see below). The client can rate the provider once, if it paid.
+///
+/// What a claim may be paid for (for every order, always; a proof alone proves only that the SP's
+/// own tick log is self-consistent, so these bounds are what keep a forged or dishonest log from
+/// taking the escrow):
+/// - cumulative seconds paid <= the lease's chain time (acceptance to now, or to the end);
+/// - cumulative bytes paid (in + out) <= max(the largest cumulative byte total the client's
+///   acknowledgment key signed, `terms.byteAllowance`);
+/// - the amount <= the escrow left.
+/// Acknowledgments are EIP-712 signatures by `terms.ackSigner` over
+/// `Acknowledgment(orderId, head, seconds, bytesIn, bytesOut)` under the domain
+/// ("Shale Marketplace", "1", chain id, this contract), recorded by `acknowledge` or `claimWithAck`.
 ///
 /// Money rules (all amounts are integer wei; every rounding favours the client, who pays up front):
 /// - Claim amount of a batch = `seconds * pricePerSecond + floor((bytesIn + bytesOut) * pricePerGiB / 2^30)`.
 ///   The byte charge is floored per batch, so a provider that claims in many small batches can
-///   only lose wei, never gain them.
+///   only lose wei, never gain them. Prices are at most `MAX_PRICE` (2^128 - 1, the meter's bound),
+///   so no charge can overflow.
+/// - A batch that runs past the end of an ended lease is paid up to the end (its seconds are
+///   trimmed), so an honest provider's last batch is not lost.
 /// - Collateral slashing: when the *provider* terminates an order before it expires, it forfeits
 ///   the share of the collateral that matches the unserved share of the lease:
 ///   `slash = ceil(collateral * (expiresAt - endedAt) / maxDuration)`, paid to the client at
 ///   settlement. Terminations by the client and natural expiry return the whole collateral.
 /// - Settlement pays every remaining wei: `escrow left + slash` to the client and
 ///   `collateral - slash` to the provider. Nothing stays in the contract after an order settles.
-/// - A payment to an address that refuses ether (a reverting contract) is not lost and does not
-///   block the other party: it is credited to `owed[address]` and can be pulled with `withdraw()`.
-contract Marketplace is ProviderRegistry {
+/// - A payment is pushed with the call's bounded stipend (a `transfer`-style call: 2300 gas on the
+///   EVM; FEVM recognises the pattern and grants its own fixed amount) without copying any return
+///   data. A receiver that refuses it, burns the stipend or answers with a "return bomb" is not
+///   paid then and cannot block the other party: the amount is credited to `owed[address]` and
+///   pulled with `withdraw()`, which forwards all the caller's gas.
+contract Marketplace is ProviderRegistry, EIP712 {
     /// Lifecycle of an order. `Ended` covers termination by either side and natural expiry
     /// (an Active order past `acceptedAt + maxDuration` reads as Ended from every view).
     enum OrderState {
@@ -41,11 +61,17 @@ contract Marketplace is ProviderRegistry {
     struct Terms {
         /// SHA-256 of the client's SSH public key blob (what `ssh-keygen -lf` prints, base64).
         bytes32 keyFingerprint;
+        // ackSigner and byteAllowance share one storage slot (20 + 8 bytes): `acknowledge` reads
+        // the signer, every claim the allowance.
+        /// The client's per-order acknowledgment key (an address): only its EIP-712
+        /// acknowledgments raise the bytes a claim may be paid for. address(0): no
+        /// acknowledgments; the provider is paid for at most `byteAllowance` bytes.
+        address ackSigner;
+        /// Bytes (in + out, cumulative) the provider may be paid for without an acknowledgment.
+        uint64 byteAllowance;
         // cpus, memoryMiB, diskMiB, gpus and maxDuration fill one storage slot (4 + 8 + 8 + 4 + 8
-        // bytes); acceptTimeout starts a second one with 24 bytes to spare for later small
-        // fields. The disk costs createOrder that one extra slot whichever field spills over;
-        // acceptTimeout is the one because only `cancel` reads it, while maxDuration, read by
-        // every claim and state check, stays in the first slot.
+        // bytes), read by every claim and state check; acceptTimeout, read only by `accept` and
+        // `cancel`, has a slot of its own with 24 bytes to spare for later small fields.
         uint32 cpus;
         uint64 memoryMiB;
         /// Disk the order's container may write (root filesystem changes, /work): at least 1 MiB,
@@ -53,7 +79,8 @@ contract Marketplace is ProviderRegistry {
         uint64 diskMiB;
         uint32 gpus;
         uint64 maxDuration;
-        /// Seconds after creation from which the client may cancel if nobody accepted.
+        /// Seconds after creation during which the provider may accept, and from which the
+        /// client may cancel if nobody did. Never 0.
         uint64 acceptTimeout;
         /// Dataset id of the provider's registry entry; empty for none.
         string datasetId;
@@ -81,19 +108,49 @@ contract Marketplace is ProviderRegistry {
         uint64 endedAt;
         bool settled;
         bool rated;
+        // claimedSeconds, claimedBytes and ackedBytes share one slot (8 + 12 + 12 bytes): a claim
+        // with an acknowledgment reads and writes them together. Byte totals fit 96 bits with
+        // room to spare: an acknowledgment's total is below 2^65 and claimed bytes never exceed
+        // the acknowledged bytes or the allowance.
+        /// Seconds paid so far (cumulative, trimmed at the lease's end).
         uint64 claimedSeconds;
-        uint128 claimedBytes;
+        /// Bytes (in + out) paid so far (cumulative).
+        uint96 claimedBytes;
+        /// The largest cumulative byte total (bytesIn + bytesOut) the ack signer acknowledged.
+        uint96 ackedBytes;
         /// Total paid to the provider by claims.
         uint256 paid;
         /// Last paid tick-chain commitment (0 before the first claim).
         bytes32 head;
+        /// The tick-chain head of the recorded acknowledgment (0 before the first).
+        bytes32 ackedHead;
+    }
+
+    /// What the client's acknowledgment key signs (EIP-712, see `ACKNOWLEDGMENT_TYPEHASH`): the
+    /// order, the SP's tick-chain head it recomputed and the cumulative totals at that head.
+    /// The EIP-712 type names the third field `seconds`; Solidity reserves that word, so here
+    /// (and in the ABI) it is `leaseSeconds`. The digest depends only on the type string.
+    struct Acknowledgment {
+        uint256 orderId;
+        bytes32 head;
+        uint64 leaseSeconds;
+        uint64 bytesIn;
+        uint64 bytesOut;
     }
 
     /// Longest lease and longest accept timeout an order may ask for. Bounding them keeps every
     /// `timestamp + duration` far inside uint64, so no order can be bricked by an overflow.
     uint64 public constant MAX_DURATION_LIMIT = 10 * 365 days;
-    /// Time after the end of an order during which the provider may still claim usage.
-    uint64 public constant CLAIM_WINDOW = 1 days;
+    /// Time after the end of an order during which the provider may still claim usage; set at
+    /// deployment (at least 1 second, at most `MAX_DURATION_LIMIT`).
+    uint64 public immutable CLAIM_WINDOW;
+    /// The largest price per second and per GiB an order may state: the meter's `MAX_PRICE`, so
+    /// that every price the contract accepts is one the gateway can charge. Below it no charge
+    /// can overflow: seconds < 2^64 and bytes < 2^66 keep every batch under 2^195 wei.
+    uint256 public constant MAX_PRICE = type(uint128).max;
+    /// keccak256 of the EIP-712 type of an acknowledgment.
+    bytes32 public constant ACKNOWLEDGMENT_TYPEHASH =
+        keccak256("Acknowledgment(uint256 orderId,bytes32 head,uint64 seconds,uint64 bytesIn,uint64 bytesOut)");
     /// The BN254 scalar field order: every public input of a tick proof must be below it.
     uint256 public constant SNARK_SCALAR_FIELD =
         21888242871839275222246405745257275088548364400416264131440446208835329769473;
@@ -121,6 +178,8 @@ contract Marketplace is ProviderRegistry {
     event OrderCancelled(uint256 indexed orderId, address indexed by, uint256 refund);
     event OrderToppedUp(uint256 indexed orderId, uint256 amount, uint256 escrow);
     event OrderTerminated(uint256 indexed orderId, address indexed by, uint64 endedAt);
+    /// `seconds_` is what was paid: the batch's seconds, trimmed at the end of an ended lease
+    /// (then `ClaimTrimmed` says by how much).
     event Claimed(
         uint256 indexed orderId,
         bytes32 head,
@@ -130,6 +189,10 @@ contract Marketplace is ProviderRegistry {
         uint256 amount,
         uint256 escrowLeft
     );
+    /// The last batch of an ended lease proved more seconds than the lease had left.
+    event ClaimTrimmed(uint256 indexed orderId, uint64 provenSeconds, uint64 paidSeconds);
+    /// An acknowledgment was recorded: claims may now be paid for up to `bytesIn + bytesOut` bytes.
+    event Acknowledged(uint256 indexed orderId, bytes32 head, uint64 seconds_, uint64 bytesIn, uint64 bytesOut);
     event OrderSettled(uint256 indexed orderId, uint256 refund, uint256 collateralReturned, uint256 collateralSlashed);
     event Rated(uint256 indexed orderId, address indexed provider, uint8 stars, string review);
     event PaymentDeferred(address indexed to, uint256 amount);
@@ -145,6 +208,11 @@ contract Marketplace is ProviderRegistry {
     error OrderNotActive(uint256 orderId, OrderState state);
     error OrderNotEnded(uint256 orderId, OrderState state);
     error AcceptTimeoutNotReached(uint256 orderId, uint64 cancellableAt);
+    error AcceptTimeoutPassed(uint256 orderId, uint64 acceptDeadline);
+    error ZeroAcceptTimeout();
+    error SelfOrder(address provider);
+    error PriceTooHigh(uint256 price, uint256 max);
+    error InvalidClaimWindow(uint64 claimWindow);
     error WrongCollateral(uint256 orderId, uint256 required, uint256 sent);
     error ZeroEscrow();
     error ZeroDuration();
@@ -159,9 +227,20 @@ contract Marketplace is ProviderRegistry {
     error InvalidProof(uint256 orderId);
     error ClaimExceedsLeaseTime(uint256 orderId, uint64 claimedSeconds, uint64 allowedSeconds);
     error ClaimExceedsEscrow(uint256 orderId, uint256 amount, uint256 escrowLeft);
+    /// Cumulative bytes would pass both the acknowledged bytes and the allowance.
+    error ClaimExceedsAcknowledgedBytes(
+        uint256 orderId, uint256 claimedBytes, uint256 acknowledgedBytes, uint64 byteAllowance
+    );
+    error AckForAnotherOrder(uint256 orderId, uint256 ackOrderId);
+    error NoAckSigner(uint256 orderId);
+    /// The signature is malformed, malleable (high s) or by another key (`recovered`, 0 if none).
+    error InvalidAckSignature(uint256 orderId, address ackSigner, address recovered);
+    /// The acknowledgment's byte total is below the one already recorded.
+    error AckOlderThanRecorded(uint256 orderId, uint256 ackBytes, uint256 recordedBytes);
     error AlreadySettled(uint256 orderId);
     error ClaimWindowOpen(uint256 orderId, uint64 settleableAt);
     error AlreadyRated(uint256 orderId);
+    error NothingPaid(uint256 orderId);
     error InvalidStars(uint8 stars);
     error NothingOwed(address account);
     error TransferFailed(address to, uint256 amount);
@@ -174,7 +253,12 @@ contract Marketplace is ProviderRegistry {
         _lock = 1;
     }
 
-    constructor(uint32[] memory batchCapacities, ITickVerifier[] memory verifiers) {
+    /// `claimWindow`: seconds after an order's end during which its provider may still claim.
+    constructor(uint32[] memory batchCapacities, ITickVerifier[] memory verifiers, uint64 claimWindow)
+        EIP712("Shale Marketplace", "1")
+    {
+        if (claimWindow == 0 || claimWindow > MAX_DURATION_LIMIT) revert InvalidClaimWindow(claimWindow);
+        CLAIM_WINDOW = claimWindow;
         if (batchCapacities.length != verifiers.length) {
             revert VerifierConfigMismatch(batchCapacities.length, verifiers.length);
         }
@@ -232,6 +316,28 @@ contract Marketplace is ProviderRegistry {
         return _leaseSecondsSoFar(o) - o.claimedSeconds;
     }
 
+    /// The EIP-712 domain separator of acknowledgments: ("Shale Marketplace", "1", chain id, this
+    /// contract). `eip712Domain()` (ERC-5267) returns its fields.
+    function DOMAIN_SEPARATOR() external view returns (bytes32) {
+        return _domainSeparatorV4();
+    }
+
+    /// The EIP-712 digest the ack signer signs for `ack` (what `eth_signTypedData_v4` signs).
+    function acknowledgmentDigest(Acknowledgment calldata ack) public view returns (bytes32) {
+        return _hashTypedDataV4(
+            keccak256(
+                abi.encode(ACKNOWLEDGMENT_TYPEHASH, ack.orderId, ack.head, ack.leaseSeconds, ack.bytesIn, ack.bytesOut)
+            )
+        );
+    }
+
+    /// Bytes (in + out, cumulative) the provider may be paid for right now:
+    /// max(acknowledged bytes, allowance) minus what was already paid.
+    function claimableBytes(uint256 orderId) external view returns (uint256) {
+        Order storage o = _order(orderId);
+        return _bytesAllowed(o) - o.claimedBytes;
+    }
+
     /// Amount a batch would cost under the order's tariff (see the rounding rule above).
     function quote(uint256 orderId, uint64 leaseSeconds, uint64 bytesIn, uint64 bytesOut)
         external
@@ -251,7 +357,11 @@ contract Marketplace is ProviderRegistry {
         if (terms.maxDuration == 0) revert ZeroDuration();
         if (terms.maxDuration > MAX_DURATION_LIMIT) revert DurationTooLong(terms.maxDuration, MAX_DURATION_LIMIT);
         if (terms.acceptTimeout > MAX_DURATION_LIMIT) revert DurationTooLong(terms.acceptTimeout, MAX_DURATION_LIMIT);
+        if (terms.acceptTimeout == 0) revert ZeroAcceptTimeout();
         if (terms.keyFingerprint == bytes32(0)) revert ZeroFingerprint();
+        if (terms.pricePerSecond > MAX_PRICE) revert PriceTooHigh(terms.pricePerSecond, MAX_PRICE);
+        if (terms.pricePerGiB > MAX_PRICE) revert PriceTooHigh(terms.pricePerGiB, MAX_PRICE);
+        if (provider == msg.sender) revert SelfOrder(provider);
         Provider storage p = _provider(provider);
         if (!p.active) revert ProviderInactive(provider);
         if (terms.diskMiB < MIN_DISK_MIB) revert DiskTooSmall(terms.diskMiB, MIN_DISK_MIB);
@@ -300,27 +410,32 @@ contract Marketplace is ProviderRegistry {
         _pay(o.client, refund);
     }
 
-    /// Rates the provider of an ended order, once: 1 to 5 stars and a short review (<= 280 bytes).
+    /// Rates the provider of an ended order that paid it something, once: 1 to 5 stars and a
+    /// short review (<= 280 bytes). The rating weighs what the order paid the provider so far.
     function rate(uint256 orderId, uint8 stars, string calldata review) external {
         Order storage o = _order(orderId);
         if (msg.sender != o.client) revert NotClient(orderId, msg.sender);
         OrderState s = _stateOf(o);
         if (s != OrderState.Ended) revert OrderNotEnded(orderId, s);
         if (o.rated) revert AlreadyRated(orderId);
+        if (o.paid == 0) revert NothingPaid(orderId);
         if (stars < 1 || stars > 5) revert InvalidStars(stars);
         if (bytes(review).length > MAX_REVIEW) revert TooLong("review", bytes(review).length, MAX_REVIEW);
         o.rated = true;
-        _addRating(o.provider, stars);
+        _addRating(o.provider, stars, o.paid);
         emit Rated(orderId, o.provider, stars, review);
     }
 
     // ---------------------------------------------------------------- provider side
 
-    /// Accepts a Pending order; the call's value must equal the order's collateral exactly.
+    /// Accepts a Pending order before `createdAt + acceptTimeout` (from then on the client may
+    /// cancel); the call's value must equal the order's collateral exactly.
     function accept(uint256 orderId) external payable {
         Order storage o = _order(orderId);
         if (msg.sender != o.provider) revert NotProvider(orderId, msg.sender);
         if (o.state != OrderState.Pending) revert OrderNotPending(orderId, o.state);
+        uint64 deadline = o.createdAt + o.terms.acceptTimeout;
+        if (block.timestamp >= deadline) revert AcceptTimeoutPassed(orderId, deadline);
         if (msg.value != o.terms.collateral) revert WrongCollateral(orderId, o.terms.collateral, msg.value);
         o.state = OrderState.Active;
         o.acceptedAt = uint64(block.timestamp);
@@ -339,9 +454,17 @@ contract Marketplace is ProviderRegistry {
         emit OrderTerminated(orderId, msg.sender, o.endedAt);
     }
 
+    /// Records an acknowledgment signed by the order's ack signer; anyone may submit it. Claims
+    /// may then be paid for up to its cumulative byte total. An acknowledgment of another order
+    /// or below the recorded total is refused; one of the same total replaces the recorded head.
+    function acknowledge(uint256 orderId, Acknowledgment calldata ack, bytes calldata signature) external {
+        _acknowledge(orderId, _order(orderId), ack, signature);
+    }
+
     /// Claims metered usage for one proven batch of ticks and pays it to the provider.
     /// `leaseSeconds`, `bytesIn`, `bytesOut` are the batch totals the proof commits to; the proof
-    /// links the order's stored head to `nextHead`.
+    /// links the order's stored head to `nextHead`. See the contract's doc for what a claim may be
+    /// paid for; a batch of an ended lease that runs past its end is paid up to the end.
     function claim(
         uint256 orderId,
         uint32 batchCapacity,
@@ -351,28 +474,25 @@ contract Marketplace is ProviderRegistry {
         uint64 bytesOut,
         bytes calldata proof
     ) external nonReentrant {
+        _claim(orderId, _order(orderId), batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
+    }
+
+    /// `acknowledge(orderId, ack, ackSignature)` then `claim(...)`, in one transaction: what the
+    /// settler sends when its batch needs the client's newest acknowledgment.
+    function claimWithAck(
+        uint256 orderId,
+        uint32 batchCapacity,
+        bytes32 nextHead,
+        uint64 leaseSeconds,
+        uint64 bytesIn,
+        uint64 bytesOut,
+        bytes calldata proof,
+        Acknowledgment calldata ack,
+        bytes calldata ackSignature
+    ) external nonReentrant {
         Order storage o = _order(orderId);
-        if (msg.sender != o.provider) revert NotProvider(orderId, msg.sender);
-        OrderState s = _stateOf(o);
-        if (s != OrderState.Active && s != OrderState.Ended) revert OrderNotActive(orderId, s);
-        if (o.settled) revert AlreadySettled(orderId);
-        if (nextHead == o.head) revert CommitmentAlreadyPaid(orderId, nextHead);
-        if (uint256(nextHead) >= SNARK_SCALAR_FIELD) revert HeadOutOfField(nextHead);
-        _verify(orderId, o, batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
-
-        uint64 allowed = _leaseSecondsSoFar(o);
-        uint64 total = o.claimedSeconds + leaseSeconds;
-        if (total > allowed) revert ClaimExceedsLeaseTime(orderId, total, allowed);
-        uint256 amount = _charge(o, leaseSeconds, bytesIn, bytesOut);
-        if (amount > o.escrow) revert ClaimExceedsEscrow(orderId, amount, o.escrow);
-
-        o.escrow -= amount;
-        o.paid += amount;
-        o.claimedSeconds = total;
-        o.claimedBytes += uint128(bytesIn) + uint128(bytesOut);
-        o.head = nextHead;
-        emit Claimed(orderId, nextHead, leaseSeconds, bytesIn, bytesOut, amount, o.escrow);
-        _pay(o.provider, amount);
+        _acknowledge(orderId, o, ack, ackSignature);
+        _claim(orderId, o, batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
     }
 
     /// Closes an ended order's books: the rest of the escrow (plus any slash) to the client, the
@@ -416,13 +536,19 @@ contract Marketplace is ProviderRegistry {
         return num / maxDuration + (num % maxDuration == 0 ? 0 : 1);
     }
 
-    /// Pulls payments that could not be pushed to the caller.
+    /// Pulls payments that could not be pushed to the caller. Forwards all the call's gas (a
+    /// contract wallet that needs more than the push stipend is paid here) and copies no return
+    /// data.
     function withdraw() external nonReentrant {
         uint256 amount = owed[msg.sender];
         if (amount == 0) revert NothingOwed(msg.sender);
         owed[msg.sender] = 0;
         emit Withdrawn(msg.sender, amount);
-        (bool ok,) = msg.sender.call{value: amount}("");
+        bool ok;
+        address to = msg.sender;
+        assembly ("memory-safe") {
+            ok := call(gas(), to, amount, 0, 0, 0, 0)
+        }
         if (!ok) revert TransferFailed(msg.sender, amount);
     }
 
@@ -451,6 +577,90 @@ contract Marketplace is ProviderRegistry {
         return end - o.acceptedAt;
     }
 
+    function _bytesAllowed(Order storage o) private view returns (uint256) {
+        uint256 acked = o.ackedBytes;
+        uint64 allowance = o.terms.byteAllowance;
+        return acked > allowance ? acked : allowance;
+    }
+
+    function _acknowledge(uint256 orderId, Order storage o, Acknowledgment calldata ack, bytes calldata signature)
+        private
+    {
+        if (ack.orderId != orderId) revert AckForAnotherOrder(orderId, ack.orderId);
+        OrderState s = _stateOf(o);
+        if (s != OrderState.Active && s != OrderState.Ended) revert OrderNotActive(orderId, s);
+        if (o.settled) revert AlreadySettled(orderId);
+        address signer = o.terms.ackSigner;
+        if (signer == address(0)) revert NoAckSigner(orderId);
+        // tryRecover refuses malformed signatures and high-s (malleable) ones.
+        (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecover(acknowledgmentDigest(ack), signature);
+        if (err != ECDSA.RecoverError.NoError || recovered != signer) {
+            revert InvalidAckSignature(orderId, signer, recovered);
+        }
+        uint256 total = uint256(ack.bytesIn) + uint256(ack.bytesOut);
+        uint256 recorded = o.ackedBytes;
+        if (total < recorded) revert AckOlderThanRecorded(orderId, total, recorded);
+        o.ackedBytes = uint96(total);
+        o.ackedHead = ack.head;
+        emit Acknowledged(orderId, ack.head, ack.leaseSeconds, ack.bytesIn, ack.bytesOut);
+    }
+
+    function _claim(
+        uint256 orderId,
+        Order storage o,
+        uint32 batchCapacity,
+        bytes32 nextHead,
+        uint64 leaseSeconds,
+        uint64 bytesIn,
+        uint64 bytesOut,
+        bytes calldata proof
+    ) private {
+        if (msg.sender != o.provider) revert NotProvider(orderId, msg.sender);
+        OrderState s = _stateOf(o);
+        if (s != OrderState.Active && s != OrderState.Ended) revert OrderNotActive(orderId, s);
+        if (o.settled) revert AlreadySettled(orderId);
+        if (nextHead == o.head) revert CommitmentAlreadyPaid(orderId, nextHead);
+        if (uint256(nextHead) >= SNARK_SCALAR_FIELD) revert HeadOutOfField(nextHead);
+        _verify(orderId, o, batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
+
+        uint64 paidSeconds = _secondsToPay(orderId, o, s, leaseSeconds);
+        uint256 bytesTotal = uint256(o.claimedBytes) + uint256(bytesIn) + uint256(bytesOut);
+        uint256 bytesAllowed = _bytesAllowed(o);
+        if (bytesTotal > bytesAllowed) {
+            revert ClaimExceedsAcknowledgedBytes(orderId, bytesTotal, o.ackedBytes, o.terms.byteAllowance);
+        }
+        uint256 amount = _charge(o, paidSeconds, bytesIn, bytesOut);
+        uint256 escrow = o.escrow;
+        if (amount > escrow) revert ClaimExceedsEscrow(orderId, amount, escrow);
+
+        o.escrow = escrow - amount;
+        o.paid += amount;
+        o.claimedSeconds += paidSeconds;
+        o.claimedBytes = uint96(bytesTotal);
+        o.head = nextHead;
+        emit Claimed(orderId, nextHead, paidSeconds, bytesIn, bytesOut, amount, escrow - amount);
+        _pay(o.provider, amount);
+    }
+
+    /// The batch's seconds that may be paid: all of them while they fit the lease's chain time so
+    /// far; past it, a live lease refuses the batch (the time has not come yet), an ended lease
+    /// pays up to its end.
+    function _secondsToPay(uint256 orderId, Order storage o, OrderState s, uint64 leaseSeconds)
+        private
+        returns (uint64)
+    {
+        uint64 allowed = _leaseSecondsSoFar(o);
+        uint64 claimed = o.claimedSeconds;
+        uint256 total = uint256(claimed) + uint256(leaseSeconds);
+        if (total <= allowed) return leaseSeconds;
+        if (s != OrderState.Ended) {
+            revert ClaimExceedsLeaseTime(orderId, total > type(uint64).max ? type(uint64).max : uint64(total), allowed);
+        }
+        uint64 paidSeconds = allowed - claimed;
+        emit ClaimTrimmed(orderId, leaseSeconds, paidSeconds);
+        return paidSeconds;
+    }
+
     function _charge(Order storage o, uint64 leaseSeconds, uint64 bytesIn, uint64 bytesOut)
         private
         view
@@ -477,11 +687,20 @@ contract Marketplace is ProviderRegistry {
         if (!verifier.verifyClaim(input, proof)) revert InvalidProof(orderId);
     }
 
-    /// Pushes ether; a receiver that refuses it gets the amount credited to `owed` instead, so one
-    /// party can never block the other's payout.
+    /// Pushes ether with a bounded stipend and no return data; a receiver that refuses it (or
+    /// burns the stipend, or answers with a huge blob) gets the amount credited to `owed`
+    /// instead, so one party can never block the other's payout.
+    ///
+    /// The call passes gas 0 with a non-zero value, as Solidity's `transfer` does: the EVM gives
+    /// the receiver its 2300-gas stipend, and FEVM, which prices gas differently, detects this
+    /// pattern and grants its own fixed limit (ref-fvm #1416). Output size 0 and no
+    /// `returndatacopy`: whatever the receiver returns is never copied into our memory.
     function _pay(address to, uint256 amount) private {
         if (amount == 0) return;
-        (bool ok,) = to.call{value: amount}("");
+        bool ok;
+        assembly ("memory-safe") {
+            ok := call(0, to, amount, 0, 0, 0, 0)
+        }
         if (!ok) {
             owed[to] += amount;
             emit PaymentDeferred(to, amount);

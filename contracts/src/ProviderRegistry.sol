@@ -6,7 +6,8 @@ pragma solidity ^0.8.24;
 /// A provider is keyed by the address that registered it. Its entry holds what a client needs to
 /// order and connect: the gateway endpoint (`host:port`), the gateway's SSH host public key in
 /// OpenSSH format (clients write `known_hosts` from it and never trust on first use), the offer,
-/// and the datasets it serves. Ratings are written by the marketplace when clients rate orders.
+/// and the datasets it serves. Ratings are written by the marketplace when clients rate orders
+/// that paid the provider something, each weighted by what its order paid.
 abstract contract ProviderRegistry {
     /// Resources and tariff a provider offers. Prices are integer wei.
     struct Offer {
@@ -46,8 +47,14 @@ abstract contract ProviderRegistry {
         /// False once withdrawn: no new orders; live orders keep running.
         bool active;
         uint64 registeredAt;
+        /// Number of ratings and the plain sum of their stars.
         uint64 ratingCount;
         uint64 ratingSum;
+        /// Wei the rated orders paid the provider (when rated), and the sum of stars times that
+        /// wei: `rating()`'s average is their quotient, so a rating counts as much as its order
+        /// paid.
+        uint256 ratingWeight;
+        uint256 ratingWeightedStars;
     }
 
     uint256 public constant MAX_TEXT = 1024;
@@ -167,18 +174,22 @@ abstract contract ProviderRegistry {
         return _datasets[provider][_requireDataset(provider, datasetId)];
     }
 
-    /// Rating count and average in hundredths of a star, floored (e.g. 4.666... reads 466);
-    /// the average is 0 when nobody rated yet.
+    /// Rating count and the average weighted by what each rated order paid, in hundredths of a
+    /// star, floored (e.g. 5 stars over 2 wei and 4 stars over 1 wei: 14 / 3 reads 466); the
+    /// average is 0 when nobody rated yet.
     function rating(address provider) external view returns (uint64 count, uint256 averageCentiStars) {
         Provider storage p = _provider(provider);
         count = p.ratingCount;
-        averageCentiStars = count == 0 ? 0 : (uint256(p.ratingSum) * 100) / count;
+        averageCentiStars = p.ratingWeight == 0 ? 0 : (p.ratingWeightedStars * 100) / p.ratingWeight;
     }
 
-    function _addRating(address provider, uint8 stars) internal {
+    /// Adds a rating of `stars` from an order that paid the provider `weight` wei (> 0).
+    function _addRating(address provider, uint8 stars, uint256 weight) internal {
         Provider storage p = _providers[provider];
         p.ratingCount += 1;
         p.ratingSum += stars;
+        p.ratingWeight += weight;
+        p.ratingWeightedStars += weight * stars;
     }
 
     function _provider(address provider) internal view returns (Provider storage p) {

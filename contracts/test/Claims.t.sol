@@ -109,30 +109,56 @@ contract ClaimsTest is MarketplaceBase {
         m.claim(id, CAP, _head(2), 11, 0, 0, proof);
     }
 
-    function test_claim_afterTerminationIsBoundedByTheTerminationTime() public {
+    event ClaimTrimmed(uint256 indexed orderId, uint64 provenSeconds, uint64 paidSeconds);
+
+    function test_claim_afterTerminationIsTrimmedToTheTerminationTime() public {
         uint256 id = _active();
         vm.warp(T0 + 50);
         vm.prank(client);
         m.terminate(id);
         vm.warp(T0 + 500);
         assertEq(m.claimableSeconds(id), 50, "50 s claimable after the end");
-        bytes memory proof = _proof(id, _head(1), 51, 0, 0);
-        vm.expectRevert(abi.encodeWithSelector(Marketplace.ClaimExceedsLeaseTime.selector, id, 51, 50));
-        vm.prank(sp);
-        m.claim(id, CAP, _head(1), 51, 0, 0, proof);
-        _claim(id, _head(1), 50, 0, 0);
-        assertEq(m.getOrder(id).claimedSeconds, 50, "claimed up to the end");
+        // The last batch ran 1 s past the end (its tick closed after the termination landed):
+        // it is paid up to the end, not refused.
+        vm.expectEmit(true, false, false, true);
+        emit ClaimTrimmed(id, 51, 50);
+        vm.expectEmit(true, false, false, true);
+        emit Claimed(id, _head(1), 50, 7, 0, 50 * PPS + (7 * PPG) / GIB, ESCROW - 50 * PPS - (7 * PPG) / GIB);
+        _claim(id, _head(1), 51, 7, 0);
+        assertEq(m.getOrder(id).claimedSeconds, 50, "paid up to the end");
+        assertEq(m.getOrder(id).paid, 50 * PPS + (7 * PPG) / GIB, "50 s and the bytes");
+        assertEq(m.claimableSeconds(id), 0, "nothing more");
+        // A later batch gets no more seconds but still its bytes.
+        _claim(id, _head(2), 30, 3, 0);
+        assertEq(m.getOrder(id).claimedSeconds, 50, "still the end");
+        assertEq(m.getOrder(id).claimedBytes, 10, "bytes of both batches");
     }
 
-    function test_claim_afterExpiryIsBoundedByTheMaxDuration() public {
+    function test_claim_afterExpiryIsTrimmedToTheMaxDuration() public {
         uint256 id = _active();
         vm.warp(T0 + 10 * MAX_DURATION);
-        uint64 over = MAX_DURATION + 1;
-        bytes memory proof = _proof(id, _head(1), over, 0, 0);
-        vm.expectRevert(abi.encodeWithSelector(Marketplace.ClaimExceedsLeaseTime.selector, id, over, MAX_DURATION));
+        _claim(id, _head(1), MAX_DURATION - 5, 0, 0);
+        uint64 over = 100;
+        vm.expectEmit(true, false, false, true);
+        emit ClaimTrimmed(id, over, 5);
+        _claim(id, _head(2), over, 0, 0);
+        assertEq(m.getOrder(id).claimedSeconds, MAX_DURATION, "every second up to the expiry");
+        assertEq(m.getOrder(id).paid, MAX_DURATION * PPS, "and not one more");
+    }
+
+    function test_claim_whileLiveBeyondTheLeaseTimeIsRefusedNotTrimmed() public {
+        // While the lease runs, seconds beyond chain time are not yet earned: a trim would lose
+        // them for good once the head moves on, so the batch waits.
+        uint256 id = _active();
+        vm.warp(T0 + 40);
+        bytes memory proof = _proof(id, _head(1), 41, 0, 0);
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.ClaimExceedsLeaseTime.selector, id, 41, 40));
         vm.prank(sp);
-        m.claim(id, CAP, _head(1), over, 0, 0, proof);
-        _claim(id, _head(1), MAX_DURATION, 0, 0);
+        m.claim(id, CAP, _head(1), 41, 0, 0, proof);
+        vm.warp(T0 + 41);
+        vm.prank(sp);
+        m.claim(id, CAP, _head(1), 41, 0, 0, proof);
+        assertEq(m.getOrder(id).claimedSeconds, 41, "paid once the time came");
     }
 
     function test_claim_moreThanTheEscrowLeftIsRefused() public {
@@ -215,6 +241,7 @@ contract ClaimsTest is MarketplaceBase {
         bytesIn = uint64(bound(bytesIn, 0, 1 << 50));
         bytesOut = uint64(bound(bytesOut, 0, 1 << 50));
         Marketplace.Terms memory terms = _terms();
+        terms.byteAllowance = type(uint64).max;
         uint256 id = _createWith(terms, 100 ether);
         _accept(id);
         vm.warp(T0 + MAX_DURATION);
@@ -232,19 +259,21 @@ contract ClaimsTest is MarketplaceBase {
         b = uint64(bound(b, 0, 2 * MAX_DURATION));
         vm.warp(T0 + elapsed);
         uint64 allowed = elapsed < MAX_DURATION ? uint64(elapsed) : MAX_DURATION;
-        bool firstOk = a <= allowed;
-        if (firstOk) {
+        // Expired (elapsed >= MAX_DURATION): batches past the end are trimmed, not refused.
+        bool ended = elapsed >= MAX_DURATION;
+        uint64 claimed;
+        if (a <= allowed || ended) {
             _claim(id, _head(1), a, 0, 0);
+            claimed = a <= allowed ? a : allowed;
         } else {
             bytes memory proof = _proof(id, _head(1), a, 0, 0);
             vm.expectRevert(abi.encodeWithSelector(Marketplace.ClaimExceedsLeaseTime.selector, id, a, allowed));
             vm.prank(sp);
             m.claim(id, CAP, _head(1), a, 0, 0, proof);
         }
-        uint64 claimed = firstOk ? a : 0;
-        if (claimed + b <= allowed) {
+        if (claimed + b <= allowed || ended) {
             _claim(id, _head(2), b, 0, 0);
-            claimed += b;
+            claimed = claimed + b <= allowed ? claimed + b : allowed;
         }
         assertLe(m.getOrder(id).claimedSeconds, allowed, "never beyond the lease time");
         assertEq(m.getOrder(id).claimedSeconds, claimed, "claimed");

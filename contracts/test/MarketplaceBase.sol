@@ -26,6 +26,12 @@ abstract contract MarketplaceBase is Test {
     uint256 internal constant PPG = 7_000_000_001;
     uint64 internal constant MAX_DURATION = 3_600;
     uint64 internal constant ACCEPT_TIMEOUT = 600;
+    /// The claim window this fixture deploys with (what the constructor takes).
+    uint64 internal constant CLAIM_WINDOW = 1 days;
+    /// Bytes an order may be paid for without an acknowledgment: 1 GiB in the fixture.
+    uint64 internal constant BYTE_ALLOWANCE = 1 << 30;
+    /// The client's per-order acknowledgment key (a private key: tests sign with it).
+    uint256 internal constant ACK_KEY = 0xA11CE;
     /// The offer's default disk (20 GiB) and its maximum per order (100 GiB).
     uint64 internal constant DISK = 20_480;
     uint64 internal constant MAX_DISK = 102_400;
@@ -42,7 +48,7 @@ abstract contract MarketplaceBase is Test {
         caps[0] = CAP;
         ITickVerifier[] memory vs = new ITickVerifier[](1);
         vs[0] = verifier;
-        m = new Marketplace(caps, vs);
+        m = new Marketplace(caps, vs, CLAIM_WINDOW);
         vm.deal(client, 1_000 ether);
         vm.deal(sp, 1_000 ether);
         vm.deal(stranger, 1_000 ether);
@@ -82,6 +88,8 @@ abstract contract MarketplaceBase is Test {
     function _terms() internal pure returns (Marketplace.Terms memory) {
         return Marketplace.Terms({
             keyFingerprint: FINGERPRINT,
+            ackSigner: vm.addr(ACK_KEY),
+            byteAllowance: BYTE_ALLOWANCE,
             cpus: 2,
             memoryMiB: 2048,
             diskMiB: 10_240,
@@ -137,6 +145,30 @@ abstract contract MarketplaceBase is Test {
         bytes memory proof = _proof(id, nextHead, secs, bytesIn, bytesOut);
         vm.prank(sp);
         m.claim(id, CAP, nextHead, secs, bytesIn, bytesOut, proof);
+    }
+
+    function _ack(uint256 id, bytes32 head, uint64 secs, uint64 bytesIn, uint64 bytesOut)
+        internal
+        pure
+        returns (Marketplace.Acknowledgment memory)
+    {
+        return Marketplace.Acknowledgment({
+            orderId: id, head: head, leaseSeconds: secs, bytesIn: bytesIn, bytesOut: bytesOut
+        });
+    }
+
+    /// A 65-byte signature (r, s, v) of `ack` by `key`.
+    function _sign(uint256 key, Marketplace.Acknowledgment memory ack) internal view returns (bytes memory) {
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(key, m.acknowledgmentDigest(ack));
+        return abi.encodePacked(r, s, v);
+    }
+
+    /// Records an acknowledgment by the fixture's ack key (submitted by a stranger: anyone may).
+    function _acknowledge(uint256 id, bytes32 head, uint64 secs, uint64 bytesIn, uint64 bytesOut) internal {
+        Marketplace.Acknowledgment memory ack = _ack(id, head, secs, bytesIn, bytesOut);
+        bytes memory sig = _sign(ACK_KEY, ack);
+        vm.prank(stranger);
+        m.acknowledge(id, ack, sig);
     }
 
     function _state(uint256 id) internal view returns (uint256) {

@@ -9,13 +9,16 @@ import {ProviderRegistry} from "../src/ProviderRegistry.sol";
 contract RatingsTest is MarketplaceBase {
     event Rated(uint256 indexed orderId, address indexed provider, uint8 stars, string review);
 
+    /// An ended order that paid the provider 10 seconds.
     function _ended() internal returns (uint256 id) {
         id = _active();
+        vm.warp(block.timestamp + 10);
+        _claim(id, _head(1), 10, 0, 0);
         vm.prank(client);
         m.terminate(id);
     }
 
-    function test_rate_countsAndAveragesInFlooredHundredths() public {
+    function test_rate_countsAndAveragesInFlooredHundredthsOfEqualWeights() public {
         uint256 a = _ended();
         uint256 b = _ended();
         uint256 c = _ended();
@@ -32,6 +35,8 @@ contract RatingsTest is MarketplaceBase {
         assertEq(average, 466, "14 / 3 stars = 4.666... reads 466");
         assertTrue(m.getOrder(a).rated, "marked rated");
         assertEq(m.getProvider(sp).ratingSum, 14, "sum");
+        assertEq(m.getProvider(sp).ratingWeight, 30 * PPS, "weight: what the three orders paid");
+        assertEq(m.getProvider(sp).ratingWeightedStars, 140 * PPS, "stars times wei");
     }
 
     function test_rate_withoutRatingsReadsZero() public view {
@@ -43,6 +48,7 @@ contract RatingsTest is MarketplaceBase {
     function test_rate_expiredOrdersCanBeRated() public {
         uint256 id = _active();
         vm.warp(T0 + MAX_DURATION);
+        _claim(id, _head(1), 1, 0, 0);
         vm.prank(client);
         m.rate(id, 3, "ok");
         (uint64 count,) = m.rating(sp);

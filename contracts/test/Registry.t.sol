@@ -185,6 +185,8 @@ contract RegistryTest is MarketplaceBase {
 
     function test_reRegistering_afterWithdrawReplacesDatasetsAndKeepsRatings() public {
         uint256 id = _active();
+        vm.warp(T0 + 10);
+        _claim(id, _head(1), 10, 0, 0);
         vm.prank(client);
         m.terminate(id);
         vm.prank(client);
@@ -263,7 +265,7 @@ contract RegistryTest is MarketplaceBase {
         uint32[] memory caps = new uint32[](2);
         ITickVerifier[] memory one = new ITickVerifier[](1);
         vm.expectRevert(abi.encodeWithSelector(Marketplace.VerifierConfigMismatch.selector, 2, 1));
-        new Marketplace(caps, one);
+        new Marketplace(caps, one, CLAIM_WINDOW);
 
         ITickVerifier[] memory two = new ITickVerifier[](2);
         TestTickVerifier v = new TestTickVerifier();
@@ -272,15 +274,15 @@ contract RegistryTest is MarketplaceBase {
         caps[0] = 16;
         caps[1] = 16;
         vm.expectRevert(abi.encodeWithSelector(Marketplace.InvalidVerifier.selector, 16));
-        new Marketplace(caps, two);
+        new Marketplace(caps, two, CLAIM_WINDOW);
 
         caps[1] = 0;
         vm.expectRevert(abi.encodeWithSelector(Marketplace.InvalidVerifier.selector, 0));
-        new Marketplace(caps, two);
+        new Marketplace(caps, two, CLAIM_WINDOW);
 
         caps[1] = 32;
         two[1] = ITickVerifier(address(0));
         vm.expectRevert(abi.encodeWithSelector(Marketplace.InvalidVerifier.selector, 32));
-        new Marketplace(caps, two);
+        new Marketplace(caps, two, CLAIM_WINDOW);
     }
 }
