@@ -4,6 +4,7 @@ pragma solidity ^0.8.24;
 import {MarketplaceBase} from "./MarketplaceBase.sol";
 import {Marketplace} from "../src/Marketplace.sol";
 import {ProviderRegistry} from "../src/ProviderRegistry.sol";
+import {ITickVerifier} from "../src/ITickVerifier.sol";
 
 /// Creation, acceptance, cancellation, top-up, termination and expiry of orders.
 contract OrdersTest is MarketplaceBase {
@@ -50,6 +51,79 @@ contract OrdersTest is MarketplaceBase {
         assertEq(address(m).balance, ESCROW, "contract holds escrow");
         assertEq(client.balance, before - ESCROW, "client paid");
         assertEq(_create(), 2, "ids increment");
+    }
+
+    function test_createOrder_storesTheAckSignerAndTheByteAllowance() public {
+        uint256 id = _create();
+        Marketplace.Order memory o = m.getOrder(id);
+        assertEq(o.terms.ackSigner, vm.addr(ACK_KEY), "ack signer");
+        assertEq(o.terms.byteAllowance, BYTE_ALLOWANCE, "allowance");
+        assertEq(o.ackedBytes, 0, "nothing acknowledged yet");
+        assertEq(o.ackedHead, bytes32(0), "no acknowledged head");
+        assertEq(m.claimableBytes(id), BYTE_ALLOWANCE, "the allowance is claimable");
+
+        // No ack key and no allowance: the order pays for seconds only.
+        Marketplace.Terms memory terms = _terms();
+        terms.ackSigner = address(0);
+        terms.byteAllowance = 0;
+        uint256 bare = _createWith(terms, ESCROW);
+        assertEq(m.getOrder(bare).terms.ackSigner, address(0), "no ack signer");
+        assertEq(m.claimableBytes(bare), 0, "no bytes");
+    }
+
+    function test_createOrder_refusesSelfOrders() public {
+        Marketplace.Terms memory terms = _terms();
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.SelfOrder.selector, sp));
+        vm.prank(sp);
+        m.createOrder{value: ESCROW}(sp, terms);
+    }
+
+    function test_createOrder_refusesAZeroAcceptTimeout() public {
+        // It could never be accepted: accept needs a moment before createdAt + acceptTimeout.
+        Marketplace.Terms memory terms = _terms();
+        terms.acceptTimeout = 0;
+        vm.expectRevert(Marketplace.ZeroAcceptTimeout.selector);
+        _createWith(terms, ESCROW);
+    }
+
+    function test_createOrder_refusesPricesAboveTheMeterBound() public {
+        uint256 max = m.MAX_PRICE();
+        assertEq(max, type(uint128).max, "the meter's MAX_PRICE, 2^128 - 1");
+        Marketplace.Terms memory terms = _terms();
+        terms.pricePerSecond = max + 1;
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.PriceTooHigh.selector, max + 1, max));
+        _createWith(terms, ESCROW);
+        terms = _terms();
+        terms.pricePerGiB = type(uint256).max;
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.PriceTooHigh.selector, type(uint256).max, max));
+        _createWith(terms, ESCROW);
+
+        // At the bound, no batch's charge can overflow, whatever its totals.
+        terms = _terms();
+        terms.pricePerSecond = max;
+        terms.pricePerGiB = max;
+        uint256 id = _createWith(terms, ESCROW);
+        uint64 all = type(uint64).max;
+        assertEq(
+            m.quote(id, all, all, all),
+            uint256(all) * max + ((uint256(all) * 2) * max) / (1 << 30),
+            "the largest batch is priced, not reverted"
+        );
+    }
+
+    function test_constructor_takesTheClaimWindow() public {
+        assertEq(m.CLAIM_WINDOW(), CLAIM_WINDOW, "the fixture's window");
+        uint32[] memory caps = new uint32[](1);
+        caps[0] = CAP;
+        ITickVerifier[] memory vs = new ITickVerifier[](1);
+        vs[0] = verifier;
+        Marketplace short = new Marketplace(caps, vs, 1 hours);
+        assertEq(short.CLAIM_WINDOW(), 1 hours, "an hour");
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.InvalidClaimWindow.selector, 0));
+        new Marketplace(caps, vs, 0);
+        uint64 tooLong = m.MAX_DURATION_LIMIT() + 1;
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.InvalidClaimWindow.selector, tooLong));
+        new Marketplace(caps, vs, tooLong);
     }
 
     function test_createOrder_emitsOrderCreated() public {
@@ -188,6 +262,23 @@ contract OrdersTest is MarketplaceBase {
         vm.expectRevert(abi.encodeWithSelector(Marketplace.OrderNotPending.selector, id, Marketplace.OrderState.Active));
         vm.prank(sp);
         m.accept{value: COLLATERAL}(id);
+    }
+
+    function test_accept_afterTheAcceptTimeoutIsRefused() public {
+        uint256 id = _create();
+        uint64 deadline = uint64(T0 + ACCEPT_TIMEOUT);
+        vm.warp(deadline);
+        // From this second on the client may cancel, so the provider may no longer accept.
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.AcceptTimeoutPassed.selector, id, deadline));
+        vm.prank(sp);
+        m.accept{value: COLLATERAL}(id);
+        vm.prank(client);
+        m.cancel(id);
+
+        uint256 id2 = _create();
+        vm.warp(deadline + ACCEPT_TIMEOUT - 1);
+        _accept(id2);
+        assertEq(_state(id2), ACTIVE, "accepted in its last second");
     }
 
     function test_accept_withZeroCollateralOrder() public {

@@ -39,6 +39,35 @@ contract RatingsTest is MarketplaceBase {
         assertEq(m.getProvider(sp).ratingWeightedStars, 140 * PPS, "stars times wei");
     }
 
+    function test_rate_weighsEachRatingByWhatItsOrderPaid() public {
+        // A pays 10 s, B pays 90 s: 5 stars over 10 and 1 star over 90 average 1.4 stars.
+        uint256 a = _ended();
+        uint256 b = _active();
+        vm.warp(block.timestamp + 90);
+        _claim(b, _head(1), 90, 0, 0);
+        vm.prank(client);
+        m.terminate(b);
+        vm.prank(client);
+        m.rate(a, 5, "");
+        vm.prank(client);
+        m.rate(b, 1, "");
+        (uint64 count, uint256 average) = m.rating(sp);
+        assertEq(count, 2, "count");
+        assertEq(average, 140, "(5 * 10 + 1 * 90) / 100 = 1.40 stars");
+        assertEq(m.getProvider(sp).ratingSum, 6, "the plain sum is kept too");
+        assertEq(m.getProvider(sp).ratingWeight, 100 * PPS, "weight");
+    }
+
+    function test_rate_refusesAnOrderThatPaidNothing() public {
+        // A competitor's (or the SP's own sock puppet's) empty order carries no rating.
+        uint256 id = _active();
+        vm.prank(client);
+        m.terminate(id);
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.NothingPaid.selector, id));
+        vm.prank(client);
+        m.rate(id, 1, "never used it");
+    }
+
     function test_rate_withoutRatingsReadsZero() public view {
         (uint64 count, uint256 average) = m.rating(sp);
         assertEq(count, 0, "count");
