@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shale_contracts::{Address, U256};
 
+mod ack;
 mod cmd;
 mod exit;
 mod money;
@@ -95,6 +96,28 @@ enum Command {
         /// Bytes counted ahead per durable write (at most this much is over-counted by a crash).
         #[arg(long, default_value_t = cmd::tunnel::DEFAULT_STEP)]
         step: u64,
+        /// Acknowledge this order's usage with its acknowledgment key (needs the other --ack-*
+        /// options); without it the tunnel only counts.
+        #[arg(long, requires_all = ["ack_key", "rpc_url_for_acks", "marketplace_for_acks", "ssh_config"])]
+        ack_order: Option<u64>,
+        /// The order's acknowledgment key file.
+        #[arg(long)]
+        ack_key: Option<PathBuf>,
+        /// The chain RPC the acknowledgments are checked against.
+        #[arg(long = "ack-rpc-url")]
+        rpc_url_for_acks: Option<String>,
+        /// The marketplace of the order.
+        #[arg(long = "ack-marketplace")]
+        marketplace_for_acks: Option<Address>,
+        /// The Shale ssh config with the order's Host entry.
+        #[arg(long)]
+        ssh_config: Option<PathBuf>,
+        /// Seconds between acknowledgments.
+        #[arg(long, default_value_t = 30)]
+        ack_every: u64,
+        /// Acknowledge sooner once this many bytes went through since the last one.
+        #[arg(long, default_value_t = 64 << 20)]
+        ack_bytes: u64,
     },
     /// Run the SSH gateway (SP side).
     Gateway {
@@ -287,9 +310,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             port,
             counts,
             step,
-        } => tokio::task::spawn_blocking(move || cmd::tunnel::run(&host, port, &counts, step))
-            .await
-            .context("the tunnel thread")?,
+            ack_order,
+            ack_key,
+            rpc_url_for_acks,
+            marketplace_for_acks,
+            ssh_config,
+            ack_every,
+            ack_bytes,
+        } => {
+            let acks = match (
+                ack_order,
+                ack_key,
+                rpc_url_for_acks,
+                marketplace_for_acks,
+                ssh_config,
+            ) {
+                (Some(order), Some(key), Some(rpc_url), Some(marketplace), Some(ssh_config)) => {
+                    Some(cmd::tunnel::AckPlan {
+                        exchange: cmd::tunnel::PendingExchange {
+                            rpc_url,
+                            marketplace,
+                            order,
+                            ssh_config,
+                            exe: std::env::current_exe()?,
+                            counts: counts.clone(),
+                            key,
+                        },
+                        every: Duration::from_secs(ack_every.max(1)),
+                        bytes: ack_bytes,
+                    })
+                }
+                _ => None,
+            };
+            tokio::task::spawn_blocking(move || cmd::tunnel::run(&host, port, &counts, step, acks))
+                .await
+                .context("the tunnel thread")?
+        }
         Command::Gateway { config } => cmd::gateway::run(&config).await,
         Command::Sp(sp) => match sp {
             SpCommand::HostKey { config } => {

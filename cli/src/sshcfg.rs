@@ -48,9 +48,26 @@ pub struct OrderHost {
     pub host_key: String,
     /// The client's private key file (the public key's path without `.pub`).
     pub identity: PathBuf,
-    /// The `shale` binary that runs the payment tunnel as OpenSSH's `ProxyCommand`; none: ssh
-    /// connects directly and bytes are paid only up to the order's allowance.
-    pub tunnel: Option<PathBuf>,
+    /// The payment tunnel OpenSSH runs as `ProxyCommand`; none: ssh connects directly and
+    /// bytes are paid only up to the order's allowance.
+    pub tunnel: Option<Tunnel>,
+}
+
+/// How the Host entry runs `shale tunnel`.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    /// The `shale` binary.
+    pub exe: PathBuf,
+    /// Where and how it acknowledges; none: it only counts.
+    pub acks: Option<TunnelAcks>,
+}
+
+/// What the tunnel needs to acknowledge an order's usage.
+#[derive(Debug, Clone)]
+pub struct TunnelAcks {
+    pub rpc_url: String,
+    pub marketplace: String,
+    pub key: PathBuf,
 }
 
 impl OrderHost {
@@ -79,6 +96,12 @@ impl SshFiles {
         }
     }
 
+    /// The acknowledgment key of order `order`.
+    #[allow(dead_code)] // `order create` writes it once the order's terms carry the signer.
+    pub fn ack_key(&self, order: u64) -> PathBuf {
+        self.dir.join("acks").join(format!("shale-{order}.key"))
+    }
+
     /// The wire-count file of order `order`'s payment tunnel.
     pub fn wire_counts(&self, order: u64) -> PathBuf {
         self.dir.join("wire").join(format!("shale-{order}.json"))
@@ -99,11 +122,25 @@ impl SshFiles {
             self.known_hosts.display()
         );
         let entry = match &host.tunnel {
-            Some(exe) => format!(
-                "{entry}    ProxyCommand \"{}\" tunnel --counts \"{}\" %h %p\n",
-                exe.display(),
-                self.wire_counts(host.order).display()
-            ),
+            Some(t) => {
+                let mut proxy = format!(
+                    "\"{}\" tunnel --counts \"{}\"",
+                    t.exe.display(),
+                    self.wire_counts(host.order).display()
+                );
+                if let Some(a) = &t.acks {
+                    proxy.push_str(&format!(
+                        " --ack-order {} --ack-key \"{}\" --ack-rpc-url \"{}\" \
+                         --ack-marketplace {} --ssh-config \"{}\"",
+                        host.order,
+                        a.key.display(),
+                        a.rpc_url,
+                        a.marketplace,
+                        self.config.display()
+                    ));
+                }
+                format!("{entry}    ProxyCommand {proxy} %h %p\n")
+            }
             None => entry,
         };
         replace_block(&self.config, &format!("Host {alias}\n"), &entry)?;
@@ -235,7 +272,10 @@ mod tests {
         assert!(!config.contains("ProxyCommand"));
 
         // With the tunnel, OpenSSH reaches the gateway through `shale tunnel`.
-        host.tunnel = Some("/usr/bin/shale".into());
+        host.tunnel = Some(Tunnel {
+            exe: "/usr/bin/shale".into(),
+            acks: None,
+        });
         files.write(&host, None).unwrap();
         let config = std::fs::read_to_string(&files.config).unwrap();
         let counts = files.wire_counts(7);

@@ -112,12 +112,16 @@ impl Marketplace {
     /// chain or marketplace is another order; whatever is keyed by order ids outside the chain
     /// (containers, disks) is keyed by this too.
     pub async fn scope(&self) -> Result<String, ChainError> {
-        let chain_id = self
-            .provider
+        let chain_id = self.chain_id().await?;
+        Ok(format!("{chain_id}:{:#x}", self.address))
+    }
+
+    /// The chain's id (part of every EIP-712 acknowledgment's domain).
+    pub async fn chain_id(&self) -> Result<u64, ChainError> {
+        self.provider
             .get_chain_id()
             .await
-            .map_err(|e| ChainError::from_rpc(&self.rpc_url, e))?;
-        Ok(format!("{chain_id}:{:#x}", self.address))
+            .map_err(|e| ChainError::from_rpc(&self.rpc_url, e))
     }
 
     /// The address transactions are sent from, when the client has a signer.

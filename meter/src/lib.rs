@@ -60,6 +60,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod ack;
 pub mod counter;
 mod error;
 pub mod lease;

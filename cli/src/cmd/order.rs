@@ -15,7 +15,7 @@ use shale_contracts::{
 use crate::exit::Failure;
 use crate::money::{format_fil, Fil};
 use crate::settings::Settings;
-use crate::sshcfg::{split_endpoint, OrderHost, SshFiles};
+use crate::sshcfg::{split_endpoint, OrderHost, SshFiles, Tunnel};
 use crate::view::{duration, print_json, size, table, OrderView};
 use crate::wire::WireCounts;
 
@@ -201,7 +201,10 @@ pub async fn create_with(
         port,
         host_key: provider.ssh_host_key.clone(),
         identity: identity.clone(),
-        tunnel: Some(std::env::current_exe().context("finding the shale binary for the tunnel")?),
+        tunnel: Some(Tunnel {
+            exe: std::env::current_exe().context("finding the shale binary for the tunnel")?,
+            acks: None,
+        }),
     };
     // A new order under this alias starts its wire count from zero.
     WireCounts::at(files.wire_counts(id)).reset()?;

@@ -9,12 +9,112 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::ack::{Exchange, Outcome};
 use crate::wire::{Direction, Reservation, WireCounts};
+
+/// When the tunnel acknowledges the order's usage: every `every`, or sooner once `bytes` more
+/// went through.
+#[derive(Debug, Clone)]
+pub struct AckPlan {
+    /// Everything one exchange needs except the chain's figures, fetched lazily.
+    pub exchange: PendingExchange,
+    pub every: Duration,
+    pub bytes: u64,
+}
+
+/// The parts of an [`Exchange`] known before the chain is asked.
+#[derive(Debug, Clone)]
+pub struct PendingExchange {
+    pub rpc_url: String,
+    pub marketplace: shale_contracts::Address,
+    pub order: u64,
+    pub ssh_config: std::path::PathBuf,
+    pub exe: std::path::PathBuf,
+    pub counts: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl PendingExchange {
+    /// Asks the chain for its id and the lease's start, once.
+    fn resolve(&self) -> anyhow::Result<Exchange> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (chain_id, order) = rt.block_on(async {
+            let market =
+                shale_contracts::Marketplace::connect(&self.rpc_url, self.marketplace, None)
+                    .await?;
+            let chain_id = market.chain_id().await?;
+            let order = market.order(self.order).await?;
+            anyhow::Ok((chain_id, order))
+        })?;
+        Ok(Exchange {
+            ssh_config: self.ssh_config.clone(),
+            alias: format!("shale-{}", self.order),
+            exe: self.exe.clone(),
+            counts: self.counts.clone(),
+            key: self.key.clone(),
+            expected: crate::ack::Expected {
+                chain_id,
+                marketplace: self.marketplace,
+                order: self.order,
+                max_seconds: 0,
+            },
+            accepted_at: order.accepted_at.context("the order was never accepted")?,
+        })
+    }
+}
+
+/// Acknowledges in the background for as long as the tunnel relays; never stops the relay.
+fn acknowledge_periodically(plan: AckPlan, relayed: Arc<AtomicU64>) {
+    let mut exchange = None;
+    let mut last = Instant::now();
+    let mut bytes_at_last = 0;
+    let mut last_refusal = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now_bytes = relayed.load(Ordering::Relaxed);
+        if last.elapsed() < plan.every && now_bytes - bytes_at_last < plan.bytes {
+            continue;
+        }
+        last = Instant::now();
+        bytes_at_last = now_bytes;
+        if exchange.is_none() {
+            match plan.exchange.resolve() {
+                Ok(e) => exchange = Some(e),
+                Err(e) => {
+                    eprintln!(
+                        "shale: cannot acknowledge order {} yet: {e:#}",
+                        plan.exchange.order
+                    );
+                    continue;
+                }
+            }
+        }
+        let Some(ex) = &exchange else { continue };
+        match ex.run() {
+            Ok(Outcome::Acknowledged(v)) => {
+                tracing::debug!(seq = ?v.seq, seconds = v.seconds, bytes_in = v.bytes_in, bytes_out = v.bytes_out, "acknowledged");
+            }
+            Ok(Outcome::Refused(reason)) => {
+                if reason != last_refusal {
+                    eprintln!(
+                        "shale: NOT acknowledging order {}'s usage: {reason}",
+                        plan.exchange.order
+                    );
+                    last_refusal = reason;
+                }
+            }
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "acknowledgment round failed"),
+        }
+    }
+}
 
 /// Bytes reserved ahead per durable write: bounds both the fsyncs per byte and what a crash
 /// over-counts.
@@ -24,7 +124,13 @@ const BUFFER: usize = 64 << 10;
 
 /// Relays stdin/stdout to `host:port` until either side ends; returns when the connection is
 /// over, with the count exact in the file.
-pub fn run(host: &str, port: u16, counts: &Path, step: u64) -> anyhow::Result<()> {
+pub fn run(
+    host: &str,
+    port: u16,
+    counts: &Path,
+    step: u64,
+    acks: Option<AckPlan>,
+) -> anyhow::Result<()> {
     let addrs: Vec<_> = (host, port)
         .to_socket_addrs()
         .with_context(|| format!("resolving {host}"))?
@@ -35,10 +141,18 @@ pub fn run(host: &str, port: u16, counts: &Path, step: u64) -> anyhow::Result<()
         .with_context(|| format!("connecting to {host}:{port}"))?;
     socket.set_nodelay(true).ok();
     let reservation = Arc::new(Mutex::new(Reservation::new(WireCounts::at(counts), step)));
+    let relayed = Arc::new(AtomicU64::new(0));
+    if let Some(plan) = acks {
+        let relayed = relayed.clone();
+        std::thread::Builder::new()
+            .name("acknowledgments".into())
+            .spawn(move || acknowledge_periodically(plan, relayed))?;
+    }
 
     let up = {
         let mut to_server = socket.try_clone()?;
         let reservation = reservation.clone();
+        let relayed = relayed.clone();
         std::thread::spawn(move || -> anyhow::Result<()> {
             let mut stdin = std::io::stdin().lock();
             let mut buf = vec![0u8; BUFFER];
@@ -50,6 +164,7 @@ pub fn run(host: &str, port: u16, counts: &Path, step: u64) -> anyhow::Result<()
                     Err(e) => return Err(e.into()),
                 };
                 charge(&reservation, Direction::Up, n)?;
+                relayed.fetch_add(n as u64, Ordering::Relaxed);
                 to_server.write_all(&buf[..n])?;
             }
             // ssh closed its side: pass the half-close on and keep reading the server.
@@ -69,6 +184,7 @@ pub fn run(host: &str, port: u16, counts: &Path, step: u64) -> anyhow::Result<()
             Err(e) => return Err(e.into()),
         };
         charge(&reservation, Direction::Down, n)?;
+        relayed.fetch_add(n as u64, Ordering::Relaxed);
         stdout.write_all(&buf[..n])?;
         stdout.flush()?;
     })();
