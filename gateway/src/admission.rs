@@ -43,11 +43,11 @@ pub enum Refusal {
     /// The chain cannot be read and the order is not in the cache.
     #[error("the marketplace cannot be reached right now, so order {0} cannot be checked; try again shortly")]
     ChainUnavailable(OrderId),
-    /// Too many failed attempts from this address.
-    #[error("too many failed logins from your address; wait a minute and try again")]
+    /// Too many failed attempts from this address, and this login would need a chain lookup.
+    #[error("too many failed logins from your address: the gateway will not look up orders it has not seen from there for a minute; try again then")]
     RateLimited,
     /// The order already has as many sessions as it may.
-    #[error("order {order} already has {limit} open sessions, the most it may have")]
+    #[error("order {order} already has {limit} open sessions, the most it may have at once; close one (or run fewer in parallel) and try again")]
     SessionCap {
         /// The order.
         order: OrderId,

@@ -96,6 +96,20 @@ pub struct SessionConfig {
     pub max_per_order: usize,
     /// Most concurrent SSH connections in all.
     pub max_connections: usize,
+    /// How long a connection may take from TCP accept to a successful login, whatever it sends
+    /// meanwhile (sshd's `LoginGraceTime`).
+    #[serde(with = "secs")]
+    pub login_grace_time: Duration,
+    /// Unauthenticated connections at once, with random early drop (sshd's `MaxStartups`).
+    pub max_startups: MaxStartups,
+    /// Unauthenticated connections at once from one source: an IPv4 address or an IPv6 /64
+    /// (sshd's `PerSourceMaxStartups`).
+    pub max_startups_per_source: usize,
+    /// Session channels (shell, exec, subsystem) open at once on one connection (sshd's
+    /// `MaxSessions`).
+    pub max_channels: usize,
+    /// `ssh -L` / `ssh -D` forwards open (or being dialled) at once for one order.
+    pub max_forwards_per_order: usize,
     /// Close a connection after this long without traffic from the client.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
@@ -122,14 +136,83 @@ fn counting_bytes() -> bool {
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
-            max_per_order: 16,
+            // `parallel -j 50 ssh ...` holds 50 sessions of one order at once.
+            max_per_order: 64,
             max_connections: 4096,
+            login_grace_time: Duration::from_secs(60),
+            max_startups: MaxStartups::default(),
+            max_startups_per_source: 10,
+            max_channels: 10,
+            max_forwards_per_order: 128,
             idle_timeout: Duration::from_secs(3600),
             keepalive: Duration::from_secs(15),
             extra_env: Vec::new(),
             drain: Duration::from_secs(10),
             count_bytes: true,
         }
+    }
+}
+
+/// sshd's `MaxStartups`, `start:rate:full`: below `start` unauthenticated connections every new
+/// one is let in; from `start` on a new one is refused with probability `rate` percent, rising
+/// linearly to 100 % at `full`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxStartups {
+    /// Unauthenticated connections from which random early drop begins.
+    pub start: usize,
+    /// The drop probability at `start`, in percent.
+    pub rate: u32,
+    /// Unauthenticated connections at which every new one is refused.
+    pub full: usize,
+}
+
+impl Default for MaxStartups {
+    fn default() -> Self {
+        Self {
+            start: 10,
+            rate: 30,
+            full: 100,
+        }
+    }
+}
+
+impl std::str::FromStr for MaxStartups {
+    type Err = String;
+
+    /// `"10:30:100"`, or `"N"` for a hard limit of N (as sshd reads it).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("max_startups {text:?} is not START:RATE:FULL (e.g. \"10:30:100\") or a number")
+        };
+        let parts: Vec<&str> = text.split(':').collect();
+        let num = |s: &str| s.trim().parse::<usize>().map_err(|_| bad());
+        let parsed = match parts.as_slice() {
+            [n] => Self {
+                start: num(n)?,
+                rate: 100,
+                full: num(n)?,
+            },
+            [start, rate, full] => Self {
+                start: num(start)?,
+                rate: u32::try_from(num(rate)?).map_err(|_| bad())?,
+                full: num(full)?,
+            },
+            _ => return Err(bad()),
+        };
+        if parsed.full == 0 || parsed.start > parsed.full || parsed.rate > 100 {
+            return Err(format!(
+                "max_startups {text:?}: needs 0 < START <= FULL and RATE <= 100"
+            ));
+        }
+        Ok(parsed)
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxStartups {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -143,7 +226,17 @@ pub struct AuthConfig {
     /// How long "no such order" is remembered.
     #[serde(with = "secs")]
     pub missing_cache: Duration,
-    /// Failed logins allowed per client address within `failure_window`.
+    /// The oldest chain read of an order still served while the chain cannot be reached; older
+    /// entries are refused as "cannot be checked" until the chain answers again.
+    #[serde(with = "secs")]
+    pub stale_order_max: Duration,
+    /// How often, at most, the marketplace's order count is read again for a login that names
+    /// an id above it (ids above the count are refused without a chain call).
+    #[serde(with = "secs")]
+    pub order_count_refresh: Duration,
+    /// Failed logins allowed per client source (IPv4 address, IPv6 /64) within `failure_window`;
+    /// past it the source's logins are served from the cache only: a known order with its own
+    /// key still gets in, anything that needs a chain lookup is refused for the window.
     pub max_failures: u32,
     /// The window over which failures are counted.
     #[serde(with = "secs")]
@@ -155,6 +248,8 @@ impl Default for AuthConfig {
         Self {
             order_cache: Duration::from_secs(30),
             missing_cache: Duration::from_secs(5),
+            stale_order_max: Duration::from_secs(600),
+            order_count_refresh: Duration::from_secs(2),
             max_failures: 20,
             failure_window: Duration::from_secs(60),
         }
@@ -208,7 +303,8 @@ mod tests {
         let text = include_str!("../gateway.example.toml");
         let config: GatewayConfig = toml::from_str(text).unwrap();
         assert_eq!(config.listen.port(), 2222);
-        assert_eq!(config.sessions.max_per_order, 16);
+        assert_eq!(config.sessions.max_per_order, 64);
+        assert_eq!(config.sessions.max_startups, MaxStartups::default());
         // Uncommenting every commented line must still parse: the example documents real fields.
         let uncommented: String = text
             .lines()
@@ -220,6 +316,14 @@ mod tests {
             .join("\n");
         let full: GatewayConfig = toml::from_str(&uncommented).unwrap();
         assert_eq!(full.auth.max_failures, 20);
+        let defaults = SessionConfig::default();
+        assert_eq!(full.sessions.max_startups, defaults.max_startups);
+        assert_eq!(full.sessions.login_grace_time, defaults.login_grace_time);
+        assert_eq!(full.sessions.max_channels, defaults.max_channels);
+        assert_eq!(
+            full.auth.stale_order_max,
+            AuthConfig::default().stale_order_max
+        );
         assert_eq!(full.containers.namespace, "shale");
         // The network section's commented values are the defaults, and its examples are real.
         let defaults = shale_provisioner::NetworkConfig::default();
@@ -232,6 +336,37 @@ mod tests {
         assert_eq!(network.allow[0].ports, vec![80, 443]);
         assert_eq!(network.deny.len(), 2);
         assert_eq!(network.egress_bytes_per_sec, Some(12_500_000));
+    }
+
+    #[test]
+    fn max_startups_reads_like_sshd() {
+        assert_eq!(
+            "10:30:100".parse::<MaxStartups>(),
+            Ok(MaxStartups {
+                start: 10,
+                rate: 30,
+                full: 100
+            })
+        );
+        assert_eq!(
+            "50".parse::<MaxStartups>(),
+            Ok(MaxStartups {
+                start: 50,
+                rate: 100,
+                full: 50
+            })
+        );
+        for bad in [
+            "",
+            "10:30",
+            "a:b:c",
+            "100:30:10",
+            "10:130:100",
+            "0",
+            "1:2:3:4",
+        ] {
+            assert!(bad.parse::<MaxStartups>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,13 +1,22 @@
 //! One SSH connection: a thin translator from russh's callbacks to the gateway's rules.
 //!
 //! Authentication checks the order named by the username before any key is looked at, so an
-//! unknown, unaccepted or ended order is refused at once, with its reason sent to the user as the
-//! SSH disconnect message (OpenSSH prints it). A wrong key is refused per key, so a client with
-//! several keys in its agent still gets in with the right one; when it has run out of keys its next
-//! method (keyboard-interactive, always refused) carries the reason instead.
+//! unknown or unaccepted order is refused at once, with its reason sent to the user as the SSH
+//! disconnect message (OpenSSH prints it in every mode, `BatchMode` and `LogLevel=ERROR`
+//! included). A wrong key is refused per key, so a client with several keys in its agent still
+//! gets in with the right one; when it has run out of keys its next method (keyboard-interactive,
+//! always refused) carries the reason instead. Refusals found once the key is verified (the order
+//! ended, ran out of escrow, has all the sessions it may, usage cannot be recorded) let the client
+//! in and say why on the channel's stderr with a non-zero exit, which every client shows.
+//!
+//! Costly work is throttled per source, never a login the cache can check: a source with many
+//! failures is only kept from chain lookups (see `ratelimit`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use russh::keys::PublicKey;
 use russh::server::{
@@ -16,6 +25,7 @@ use russh::server::{
 use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
 use shale_contracts::Order;
 use shale_meter::SessionCounter;
+use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
 use crate::admission::{admit_key, admit_order, wrong_key, Refusal};
@@ -24,11 +34,24 @@ use crate::lease_start::LeaseStart;
 use crate::leases::{SessionId, SessionSeat};
 use crate::login::{parse_login, OrderId};
 use crate::metrics::Metrics;
-use crate::policy::{check_forward, Subsystem};
+use crate::policy::{check_forward, EnvBudget, Subsystem};
+use crate::preauth::StartupTicket;
 use crate::{forward, session_channel};
 
 /// Keys a client may offer before the gateway stops listening and tells it why.
 const MAX_WRONG_KEYS: u32 = 8;
+
+/// How long a login let in only to be told why it may run nothing is kept open: long enough
+/// for its client to open a channel and read the reason, not so long that it holds a connection.
+const REFUSED_LINGER: Duration = Duration::from_secs(30);
+
+/// What the connection holds until it has logged in.
+pub struct PreAuth {
+    /// Its place among the unauthenticated connections; freed at login.
+    pub ticket: Option<StartupTicket>,
+    /// Cancelled at login, which stops the login grace timer.
+    pub logged_in: CancellationToken,
+}
 
 /// The state of one SSH connection.
 pub struct Connection {
@@ -46,8 +69,23 @@ pub struct Connection {
     lease: Option<LeaseStart>,
     /// This session's byte counters, once admitted.
     counter: Option<Arc<SessionCounter>>,
-    /// Set when the order may no longer run anything but its receipts may still be read: why.
+    /// Set when the login was let in only to be told why it may run nothing (its receipts may
+    /// still be read): what its channels say.
     receipts_only: Option<Refusal>,
+    pre_auth: PreAuth,
+    /// Session channels open now on this connection, against `max_channels`.
+    session_channels: Arc<AtomicUsize>,
+    /// What each channel's env requests have used.
+    env_budgets: HashMap<ChannelId, EnvBudget>,
+}
+
+/// A session channel's place under the connection's `max_channels`; freed on drop.
+struct ChannelSlot(Arc<AtomicUsize>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Connection {
@@ -56,6 +94,7 @@ impl Connection {
         shared: Arc<Shared>,
         peer: Option<SocketAddr>,
         handle: Arc<OnceLock<Handle>>,
+        pre_auth: PreAuth,
     ) -> Self {
         let session = SessionId::random();
         let span = tracing::info_span!("session", session = %session, peer = ?peer, order = tracing::field::Empty);
@@ -72,7 +111,25 @@ impl Connection {
             lease: None,
             counter: None,
             receipts_only: None,
+            pre_auth,
+            session_channels: Arc::default(),
+            env_budgets: HashMap::new(),
         }
+    }
+
+    /// Lets the client in only to tell it `refusal` on each channel it opens (and to serve its
+    /// receipts), and closes the connection soon after. For refusals found after the key is
+    /// verified: a disconnect reason reaches stock `ssh`, but stderr and an exit status reach
+    /// every client and script.
+    fn accept_to_explain(&mut self, refusal: Refusal) -> Auth {
+        {
+            let _enter = self.span.enter();
+            tracing::info!(reason = refusal.reason(), "let in to be told: {refusal}");
+        }
+        self.shared.metrics_auth_failure(refusal.reason());
+        self.seat = None;
+        self.receipts_only = Some(refusal);
+        Auth::Accept
     }
 
     /// Ends the connection with `refusal` as the message the user reads.
@@ -115,13 +172,17 @@ impl Connection {
                 return Ok(order.clone());
             }
         }
+        let id = parse_login(user)?;
+        self.span.record("order", id.0);
+        // A source past its failures may still log in to what the cache knows; it only may not
+        // make the gateway ask the chain.
         if let Some(ip) = self.peer.map(|p| p.ip()) {
-            if self.shared.limiter.is_blocked(ip) {
+            if self.shared.limiter.is_blocked(ip)
+                && !self.shared.orders.answers_from_cache(id).await
+            {
                 return Err(Refusal::RateLimited);
             }
         }
-        let id = parse_login(user)?;
-        self.span.record("order", id.0);
         let order = self.shared.orders.get(id).await?;
         let verdict = admit_order(&order, self.shared.provider, crate::unix_now()).and_then(|()| {
             if self.shared.billing.still_exhausted(&order) {
@@ -228,14 +289,16 @@ impl russh::server::Handler for Connection {
             .join(OrderId(order.id), self.session, handle)
         {
             Ok(seat) => seat,
-            Err(refusal) => return Ok(self.refuse(refusal).await),
+            Err(Refusal::ShuttingDown) => return Ok(self.refuse(Refusal::ShuttingDown).await),
+            Err(refusal) => return Ok(self.accept_to_explain(refusal)),
         };
         // Billing starts with the lease; nothing is served that cannot be recorded.
         let lease = match self.shared.start_billing(&order).await {
             Ok(lease) => lease,
             Err(e) => {
                 tracing::error!(parent: &self.span, error = %e, "cannot meter the order");
-                return Ok(self.refuse(Refusal::LedgerUnavailable).await);
+                drop(seat);
+                return Ok(self.accept_to_explain(Refusal::LedgerUnavailable));
             }
         };
         if self
@@ -247,9 +310,8 @@ impl russh::server::Handler for Connection {
             // Nothing runs for an order that cannot pay: close the meter just started.
             self.shared.billing.mark_exhausted(&order);
             self.shared.billing.end(OrderId(order.id)).await;
-            return Ok(self
-                .refuse(Refusal::EscrowExhausted(OrderId(order.id)))
-                .await);
+            drop(seat);
+            return Ok(self.accept_to_explain(Refusal::EscrowExhausted(OrderId(order.id))));
         }
         let counter = lease.open_session();
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
@@ -266,7 +328,8 @@ impl russh::server::Handler for Connection {
             .await
         {
             tracing::error!(parent: &self.span, error = %e, "cannot record the session");
-            return Ok(self.refuse(Refusal::LedgerUnavailable).await);
+            drop(seat);
+            return Ok(self.accept_to_explain(Refusal::LedgerUnavailable));
         }
         self.seat = Some(Arc::new(seat));
         self.counter = Some(counter);
@@ -310,7 +373,19 @@ impl russh::server::Handler for Connection {
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
-        if self.receipts_only.is_some() {
+        // Logged in: no longer counted against the pre-auth limits or the grace time.
+        self.pre_auth.ticket = None;
+        self.pre_auth.logged_in.cancel();
+        self.shared.metrics.unauthenticated.dec();
+        if let Some(why) = &self.receipts_only {
+            let handle = session.handle();
+            let line = why.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(REFUSED_LINGER).await;
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, line, "en".into())
+                    .await;
+            });
             return Ok(());
         }
         if let Some((_, order)) = &self.order {
@@ -354,15 +429,36 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let Some(slot) = self.channel_slot() else {
+            let limit = self.shared.max_channels;
+            Metrics::count_reason(&self.shared.metrics.channels_refused, "max_channels");
+            tracing::info!(parent: &self.span, limit, "refused a session channel past the cap");
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: ChannelOpenFailure::ResourceShortage.code(),
+                    reason: format!("at most {limit} sessions may be open on one connection (the provider's max_channels); close one or connect again"),
+                })
+                .await;
+            return Ok(());
+        };
         if let (Some(why), Some((_, order))) = (&self.receipts_only, &self.order) {
             reply.accept().await;
+            let line = match why {
+                Refusal::Ended(_) | Refusal::EscrowExhausted(_) | Refusal::Cancelled(_) => {
+                    format!(
+                        "{why}; its receipts remain: `ssh {}@HOST -s shale-receipts`",
+                        order.id
+                    )
+                }
+                _ => why.to_string(),
+            };
+            let ledger = self.shared.billing.ledger().clone();
+            let id = OrderId(order.id);
             tokio::spawn(tracing::Instrument::instrument(
-                session_channel::serve_receipts_only(
-                    channel,
-                    OrderId(order.id),
-                    self.shared.billing.ledger().clone(),
-                    why.to_string(),
-                ),
+                async move {
+                    let _slot = slot;
+                    session_channel::serve_receipts_only(channel, id, ledger, line).await
+                },
                 self.span.clone(),
             ));
             return Ok(());
@@ -402,7 +498,10 @@ impl russh::server::Handler for Connection {
         };
         let span = self.span.clone();
         tokio::spawn(tracing::Instrument::instrument(
-            session_channel::serve(channel, ctx),
+            async move {
+                let _slot = slot;
+                session_channel::serve(channel, ctx).await
+            },
             span,
         ));
         Ok(())
@@ -421,8 +520,15 @@ impl russh::server::Handler for Connection {
         let (Some((_, order)), Some(lease), Some(counter)) =
             (&self.order, &self.lease, &self.counter)
         else {
+            let reason = match &self.receipts_only {
+                Some(why) => why.to_string(),
+                None => "not logged in".to_string(),
+            };
             reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .reject(ChannelOpenFailure::Other {
+                    code: ChannelOpenFailure::AdministrativelyProhibited.code(),
+                    reason,
+                })
                 .await;
             return Ok(());
         };
@@ -445,20 +551,35 @@ impl russh::server::Handler for Connection {
                 return Ok(());
             }
         };
+        let Some(slot) = self.shared.forwards.take(OrderId(order.id)) else {
+            let limit = self.shared.forwards.max_per_order();
+            Metrics::count_reason(&self.shared.metrics.channels_refused, "max_forwards");
+            tracing::info!(parent: &self.span, limit, "refused a forward past the order's cap");
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: ChannelOpenFailure::ResourceShortage.code(),
+                    reason: format!("order {} already has {limit} forwarded connections open, the most it may have; close some and try again", order.id),
+                })
+                .await;
+            return Ok(());
+        };
         Metrics::count(&self.shared.metrics.channels_opened, "direct-tcpip");
         let span = self.span.clone();
         tokio::spawn(tracing::Instrument::instrument(
             forward::serve(
                 channel,
                 reply,
-                OrderId(order.id),
                 forward::Target {
                     host: host_to_connect.to_string(),
                     port,
                 },
-                lease.clone(),
-                self.shared.provisioner.clone(),
-                counter.open_channel(),
+                forward::ForwardContext {
+                    order: OrderId(order.id),
+                    lease: lease.clone(),
+                    provisioner: self.shared.provisioner.clone(),
+                    counter: counter.open_channel(),
+                    slot,
+                },
             ),
             span,
         ));
@@ -501,7 +622,9 @@ impl russh::server::Handler for Connection {
         variable_value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.shared.env_policy.allows(variable_name, variable_value) {
+        // The same budget as the channel's task keeps, so both agree on what was set.
+        let budget = self.env_budgets.entry(channel).or_default();
+        if budget.admit(&self.shared.env_policy, variable_name, variable_value) {
             session.channel_success(channel)?;
         } else {
             session.channel_failure(channel)?;
@@ -541,6 +664,15 @@ impl russh::server::Handler for Connection {
             tracing::info!(subsystem = name, "refused an unknown subsystem");
             session.channel_failure(channel)?;
         }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.env_budgets.remove(&channel);
         Ok(())
     }
 
@@ -594,6 +726,17 @@ impl russh::server::Handler for Connection {
 }
 
 impl Connection {
+    /// A place for one more session channel on this connection, unless it has `max_channels`.
+    fn channel_slot(&self) -> Option<ChannelSlot> {
+        let limit = self.shared.max_channels;
+        self.session_channels
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ChannelSlot(self.session_channels.clone()))
+    }
+
     /// Writes a one-line notice on a channel's stderr.
     fn tell(&self, session: &mut Session, channel: ChannelId, line: &str) {
         let _ = session.extended_data(channel, 1, format!("shale: {line}\r\n").into_bytes());
@@ -602,6 +745,9 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        if !self.pre_auth.logged_in.is_cancelled() {
+            self.shared.metrics.unauthenticated.dec();
+        }
         if let Some(counter) = self.counter.take() {
             self.shared.metrics_session_ended(counter.bytes());
             let ledger = self.shared.billing.ledger().clone();

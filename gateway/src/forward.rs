@@ -3,8 +3,9 @@
 //! loopback as if it were local, or browse through the container's own way out, and reach
 //! exactly what the container reaches on its own: never the SP's host or another order.
 
+use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use russh::server::Msg;
 use russh::{Channel, ChannelOpenFailure};
@@ -15,6 +16,61 @@ use tracing::Instrument;
 use crate::lease_start::LeaseStart;
 use crate::login::OrderId;
 
+/// Forwards open (or being dialled) per order, against a cap: each holds a socket in the order's
+/// network and a dial, whichever connection of the order opened it.
+#[derive(Clone)]
+pub struct ForwardSlots {
+    open: Arc<Mutex<HashMap<OrderId, usize>>>,
+    max_per_order: usize,
+}
+
+/// One forward's place under its order's cap; freed on drop.
+pub struct ForwardSlot {
+    open: Arc<Mutex<HashMap<OrderId, usize>>>,
+    order: OrderId,
+}
+
+impl ForwardSlots {
+    /// At most `max_per_order` forwards per order at once.
+    pub fn new(max_per_order: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            max_per_order,
+        }
+    }
+
+    /// The cap.
+    pub fn max_per_order(&self) -> usize {
+        self.max_per_order
+    }
+
+    /// A place for one more forward of `order`, unless it has as many as it may.
+    pub fn take(&self, order: OrderId) -> Option<ForwardSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(order).or_insert(0);
+        if *n >= self.max_per_order {
+            return None;
+        }
+        *n += 1;
+        Some(ForwardSlot {
+            open: self.open.clone(),
+            order,
+        })
+    }
+}
+
+impl Drop for ForwardSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.order) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.order);
+            }
+        }
+    }
+}
+
 /// Where a forward goes, as the client asked for it.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -22,6 +78,20 @@ pub struct Target {
     pub host: String,
     /// The TCP port.
     pub port: u16,
+}
+
+/// What a forward needs from its connection.
+pub struct ForwardContext {
+    /// The order whose network the target is dialled from.
+    pub order: OrderId,
+    /// The container start the dial waits on.
+    pub lease: LeaseStart,
+    /// Dials inside the order's network.
+    pub provisioner: Provisioner,
+    /// The forward's byte counters (billing).
+    pub counter: Arc<ChannelCounter>,
+    /// Its place under the order's forward cap, held until it closes.
+    pub slot: ForwardSlot,
 }
 
 /// Connects the forwarded channel to the target from inside the order's container, or refuses
@@ -33,12 +103,16 @@ pub struct Target {
 pub async fn serve(
     channel: Channel<Msg>,
     reply: russh::server::ChannelOpenHandle,
-    order: OrderId,
     target: Target,
-    lease: LeaseStart,
-    provisioner: Provisioner,
-    counter: Arc<ChannelCounter>,
+    ctx: ForwardContext,
 ) {
+    let ForwardContext {
+        order,
+        lease,
+        provisioner,
+        counter,
+        slot: _slot,
+    } = ctx;
     let span = tracing::info_span!(
         "forward",
         channel = %channel.id(),
@@ -118,6 +192,17 @@ mod tests {
             port: 22,
             source: std::io::Error::new(kind, text),
         }
+    }
+
+    #[test]
+    fn forwards_are_capped_per_order_and_freed_on_drop() {
+        let slots = ForwardSlots::new(2);
+        let a = slots.take(OrderId(1)).unwrap();
+        let _b = slots.take(OrderId(1)).unwrap();
+        assert!(slots.take(OrderId(1)).is_none());
+        assert!(slots.take(OrderId(2)).is_some());
+        drop(a);
+        assert!(slots.take(OrderId(1)).is_some());
     }
 
     #[test]

@@ -13,19 +13,22 @@ use shale_provisioner::Provisioner;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::{admit_order, Refusal};
 use crate::billing::Billing;
 use crate::config::GatewayConfig;
-use crate::connection::{methods, Connection};
+use crate::connection::{methods, Connection, PreAuth};
+use crate::forward::ForwardSlots;
 use crate::hostkey;
 use crate::leases::LeaseBoard;
 use crate::login::OrderId;
 use crate::metrics::{
     KindLabel, Metrics, OrderDirectionLabel, OrderGpuLabel, OrderLabel, ReasonLabel,
 };
-use crate::orders::OrderDirectory;
+use crate::orders::{DirectoryTimes, OrderDirectory};
 use crate::policy::EnvPolicy;
+use crate::preauth::{self, GraceStream, Overload, Startups};
 use crate::ratelimit::FailureLimiter;
 use crate::{metrics_http, watcher};
 use shale_meter::probe::Reading;
@@ -44,6 +47,10 @@ pub struct Shared {
     pub limiter: FailureLimiter,
     /// Which environment variables clients may set.
     pub env_policy: Arc<EnvPolicy>,
+    /// Session channels one connection may have open at once.
+    pub max_channels: usize,
+    /// Forwards open per order, against their cap.
+    pub forwards: ForwardSlots,
     /// Whether channel bytes are counted (see `SessionConfig::count_bytes`).
     pub count_bytes: bool,
     /// Exported metrics.
@@ -283,10 +290,13 @@ impl Gateway {
             ),
             None => None,
         };
+        match preauth::raise_nofile_limit() {
+            Ok(limit) => tracing::info!(limit, "open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
         let ssh = Arc::new(Config {
-            server_id: russh::SshId::Standard(
-                concat!("SSH-2.0-Shale_", env!("CARGO_PKG_VERSION")).into(),
-            ),
+            server_id: russh::SshId::Standard(SERVER_ID.into()),
+            preferred: crate::algorithms::offered(),
             methods: methods(),
             // The order's key fingerprint is public on chain, so constant-time rejection hides
             // nothing; a short delay still slows guessing, and rate limiting does the rest.
@@ -298,7 +308,11 @@ impl Gateway {
             keepalive_max: 4,
             nodelay: true,
             window_size: 4 * 1024 * 1024,
-            channel_buffer_size: 256,
+            // Client data russh has taken from the socket but a channel's reader has not:
+            // russh refills the window on receipt, so this queue (messages of up to 32 KiB from
+            // OpenSSH, 256 KiB from a hostile client) is the bound, and when it is full russh
+            // stops reading the connection, which stops the sender.
+            channel_buffer_size: CHANNEL_BUFFER_MESSAGES,
             ..Default::default()
         });
         let metrics = Metrics::default();
@@ -307,13 +321,20 @@ impl Gateway {
             provider: config.chain.provider,
             orders: OrderDirectory::new(
                 market.with_poll_interval(config.chain.poll_interval),
-                config.auth.order_cache,
-                config.auth.missing_cache,
+                DirectoryTimes {
+                    fresh_for: config.auth.order_cache,
+                    missing_for: config.auth.missing_cache,
+                    stale_max: config.auth.stale_order_max,
+                    count_refresh: config.auth.order_count_refresh,
+                },
+                metrics.chain_lookups.clone(),
             ),
             provisioner,
             board: LeaseBoard::new(config.sessions.max_per_order),
             limiter: FailureLimiter::new(config.auth.max_failures, config.auth.failure_window),
             env_policy: Arc::new(EnvPolicy::new(&config.sessions.extra_env)),
+            max_channels: config.sessions.max_channels,
+            forwards: ForwardSlots::new(config.sessions.max_forwards_per_order),
             count_bytes: config.sessions.count_bytes,
             metrics,
             billing: Billing::new(meter, ledger, config.payment.warn_at.clone()),
@@ -389,7 +410,14 @@ impl Gateway {
             tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
             tokio::spawn(metrics_http::serve(listener, shared.clone()))
         });
-        let slots = Arc::new(Semaphore::new(config.sessions.max_connections));
+        let max_connections = config.sessions.max_connections;
+        let slots = Arc::new(Semaphore::new(max_connections));
+        let startups = Startups::new(
+            config.sessions.max_startups,
+            config.sessions.max_startups_per_source,
+        );
+        let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+        let grace_time = config.sessions.login_grace_time;
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -406,9 +434,18 @@ impl Gateway {
                             continue;
                         }
                     };
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "at the connection limit; dropping a connection");
-                        continue;
+                    let admitted = match slots.clone().try_acquire_owned() {
+                        Ok(slot) => startups
+                            .admit(peer.ip(), preauth::roll())
+                            .map(|ticket| (slot, ticket)),
+                        Err(_) => Err(Overload::Capacity(max_connections)),
+                    };
+                    let (slot, ticket) = match admitted {
+                        Ok(admitted) => admitted,
+                        Err(overload) => {
+                            refuse_early(&shared, &refusals, socket, peer, overload);
+                            continue;
+                        }
                     };
                     let _ = socket.set_nodelay(true);
                     let shared = shared.clone();
@@ -416,16 +453,52 @@ impl Gateway {
                     connections.spawn(async move {
                         let _slot = slot;
                         shared.metrics.connections_active.inc();
+                        shared.metrics.unauthenticated.inc();
+                        let logged_in = CancellationToken::new();
+                        let cut = CancellationToken::new();
                         let handle = Arc::new(OnceLock::new());
-                        let conn = Connection::new(shared.clone(), Some(peer), handle.clone());
-                        match russh::server::run_stream(ssh, socket, conn).await {
-                            Ok(session) => {
-                                let _ = handle.set(session.handle());
-                                if let Err(e) = session.await {
-                                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        let pre_auth = PreAuth {
+                            ticket: Some(ticket),
+                            logged_in: logged_in.clone(),
+                        };
+                        let conn = Connection::new(shared.clone(), Some(peer), handle.clone(), pre_auth);
+                        let stream = GraceStream::new(socket, cut.clone());
+                        let session = async {
+                            match russh::server::run_stream(ssh, stream, conn).await {
+                                Ok(session) => {
+                                    let _ = handle.set(session.handle());
+                                    if let Err(e) = session.await {
+                                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                                    }
                                 }
+                                Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
                             }
-                            Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
+                        };
+                        // Counted from accept; nothing the client sends before logging in
+                        // (keepalives, SSH_MSG_IGNORE, slow key exchange) extends it.
+                        let grace = async {
+                            tokio::select! {
+                                _ = logged_in.cancelled() => std::future::pending::<()>().await,
+                                _ = tokio::time::sleep(grace_time) => {}
+                            }
+                        };
+                        tokio::select! {
+                            _ = session => {}
+                            _ = grace => {
+                                Metrics::count_reason(&shared.metrics.preauth_refused, "login_grace_time");
+                                tracing::info!(%peer, "login grace time ran out; closing");
+                                if let Some(handle) = handle.get() {
+                                    let text = format!("shale: no login within the login grace time ({}s)", grace_time.as_secs());
+                                    let _ = tokio::time::timeout(
+                                        Duration::from_millis(100),
+                                        handle.disconnect(russh::Disconnect::ByApplication, text, "en".into()),
+                                    )
+                                    .await;
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                                // Ends russh's session task too, whatever it waits for.
+                                cut.cancel();
+                            }
                         }
                         shared.metrics.connections_active.dec();
                     });
@@ -458,6 +531,38 @@ impl Gateway {
         }
         shared.billing.shutdown().await;
         Ok(())
+    }
+}
+
+/// The version line the gateway sends (and the refusals before SSH begins).
+const SERVER_ID: &str = concat!("SSH-2.0-Shale_", env!("CARGO_PKG_VERSION"));
+
+/// Per-channel queue of client data between russh and the channel's reader (see `bind`).
+const CHANNEL_BUFFER_MESSAGES: usize = 16;
+
+/// Refused clients being told why at once; past this a refused socket is just closed, so a
+/// flood of connections costs a descriptor for no longer than the accept.
+const REFUSALS_IN_FLIGHT: usize = 64;
+
+/// How long a refused client has to read its reason.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// Turns a connection away before SSH begins and, while few are being turned away, tells it why.
+fn refuse_early(
+    shared: &Shared,
+    refusals: &Arc<Semaphore>,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    overload: Overload,
+) {
+    Metrics::count_reason(&shared.metrics.preauth_refused, overload.reason());
+    tracing::info!(%peer, reason = overload.reason(), "refused before login: {overload}");
+    if let Ok(permit) = refusals.clone().try_acquire_owned() {
+        tokio::spawn(async move {
+            let _permit = permit;
+            preauth::refuse_before_ssh(socket, SERVER_ID, &overload.to_string(), REFUSAL_LINGER)
+                .await;
+        });
     }
 }
 

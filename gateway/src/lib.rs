@@ -10,6 +10,7 @@
 //! export it, and [`settler`] turns the ledger's ticks into Groth16-proved claims on chain.
 
 pub mod admission;
+pub mod algorithms;
 pub mod billing;
 pub mod config;
 pub mod connection;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod metrics_http;
 pub mod orders;
 pub mod policy;
+pub mod preauth;
 pub mod quality;
 pub mod ratelimit;
 pub mod session_channel;

@@ -64,6 +64,15 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabel, Counter>,
     /// Channels opened, by type (`session`, `direct-tcpip`).
     pub channels_opened: Family<KindLabel, Counter>,
+    /// Channel opens and requests refused past a cap, by reason.
+    pub channels_refused: Family<ReasonLabel, Counter>,
+    /// Connections accepted and not yet authenticated, now.
+    pub unauthenticated: Gauge,
+    /// Connections refused or closed before authentication, by reason (`max_startups`,
+    /// `per_source`, `max_connections`, `login_grace_time`).
+    pub preauth_refused: Family<ReasonLabel, Counter>,
+    /// Calls the order directory made to the chain, by kind (`order`, `order_count`).
+    pub chain_lookups: Family<KindLabel, Counter>,
     /// Bytes moved by ended sessions, by direction.
     pub bytes: Family<KindLabel, Counter>,
     /// Time from login to the order's container running.
@@ -121,6 +130,10 @@ impl Default for Metrics {
             connections_active: Gauge::default(),
             auth_failures: Family::default(),
             channels_opened: Family::default(),
+            channels_refused: Family::default(),
+            unauthenticated: Gauge::default(),
+            preauth_refused: Family::default(),
+            chain_lookups: Family::default(),
             bytes: Family::default(),
             provisioning_seconds: latency(),
             exec_seconds: latency(),
@@ -171,6 +184,26 @@ impl Default for Metrics {
             "channels_opened",
             "Channels opened, by type",
             m.channels_opened.clone(),
+        );
+        registry.register(
+            "channels_refused",
+            "Channel opens and requests refused past a cap, by reason",
+            m.channels_refused.clone(),
+        );
+        registry.register(
+            "unauthenticated_connections",
+            "Connections accepted and not yet authenticated",
+            m.unauthenticated.clone(),
+        );
+        registry.register(
+            "preauth_refused",
+            "Connections refused or closed before authentication, by reason",
+            m.preauth_refused.clone(),
+        );
+        registry.register(
+            "chain_lookups",
+            "Chain calls made by the order directory, by kind",
+            m.chain_lookups.clone(),
         );
         registry.register(
             "bytes",
@@ -287,6 +320,15 @@ impl Metrics {
         family
             .get_or_create(&KindLabel {
                 kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Adds one to `family`'s series for `reason`.
+    pub fn count_reason(family: &Family<ReasonLabel, Counter>, reason: &str) {
+        family
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
             })
             .inc();
     }

@@ -33,6 +33,39 @@ impl EnvPolicy {
     }
 }
 
+/// Most environment variables one channel may set, and the most bytes (names and values) they
+/// may hold together: OpenSSH clients send a few (`LANG`, `LC_*`, `SendEnv`); a client that sends
+/// more is refused the rest, so a channel's environment cannot grow the gateway's memory.
+pub const MAX_ENV_VARS: usize = 64;
+/// See [`MAX_ENV_VARS`].
+pub const MAX_ENV_BYTES: usize = 32 * 1024;
+
+/// What one channel's env requests have used of their allowance. The connection's handler (which
+/// answers each request) and the channel's task (which keeps the values) each run one over the
+/// same requests in the same order, so they agree on which were kept.
+#[derive(Debug, Default, Clone)]
+pub struct EnvBudget {
+    vars: usize,
+    bytes: usize,
+}
+
+impl EnvBudget {
+    /// Whether `name=value` may be set on this channel now (by `policy`, and within the caps);
+    /// counts it if so.
+    pub fn admit(&mut self, policy: &EnvPolicy, name: &str, value: &str) -> bool {
+        let size = name.len() + value.len();
+        if !policy.allows(name, value)
+            || self.vars >= MAX_ENV_VARS
+            || self.bytes + size > MAX_ENV_BYTES
+        {
+            return false;
+        }
+        self.vars += 1;
+        self.bytes += size;
+        true
+    }
+}
+
 /// A subsystem the gateway serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Subsystem {
@@ -144,6 +177,28 @@ mod tests {
         assert!(policy.allows("JUPYTER_TOKEN", "t"));
         assert!(policy.allows("WANDB_API_KEY", "k"));
         assert!(!policy.allows("WANDB_MODE", "k"));
+    }
+
+    #[test]
+    fn a_channel_sets_at_most_the_capped_count_and_bytes() {
+        let policy = EnvPolicy::new(&["X_*".into()]);
+        let mut budget = EnvBudget::default();
+        let kept = (0..100_000)
+            .filter(|i| budget.admit(&policy, &format!("X_{i}"), "v"))
+            .count();
+        assert_eq!(kept, MAX_ENV_VARS);
+        let mut budget = EnvBudget::default();
+        let big = "v".repeat(4000);
+        let kept = (0..100)
+            .filter(|i| budget.admit(&policy, &format!("X_{i}"), &big))
+            .count();
+        assert_eq!(kept, MAX_ENV_BYTES / 4004);
+        // Refused names do not use the allowance.
+        let mut budget = EnvBudget::default();
+        for _ in 0..1000 {
+            assert!(!budget.admit(&policy, "LD_PRELOAD", "x"));
+        }
+        assert!(budget.admit(&policy, "LANG", "C"));
     }
 
     #[test]

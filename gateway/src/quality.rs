@@ -17,6 +17,10 @@ use crate::login::OrderId;
 /// How long one probe command may take before it counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The most of a probe's stdout (and of its stderr) that is kept: the probes print a few lines,
+/// and the container is the tenant's, so its `nproc` or `nvidia-smi` may print anything.
+pub const PROBE_OUTPUT_MAX: u64 = 64 * 1024;
+
 /// How often the probes run again during a lease: an SP could shrink a lease after it starts.
 pub const PROBE_EVERY: Duration = Duration::from_secs(600);
 
@@ -124,15 +128,14 @@ async fn run_in_container(
             .close_stdin()
             .await
             .map_err(|e| e.to_string())?;
-        let mut stdout = String::new();
-        let mut stderr = String::new();
         let read_err = async {
-            if let Some(err) = process.stderr.as_mut() {
-                let _ = err.read_to_string(&mut stderr).await;
+            match process.stderr.as_mut() {
+                Some(err) => read_bounded(err).await.unwrap_or_default(),
+                None => String::new(),
             }
         };
-        let (out, ()) = tokio::join!(process.stdout.read_to_string(&mut stdout), read_err);
-        out.map_err(|e| e.to_string())?;
+        let (stdout, stderr) = tokio::join!(read_bounded(&mut process.stdout), read_err);
+        let stdout = stdout.map_err(|e| e.to_string())?;
         let status = process.handle.wait().await.map_err(|e| e.to_string())?;
         Ok(ProbeOutput {
             exit_code: match status {
@@ -146,6 +149,18 @@ async fn run_in_container(
     tokio::time::timeout(PROBE_TIMEOUT, run)
         .await
         .map_err(|_| format!("no answer within {PROBE_TIMEOUT:?}"))?
+}
+
+/// Reads `from` to its end, keeping at most [`PROBE_OUTPUT_MAX`] bytes (the rest is read and
+/// dropped, so the process is not left blocked on a full pipe).
+async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(from: &mut R) -> std::io::Result<String> {
+    let mut kept = Vec::new();
+    (&mut *from)
+        .take(PROBE_OUTPUT_MAX)
+        .read_to_end(&mut kept)
+        .await?;
+    tokio::io::copy(from, &mut tokio::io::sink()).await?;
+    Ok(String::from_utf8_lossy(&kept).into_owned())
 }
 
 /// Sends an SSH keepalive and records the time to its reply as the session's round-trip time.
@@ -187,6 +202,15 @@ pub fn measure_round_trip(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn probe_output_is_kept_up_to_the_bound_and_the_rest_drained() {
+        let big = vec![b'x'; 3 * PROBE_OUTPUT_MAX as usize];
+        let mut reader = &big[..];
+        let kept = read_bounded(&mut reader).await.unwrap();
+        assert_eq!(kept.len() as u64, PROBE_OUTPUT_MAX);
+        assert!(reader.is_empty());
+    }
 
     #[test]
     fn probes_are_paced_per_order_and_restart_after_forget() {

@@ -1,4 +1,8 @@
-//! Failed logins per client address, so that nobody can probe orders and keys at line rate.
+//! Failed logins per client source (an IPv4 address or an IPv6 /64), so that nobody can make the
+//! gateway probe the chain at line rate. A source past its limit is not locked out: it is only
+//! kept from what costs (chain lookups); a login the cache can check, the order's own key on an
+//! order the gateway knows, still gets in, so a customer behind the same NAT as a prober is
+//! never refused for someone else's failures.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -7,10 +11,12 @@ use std::time::Duration;
 
 use moka::sync::Cache;
 
-/// Counts failures per address over a sliding window (the entry's time to live).
+use crate::preauth::SourceKey;
+
+/// Counts failures per source over a sliding window (the entry's time to live).
 #[derive(Clone)]
 pub struct FailureLimiter {
-    failures: Cache<IpAddr, Arc<AtomicU32>>,
+    failures: Cache<SourceKey, Arc<AtomicU32>>,
     limit: u32,
 }
 
@@ -26,17 +32,17 @@ impl FailureLimiter {
         }
     }
 
-    /// Whether `ip` has used up its failures.
+    /// Whether `ip`'s source has used up its failures.
     pub fn is_blocked(&self, ip: IpAddr) -> bool {
         self.failures
-            .get(&ip)
+            .get(&SourceKey::of(ip))
             .is_some_and(|n| n.load(Ordering::Relaxed) >= self.limit)
     }
 
-    /// Records one failure from `ip`.
+    /// Records one failure from `ip`'s source.
     pub fn record(&self, ip: IpAddr) {
         self.failures
-            .get_with(ip, || Arc::new(AtomicU32::new(0)))
+            .get_with(SourceKey::of(ip), || Arc::new(AtomicU32::new(0)))
             .fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -57,6 +63,14 @@ mod tests {
         limiter.record(a);
         assert!(limiter.is_blocked(a));
         assert!(!limiter.is_blocked(b));
+        // One IPv6 /64 is one source.
+        limiter.record("2001:db8::1".parse().unwrap());
+        assert!(!limiter.is_blocked("2001:db8::2".parse().unwrap()));
+        for _ in 0..2 {
+            limiter.record("2001:db8::3".parse().unwrap());
+        }
+        assert!(limiter.is_blocked("2001:db8::ffff".parse().unwrap()));
+        assert!(!limiter.is_blocked("2001:db8:0:1::1".parse().unwrap()));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::lease_start::LeaseStart;
 use crate::leases::SessionSeat;
 use crate::login::OrderId;
-use crate::policy::{EnvPolicy, Subsystem, SFTP_SERVER};
+use crate::policy::{EnvBudget, EnvPolicy, Subsystem, SFTP_SERVER};
 
 /// What a session channel needs from its connection.
 pub struct ChannelContext {
@@ -75,6 +75,7 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
     let id = channel.id();
     let (mut rx, tx) = channel.split();
     let mut env: Vec<(String, String)> = Vec::new();
+    let mut env_budget = EnvBudget::default();
     let mut pty: Option<(String, PtySize)> = None;
 
     let command = loop {
@@ -90,7 +91,7 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
                 variable_value,
                 ..
             }) => {
-                if ctx.env_policy.allows(&variable_name, &variable_value) {
+                if env_budget.admit(&ctx.env_policy, &variable_name, &variable_value) {
                     env.push((variable_name, variable_value));
                 }
             }
@@ -269,9 +270,10 @@ async fn write_receipts<W>(
     let _ = tx.close().await;
 }
 
-/// Serves a session channel of an order that may no longer run anything (it ended, or ran out
-/// of escrow): its receipts stay available, so the client can check the final claims; anything
-/// else is told `why` and refused. Nothing here is billed.
+/// Serves a session channel of a login that was let in only to be told why it may run nothing
+/// (the order ended or ran out of escrow, or has as many sessions as it may): its receipts stay
+/// available, so the client can check the final claims; anything else is told `why` on stderr
+/// and exits non-zero, which reaches the user in every client mode. Nothing here is billed.
 pub async fn serve_receipts_only(
     channel: Channel<Msg>,
     order: OrderId,
@@ -292,9 +294,7 @@ pub async fn serve_receipts_only(
             | Some(ChannelMsg::Exec { .. })
             | Some(ChannelMsg::RequestSubsystem { .. }) => {
                 let mut err = tx.make_writer_ext(Some(1));
-                let line = format!(
-                    "shale: {why}; its receipts remain: `ssh {order}@HOST -s shale-receipts`\r\n"
-                );
+                let line = format!("shale: {why}\r\n");
                 let _ = err.write_all(line.as_bytes()).await;
                 let _ = err.flush().await;
                 let _ = tx.exit_status(255).await;

@@ -81,8 +81,8 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
         live.sort_unstable();
         live.dedup();
         for id in live {
-            shared.orders.invalidate(id).await;
-            let order = match shared.orders.get(id).await {
+            // Read again, but keep the cached order: it is what serves logins in an outage.
+            let order = match shared.orders.reread(id).await {
                 Ok(order) => order,
                 // An outage is not the client's fault: keep serving what was admitted.
                 Err(Refusal::ChainUnavailable(_)) => continue,
