@@ -6,6 +6,7 @@
 //! `SHALE_CONTAINERD_SOCKET` (as `scripts/test.sh` starts one) is shared; otherwise each stack
 //! starts its own and stops it on drop.
 
+pub mod internet;
 pub mod ssh;
 pub mod stack;
 

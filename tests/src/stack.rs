@@ -11,7 +11,7 @@ use shale_contracts::{Address, Dataset, Marketplace, NewOrder, Offer, U256};
 use shale_gateway::config::{AuthConfig, ChainConfig, SessionConfig};
 use shale_gateway::{Gateway, GatewayConfig};
 use shale_provisioner::daemon::LocalContainerd;
-use shale_provisioner::{image_build, ImageRef, Provisioner, ProvisionerConfig};
+use shale_provisioner::{image_build, ImageRef, NetworkConfig, Provisioner, ProvisionerConfig};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -61,6 +61,8 @@ pub const STACK_MAX_DISK_MIB: u64 = 4096;
 pub struct StackOptions {
     /// The gateway's session policy (limits per order, byte counting).
     pub sessions: SessionConfig,
+    /// The orders' network (`[containers.network]`); the provisioner's default when `None`.
+    pub network: Option<NetworkConfig>,
 }
 
 /// A running stack. Dropping it stops the gateway, the chain and (if it started one) containerd.
@@ -84,10 +86,28 @@ pub struct Stack {
     /// Where the gateway serves `/metrics`.
     pub metrics: SocketAddr,
     known_hosts: PathBuf,
+    /// The gateway's configuration with its real listen addresses, to start it again.
+    config: GatewayConfig,
     shutdown: Option<oneshot::Sender<()>>,
     gateway_task: Option<JoinHandle<()>>,
     // Dropped last: containers must outlive nothing that talks to them.
     _containerd: LocalContainerd,
+}
+
+/// Runs `gateway` until the returned sender fires (or is dropped).
+fn spawn_gateway(gateway: Gateway) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        if let Err(e) = gateway
+            .run(async {
+                let _ = stop.await;
+            })
+            .await
+        {
+            tracing::error!(error = %e, "gateway failed");
+        }
+    });
+    (shutdown, task)
 }
 
 fn init_tracing() {
@@ -150,6 +170,7 @@ impl Stack {
             provider: format!("{:#x}", devnet.signer(SP_ACCOUNT).address()),
             stop_grace: Duration::from_secs(2),
             scope: sp.scope().await?,
+            network: options.network.unwrap_or_default(),
             ..ProvisionerConfig::default()
         };
         let provisioner = Provisioner::connect(containers.clone())
@@ -187,23 +208,20 @@ impl Stack {
             },
         };
         let reader = Marketplace::connect(devnet.rpc_url(), marketplace, None).await?;
-        let gateway = Gateway::bind(config, reader, provisioner.clone()).await?;
+        let gateway = Gateway::bind(config.clone(), reader, provisioner.clone()).await?;
         let gateway_addr = gateway.local_addr();
         let host_key = gateway.host_public_key();
         let metrics = gateway
             .metrics_addr()
             .context("the test gateway serves metrics")?;
-        let (shutdown, stop) = oneshot::channel::<()>();
-        let gateway_task = tokio::spawn(async move {
-            if let Err(e) = gateway
-                .run(async {
-                    let _ = stop.await;
-                })
-                .await
-            {
-                tracing::error!(error = %e, "gateway failed");
-            }
-        });
+        let config = GatewayConfig {
+            listen: gateway_addr,
+            metrics: shale_gateway::config::MetricsConfig {
+                listen: Some(metrics),
+            },
+            ..config
+        };
+        let (shutdown, gateway_task) = spawn_gateway(gateway);
 
         sp.register_provider(
             &gateway_addr.to_string(),
@@ -253,6 +271,7 @@ impl Stack {
             host_key,
             metrics,
             known_hosts,
+            config,
             shutdown: Some(shutdown),
             gateway_task: Some(gateway_task),
             _containerd: containerd,
@@ -312,6 +331,36 @@ impl Stack {
             "metrics answered {body:.80}"
         );
         Ok(body)
+    }
+
+    /// Stops the gateway (its orders' containers keep running) and starts a new one, as a fresh
+    /// process would: a new provisioner on the same containerd and state, the same addresses,
+    /// host key and ledger. [`Stack::provisioner`] is the new one afterwards.
+    pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
+        self.stop_gateway().await;
+        let provisioner = Provisioner::connect(self.config.containers.clone())
+            .await
+            .context("connecting the new provisioner")?;
+        let reader = Marketplace::connect(self.devnet.rpc_url(), self.marketplace, None).await?;
+        // The old listeners are closed; their ports may take a moment to be free again.
+        let mut tries = 0;
+        let gateway = loop {
+            match Gateway::bind(self.config.clone(), reader.clone(), provisioner.clone()).await {
+                Ok(g) => break g,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "rebinding the gateway");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("starting the gateway again"),
+            }
+        };
+        anyhow::ensure!(gateway.host_public_key() == self.host_key, "a new host key");
+        let (shutdown, task) = spawn_gateway(gateway);
+        self.shutdown = Some(shutdown);
+        self.gateway_task = Some(task);
+        self.provisioner = provisioner;
+        Ok(())
     }
 
     /// Stops the gateway, releases every order's container, and waits for both.
