@@ -170,7 +170,7 @@ impl Stack {
             provider: format!("{:#x}", devnet.signer(SP_ACCOUNT).address()),
             stop_grace: Duration::from_secs(2),
             scope: sp.scope().await?,
-            network: options.network.unwrap_or_default(),
+            network: with_own_subnet(options.network.unwrap_or_default()),
             ..ProvisionerConfig::default()
         };
         let provisioner = Provisioner::connect(containers.clone())
@@ -381,4 +381,18 @@ impl Stack {
             let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
         }
     }
+}
+
+/// Each stack may run its own containerd, whose uid slots (and so order addresses) can
+/// coincide with another stack's: unless a test chose one, a stack gets a subnet of its own.
+fn with_own_subnet(mut network: NetworkConfig) -> NetworkConfig {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if network.subnet == NetworkConfig::default().subnet {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + u64::from(std::process::id()) * 7;
+        network.subnet = format!("10.{}.0.0/16", 100 + n % 150)
+            .parse()
+            .expect("a valid subnet");
+    }
+    network
 }

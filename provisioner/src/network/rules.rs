@@ -199,12 +199,14 @@ impl Table {
                         Operator::EQ,
                         str_expr(link.host_if.clone()),
                     ),
+                    // No explicit burst: for byte limits the kernel's bucket holds the rate
+                    // plus the burst, so the rate alone is already one second's worth.
                     Statement::Limit(Limit {
                         rate,
                         rate_unit: Some(s("bytes")),
                         per: Some(s("second")),
-                        burst: Some(rate),
-                        burst_unit: Some(s("bytes")),
+                        burst: None,
+                        burst_unit: None,
                         inv: Some(true),
                     }),
                     Statement::Drop(None),
