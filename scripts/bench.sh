@@ -4,6 +4,8 @@
 #
 #   scripts/bench.sh            # everything; JSON under bench/results/, logs next to it
 #   scripts/bench.sh --quick    # a smoke run of each harness, into bench/results/quick/ (git-ignored)
+#   scripts/bench.sh attack     # only the attack tests (tests/tests/attack.rs), at full size:
+#                               # the "load held" table of BENCHMARKS.md, into bench/results/attack.txt
 #
 # What runs, in order:
 #   shale-bench-connect      ssh HOST true: gateway vs sshd on the host vs sshd in a container
@@ -16,10 +18,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 quick=false
+attack=false
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=true ;;
-        *) echo "usage: scripts/bench.sh [--quick]" >&2; exit 2 ;;
+        attack) attack=true ;;
+        *) echo "usage: scripts/bench.sh [--quick] [attack]" >&2; exit 2 ;;
     esac
 done
 
@@ -30,6 +34,19 @@ out=$root/bench/results
 # A smoke run never overwrites the published results.
 $quick && out=$out/quick
 mkdir -p "$out"
+
+if $attack; then
+    # CI runs these smaller; here at the sizes (and more sockets), one at a time so the
+    # figures are the gateway's alone. Each prints its figures on a line of its own.
+    SHALE_ATTACK_SOCKETS=${SHALE_ATTACK_SOCKETS:-2000} \
+    SHALE_ATTACK_USERNAMES=${SHALE_ATTACK_USERNAMES:-10000} \
+    SHALE_ATTACK_CHANNELS=${SHALE_ATTACK_CHANNELS:-1000} \
+    SHALE_ATTACK_FORWARDS=${SHALE_ATTACK_FORWARDS:-200} \
+    SHALE_ATTACK_ENVS=${SHALE_ATTACK_ENVS:-100000} \
+        cargo test --release --locked -p shale-tests --test attack -- --test-threads=1 --nocapture \
+        2>&1 | tee "$out/attack.txt"
+    exit "${PIPESTATUS[0]}"
+fi
 
 cargo build --release --locked -p shale-bench --features system --bins
 bin=$CARGO_TARGET_DIR/release
