@@ -141,7 +141,7 @@ impl Default for SessionConfig {
             max_connections: 4096,
             login_grace_time: Duration::from_secs(60),
             max_startups: MaxStartups::default(),
-            max_startups_per_source: 10,
+            max_startups_per_source: 64,
             max_channels: 10,
             max_forwards_per_order: 128,
             idle_timeout: Duration::from_secs(3600),
@@ -166,12 +166,15 @@ pub struct MaxStartups {
     pub full: usize,
 }
 
+/// Higher than sshd's 10:30:100: an unauthenticated connection costs the gateway a task and a
+/// socket, not a process, and `parallel -j 50 ssh ...` (or Ansible with 50 forks) has 50 logins
+/// in flight from one address at once.
 impl Default for MaxStartups {
     fn default() -> Self {
         Self {
-            start: 10,
+            start: 64,
             rate: 30,
-            full: 100,
+            full: 256,
         }
     }
 }

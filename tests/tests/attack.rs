@@ -133,6 +133,7 @@ async fn idle_and_stalled_sockets_are_closed_within_the_grace_time_while_ssh_log
     let order = stack.order(&key, OrderOptions::default()).await?;
     let target = stack.target(order.to_string(), &key);
     let n = scale("SHALE_ATTACK_SOCKETS", 1000);
+    let per_source = SessionConfig::default().max_startups_per_source as f64;
 
     let opened = Instant::now();
     let mut sockets = Vec::with_capacity(2 * n);
@@ -149,8 +150,8 @@ async fn idle_and_stalled_sockets_are_closed_within_the_grace_time_while_ssh_log
     let page = stack.scrape().await?;
     let waiting = metric(&page, "shale_gateway_unauthenticated_connections");
     ensure!(
-        waiting <= 20.0,
-        "at most max_startups_per_source (10) from each of the two sources wait: {waiting}"
+        waiting <= 2.0 * per_source,
+        "at most max_startups_per_source ({per_source}) from each of the two sources wait: {waiting}"
     );
     ensure!(
         logs_in(&target).await?,
@@ -195,7 +196,7 @@ async fn idle_and_stalled_sockets_are_closed_within_the_grace_time_while_ssh_log
         metric(
             &page,
             "shale_gateway_preauth_refused_total{reason=\"login_grace_time\"}"
-        ) >= 20.0,
+        ) >= 2.0 * per_source,
         "the admitted sockets were closed by the grace time"
     );
     ensure!(metric(&page, "shale_gateway_unauthenticated_connections") == 0.0);
