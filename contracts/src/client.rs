@@ -18,7 +18,8 @@ use crate::bindings::Marketplace as abi;
 use crate::error::ChainError;
 use crate::events::{EventStream, Watcher};
 use crate::types::{
-    u64_of, ClaimReceipt, ClaimRequest, Dataset, NewOrder, Offer, Order, Provider, TxReceipt,
+    u64_of, ClaimReceipt, ClaimRequest, Dataset, NewOrder, Offer, Order, Provider, SignedAck,
+    TxReceipt,
 };
 
 /// How long one RPC request may take before the endpoint counts as unreachable.
@@ -242,6 +243,27 @@ impl Marketplace {
             .map_err(|e| self.call_err(e))
     }
 
+    /// Records the client's acknowledgment of an order's usage (anyone may send it).
+    pub async fn acknowledge(&self, signed: &SignedAck) -> Result<TxReceipt, ChainError> {
+        let order = u64_of(signed.ack.orderId, "order id")?;
+        let call =
+            self.contract
+                .acknowledge(U256::from(order), signed.to_abi(), signed.signature.clone());
+        self.submit(call).await.map(tx_receipt)
+    }
+
+    /// Bytes (in + out) the provider may still be paid for now: up to the larger of the
+    /// acknowledged total and the allowance.
+    pub async fn claimable_bytes(&self, order_id: u64) -> Result<u128, ChainError> {
+        let v = self
+            .contract
+            .claimableBytes(U256::from(order_id))
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))?;
+        Ok(v.saturating_to::<u128>())
+    }
+
     /// Seconds of lease time the provider may claim right now.
     pub async fn claimable_seconds(&self, order_id: u64) -> Result<u64, ChainError> {
         self.contract
@@ -338,15 +360,34 @@ impl Marketplace {
     /// Claims one proven batch of usage; pays the provider out of the escrow.
     #[instrument(skip(self, claim), fields(order = claim.order_id, seconds = claim.seconds))]
     pub async fn claim(&self, claim: &ClaimRequest) -> Result<ClaimReceipt, ChainError> {
-        let call = self.contract.claim(
-            U256::from(claim.order_id),
-            claim.batch_capacity,
-            claim.next_head.into(),
-            claim.seconds,
-            claim.bytes_in,
-            claim.bytes_out,
-            claim.proof.clone(),
-        );
+        let call = match &claim.ack {
+            None => self
+                .contract
+                .claim(
+                    U256::from(claim.order_id),
+                    claim.batch_capacity,
+                    claim.next_head.into(),
+                    claim.seconds,
+                    claim.bytes_in,
+                    claim.bytes_out,
+                    claim.proof.clone(),
+                )
+                .clear_decoder(),
+            Some(signed) => self
+                .contract
+                .claimWithAck(
+                    U256::from(claim.order_id),
+                    claim.batch_capacity,
+                    claim.next_head.into(),
+                    claim.seconds,
+                    claim.bytes_in,
+                    claim.bytes_out,
+                    claim.proof.clone(),
+                    signed.to_abi(),
+                    signed.signature.clone(),
+                )
+                .clear_decoder(),
+        };
         // A pairing check starved of gas makes the verifier return false, not revert, so the
         // claim would revert as "invalid proof" after paying for most of the verification.
         // Give it a quarter more than the estimate, which was taken against slightly older state.

@@ -348,11 +348,34 @@ pub fn find_anvil() -> Option<PathBuf> {
 
 /// Deploys the marketplace with `signer`, one verifier per batch capacity; returns its address.
 /// The verifier set is fixed for the contract's lifetime.
+/// How long after a lease ends the provider may still claim, unless the deployer chooses
+/// otherwise: a day.
+pub const DEFAULT_CLAIM_WINDOW_SECS: u64 = 86_400;
+
 pub async fn deploy(
     rpc_url: &str,
     signer: PrivateKeySigner,
     batch_capacities: &[u32],
     verifiers: &[Address],
+) -> Result<Address, ChainError> {
+    deploy_with_claim_window(
+        rpc_url,
+        signer,
+        batch_capacities,
+        verifiers,
+        DEFAULT_CLAIM_WINDOW_SECS,
+    )
+    .await
+}
+
+/// Like [`deploy`], with the claim window (seconds after a lease's end during which the
+/// provider may still claim) chosen by the deployer.
+pub async fn deploy_with_claim_window(
+    rpc_url: &str,
+    signer: PrivateKeySigner,
+    batch_capacities: &[u32],
+    verifiers: &[Address],
+    claim_window_secs: u64,
 ) -> Result<Address, ChainError> {
     if batch_capacities.len() != verifiers.len() {
         return Err(ChainError::InvalidInput(format!(
@@ -362,10 +385,15 @@ pub async fn deploy(
         )));
     }
     let provider = signing_provider(rpc_url, signer)?;
-    let address = abi::deploy_builder(&provider, batch_capacities.to_vec(), verifiers.to_vec())
-        .deploy()
-        .await
-        .map_err(|e| ChainError::from_contract(rpc_url, Address::ZERO, e))?;
+    let address = abi::deploy_builder(
+        &provider,
+        batch_capacities.to_vec(),
+        verifiers.to_vec(),
+        claim_window_secs,
+    )
+    .deploy()
+    .await
+    .map_err(|e| ChainError::from_contract(rpc_url, Address::ZERO, e))?;
     info!(%address, capacities = ?batch_capacities, "marketplace deployed");
     Ok(address)
 }

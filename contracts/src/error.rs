@@ -237,6 +237,39 @@ pub fn describe(error: &E) -> String {
         E::NothingOwed(e) => format!("nothing is owed to {}", e.account),
         E::TransferFailed(e) => format!("sending {} wei to {} failed", e.amount, e.to),
         E::Reentrancy(_) => "reentrant call refused".into(),
+        E::AcceptTimeoutPassed(e) => format!(
+            "order {} could only be accepted before unix time {}",
+            e.orderId, e.acceptDeadline
+        ),
+        E::ZeroAcceptTimeout(_) => "an order needs a non-zero accept timeout".into(),
+        E::SelfOrder(e) => format!("{} cannot order from itself", e.provider),
+        E::PriceTooHigh(e) => format!(
+            "a price of {} wei is above the {} wei the marketplace can charge",
+            e.price, e.max
+        ),
+        E::InvalidClaimWindow(e) => format!("a claim window of {} s is not allowed", e.claimWindow),
+        E::ClaimExceedsAcknowledgedBytes(e) => format!(
+            "the claim for order {} would bring paid bytes to {}, but the client acknowledged {} \
+             and the order allows {} without acknowledgment",
+            e.orderId, e.claimedBytes, e.acknowledgedBytes, e.byteAllowance
+        ),
+        E::AckForAnotherOrder(e) => format!(
+            "the acknowledgment is for order {}, not order {}",
+            e.ackOrderId, e.orderId
+        ),
+        E::NoAckSigner(e) => format!("order {} has no acknowledgment key", e.orderId),
+        E::InvalidAckSignature(e) => format!(
+            "the acknowledgment of order {} is not signed by its key {} (recovered {})",
+            e.orderId, e.ackSigner, e.recovered
+        ),
+        E::AckOlderThanRecorded(e) => format!(
+            "the acknowledgment of order {} covers {} bytes, less than the {} already recorded",
+            e.orderId, e.ackBytes, e.recordedBytes
+        ),
+        E::NothingPaid(e) => format!("order {} paid its provider nothing, so it cannot be rated", e.orderId),
+        E::InvalidShortString(_) | E::StringTooLong(_) => {
+            "the contract's EIP-712 name is malformed".into()
+        }
         E::ProviderNotFound(e) => format!("no provider is registered at {}", e.provider),
         E::AlreadyRegistered(e) => format!("{} is already a registered provider", e.provider),
         E::ProviderInactive(e) => format!("provider {} has withdrawn its offer", e.provider),

@@ -102,6 +102,20 @@ pub enum MarketEvent {
         to: Address,
         amount: U256,
     },
+    /// The client's acknowledgment of the order's cumulative usage was recorded.
+    Acknowledged {
+        order_id: u64,
+        head: [u8; 32],
+        seconds: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    },
+    /// A last batch ran past the lease's end and was paid up to the end.
+    ClaimTrimmed {
+        order_id: u64,
+        proven_seconds: u64,
+        paid_seconds: u64,
+    },
 }
 
 impl MarketEvent {
@@ -115,7 +129,9 @@ impl MarketEvent {
             | Self::OrderTerminated { order_id, .. }
             | Self::Claimed { order_id, .. }
             | Self::OrderSettled { order_id, .. }
-            | Self::Rated { order_id, .. } => Some(*order_id),
+            | Self::Rated { order_id, .. }
+            | Self::Acknowledged { order_id, .. }
+            | Self::ClaimTrimmed { order_id, .. } => Some(*order_id),
             _ => None,
         }
     }
@@ -202,6 +218,22 @@ impl MarketEvent {
                 to: e.to,
                 amount: e.amount,
             },
+            Raw::Acknowledged(e) => Self::Acknowledged {
+                order_id: id(e.orderId)?,
+                head: e.head.0,
+                seconds: e.seconds_,
+                bytes_in: e.bytesIn,
+                bytes_out: e.bytesOut,
+            },
+            Raw::ClaimTrimmed(e) => Self::ClaimTrimmed {
+                order_id: id(e.orderId)?,
+                proven_seconds: e.provenSeconds,
+                paid_seconds: e.paidSeconds,
+            },
+            // OpenZeppelin's EIP-712 declares it; the marketplace never changes its domain.
+            Raw::EIP712DomainChanged(_) => {
+                return Err(ChainError::Decode("unexpected EIP712DomainChanged".into()))
+            }
         })
     }
 }

@@ -23,5 +23,6 @@ pub use error::{describe, ChainError};
 pub use events::{EventStream, MarketEvent};
 pub use types::{
     format_fingerprint, key_fingerprint, key_fingerprint_openssh, ClaimReceipt, ClaimRequest,
-    Dataset, NewOrder, Offer, Order, OrderState, Provider, Rating, TxReceipt,
+    Dataset, NewOrder, Offer, Order, OrderState, Provider, Rating, SignedAck, TxReceipt,
+    DEFAULT_BYTE_ALLOWANCE,
 };

@@ -84,6 +84,14 @@ pub struct Order {
     pub ended_by: Option<Address>,
     pub claimed_seconds: u64,
     pub claimed_bytes: u128,
+    /// The client's acknowledgment key (EIP-712 signer of usage), if the order has one.
+    pub ack_signer: Option<Address>,
+    /// Bytes the provider may be paid for without an acknowledgment.
+    pub byte_allowance: u64,
+    /// The largest acknowledged cumulative bytes (in + out) the contract recorded.
+    pub acked_bytes: u128,
+    /// The tick-chain head of that acknowledgment.
+    pub acked_head: [u8; 32],
     /// Total paid to the provider by claims.
     pub paid: U256,
     /// Last paid tick-chain commitment (all zero before the first claim).
@@ -151,7 +159,11 @@ impl Order {
             ended_at: opt_time(raw.endedAt),
             ended_by: (raw.endedBy != Address::ZERO).then_some(raw.endedBy),
             claimed_seconds: raw.claimedSeconds,
-            claimed_bytes: raw.claimedBytes,
+            claimed_bytes: raw.claimedBytes.to::<u128>(),
+            ack_signer: (terms.ackSigner != Address::ZERO).then_some(terms.ackSigner),
+            byte_allowance: terms.byteAllowance,
+            acked_bytes: raw.ackedBytes.to::<u128>(),
+            acked_head: raw.ackedHead.0,
             paid: raw.paid,
             head: raw.head.0,
             settled: raw.settled,
@@ -181,7 +193,16 @@ pub struct NewOrder {
     pub collateral: U256,
     /// Seconds after creation from which the client may cancel if the provider did not accept.
     pub accept_timeout_secs: u64,
+    /// The client's acknowledgment key for this order (its payment tunnel signs usage with
+    /// it); none: bytes are paid only up to the allowance.
+    pub ack_signer: Option<Address>,
+    /// Bytes the provider may be paid for without an acknowledgment.
+    pub byte_allowance: u64,
 }
+
+/// The byte allowance an order gets unless the client says otherwise: enough for logins,
+/// receipts and small copies made without the tunnel, small next to any escrow.
+pub const DEFAULT_BYTE_ALLOWANCE: u64 = 64 << 20;
 
 impl NewOrder {
     /// An order for `provider`'s current offer and tariff (its default disk included), with the
@@ -207,12 +228,16 @@ impl NewOrder {
             escrow,
             collateral: escrow / U256::from(10),
             accept_timeout_secs: 600,
+            ack_signer: None,
+            byte_allowance: DEFAULT_BYTE_ALLOWANCE,
         }
     }
 
     pub(crate) fn terms(&self) -> abi::Terms {
         abi::Terms {
             keyFingerprint: B256::from(self.key_fingerprint),
+            ackSigner: self.ack_signer.unwrap_or(Address::ZERO),
+            byteAllowance: self.byte_allowance,
             cpus: self.cpus,
             memoryMiB: self.memory_mib,
             diskMiB: self.disk_mib,
@@ -329,13 +354,22 @@ pub struct Rating {
     pub count: u64,
     /// Sum of all stars (1 to 5 each).
     pub sum: u64,
+    /// What the rated orders paid in all, in wei: each rating counts by what its order paid.
+    pub weight: U256,
+    /// Sum of stars times what each rated order paid.
+    pub weighted_stars: U256,
 }
 
 impl Rating {
-    /// Average in hundredths of a star, floored like the contract's `rating()` view
-    /// (4.666... stars reads 466); `None` when nobody rated yet.
+    /// Average in hundredths of a star, weighted by what each rated order paid and floored
+    /// like the contract's `rating()` view (4.666... stars reads 466); `None` when nobody
+    /// rated yet.
     pub fn average_centistars(&self) -> Option<u64> {
-        (self.count != 0).then(|| self.sum * 100 / self.count)
+        if self.count == 0 || self.weight.is_zero() {
+            return None;
+        }
+        let avg = self.weighted_stars * U256::from(100) / self.weight;
+        Some(avg.saturating_to::<u64>())
     }
 }
 
@@ -352,6 +386,8 @@ impl Provider {
             rating: Rating {
                 count: raw.ratingCount,
                 sum: raw.ratingSum,
+                weight: raw.ratingWeight,
+                weighted_stars: raw.ratingWeightedStars,
             },
         }
     }
@@ -370,6 +406,28 @@ pub struct ClaimRequest {
     pub bytes_out: u64,
     /// 256-byte Groth16 proof (see `ITickVerifier`).
     pub proof: Bytes,
+    /// The client's newest acknowledgment, recorded in the same transaction; needed once the
+    /// order's paid bytes pass its allowance.
+    pub ack: Option<SignedAck>,
+}
+
+/// An acknowledgment with its 65-byte signature, as the client's tunnel sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedAck {
+    pub ack: crate::ack::Acknowledgment,
+    pub signature: Bytes,
+}
+
+impl SignedAck {
+    pub(crate) fn to_abi(&self) -> abi::Acknowledgment {
+        abi::Acknowledgment {
+            orderId: self.ack.orderId,
+            head: self.ack.head,
+            leaseSeconds: self.ack.seconds,
+            bytesIn: self.ack.bytesIn,
+            bytesOut: self.ack.bytesOut,
+        }
+    }
 }
 
 /// What a mined transaction cost.
@@ -455,6 +513,10 @@ mod tests {
             ended_by: None,
             claimed_seconds: 0,
             claimed_bytes: 0,
+            ack_signer: None,
+            byte_allowance: 0,
+            acked_bytes: 0,
+            acked_head: [0; 32],
             paid: U256::ZERO,
             head: [0; 32],
             settled: false,
@@ -498,8 +560,21 @@ mod tests {
 
     #[test]
     fn rating_average_is_floored_hundredths() {
-        let rating = Rating { count: 3, sum: 14 };
+        // Three ratings (5, 5, 4 stars) from orders that paid 1, 1 and 1: 4.666… stars.
+        let rating = Rating {
+            count: 3,
+            sum: 14,
+            weight: U256::from(3),
+            weighted_stars: U256::from(14),
+        };
         assert_eq!(rating.average_centistars(), Some(466));
+        // The same stars where the 4-star order paid eight times as much: 4.2 stars.
+        let weighted = Rating {
+            weight: U256::from(10),
+            weighted_stars: U256::from(5 + 5 + 4 * 8),
+            ..rating
+        };
+        assert_eq!(weighted.average_centistars(), Some(420));
         assert_eq!(Rating::default().average_centistars(), None);
     }
 

@@ -89,6 +89,8 @@ impl World {
             escrow: U256::from(10_000_000_007u64),
             collateral: U256::from(1_000_000_001u64),
             accept_timeout_secs: 600,
+            ack_signer: None,
+            byte_allowance: shale_contracts::DEFAULT_BYTE_ALLOWANCE,
         }
     }
 
@@ -134,6 +136,7 @@ impl World {
             bytes_in,
             bytes_out,
             proof: proof.into(),
+            ack: None,
         }
     }
 }
