@@ -9,6 +9,7 @@
 //! on its own network (which [`watcher`] also keeps repaired), [`metrics`] and [`metrics_http`]
 //! export it, and [`settler`] turns the ledger's ticks into Groth16-proved claims on chain.
 
+pub mod ack_channel;
 pub mod admission;
 pub mod algorithms;
 pub mod billing;

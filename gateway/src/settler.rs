@@ -648,8 +648,21 @@ impl Settler {
     ) -> Result<Option<(usize, U256)>, SettlerError> {
         let market = &self.inner.market;
         let claimable = market.claimable_seconds(order.id).await?;
-        // Prefix totals, cut where seconds exceed the lease time the chain allows or a total
-        // would not fit the claim's u64 arguments.
+        // Bytes are paid only up to the client's acknowledgments (the newest rides along with
+        // the claim) or the order's allowance; beyond that, ticks wait for an acknowledgment.
+        let acked = self
+            .inner
+            .ledger
+            .latest_ack(order.id)
+            .await?
+            .map_or(0, |a| u128::from(a.bytes_in) + u128::from(a.bytes_out));
+        let byte_room = acked
+            .max(order.acked_bytes)
+            .max(u128::from(order.byte_allowance))
+            .saturating_sub(order.claimed_bytes);
+        let mut waits_for_ack = false;
+        // Prefix totals, cut where seconds exceed the lease time the chain allows, bytes exceed
+        // what is acknowledged or allowed, or a total would not fit the claim's u64 arguments.
         let mut totals: Vec<(u64, u64, u64)> = Vec::with_capacity(ticks.len());
         let (mut s, mut i, mut o) = (0u64, 0u64, 0u64);
         for t in ticks {
@@ -663,6 +676,10 @@ impl Settler {
             if ns > claimable {
                 break;
             }
+            if u128::from(ni) + u128::from(no) > byte_room {
+                waits_for_ack = true;
+                break;
+            }
             (s, i, o) = (ns, ni, no);
             totals.push((s, i, o));
         }
@@ -672,7 +689,12 @@ impl Settler {
         };
         let mut n = totals.len();
         if n == 0 {
-            self.blocked(order, "lease_time", claimable);
+            let reason = if waits_for_ack {
+                "awaiting_acknowledgment"
+            } else {
+                "lease_time"
+            };
+            self.blocked(order, reason, claimable);
             return Ok(None);
         }
         let mut amount = quote(n).await?;
@@ -779,6 +801,9 @@ impl Settler {
                 bytes_in: narrow(inputs.bytes_in),
                 bytes_out: narrow(inputs.bytes_out),
                 proof: Bytes::from(proof.to_bytes().to_vec()),
+                // The client's newest acknowledgment rides along: it is what lets bytes past
+                // the order's allowance be paid.
+                ack: inner.ledger.latest_ack(id).await?.and_then(|a| signed_ack(&a)),
             };
             inner
                 .ledger
@@ -963,4 +988,23 @@ impl Settler {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this map cannot leave it inconsistent (single inserts/removes).
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A stored acknowledgment in the form the contract takes; `None` if its signature is not hex.
+fn signed_ack(a: &shale_meter::ledger::AckRecord) -> Option<shale_contracts::SignedAck> {
+    let digits = a.signature.strip_prefix("0x")?;
+    let sig: Option<Vec<u8>> = (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
+        .collect();
+    Some(shale_contracts::SignedAck {
+        ack: shale_contracts::ack::Acknowledgment::new(
+            a.order,
+            a.head.0.into(),
+            a.seconds,
+            a.bytes_in,
+            a.bytes_out,
+        ),
+        signature: Bytes::from(sig?),
+    })
 }

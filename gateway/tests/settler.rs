@@ -153,6 +153,27 @@ impl World {
             36_000,
         );
         order.collateral = U256::from(1_000_000_001u64);
+        // These tests move gibibytes with no client tunnel: bytes need no acknowledgment.
+        order.byte_allowance = 1 << 50;
+        let id = self.client.create_order(&order).await.unwrap();
+        self.sp.accept(id).await.unwrap();
+        self.devnet.advance_time(run_secs).await.unwrap();
+        id
+    }
+
+    /// Like [`World::active_order`] with the client's acknowledgment key `ack` and no bytes
+    /// payable without it.
+    async fn acknowledged_order(&self, escrow: u64, run_secs: u64, ack: Address) -> u64 {
+        let provider = self.sp.provider(self.sp_address()).await.unwrap();
+        let mut order = NewOrder::for_offer(
+            &provider,
+            shale_contracts::key_fingerprint(b"client key blob"),
+            U256::from(escrow),
+            36_000,
+        );
+        order.collateral = U256::from(1_000_000_001u64);
+        order.ack_signer = Some(ack);
+        order.byte_allowance = 0;
         let id = self.client.create_order(&order).await.unwrap();
         self.sp.accept(id).await.unwrap();
         self.devnet.advance_time(run_secs).await.unwrap();
@@ -400,6 +421,7 @@ async fn claim_behind_the_settlers_back(
             bytes_in: inputs.bytes_in as u64,
             bytes_out: inputs.bytes_out as u64,
             proof: Bytes::from(proof.to_bytes().to_vec()),
+            ack: None,
         })
         .await
         .expect("the claim is paid");
@@ -888,4 +910,105 @@ async fn an_outage_while_claiming_is_retried_with_backoff_and_paid_once() {
         world.sp.order(id).await.unwrap().paid,
         charge(&ticks[..16]) + charge(&ticks[16..32]) + charge(&ticks[32..])
     );
+}
+
+/// Bytes past the order's allowance are not claimed until the client's tunnel acknowledges
+/// them; the acknowledgment, taken over the `shale-ack` exchange and checked against the order's
+/// key on chain, then rides along with the claim and the batch is paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_past_the_allowance_wait_for_the_clients_acknowledgment() {
+    use shale_contracts::ack::Acknowledgment;
+    use shale_contracts::{PrivateKeySigner, B256};
+    use shale_gateway::ack_channel::{exchange, AckDesk, AckOutcome};
+    use shale_meter::ack::{AckAnswer, AckLine, AckRequest};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    let key = PrivateKeySigner::random();
+    let id = world
+        .acknowledged_order(10u64.pow(18), 600, key.address())
+        .await;
+    world.append_ticks(id, 3).await;
+    let settler = world
+        .settler(SettlerConfig {
+            max_wait_secs: 0,
+            ..config()
+        })
+        .await;
+    settler.track(id, None);
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(
+        report.claimed, 0,
+        "nothing is paid before an acknowledgment"
+    );
+    assert_eq!(world.sp.order(id).await.unwrap().paid, U256::ZERO);
+
+    // The client's side of the exchange, in the test: it signs what it is offered.
+    let desk = AckDesk {
+        chain_id: world.sp.chain_id().await.unwrap(),
+        market: world.sp.clone(),
+    };
+    let run_client = |signer: PrivateKeySigner| {
+        let desk = desk.clone();
+        let ledger = world.ledger.clone();
+        async move {
+            let (client_io, gateway_io) = tokio::io::duplex(1 << 20);
+            let (g_read, g_write) = tokio::io::split(gateway_io);
+            let gateway =
+                tokio::spawn(async move { exchange(&ledger, &desk, id, g_read, g_write).await });
+            let (c_read, mut c_write) = tokio::io::split(client_io);
+            let mut lines = tokio::io::BufReader::new(c_read).lines();
+            let request = serde_json::to_string(&AckRequest::default()).unwrap();
+            c_write
+                .write_all(format!("{request}\n").as_bytes())
+                .await
+                .unwrap();
+            let offer = loop {
+                let line = lines.next_line().await.unwrap().unwrap();
+                if let AckLine::Offer(o) = serde_json::from_str(&line).unwrap() {
+                    break o;
+                }
+            };
+            let ack = Acknowledgment::new(
+                id,
+                B256::from(offer.head.0),
+                offer.seconds,
+                offer.bytes_in,
+                offer.bytes_out,
+            );
+            let sig = ack
+                .sign(&signer, offer.chain_id, offer.marketplace.parse().unwrap())
+                .unwrap();
+            let hex: String = sig.iter().map(|b| format!("{b:02x}")).collect();
+            let answer = serde_json::to_string(&AckAnswer::Signed {
+                signature: format!("0x{hex}"),
+            })
+            .unwrap();
+            c_write
+                .write_all(format!("{answer}\n").as_bytes())
+                .await
+                .unwrap();
+            let reply: AckLine =
+                serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+            (gateway.await.unwrap(), reply)
+        }
+    };
+
+    // Signed by another key: refused, nothing stored.
+    let (outcome, reply) = run_client(PrivateKeySigner::random()).await;
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(matches!(reply, AckLine::Error { .. }), "{reply:?}");
+    assert_eq!(world.ledger.latest_ack(id).await.unwrap(), None);
+
+    // Signed by the order's key: stored, and the next round is paid with it.
+    let (outcome, reply) = run_client(key).await;
+    assert!(matches!(outcome, Ok(AckOutcome::Stored(_))), "{outcome:?}");
+    assert_eq!(reply, AckLine::Stored);
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 1);
+    let order = world.sp.order(id).await.unwrap();
+    assert!(order.paid > U256::ZERO);
+    assert_eq!(order.acked_bytes, order.claimed_bytes);
 }

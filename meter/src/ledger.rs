@@ -439,6 +439,26 @@ impl Ledger {
         self.ticks(order, first, u64::MAX).await
     }
 
+    /// Totals of `order`'s ticks up to and including seq `last`: a prefix of the chain, which
+    /// never changes once stored.
+    pub async fn usage_through(&self, order: u64, last: u64) -> Result<Usage, MeterError> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(seconds), 0) AS BIGINT) AS seconds, \
+                    CAST(COALESCE(SUM(bytes_in), 0) AS BIGINT) AS bytes_in, \
+                    CAST(COALESCE(SUM(bytes_out), 0) AS BIGINT) AS bytes_out \
+             FROM ticks WHERE order_id = $1 AND seq <= $2",
+        )
+        .bind(int("order", order)?)
+        .bind(int("seq", last)?)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Usage {
+            seconds: uint(order, &row, "seconds")?,
+            bytes_in: uint(order, &row, "bytes_in")?,
+            bytes_out: uint(order, &row, "bytes_out")?,
+        })
+    }
+
     /// Totals and count of `order`'s ticks after seq `after` (all ticks if `None`).
     pub async fn usage_after(
         &self,
