@@ -30,7 +30,6 @@ impl AckKey {
     }
 
     /// Makes a new random key, replacing any old one; returns its address.
-    #[allow(dead_code)] // `order create` calls it once the order's terms carry the signer.
     pub fn create(&self) -> anyhow::Result<Address> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;

@@ -170,6 +170,10 @@ enum OrderCommand {
         /// Seconds to wait for the provider to accept (also the on-chain accept timeout).
         #[arg(long, default_value_t = 300)]
         wait: u64,
+        /// Bytes the provider may be paid for without this machine's payment tunnel
+        /// acknowledging them (plain ssh, another machine), e.g. 64MiB.
+        #[arg(long, value_parser = view::parse_byte_size, default_value = "64MiB")]
+        byte_allowance: u64,
     },
     /// Your orders (as client or provider).
     List {
@@ -267,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     hours,
                     deposit,
                     wait,
+                    byte_allowance,
                 } => {
                     let req = cmd::order::CreateRequest {
                         provider,
@@ -279,6 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         hours,
                         deposit,
                         wait: Duration::from_secs(wait),
+                        byte_allowance,
                     };
                     cmd::order::create(&s, &req, json).await.map(|_| ())
                 }

@@ -97,7 +97,6 @@ impl SshFiles {
     }
 
     /// The acknowledgment key of order `order`.
-    #[allow(dead_code)] // `order create` writes it once the order's terms carry the signer.
     pub fn ack_key(&self, order: u64) -> PathBuf {
         self.dir.join("acks").join(format!("shale-{order}.key"))
     }

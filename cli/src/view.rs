@@ -206,6 +206,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Like [`parse_size`], in bytes (`64MiB` is 67108864; `0` is zero).
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    parse_size(text)?
+        .checked_mul(1 << 20)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

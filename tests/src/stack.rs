@@ -38,6 +38,12 @@ pub struct OrderOptions {
     pub dataset: Option<String>,
     /// The order's disk in MiB; the offer's default ([`STACK_DISK_MIB`]) when `None`.
     pub disk_mib: Option<u64>,
+    /// The client's acknowledgment key, when the test acknowledges usage itself.
+    pub ack_signer: Option<shale_contracts::Address>,
+    /// Bytes payable without an acknowledgment. Tests that drive stock `ssh` without the
+    /// payment tunnel get a terabyte, so their claims are not held back; those about
+    /// acknowledgments set it low.
+    pub byte_allowance: u64,
 }
 
 impl Default for OrderOptions {
@@ -48,6 +54,8 @@ impl Default for OrderOptions {
             max_duration_secs: 3600,
             dataset: Some(DATASET.into()),
             disk_mib: None,
+            ack_signer: None,
+            byte_allowance: 1 << 40,
         }
     }
 }
@@ -296,6 +304,8 @@ impl Stack {
             options.max_duration_secs,
         );
         order.dataset = options.dataset;
+        order.ack_signer = options.ack_signer;
+        order.byte_allowance = options.byte_allowance;
         if let Some(disk) = options.disk_mib {
             order.disk_mib = disk;
         }

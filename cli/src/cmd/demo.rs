@@ -139,6 +139,7 @@ async fn story() -> anyhow::Result<DemoOutcome> {
         hours: 1,
         deposit: crate::money::parse_amount("0.5FIL")?,
         wait: Duration::from_secs(60),
+        byte_allowance: shale_contracts::DEFAULT_BYTE_ALLOWANCE,
     };
     let created = order::create_with(&client, &settings, &req, true).await?;
     let accept_tx = sp_task.await.context("the SP task")??;

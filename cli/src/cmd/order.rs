@@ -12,10 +12,11 @@ use shale_contracts::{
     U256,
 };
 
+use crate::ack::AckKey;
 use crate::exit::Failure;
 use crate::money::{format_fil, Fil};
 use crate::settings::Settings;
-use crate::sshcfg::{split_endpoint, OrderHost, SshFiles, Tunnel};
+use crate::sshcfg::{split_endpoint, OrderHost, SshFiles, Tunnel, TunnelAcks};
 use crate::view::{duration, print_json, size, table, OrderView};
 use crate::wire::WireCounts;
 
@@ -34,6 +35,8 @@ pub struct CreateRequest {
     pub deposit: U256,
     /// How long to wait for the provider to accept (also the on-chain accept timeout).
     pub wait: Duration,
+    /// Bytes the provider may be paid for without the tunnel's acknowledgment.
+    pub byte_allowance: u64,
 }
 
 /// What a created order gives the client: how to reach it.
@@ -53,6 +56,10 @@ pub struct CreatedOrder {
     pub ssh_config: String,
     /// What the order transaction cost in gas, in wei.
     pub fee_wei: String,
+    /// The address of the order's acknowledgment key (its payment tunnel signs usage with it).
+    pub ack_signer: String,
+    /// Bytes payable without an acknowledgment.
+    pub byte_allowance: u64,
 }
 
 /// Reads an OpenSSH public key file and returns its line and the matching private key path.
@@ -151,6 +158,16 @@ pub async fn create_with(
         );
     }
     order.accept_timeout_secs = req.wait.as_secs().max(1);
+    // The order's own acknowledgment key: made now, so its address goes into the terms, and
+    // moved under the order's name once the chain gives the order its id.
+    let files = SshFiles::new(&settings.ssh_dir);
+    let pending_key = files
+        .dir
+        .join("acks")
+        .join(format!("pending-{}.key", std::process::id()));
+    let ack_signer = AckKey::at(&pending_key).create()?;
+    order.ack_signer = Some(ack_signer);
+    order.byte_allowance = req.byte_allowance;
     if talk {
         let hourly = provider
             .offer
@@ -179,6 +196,11 @@ pub async fn create_with(
             req.key.display(),
             Fil(req.deposit)
         );
+        eprintln!(
+            "Usage is acknowledged by this machine's payment tunnel (key {ack_signer:#x}); \
+             without it the provider is paid for at most {} of traffic.",
+            size_bytes(req.byte_allowance)
+        );
     }
     let (id, tx) = market.create_order_tx(&order).await?;
     if talk {
@@ -193,7 +215,9 @@ pub async fn create_with(
         bail!("order {id} is {} and will not start", accepted.state);
     }
     let (host, port) = split_endpoint(&provider.endpoint)?;
-    let files = SshFiles::new(&settings.ssh_dir);
+    let ack_key = files.ack_key(id);
+    std::fs::rename(&pending_key, &ack_key)
+        .with_context(|| format!("keeping the acknowledgment key as {}", ack_key.display()))?;
     let user_config = settings.ssh_dir.join("config");
     let order_host = OrderHost {
         order: id,
@@ -203,7 +227,11 @@ pub async fn create_with(
         identity: identity.clone(),
         tunnel: Some(Tunnel {
             exe: std::env::current_exe().context("finding the shale binary for the tunnel")?,
-            acks: None,
+            acks: Some(TunnelAcks {
+                rpc_url: settings.rpc_url.clone(),
+                marketplace: format!("{:#x}", settings.marketplace),
+                key: ack_key,
+            }),
         }),
     };
     // A new order under this alias starts its wire count from zero.
@@ -225,6 +253,8 @@ pub async fn create_with(
         known_hosts: files.known_hosts.display().to_string(),
         ssh_config: files.config.display().to_string(),
         fee_wei: tx.fee.to_string(),
+        ack_signer: format!("{ack_signer:#x}"),
+        byte_allowance: req.byte_allowance,
     };
     if talk {
         eprintln!(
@@ -536,4 +566,14 @@ pub async fn rate(
         &tx,
         format!("Rated order {id}'s provider {stars}/5."),
     )
+}
+
+/// `n` bytes in the largest binary unit that keeps a whole number, e.g. `64 MiB`.
+fn size_bytes(n: u64) -> String {
+    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{} {unit}", n >> shift);
+        }
+    }
+    format!("{n} B")
 }
