@@ -97,7 +97,16 @@ impl World {
         let market = Marketplace::connect(&self.rpc_url, self.market, None)
             .await
             .expect("connects");
-        OrderDirectory::new(market, Duration::from_secs(3600), Duration::from_secs(5))
+        OrderDirectory::new(
+            market,
+            shale_gateway::orders::DirectoryTimes {
+                fresh_for: Duration::from_secs(3600),
+                missing_for: Duration::from_secs(5),
+                stale_max: Duration::from_secs(3600),
+                count_refresh: Duration::from_secs(2),
+            },
+            Default::default(),
+        )
     }
 }
 

@@ -67,6 +67,7 @@ impl SideBySide {
                 count_bytes: false,
                 ..SessionConfig::default()
             },
+            ..StackOptions::default()
         })
         .await?;
         let order = stack.order(&self.key, OrderOptions::default()).await?;

@@ -494,6 +494,7 @@ impl russh::server::Handler for Connection {
             counter: counter.clone(),
             count_bytes: self.shared.count_bytes,
             ledger: self.shared.billing.ledger().clone(),
+            acks: self.shared.acks.clone(),
             exec_seconds: self.shared.metrics.exec_seconds.clone(),
         };
         let span = self.span.clone();

@@ -63,6 +63,8 @@ pub struct Shared {
     pub traffic: crate::traffic::TrafficBoard,
     /// The settler claiming this gateway's metered usage, when one runs in this process.
     pub settler: std::sync::OnceLock<crate::settler::Settler>,
+    /// What checks the clients' acknowledgments of usage (`shale-ack`).
+    pub acks: crate::ack_channel::AckDesk,
 }
 
 impl Shared {
@@ -260,6 +262,10 @@ impl Gateway {
         provisioner: Provisioner,
     ) -> Result<Self, GatewayError> {
         let scope = market.scope().await?;
+        let acks = crate::ack_channel::AckDesk {
+            chain_id: market.chain_id().await?,
+            market: market.clone(),
+        };
         if provisioner.config().scope != scope {
             return Err(GatewayError::ScopeMismatch {
                 provisioner: provisioner.config().scope.clone(),
@@ -341,6 +347,7 @@ impl Gateway {
             quality: Arc::default(),
             traffic,
             settler: std::sync::OnceLock::new(),
+            acks,
         });
         Ok(Self {
             shared,

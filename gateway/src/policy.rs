@@ -74,6 +74,9 @@ pub enum Subsystem {
     /// The order's tick log and session records as JSON lines, answered by the gateway itself
     /// (no container needed), so the client can recompute the chain of what it is billed for.
     Receipts,
+    /// The client's payment tunnel acknowledging the order's usage (EIP-712), answered by the
+    /// gateway itself.
+    Ack,
 }
 
 /// The path of OpenSSH's sftp-server in the default (Debian) image.
@@ -85,6 +88,7 @@ impl Subsystem {
         match name {
             "sftp" => Some(Subsystem::Sftp),
             "shale-receipts" => Some(Subsystem::Receipts),
+            "shale-ack" => Some(Subsystem::Ack),
             _ => None,
         }
     }
@@ -202,12 +206,13 @@ mod tests {
     }
 
     #[test]
-    fn only_sftp_and_receipts_are_subsystems() {
+    fn only_sftp_receipts_and_acks_are_subsystems() {
         assert_eq!(Subsystem::named("sftp"), Some(Subsystem::Sftp));
         assert_eq!(
             Subsystem::named("shale-receipts"),
             Some(Subsystem::Receipts)
         );
+        assert_eq!(Subsystem::named("shale-ack"), Some(Subsystem::Ack));
         assert_eq!(Subsystem::named("netconf"), None);
     }
 

@@ -41,8 +41,10 @@ pub struct ChannelContext {
     pub counter: Arc<SessionCounter>,
     /// Whether the pumps count bytes onto `counter` (off only in benchmarks).
     pub count_bytes: bool,
-    /// The ledger, for the receipts subsystem.
+    /// The ledger, for the receipts and acknowledgment subsystems.
     pub ledger: Ledger,
+    /// What checks acknowledgments (`shale-ack`).
+    pub acks: crate::ack_channel::AckDesk,
     /// Where the time to start a process is recorded.
     pub exec_seconds: prometheus_client::metrics::histogram::Histogram,
 }
@@ -121,6 +123,10 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
 
     if let Command::Subsystem(Subsystem::Receipts) = command {
         serve_receipts(ctx, &tx).await;
+        return;
+    }
+    if let Command::Subsystem(Subsystem::Ack) = command {
+        serve_ack(ctx, &mut rx, &tx).await;
         return;
     }
 
@@ -231,6 +237,40 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
             let _ = tx.exit_status(255).await;
         }
     }
+    let _ = tx.eof().await;
+    let _ = tx.close().await;
+}
+
+/// Answers the `shale-ack` subsystem: one acknowledgment exchange with the client's tunnel.
+/// Its bytes are metered like any channel's (the tunnel counts them on the wire too).
+async fn serve_ack(
+    ctx: &ChannelContext,
+    rx: &mut russh::ChannelReadHalf,
+    tx: &russh::ChannelWriteHalf<Msg>,
+) {
+    let channel = ctx.counter.open_channel();
+    let input = Metered::new(rx.make_reader(), channel.clone(), Side::Client);
+    let output = Metered::new(tx.make_writer(), channel, Side::Client);
+    let status = match crate::ack_channel::exchange(
+        &ctx.ledger,
+        &ctx.acks,
+        ctx.order.0,
+        input,
+        output,
+    )
+    .await
+    {
+        Ok(crate::ack_channel::AckOutcome::Stored(_)) => 0,
+        Ok(crate::ack_channel::AckOutcome::Refused(reason)) => {
+            tracing::warn!(%reason, "the client's tunnel refused to acknowledge the usage");
+            0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "acknowledgment exchange failed");
+            1
+        }
+    };
+    let _ = tx.exit_status(status).await;
     let _ = tx.eof().await;
     let _ = tx.close().await;
 }
@@ -411,7 +451,7 @@ fn argv_for(command: &Command) -> Vec<String> {
         Command::Exec(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
         Command::Subsystem(Subsystem::Sftp) => vec![SFTP_SERVER.into()],
         // Answered by the gateway itself, never run in the container.
-        Command::Subsystem(Subsystem::Receipts) => Vec::new(),
+        Command::Subsystem(Subsystem::Receipts) | Command::Subsystem(Subsystem::Ack) => Vec::new(),
     }
 }
 

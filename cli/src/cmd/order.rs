@@ -571,7 +571,7 @@ pub async fn rate(
 /// `n` bytes in the largest binary unit that keeps a whole number, e.g. `64 MiB`.
 fn size_bytes(n: u64) -> String {
     for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{} {unit}", n >> shift);
         }
     }
