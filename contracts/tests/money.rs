@@ -171,6 +171,19 @@ async fn client_rates_an_ended_order_once() {
     let world = World::with_provider().await;
     let first = world.active_order().await;
     let second = world.active_order().await;
+    // Only an order that paid its provider may rate it: each pays for 10 seconds.
+    world.devnet.advance_time(30).await.unwrap();
+    for id in [first, second] {
+        let claim = world.claim_request(id, 9, 10, 0, 0).await;
+        world.sp.claim(&claim).await.unwrap();
+    }
+    let unpaid = world.active_order().await;
+    world.client.terminate(unpaid).await.unwrap();
+    let err = world.client.rate(unpaid, 5, "").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("the marketplace refused: order {unpaid} paid its provider nothing, so it cannot be rated")
+    );
     world.client.terminate(first).await.unwrap();
     world.sp.terminate(second).await.unwrap();
 
@@ -186,6 +199,7 @@ async fn client_rates_an_ended_order_once() {
 
     let provider = world.reader.provider(world.sp_address()).await.unwrap();
     assert_eq!(provider.rating.count, 2);
+    // Both paid the same, so the weighted average is the plain one.
     assert_eq!(provider.rating.average_centistars(), Some(450));
 }
 
