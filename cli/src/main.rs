@@ -78,6 +78,9 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Acknowledge an order's usage now (the payment tunnel also does it by itself): signs
+    /// only what this machine's wire counts and the lease's clock confirm; exit 7 if not.
+    Ack { order: u64 },
     /// Follow an order live: lease time, cost, escrow left, claims.
     Watch {
         order: u64,
@@ -308,6 +311,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map(|_| ())
         }
+        Command::Ack { order } => cmd::ack::run(&cli.chain.resolve()?, order, json)
+            .await
+            .map(|_| ()),
         Command::Watch { order, once } => {
             cmd::watch::run(&cli.chain.resolve()?, order, once, json).await
         }

@@ -102,6 +102,11 @@ async fn demo_trains_on_the_dataset_pays_the_sp_by_proof_and_the_balances_add_up
         out.contains("✔ The provider's claims match your receipts"),
         "{out}"
     );
+    // The client's payment tunnel checked the usage against its wire counts and signed it.
+    assert!(out.contains("Acknowledged order"), "{out}");
+    for line in out.lines().filter(|l| l.contains("cknowledg")) {
+        eprintln!("demo: {line}");
+    }
 
     let outcome: Value =
         serde_json::from_slice(&std::fs::read(dir.join("demo/outcome.json")).unwrap()).unwrap();

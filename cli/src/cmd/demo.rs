@@ -225,6 +225,17 @@ async fn story() -> anyhow::Result<DemoOutcome> {
         Err(e) => return Err(e),
     };
 
+    println!("$ shale ack {id}");
+    // What the payment tunnel does by itself every 30 s: check and sign the usage so far, so
+    // the SP can be paid for bytes past the order's allowance.
+    match crate::cmd::ack::run(&settings, id, false).await {
+        Ok(_) => {}
+        Err(e) if matches!(e.downcast_ref::<Failure>(), Some(Failure::ReceiptsMismatch(_))) => {
+            return Err(e)
+        }
+        Err(e) => println!("The acknowledgment did not go through ({e:#}); bytes are paid only up to the allowance."),
+    }
+
     heading(7, "The client ends the lease");
     println!("$ shale order terminate {id}");
     let paid_before_end = client.order(id).await?.paid;
@@ -267,6 +278,10 @@ async fn story() -> anyhow::Result<DemoOutcome> {
             crate::view::duration(o.claimed_seconds),
             o.claimed_bytes,
             Fil(claimed)
+        );
+        println!(
+            "The client's acknowledgments cover {} bytes on chain; the order allows {} without one.",
+            o.acked_bytes, o.byte_allowance
         );
     }
 

@@ -1,5 +1,6 @@
 //! One module per command.
 
+pub mod ack;
 pub mod demo;
 pub mod dev;
 pub mod gateway;
