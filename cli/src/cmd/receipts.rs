@@ -198,20 +198,17 @@ pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
 
 /// Holds the provider's byte totals to what the client's own tunnel relayed: SSH framing makes
 /// the wire carry more than the channel payload the gateway meters, so an honest provider is
-/// always at or below the tunnel's counts.
-pub fn hold_to_wire(v: &mut Verdict, wire: WireTotals) {
-    if v.usage_bytes_in > wire.up {
+/// always at or below the tunnel's counts. Bytes past them are an over-claim once they pass
+/// the order's allowance (what may have gone without the tunnel, as the contract pays it).
+pub fn hold_to_wire(v: &mut Verdict, wire: WireTotals, allowance: u64) {
+    let past = v.usage_bytes_in.saturating_sub(wire.up) as u128
+        + v.usage_bytes_out.saturating_sub(wire.down) as u128;
+    if past > u128::from(allowance) {
         v.problems.push(format!(
-            "the provider counts {} bytes into the container, but only {} went through this \
-             machine's tunnel (an over-claim, unless you also connected without `ssh shale-{}`)",
-            v.usage_bytes_in, wire.up, v.order
-        ));
-    }
-    if v.usage_bytes_out > wire.down {
-        v.problems.push(format!(
-            "the provider counts {} bytes out of the container, but only {} came through this \
-             machine's tunnel (an over-claim, unless you also connected without `ssh shale-{}`)",
-            v.usage_bytes_out, wire.down, v.order
+            "the provider counts {} bytes in and {} out, but this machine's tunnel relayed only \
+             {} up and {} down: {past} bytes more, past the order's {allowance}-byte allowance \
+             (an over-claim)",
+            v.usage_bytes_in, v.usage_bytes_out, wire.up, wire.down
         ));
     }
     v.wire = Some(wire);
@@ -231,7 +228,7 @@ pub async fn run(
     let mut v = check(&order, &receipts);
     let counts = WireCounts::at(SshFiles::new(&settings.ssh_dir).wire_counts(id));
     if counts.path().exists() {
-        hold_to_wire(&mut v, counts.read()?);
+        hold_to_wire(&mut v, counts.read()?, order.byte_allowance);
     }
     if json && !verify {
         print_json(&receipts)?;
@@ -297,4 +294,55 @@ pub async fn run(
         }
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(bytes_in: u64, bytes_out: u64) -> Verdict {
+        Verdict {
+            order: 7,
+            ticks: 1,
+            sessions: 1,
+            chain_ok: true,
+            receipts_head: String::new(),
+            onchain_head: String::new(),
+            claimed_ticks: Some(1),
+            usage_seconds: 10,
+            usage_bytes: u128::from(bytes_in) + u128::from(bytes_out),
+            usage_bytes_in: bytes_in,
+            usage_bytes_out: bytes_out,
+            wire: None,
+            usage_charge_wei: "0".into(),
+            claimed_seconds: 10,
+            claimed_bytes: "0".into(),
+            paid_wei: "0".into(),
+            matches: true,
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn bytes_past_the_wire_count_are_an_over_claim_only_past_the_allowance() {
+        let wire = WireTotals {
+            up: 1_000,
+            down: 10_000,
+        };
+        let mut honest = verdict(900, 9_000);
+        hold_to_wire(&mut honest, wire, 0);
+        assert!(honest.matches, "{:?}", honest.problems);
+        // 600 bytes past the counts: fine with a 1,000-byte allowance, not with 500.
+        let mut within = verdict(1_100, 10_500);
+        hold_to_wire(&mut within, wire, 1_000);
+        assert!(within.matches, "{:?}", within.problems);
+        let mut over = verdict(1_100, 10_500);
+        hold_to_wire(&mut over, wire, 500);
+        assert!(!over.matches);
+        assert!(
+            over.problems[0].contains("over-claim"),
+            "{:?}",
+            over.problems
+        );
+    }
 }
