@@ -354,9 +354,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            tokio::task::spawn_blocking(move || cmd::tunnel::run(&host, port, &counts, step, acks))
-                .await
-                .context("the tunnel thread")?
+            use tokio::signal::unix::{signal, SignalKind};
+            let reservation = cmd::tunnel::reservation(&counts, step);
+            let mut hangup = signal(SignalKind::hangup())?;
+            let mut terminate = signal(SignalKind::terminate())?;
+            let relay = tokio::task::spawn_blocking({
+                let reservation = reservation.clone();
+                move || cmd::tunnel::run(&host, port, reservation, acks)
+            });
+            tokio::select! {
+                done = relay => done.context("the tunnel thread")?,
+                _ = hangup.recv() => cmd::tunnel::finish(&reservation),
+                _ = terminate.recv() => cmd::tunnel::finish(&reservation),
+            }
         }
         Command::Gateway { config } => cmd::gateway::run(&config).await,
         Command::Sp(sp) => match sp {

@@ -140,3 +140,29 @@ fn an_unreachable_gateway_is_a_clear_error() {
         "nothing but relayed bytes may reach ssh's stdin"
     );
 }
+
+/// OpenSSH ends its ProxyCommand with SIGHUP when the session is over: the tunnel hands back
+/// what it reserved, so the count is exactly what it relayed.
+#[test]
+fn a_hangup_from_ssh_leaves_the_exact_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shale-9.json");
+    let (port, _server) = echo_server();
+    let mut tunnel = Command::new(env!("CARGO_BIN_EXE_shale"))
+        .args(["tunnel", "127.0.0.1", &port.to_string(), "--counts"])
+        .arg(&file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = tunnel.stdin.take().unwrap();
+    let mut stdout = tunnel.stdout.take().unwrap();
+    let mut buf = [0u8; 777];
+    for _ in 0..10 {
+        stdin.write_all(&[7u8; 777]).unwrap();
+        stdout.read_exact(&mut buf).unwrap();
+    }
+    unsafe { libc::kill(tunnel.id() as i32, libc::SIGHUP) };
+    assert!(tunnel.wait().unwrap().success(), "a hangup is a clean end");
+    assert_eq!(counts(&file), (7_770, 7_770));
+}

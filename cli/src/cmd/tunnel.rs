@@ -122,13 +122,28 @@ pub const DEFAULT_STEP: u64 = 4 << 20;
 
 const BUFFER: usize = 64 << 10;
 
+/// The reservation a tunnel counts into.
+pub fn reservation(counts: &Path, step: u64) -> Arc<Mutex<Reservation>> {
+    Arc::new(Mutex::new(Reservation::new(WireCounts::at(counts), step)))
+}
+
+/// Ends the tunnel at once when OpenSSH hangs up on it (it sends SIGHUP to its ProxyCommand
+/// when the session is over): hands back the unused reservation, so the count is exact, and
+/// exits while still holding the lock, so nothing is relayed uncounted afterwards.
+pub fn finish(reservation: &Mutex<Reservation>) -> ! {
+    let mut r = reservation.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = r.release() {
+        eprintln!("shale tunnel: could not hand back the reserved count: {e:#}");
+    }
+    std::process::exit(0)
+}
+
 /// Relays stdin/stdout to `host:port` until either side ends; returns when the connection is
 /// over, with the count exact in the file.
 pub fn run(
     host: &str,
     port: u16,
-    counts: &Path,
-    step: u64,
+    reservation: Arc<Mutex<Reservation>>,
     acks: Option<AckPlan>,
 ) -> anyhow::Result<()> {
     let addrs: Vec<_> = (host, port)
@@ -140,7 +155,6 @@ pub fn run(
         .find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(30)).ok())
         .with_context(|| format!("connecting to {host}:{port}"))?;
     socket.set_nodelay(true).ok();
-    let reservation = Arc::new(Mutex::new(Reservation::new(WireCounts::at(counts), step)));
     let relayed = Arc::new(AtomicU64::new(0));
     if let Some(plan) = acks {
         let relayed = relayed.clone();
