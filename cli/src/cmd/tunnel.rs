@@ -168,7 +168,7 @@ pub fn run(
         let reservation = reservation.clone();
         let relayed = relayed.clone();
         std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut stdin = std::io::stdin().lock();
+            let mut stdin = raw_stdio(0)?;
             let mut buf = vec![0u8; BUFFER];
             loop {
                 let n = match stdin.read(&mut buf) {
@@ -188,7 +188,7 @@ pub fn run(
     };
 
     let mut from_server = socket;
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = raw_stdio(1)?;
     let mut buf = vec![0u8; BUFFER];
     let down: anyhow::Result<()> = (|| loop {
         let n = match from_server.read(&mut buf) {
@@ -200,7 +200,6 @@ pub fn run(
         charge(&reservation, Direction::Down, n)?;
         relayed.fetch_add(n as u64, Ordering::Relaxed);
         stdout.write_all(&buf[..n])?;
-        stdout.flush()?;
     })();
     // The server's side is over; the stdin thread may sit in a read that never returns, so it
     // is not joined unless it already finished.
@@ -215,6 +214,15 @@ pub fn run(
         .release()?;
     tracing::debug!(up = totals.up, down = totals.down, "tunnel closed");
     down
+}
+
+/// Standard input or output as a plain file: Rust's `Stdout` is line-buffered, which splits an
+/// SSH stream at every newline byte into extra copies and writes.
+fn raw_stdio(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsFd, BorrowedFd};
+    // SAFETY: 0 and 1 stay open for the life of the process.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(std::fs::File::from(borrowed.as_fd().try_clone_to_owned()?))
 }
 
 fn charge(reservation: &Mutex<Reservation>, dir: Direction, n: usize) -> anyhow::Result<()> {
