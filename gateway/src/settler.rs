@@ -64,7 +64,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use config::SettlerConfig;
-pub use metrics::{FailureLabel, SettlerMetrics};
+pub use metrics::{FailureLabel, OrderLabel, SettlerMetrics};
 use prover::Prover;
 
 /// The longest an order waits after failed rounds before it is tried again.
@@ -455,7 +455,15 @@ impl Settler {
                 .ledger
                 .ticks_after(id, paid.as_ref().map(|t| t.seq), max as u32)
                 .await?;
-            let Some(oldest) = ticks.first() else { break };
+            let Some(oldest) = ticks.first() else {
+                // Everything is claimed: nothing waits for an acknowledgment.
+                inner
+                    .metrics
+                    .unacknowledged_bytes
+                    .get_or_create(&crate::settler::metrics::OrderLabel { order: id })
+                    .set(0);
+                break;
+            };
             let ended = order.state == OrderState::Ended || lease_over;
             let full = ticks.len() >= max;
             let waited = now_ms().saturating_sub(oldest.started_at_ms)
@@ -661,6 +669,15 @@ impl Settler {
             .max(u128::from(order.byte_allowance))
             .saturating_sub(order.claimed_bytes);
         let mut waits_for_ack = false;
+        // Every unclaimed tick's bytes, not just this batch's.
+        let after = ticks.first().and_then(|t| t.seq.checked_sub(1));
+        let (unclaimed, _) = self.inner.ledger.usage_after(order.id, after).await?;
+        let pending = u128::from(unclaimed.bytes_in) + u128::from(unclaimed.bytes_out);
+        self.inner
+            .metrics
+            .unacknowledged_bytes
+            .get_or_create(&crate::settler::metrics::OrderLabel { order: order.id })
+            .set(i64::try_from(pending.saturating_sub(byte_room)).unwrap_or(i64::MAX));
         // Prefix totals, cut where seconds exceed the lease time the chain allows, bytes exceed
         // what is acknowledged or allowed, or a total would not fit the claim's u64 arguments.
         let mut totals: Vec<(u64, u64, u64)> = Vec::with_capacity(ticks.len());

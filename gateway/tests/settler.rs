@@ -944,6 +944,14 @@ async fn bytes_past_the_allowance_wait_for_the_clients_acknowledgment() {
         "nothing is paid before an acknowledgment"
     );
     assert_eq!(world.sp.order(id).await.unwrap().paid, U256::ZERO);
+    let waiting = |settler: &Settler| {
+        settler
+            .metrics()
+            .unacknowledged_bytes
+            .get_or_create(&shale_gateway::settler::OrderLabel { order: id })
+            .get()
+    };
+    assert!(waiting(&settler) > 0, "the waiting bytes are exported");
 
     // The client's side of the exchange, in the test: it signs what it is offered.
     let desk = AckDesk {
@@ -1008,6 +1016,12 @@ async fn bytes_past_the_allowance_wait_for_the_clients_acknowledgment() {
     assert_eq!(reply, AckLine::Stored);
     let report = settler.round().await.remove(&id).unwrap().unwrap();
     assert_eq!(report.claimed, 1);
+    settler.round().await;
+    assert_eq!(
+        waiting(&settler),
+        0,
+        "nothing waits once acknowledged and claimed"
+    );
     let order = world.sp.order(id).await.unwrap();
     assert!(order.paid > U256::ZERO);
     assert_eq!(order.acked_bytes, order.claimed_bytes);

@@ -4,6 +4,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -13,6 +14,13 @@ use prometheus_client::registry::Registry;
 pub struct FailureLabel {
     /// Why.
     pub reason: String,
+}
+
+/// An order, as a label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrderLabel {
+    /// The order id.
+    pub order: u64,
 }
 
 /// Every metric the settler reports. Cheap to clone: clones share the same series.
@@ -28,6 +36,9 @@ pub struct SettlerMetrics {
     pub claims_paid: Counter,
     /// Failed claims and settlements, by reason.
     pub failures: Family<FailureLabel, Counter>,
+    /// Metered bytes of each order that no acknowledgment or allowance covers yet: they are
+    /// not claimable until the client's tunnel acknowledges them.
+    pub unacknowledged_bytes: Family<OrderLabel, Gauge>,
 }
 
 impl Default for SettlerMetrics {
@@ -41,6 +52,7 @@ impl Default for SettlerMetrics {
             claim_gas: Histogram::new(exponential_buckets(100_000.0, 1.25, 13)),
             claims_paid: Counter::default(),
             failures: Family::default(),
+            unacknowledged_bytes: Family::default(),
         }
     }
 }
@@ -74,6 +86,11 @@ impl SettlerMetrics {
             "failures",
             "Failed claims and settlements by reason",
             self.failures.clone(),
+        );
+        registry.register(
+            "unacknowledged_bytes",
+            "Metered bytes past the client's acknowledgments and the order's allowance",
+            self.unacknowledged_bytes.clone(),
         );
     }
 
