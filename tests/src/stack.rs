@@ -398,11 +398,22 @@ impl Stack {
 fn with_own_subnet(mut network: NetworkConfig) -> NetworkConfig {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     if network.subnet == NetworkConfig::default().subnet {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + u64::from(std::process::id()) * 7;
-        network.subnet = format!("10.{}.0.0/16", 100 + n % 150)
-            .parse()
-            .expect("a valid subnet");
+        // Containers of earlier tests may still run with addresses of their own: a subnet
+        // nothing on the host uses yet.
+        let used = std::process::Command::new("ip")
+            .args(["-4", "-o", "addr"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let x = (0..150)
+            .map(|_| {
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + u64::from(std::process::id()) * 7;
+                100 + n % 150
+            })
+            .find(|x| !used.contains(&format!(" 10.{x}.")))
+            .expect("a free 10.x.0.0/16 for the stack's orders");
+        network.subnet = format!("10.{x}.0.0/16").parse().expect("a valid subnet");
     }
     network
 }

@@ -77,8 +77,22 @@ impl Harness {
         };
         // Each harness may run its own containerd, whose uid slots can coincide with another's:
         // a subnet of its own keeps two tests' order links apart.
-        let n = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id()) * 7;
-        config.network.subnet = format!("10.{}.0.0/16", 100 + n % 150).parse().unwrap();
+        // Containers of earlier tests may still run (their shims outlive a test's containerd)
+        // with addresses of their own: a subnet nothing on the host uses yet.
+        let used = std::process::Command::new("ip")
+            .args(["-4", "-o", "addr"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let subnet = (0..150)
+            .map(|_| {
+                let n =
+                    NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id()) * 7;
+                100 + n % 150
+            })
+            .find(|x| !used.contains(&format!(" 10.{x}.")))
+            .expect("a free 10.x.0.0/16 for the test's orders");
+        config.network.subnet = format!("10.{subnet}.0.0/16").parse().unwrap();
         let probe = Provisioner::connect(config.clone()).await.expect("connect");
         let started = std::time::Instant::now();
         let image = probe.import_image(&archive).await.expect("import");
