@@ -159,7 +159,9 @@ async fn store(
     offer: &AckOffer,
     signature: &str,
 ) -> Result<AckRecord, AckError> {
-    let bytes = decode_hex(signature)
+    let bytes = signature
+        .strip_prefix("0x")
+        .and_then(|_| signature.parse::<shale_contracts::Bytes>().ok())
         .filter(|b| b.len() == 65)
         .ok_or_else(|| AckError::Protocol("the signature is not 65 bytes of hex".into()))?;
     let ack = Acknowledgment::new(
@@ -196,12 +198,4 @@ async fn store(
         "acknowledgment stored"
     );
     Ok(record)
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    let digits = text.strip_prefix("0x")?;
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
-        .collect()
 }

@@ -1009,11 +1009,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A stored acknowledgment in the form the contract takes; `None` if its signature is not hex.
 fn signed_ack(a: &shale_meter::ledger::AckRecord) -> Option<shale_contracts::SignedAck> {
-    let digits = a.signature.strip_prefix("0x")?;
-    let sig: Option<Vec<u8>> = (0..digits.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(digits.get(i..i + 2)?, 16).ok())
-        .collect();
+    a.signature.strip_prefix("0x")?;
+    let signature: Bytes = a.signature.parse().ok()?;
     Some(shale_contracts::SignedAck {
         ack: shale_contracts::ack::Acknowledgment::new(
             a.order,
@@ -1022,6 +1019,6 @@ fn signed_ack(a: &shale_meter::ledger::AckRecord) -> Option<shale_contracts::Sig
             a.bytes_in,
             a.bytes_out,
         ),
-        signature: Bytes::from(sig?),
+        signature,
     })
 }

@@ -923,16 +923,8 @@ fn wei(order: u64, row: &AnyRow, column: &str) -> Result<U256, MeterError> {
 
 fn decode_signature(order: u64, hex_text: &str) -> Result<Vec<u8>, MeterError> {
     let digits = hex_text.strip_prefix("0x").unwrap_or(hex_text);
-    let bytes: Option<Vec<u8>> = (0..digits.len())
-        .step_by(2)
-        .map(|i| {
-            digits
-                .get(i..i + 2)
-                .and_then(|d| u8::from_str_radix(d, 16).ok())
-        })
-        .collect();
-    match bytes {
-        Some(b) if b.len() == 65 => Ok(b),
+    match alloy_primitives::hex::decode(digits) {
+        Ok(b) if b.len() == 65 => Ok(b),
         _ => Err(MeterError::StaleAck {
             order,
             detail: "the signature is not 65 bytes of hex".into(),
