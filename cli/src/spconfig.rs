@@ -26,8 +26,8 @@ pub struct SpSection {
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetSection>,
     /// The settler `shale gateway` runs beside the gateway (claims with Groth16 proofs); none
-    /// when absent. Fields: see `shale_gateway::settler::SettlerConfig`.
-    pub settler: Option<shale_gateway::settler::SettlerConfig>,
+    /// when absent. Fields: see `shale_settler::SettlerConfig`.
+    pub settler: Option<shale_settler::SettlerConfig>,
     /// The accept policy `shale gateway` applies to new orders.
     #[serde(default)]
     pub accept: AcceptSection,

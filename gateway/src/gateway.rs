@@ -62,7 +62,7 @@ pub struct Shared {
     /// Bytes through each order's network interface.
     pub traffic: crate::traffic::TrafficBoard,
     /// The settler claiming this gateway's metered usage, when one runs in this process.
-    pub settler: std::sync::OnceLock<crate::settler::Settler>,
+    pub settler: std::sync::OnceLock<shale_settler::Settler>,
     /// What checks the clients' acknowledgments of usage (`shale-ack`).
     pub acks: crate::ack_channel::AckDesk,
 }
@@ -369,7 +369,7 @@ impl Gateway {
     /// Hands the gateway the settler running in the same process: it then learns of every lease
     /// the gateway meters (so claims refresh the lease's unpaid totals), is woken when an order
     /// ends, and its metrics are served on `/metrics`. Call before [`Gateway::run`].
-    pub fn attach_settler(&mut self, settler: crate::settler::Settler) {
+    pub fn attach_settler(&mut self, settler: shale_settler::Settler) {
         match Arc::get_mut(&mut self.shared) {
             Some(shared) => settler.metrics().register(shared.metrics.registry_mut()),
             // Someone holds the shared state already (`shared()` was called): the settler

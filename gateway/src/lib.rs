@@ -7,7 +7,8 @@
 //! [`watcher`] can warn and end them when the order ends or its escrow runs out ([`billing`]).
 //! [`quality`] measures what the client really gets, [`traffic`] counts what its container moves
 //! on its own network (which [`watcher`] also keeps repaired), [`metrics`] and [`metrics_http`]
-//! export it, and [`settler`] turns the ledger's ticks into Groth16-proved claims on chain.
+//! export it. The settler (crate `shale-settler`) turns the ledger's ticks into Groth16-proved
+//! claims on chain.
 
 pub mod ack_channel;
 pub mod admission;
@@ -29,7 +30,6 @@ pub mod preauth;
 pub mod quality;
 pub mod ratelimit;
 pub mod session_channel;
-pub mod settler;
 pub mod traffic;
 pub mod watcher;
 

@@ -365,7 +365,7 @@ mod tests {
     #[test]
     fn the_grafana_dashboard_queries_only_exported_metrics() {
         let mut metrics = Metrics::default();
-        let settler = crate::settler::SettlerMetrics::default();
+        let settler = shale_settler::SettlerMetrics::default();
         settler.register(metrics.registry_mut());
         // Label families render only once they hold a series: give each one.
         let kind = KindLabel { kind: "x".into() };
@@ -410,7 +410,7 @@ mod tests {
             .set(1);
         settler
             .failures
-            .get_or_create(&crate::settler::FailureLabel { reason: "x".into() })
+            .get_or_create(&shale_settler::FailureLabel { reason: "x".into() })
             .inc();
         let rendered = metrics.render();
         let families: std::collections::BTreeSet<&str> = rendered

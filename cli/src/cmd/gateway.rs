@@ -12,9 +12,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use shale_contracts::{MarketEvent, Marketplace, OrderState};
-use shale_gateway::settler::{Settler, SettlerConfig};
 use shale_gateway::{Gateway, GatewayConfig};
 use shale_provisioner::{Provisioner, ProvisionerConfig};
+use shale_settler::{Settler, SettlerConfig, SettlerTask};
 
 use crate::spconfig::SpConfig;
 
@@ -100,7 +100,7 @@ async fn start_settler(
     market: Marketplace,
     config: &GatewayConfig,
     settler_config: &SettlerConfig,
-) -> anyhow::Result<(Settler, shale_gateway::settler::SettlerTask)> {
+) -> anyhow::Result<(Settler, SettlerTask)> {
     let ledger = config
         .meter
         .open_ledger(&config.state_dir)

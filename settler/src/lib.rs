@@ -1,5 +1,10 @@
 //! The settler: turns the ledger's ticks into paid claims.
 //!
+//! It knows nothing of SSH: `shale gateway` runs it beside the gateway on the gateway's own
+//! ledger, tells it of every lease the gateway meters (so claims refresh the lease's unpaid
+//! totals) and of every order that ends, and serves its [`SettlerMetrics`] on the gateway's
+//! `/metrics`.
+//!
 //! For every tracked order, each round (every `poll_interval_ms`, or when woken):
 //!
 //! 1. **Reconcile** the ledger with the chain. The contract stores the head it last paid for;
@@ -29,8 +34,8 @@
 //! # async fn wire(market: shale_contracts::Marketplace, ledger: shale_meter::Ledger,
 //! #               registry: &mut prometheus_client::registry::Registry,
 //! #               lease: std::sync::Arc<shale_meter::LeaseMeter>)
-//! # -> Result<(), shale_gateway::settler::SettlerError> {
-//! use shale_gateway::settler::{Settler, SettlerConfig};
+//! # -> Result<(), shale_settler::SettlerError> {
+//! use shale_settler::{Settler, SettlerConfig};
 //! let config = SettlerConfig { key_seed: Some(1), ..SettlerConfig::default() };
 //! let settler = Settler::new(&config, market, ledger).await?;
 //! settler.metrics().register(registry);
@@ -73,7 +78,7 @@ const ORDER_COOLDOWN_MAX: Duration = Duration::from_secs(600);
 /// Why the settler could not start, or could not claim or settle an order.
 #[derive(Debug, thiserror::Error)]
 pub enum SettlerError {
-    /// The `[settler]` section is inconsistent.
+    /// The `[sp.settler]` section is inconsistent.
     #[error("invalid settler configuration: {0}")]
     Config(String),
     /// No proving key matches a capacity the marketplace verifies.
@@ -460,7 +465,7 @@ impl Settler {
                 inner
                     .metrics
                     .unacknowledged_bytes
-                    .get_or_create(&crate::settler::metrics::OrderLabel { order: id })
+                    .get_or_create(&OrderLabel { order: id })
                     .set(0);
                 break;
             };
@@ -676,7 +681,7 @@ impl Settler {
         self.inner
             .metrics
             .unacknowledged_bytes
-            .get_or_create(&crate::settler::metrics::OrderLabel { order: order.id })
+            .get_or_create(&OrderLabel { order: order.id })
             .set(i64::try_from(pending.saturating_sub(byte_room)).unwrap_or(i64::MAX));
         // Prefix totals, cut where seconds exceed the lease time the chain allows, bytes exceed
         // what is acknowledged or allowed, or a total would not fit the claim's u64 arguments.

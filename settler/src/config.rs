@@ -1,17 +1,17 @@
-//! The settler's section of the gateway's config file.
+//! The settler's section (`[sp.settler]`) of the config file `shale gateway` reads.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::SettlerError;
+use crate::SettlerError;
 
-/// How the settler turns ledger ticks into paid claims. The gateway runs a settler when its
-/// config has a `[settler]` section (which must name the keys).
+/// How the settler turns ledger ticks into paid claims. `shale gateway` runs a settler beside
+/// the gateway when its config has an `[sp.settler]` section (which must name the keys).
 ///
 /// ```toml
-/// [settler]
+/// [sp.settler]
 /// key_dir = "/var/lib/shale/keys"   # tick-16.pk, tick-256.pk, … from the marketplace deployer
 /// capacities = [16, 256]
 /// max_wait_secs = 900

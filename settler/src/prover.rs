@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use shale_circuits::{setup_from_seed, ClaimProof, ProvingKey, TickBatch};
 
-use super::{SettlerConfig, SettlerError};
+use crate::{SettlerConfig, SettlerError};
 
 /// Proving keys by capacity, and the pool.
 #[derive(Clone)]

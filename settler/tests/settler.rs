@@ -13,9 +13,9 @@ use shale_contracts::devnet::{self, Devnet};
 use shale_contracts::{
     Address, Bytes, ClaimRequest, Marketplace, NewOrder, Offer, OrderState, U256,
 };
-use shale_gateway::settler::{Settler, SettlerConfig, SettlerError, SettlerEvent};
 use shale_meter::ledger::{ClaimStatus, NewClaim};
 use shale_meter::{LeaseSpec, Ledger, Meter, MeterConfig, Tariff, Tick, TickChain, Usage};
+use shale_settler::{Settler, SettlerConfig, SettlerError, SettlerEvent};
 use tokio::sync::broadcast;
 
 const CAPACITY: u32 = 16;
@@ -948,7 +948,7 @@ async fn bytes_past_the_allowance_wait_for_the_clients_acknowledgment() {
         settler
             .metrics()
             .unacknowledged_bytes
-            .get_or_create(&shale_gateway::settler::OrderLabel { order: id })
+            .get_or_create(&shale_settler::OrderLabel { order: id })
             .get()
     };
     assert!(waiting(&settler) > 0, "the waiting bytes are exported");
