@@ -1,6 +1,7 @@
 //! Money on the gateway's side: one lease meter per order (billing follows the lease, connected
-//! or not), per-session records in the ledger, and the escrow policy that warns users and then
-//! cuts an order that can no longer pay.
+//! or not), per-session records in the ledger, the escrow policy that warns users and then
+//! cuts an order that can no longer pay, and the policy on bytes the client has not
+//! acknowledged ([`crate::ack_policy`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,8 @@ use alloy_primitives::U256;
 use shale_contracts::Order;
 use shale_meter::{LeaseMeter, LeaseSpec, Ledger, Meter, MeterError, Tariff};
 
+use crate::ack_policy::{AckPolicy, AckWatches};
+use crate::config::AcknowledgmentConfig;
 use crate::login::OrderId;
 
 /// What the escrow still pays for, as of the last chain read and the meter's running totals.
@@ -51,6 +54,8 @@ pub struct Billing {
     /// Orders cut for lack of escrow, with the escrow seen then: refused at login until a top-up
     /// raises it, before any key is checked (so the reason reaches every client).
     exhausted: Mutex<HashMap<OrderId, U256>>,
+    /// What is done about each connected order's unacknowledged bytes.
+    acknowledgments: AckWatches,
 }
 
 impl Billing {
@@ -64,7 +69,19 @@ impl Billing {
             warn_at,
             warned: Mutex::default(),
             exhausted: Mutex::default(),
+            acknowledgments: AckWatches::new(AckPolicy::default()),
         }
+    }
+
+    /// Applies `config`'s policy to unacknowledged bytes instead of the default (tell only).
+    pub fn with_ack_policy(mut self, config: &AcknowledgmentConfig) -> Self {
+        self.acknowledgments = AckWatches::new(AckPolicy::new(config));
+        self
+    }
+
+    /// The watches of connected orders' unacknowledged bytes.
+    pub fn acknowledgments(&self) -> &AckWatches {
+        &self.acknowledgments
     }
 
     /// The ledger (receipts, session records).

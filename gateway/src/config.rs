@@ -35,6 +35,9 @@ pub struct GatewayConfig {
     /// What happens as an order's escrow runs out.
     #[serde(default)]
     pub payment: PaymentConfig,
+    /// What happens as an order's bytes run past what its client acknowledged.
+    #[serde(default)]
+    pub acknowledgments: AcknowledgmentConfig,
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -54,6 +57,40 @@ impl Default for PaymentConfig {
         Self {
             warn_at: vec![600, 60],
         }
+    }
+}
+
+/// The policy on bytes the client's tunnel has not acknowledged (see `ack_policy`): the contract
+/// pays an order's bytes only up to the larger of its acknowledged bytes and its byte allowance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcknowledgmentConfig {
+    /// Tell every open session of an order, once, when its unacknowledged bytes reach this
+    /// fraction (0 to 1) of its byte allowance.
+    #[serde(deserialize_with = "fraction")]
+    pub notice_at: f64,
+    /// At the allowance, pause the order's transfers until an acknowledgment arrives; when off,
+    /// the sessions are only told and the bytes past the allowance are the provider's risk.
+    pub pause_transfers: bool,
+}
+
+impl Default for AcknowledgmentConfig {
+    fn default() -> Self {
+        Self {
+            notice_at: 0.8,
+            pause_transfers: false,
+        }
+    }
+}
+
+fn fraction<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let value = f64::deserialize(d)?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{value} is not a fraction of the allowance between 0 and 1 (e.g. 0.8)"
+        )))
     }
 }
 
@@ -339,6 +376,29 @@ mod tests {
         assert_eq!(network.allow[0].ports, vec![80, 443]);
         assert_eq!(network.deny.len(), 2);
         assert_eq!(network.egress_bytes_per_sec, Some(12_500_000));
+    }
+
+    #[test]
+    fn the_acknowledgment_policy_defaults_to_telling_only_and_checks_its_fraction() {
+        let text = include_str!("../gateway.example.toml");
+        let config: GatewayConfig = toml::from_str(text).unwrap();
+        assert_eq!(config.acknowledgments.notice_at, 0.8);
+        assert!(!config.acknowledgments.pause_transfers);
+        let pausing = text.replace(
+            "[acknowledgments]",
+            "[acknowledgments]\nnotice_at = 0.5\npause_transfers = true",
+        );
+        let config: GatewayConfig = toml::from_str(&pausing).unwrap();
+        assert_eq!(config.acknowledgments.notice_at, 0.5);
+        assert!(config.acknowledgments.pause_transfers);
+        for bad in ["1.5", "-0.1"] {
+            let text = text.replace(
+                "[acknowledgments]",
+                &format!("[acknowledgments]\nnotice_at = {bad}"),
+            );
+            let err = toml::from_str::<GatewayConfig>(&text).unwrap_err();
+            assert!(err.to_string().contains("between 0 and 1"), "{err}");
+        }
     }
 
     #[test]

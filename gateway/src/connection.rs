@@ -28,6 +28,7 @@ use shale_meter::SessionCounter;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
+use crate::ack_policy::{OrderWatch, Reporting};
 use crate::admission::{admit_key, admit_order, wrong_key, Refusal};
 use crate::gateway::Shared;
 use crate::lease_start::LeaseStart;
@@ -69,6 +70,8 @@ pub struct Connection {
     lease: Option<LeaseStart>,
     /// This session's byte counters, once admitted.
     counter: Option<Arc<SessionCounter>>,
+    /// The order's unacknowledged bytes, held while the session lives.
+    ack_watch: Option<Arc<OrderWatch>>,
     /// Set when the login was let in only to be told why it may run nothing (its receipts may
     /// still be read): what its channels say.
     receipts_only: Option<Refusal>,
@@ -110,6 +113,7 @@ impl Connection {
             seat: None,
             lease: None,
             counter: None,
+            ack_watch: None,
             receipts_only: None,
             pre_auth,
             session_channels: Arc::default(),
@@ -331,6 +335,16 @@ impl russh::server::Handler for Connection {
             drop(seat);
             return Ok(self.accept_to_explain(Refusal::LedgerUnavailable));
         }
+        self.ack_watch = Some(self.shared.billing.acknowledgments().join(
+            &order,
+            lease,
+            Reporting {
+                board: self.shared.board.clone(),
+                ledger: self.shared.billing.ledger().clone(),
+                unacknowledged: self.shared.metrics.order_unacknowledged_bytes.clone(),
+                paused: self.shared.metrics.order_transfers_paused.clone(),
+            },
+        ));
         self.seat = Some(Arc::new(seat));
         self.counter = Some(counter);
         tracing::info!(
@@ -495,6 +509,8 @@ impl russh::server::Handler for Connection {
             count_bytes: self.shared.count_bytes,
             ledger: self.shared.billing.ledger().clone(),
             acks: self.shared.acks.clone(),
+            ack_watch: self.ack_watch.clone(),
+            gate: self.gate(),
             exec_seconds: self.shared.metrics.exec_seconds.clone(),
         };
         let span = self.span.clone();
@@ -580,6 +596,7 @@ impl russh::server::Handler for Connection {
                     provisioner: self.shared.provisioner.clone(),
                     counter: counter.open_channel(),
                     slot,
+                    gate: self.gate(),
                 },
             ),
             span,
@@ -738,6 +755,12 @@ impl Connection {
             .map(|_| ChannelSlot(self.session_channels.clone()))
     }
 
+    /// What holds this session's transfers while its order's are paused, if the policy pauses.
+    fn gate(&self) -> Option<crate::ack_policy::TransferGate> {
+        let (watch, seat) = (self.ack_watch.as_ref()?, self.seat.as_ref()?);
+        watch.gate(seat.closed())
+    }
+
     /// Writes a one-line notice on a channel's stderr.
     fn tell(&self, session: &mut Session, channel: ChannelId, line: &str) {
         let _ = session.extended_data(channel, 1, format!("shale: {line}\r\n").into_bytes());
@@ -746,6 +769,10 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // Channel tasks may outlive the connection while paused; they give up now.
+        if let Some(seat) = &self.seat {
+            seat.closed().cancel();
+        }
         if !self.pre_auth.logged_in.is_cancelled() {
             self.shared.metrics.unauthenticated.dec();
         }

@@ -13,6 +13,7 @@ use shale_meter::{ChannelCounter, Metered, Side};
 use shale_provisioner::{ProvisionError, Provisioner};
 use tracing::Instrument;
 
+use crate::ack_policy::{gated, TransferGate};
 use crate::lease_start::LeaseStart;
 use crate::login::OrderId;
 
@@ -92,6 +93,8 @@ pub struct ForwardContext {
     pub counter: Arc<ChannelCounter>,
     /// Its place under the order's forward cap, held until it closes.
     pub slot: ForwardSlot,
+    /// Holds the socket while the order's transfers are paused (`None`: never paused).
+    pub gate: Option<TransferGate>,
 }
 
 /// Connects the forwarded channel to the target from inside the order's container, or refuses
@@ -112,6 +115,7 @@ pub async fn serve(
         provisioner,
         counter,
         slot: _slot,
+        gate,
     } = ctx;
     let span = tracing::info_span!(
         "forward",
@@ -131,8 +135,10 @@ pub async fn serve(
                 .map_err(|e| failure_reason(&target, &e))
         }
         .await;
+        // Gated on the container's side: while paused the socket is neither read nor written,
+        // so the client's window and its connection hold the rest.
         let mut tcp = match connected {
-            Ok(tcp) => tcp,
+            Ok(tcp) => gated(tcp, &gate),
             Err(reason) => {
                 tracing::info!(%reason, "forward refused");
                 reply

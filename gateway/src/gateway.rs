@@ -343,7 +343,8 @@ impl Gateway {
             forwards: ForwardSlots::new(config.sessions.max_forwards_per_order),
             count_bytes: config.sessions.count_bytes,
             metrics,
-            billing: Billing::new(meter, ledger, config.payment.warn_at.clone()),
+            billing: Billing::new(meter, ledger, config.payment.warn_at.clone())
+                .with_ack_policy(&config.acknowledgments),
             quality: Arc::default(),
             traffic,
             settler: std::sync::OnceLock::new(),

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use russh::server::Handle;
 use russh::{ChannelId, Disconnect};
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::Refusal;
 use crate::login::OrderId;
@@ -42,6 +43,8 @@ struct LiveSession {
     handle: Handle,
     /// The session channels (shell, exec, subsystem) whose stderr reaches the user.
     channels: Arc<Mutex<Vec<ChannelId>>>,
+    /// Cancelled when the session is cut or leaves.
+    closed: CancellationToken,
 }
 
 #[derive(Default)]
@@ -63,9 +66,16 @@ pub struct SessionSeat {
     order: OrderId,
     session: SessionId,
     channels: Arc<Mutex<Vec<ChannelId>>>,
+    closed: CancellationToken,
 }
 
 impl SessionSeat {
+    /// Cancelled when the session is cut or leaves the board, so that work held for it (pumps
+    /// paused by the acknowledgment policy) gives up instead of holding its connection open.
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
     /// Marks `channel` as one whose stderr carries notices to the user.
     pub fn add_channel(&self, channel: ChannelId) {
         lock(&self.channels).push(channel);
@@ -79,6 +89,7 @@ impl SessionSeat {
 
 impl Drop for SessionSeat {
     fn drop(&mut self) {
+        self.closed.cancel();
         let mut inner = lock(&self.board.inner);
         if let Some(sessions) = inner.orders.get_mut(&self.order) {
             sessions.remove(&self.session);
@@ -122,11 +133,13 @@ impl LeaseBoard {
             });
         }
         let channels = Arc::new(Mutex::new(Vec::new()));
+        let closed = CancellationToken::new();
         sessions.insert(
             session,
             LiveSession {
                 handle,
                 channels: channels.clone(),
+                closed: closed.clone(),
             },
         );
         Ok(SessionSeat {
@@ -134,6 +147,7 @@ impl LeaseBoard {
             order,
             session,
             channels,
+            closed,
         })
     }
 
@@ -187,7 +201,13 @@ impl LeaseBoard {
     }
 }
 
-fn stderr_line(line: &str) -> Bytes {
+/// How long a notice may wait for a session's connection to take it. A connection that is not
+/// being read (a client upload held by flow control) is skipped rather than holding up every
+/// other session and the caller.
+const NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One notice as the user reads it on stderr.
+pub fn stderr_line(line: &str) -> Bytes {
     Bytes::from(format!("\r\nshale: {line}\r\n"))
 }
 
@@ -196,12 +216,22 @@ async fn notify_all(sessions: &[LiveSession], line: &str) {
         let channels = lock(&s.channels).clone();
         for c in channels {
             // A session that went away meanwhile has nobody left to tell.
-            let _ = s.handle.extended_data(c, 1, stderr_line(line)).await;
+            let sent =
+                tokio::time::timeout(NOTICE_WAIT, s.handle.extended_data(c, 1, stderr_line(line)))
+                    .await;
+            if sent.is_err() {
+                tracing::debug!(channel = %c, "a session's connection did not take a notice in time");
+            }
         }
     }
 }
 
 async fn cut_all(sessions: &[LiveSession], line: &str) {
+    // First: pumps held for these sessions give up, so their connections move again and take
+    // the reason and the close.
+    for s in sessions {
+        s.closed.cancel();
+    }
     notify_all(sessions, line).await;
     for s in sessions {
         let channels = lock(&s.channels).clone();

@@ -11,6 +11,7 @@
 //! claims on chain.
 
 pub mod ack_channel;
+pub mod ack_policy;
 pub mod admission;
 pub mod algorithms;
 pub mod billing;

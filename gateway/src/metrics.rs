@@ -91,6 +91,11 @@ pub struct Metrics {
     pub order_tick_write_seconds: Family<OrderLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// How late the last tick was stored after its time, in seconds.
     pub order_tick_lag_seconds: Family<OrderLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Metered bytes (in + out, live) past the newest acknowledgment, per order with sessions:
+    /// what the acknowledgment policy compares with the order's byte allowance.
+    pub order_unacknowledged_bytes: Family<OrderLabel, Gauge>,
+    /// 1 while the acknowledgment policy pauses the order's transfers, per order with sessions.
+    pub order_transfers_paused: Family<OrderLabel, Gauge>,
     /// SSH round-trip time, measured with keepalives.
     pub session_rtt_seconds: Histogram,
     /// CPUs seen from inside each live order's container (thousandths, quota if set).
@@ -143,6 +148,8 @@ impl Default for Metrics {
             order_ticks: Family::default(),
             order_tick_write_seconds: Family::default(),
             order_tick_lag_seconds: Family::default(),
+            order_unacknowledged_bytes: Family::default(),
+            order_transfers_paused: Family::default(),
             session_rtt_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             order_probe_millicpus: Family::default(),
             order_probe_memory_bytes: Family::default(),
@@ -249,6 +256,16 @@ impl Default for Metrics {
             "order_tick_lag_seconds",
             "How late the last tick was stored",
             m.order_tick_lag_seconds.clone(),
+        );
+        registry.register(
+            "order_unacknowledged_bytes",
+            "Metered bytes past the newest acknowledgment, per order with sessions",
+            m.order_unacknowledged_bytes.clone(),
+        );
+        registry.register(
+            "order_transfers_paused",
+            "1 while the order's transfers wait for an acknowledgment",
+            m.order_transfers_paused.clone(),
         );
         registry.register(
             "session_rtt_seconds",

@@ -18,8 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::either::Either;
 use tracing::Instrument;
 
+use crate::ack_policy::{gated, OrderWatch, TransferGate};
 use crate::lease_start::LeaseStart;
-use crate::leases::SessionSeat;
+use crate::leases::{stderr_line, SessionSeat};
 use crate::login::OrderId;
 use crate::policy::{EnvBudget, EnvPolicy, Subsystem, SFTP_SERVER};
 
@@ -45,6 +46,11 @@ pub struct ChannelContext {
     pub ledger: Ledger,
     /// What checks acknowledgments (`shale-ack`).
     pub acks: crate::ack_channel::AckDesk,
+    /// The order's unacknowledged bytes, told of each acknowledgment `shale-ack` stores.
+    pub ack_watch: Option<Arc<OrderWatch>>,
+    /// Holds the process's input and output while the order's transfers are paused (`None`
+    /// where the provider's policy never pauses them).
+    pub gate: Option<TransferGate>,
     /// Where the time to start a process is recorded.
     pub exec_seconds: prometheus_client::metrics::histogram::Histogram,
 }
@@ -188,23 +194,32 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
         stderr,
         handle: proc,
     } = process;
+    if let Some(why) = ctx.gate.as_ref().and_then(TransferGate::pause_reason) {
+        // Opened while paused: say why nothing moves yet (notices are not metered).
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            ctx.handle.extended_data(id, 1, stderr_line(&why)),
+        )
+        .await;
+    }
 
     // One end of each pump is metered: what reaches the client is "out", what reaches the
-    // process is "in". The counter is this channel's own, so pumps share no lock.
+    // process is "in". The counter is this channel's own, so pumps share no lock. The process's
+    // end is gated: a paused order's process is neither read nor written.
     let counter = ctx.count_bytes.then(|| ctx.counter.open_channel());
     let out_pump = tokio::spawn(pump(
-        stdout,
+        gated(stdout, &ctx.gate),
         metered(tx.make_writer(), &counter, Side::Client),
     ));
     let err_pump = stderr.map(|e| {
         tokio::spawn(pump(
-            e,
+            gated(e, &ctx.gate),
             metered(tx.make_writer_ext(Some(1)), &counter, Side::Client),
         ))
     });
     let in_pump = tokio::spawn(client_to_process(
         rx,
-        metered(stdin, &counter, Side::Container),
+        metered(gated(stdin, &ctx.gate), &counter, Side::Container),
         proc.clone(),
     ));
 
@@ -242,7 +257,8 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
 }
 
 /// Answers the `shale-ack` subsystem: one acknowledgment exchange with the client's tunnel.
-/// Its bytes are metered like any channel's (the tunnel counts them on the wire too).
+/// Its bytes are metered like any channel's (the tunnel counts them on the wire too), and never
+/// paused: a stored acknowledgment is what resumes a paused order, at once.
 async fn serve_ack(
     ctx: &ChannelContext,
     rx: &mut russh::ChannelReadHalf,
@@ -260,7 +276,12 @@ async fn serve_ack(
     )
     .await
     {
-        Ok(crate::ack_channel::AckOutcome::Stored(_)) => 0,
+        Ok(crate::ack_channel::AckOutcome::Stored(record)) => {
+            if let Some(watch) = &ctx.ack_watch {
+                watch.acknowledged(record.bytes_in.saturating_add(record.bytes_out));
+            }
+            0
+        }
         Ok(crate::ack_channel::AckOutcome::Refused(reason)) => {
             tracing::warn!(%reason, "the client's tunnel refused to acknowledge the usage");
             0
