@@ -8,10 +8,10 @@ use std::time::Duration;
 use alloy_primitives::Address;
 use russh::keys::PrivateKey;
 use russh::server::Config;
-use shale_contracts::Marketplace;
+use shale_contracts::{MarketEvent, Marketplace};
 use shale_provisioner::Provisioner;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{broadcast, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +21,7 @@ use crate::config::GatewayConfig;
 use crate::connection::{methods, Connection, PreAuth};
 use crate::forward::ForwardSlots;
 use crate::hostkey;
+use crate::lease_events::{LeaseEvent, LeaseEvents};
 use crate::leases::LeaseBoard;
 use crate::login::OrderId;
 use crate::metrics::{
@@ -61,8 +62,9 @@ pub struct Shared {
     pub quality: Arc<crate::quality::QualityBoard>,
     /// Bytes through each order's network interface.
     pub traffic: crate::traffic::TrafficBoard,
-    /// The settler claiming this gateway's metered usage, when one runs in this process.
-    pub settler: std::sync::OnceLock<shale_settler::Settler>,
+    /// Where the gateway publishes each lease it meters and each order whose billing ended
+    /// (for the settler that `shale gateway` runs beside it).
+    pub lease_events: LeaseEvents,
     /// What checks the clients' acknowledgments of usage (`shale-ack`).
     pub acks: crate::ack_channel::AckDesk,
 }
@@ -95,16 +97,17 @@ impl Shared {
             .inc_by(bytes.bytes_out);
     }
 
-    /// Starts (or finds) `order`'s lease meter and tells the settler, if one runs here, so that
-    /// its claims refresh the lease's unpaid totals.
+    /// Starts (or finds) `order`'s lease meter and publishes it as a [`LeaseEvent::Started`], so
+    /// that whoever claims the lease's ticks can refresh its unpaid totals.
     pub async fn start_billing(
         &self,
         order: &shale_contracts::Order,
     ) -> Result<Arc<shale_meter::LeaseMeter>, shale_meter::MeterError> {
         let lease = self.billing.lease(order, crate::unix_now()).await?;
-        if let Some(settler) = self.settler.get() {
-            settler.track(order.id, Some(&lease));
-        }
+        self.lease_events.publish(LeaseEvent::Started {
+            order: order.id,
+            lease: lease.clone(),
+        });
         Ok(lease)
     }
 
@@ -252,6 +255,9 @@ pub struct Gateway {
     ssh: Arc<Config>,
     host_key: PrivateKey,
     config: GatewayConfig,
+    /// Marketplace events from the process's follower, when it has one (see
+    /// [`Gateway::follow_market`]).
+    market_events: Option<broadcast::Receiver<MarketEvent>>,
 }
 
 impl Gateway {
@@ -347,7 +353,7 @@ impl Gateway {
                 .with_ack_policy(&config.acknowledgments),
             quality: Arc::default(),
             traffic,
-            settler: std::sync::OnceLock::new(),
+            lease_events: LeaseEvents::default(),
             acks,
         });
         Ok(Self {
@@ -357,6 +363,7 @@ impl Gateway {
             ssh,
             host_key,
             config,
+            market_events: None,
         })
     }
 
@@ -367,21 +374,30 @@ impl Gateway {
             .expect("a bound listener has an address")
     }
 
-    /// Hands the gateway the settler running in the same process: it then learns of every lease
-    /// the gateway meters (so claims refresh the lease's unpaid totals), is woken when an order
-    /// ends, and its metrics are served on `/metrics`. Call before [`Gateway::run`].
-    pub fn attach_settler(&mut self, settler: shale_settler::Settler) {
-        match Arc::get_mut(&mut self.shared) {
-            Some(shared) => settler.metrics().register(shared.metrics.registry_mut()),
-            // Someone holds the shared state already (`shared()` was called): the settler
-            // still works, only its metrics are not served here.
-            None => tracing::warn!(
-                "settler attached after sharing the gateway; its metrics are not on /metrics"
-            ),
-        }
-        if self.shared.settler.set(settler).is_err() {
-            tracing::warn!("a settler was already attached; keeping the first");
-        }
+    /// Every lease the gateway meters and every order whose billing ends, from now on. Subscribe
+    /// before [`Gateway::run`]: a restarted gateway publishes the leases it adopts at once.
+    pub fn lease_events(&self) -> broadcast::Receiver<LeaseEvent> {
+        self.shared.lease_events.subscribe()
+    }
+
+    /// The registry `/metrics` serves, for metrics of other parts of the process (such as the
+    /// settler's) under the gateway's `shale_gateway` prefix. `None` once [`Gateway::shared`]
+    /// has handed out the shared state: register before that.
+    pub fn metrics_registry(&mut self) -> Option<&mut prometheus_client::registry::Registry> {
+        Arc::get_mut(&mut self.shared).map(|shared| shared.metrics.registry_mut())
+    }
+
+    /// The gateway's ledger: one pool of connections that the rest of the process (the settler)
+    /// shares rather than opening its own.
+    pub fn ledger(&self) -> &shale_meter::Ledger {
+        self.shared.billing.ledger()
+    }
+
+    /// Hands the watcher the marketplace's events from a follower the process already runs
+    /// (`shale gateway` follows the chain once, for the watcher, the settler and the accept
+    /// policy), instead of its following the chain itself. Call before [`Gateway::run`].
+    pub fn follow_market(&mut self, events: broadcast::Receiver<MarketEvent>) {
+        self.market_events = Some(events);
     }
 
     /// Where `/metrics` is served, if configured.
@@ -396,7 +412,7 @@ impl Gateway {
         hostkey::public_openssh(&self.host_key)
     }
 
-    /// State shared by the gateway's parts (for metrics and the settler).
+    /// State shared by the gateway's parts (for metrics and tests).
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
     }
@@ -409,11 +425,16 @@ impl Gateway {
             metrics_listener,
             ssh,
             config,
+            market_events,
             ..
         } = self;
         tracing::info!(addr = %listener.local_addr().map_err(GatewayError::Accept)?, "gateway listening");
         adopt_leases(&shared).await;
-        let watcher = tokio::spawn(watcher::run(shared.clone(), config.chain.poll_interval));
+        let watcher = tokio::spawn(watcher::run(
+            shared.clone(),
+            config.chain.poll_interval,
+            market_events,
+        ));
         let metrics_server = metrics_listener.map(|listener| {
             tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
             tokio::spawn(metrics_http::serve(listener, shared.clone()))

@@ -7,8 +7,9 @@
 //! [`watcher`] can warn and end them when the order ends or its escrow runs out ([`billing`]).
 //! [`quality`] measures what the client really gets, [`traffic`] counts what its container moves
 //! on its own network (which [`watcher`] also keeps repaired), [`metrics`] and [`metrics_http`]
-//! export it. The settler (crate `shale-settler`) turns the ledger's ticks into Groth16-proved
-//! claims on chain.
+//! export it. [`lease_events`] tells the rest of the process of every lease metered and every
+//! order ended, which is how the settler (crate `shale-settler`, wired by `shale gateway`) claims
+//! the ledger's ticks without the gateway knowing of it.
 
 pub mod ack_channel;
 pub mod ack_policy;
@@ -20,6 +21,7 @@ pub mod connection;
 pub mod forward;
 pub mod gateway;
 pub mod hostkey;
+pub mod lease_events;
 pub mod lease_start;
 pub mod leases;
 pub mod login;
@@ -36,6 +38,7 @@ pub mod watcher;
 
 pub use config::GatewayConfig;
 pub use gateway::{Gateway, GatewayError};
+pub use lease_events::LeaseEvent;
 
 /// Seconds since the Unix epoch, the chain's clock.
 pub(crate) fn unix_now() -> u64 {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use shale_contracts::MarketEvent;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::admission::{admit_order, Refusal};
 use crate::billing::EscrowVerdict;
@@ -24,16 +25,40 @@ use crate::quality::PROBE_EVERY;
 /// reading every order's counters is not free.
 const NETWORK_EVERY_POLLS: u32 = 5;
 
-/// Runs until aborted.
-pub async fn run(shared: Arc<Shared>, poll: Duration) {
+/// Runs until aborted. With `market_events` (from a follower the process already runs), the
+/// watcher reads the marketplace's events from there rather than following the chain itself.
+pub async fn run(
+    shared: Arc<Shared>,
+    poll: Duration,
+    market_events: Option<broadcast::Receiver<MarketEvent>>,
+) {
     tokio::join!(
-        follow_events(shared.clone()),
+        follow_events(shared.clone(), market_events),
         recheck_live_orders(shared.clone(), poll),
         watch_network(shared, poll * NETWORK_EVERY_POLLS)
     );
 }
 
-async fn follow_events(shared: Arc<Shared>) {
+async fn follow_events(
+    shared: Arc<Shared>,
+    market_events: Option<broadcast::Receiver<MarketEvent>>,
+) {
+    if let Some(mut events) = market_events {
+        loop {
+            match events.recv().await {
+                Ok(event) => on_event(&shared, event).await,
+                // What was missed is caught by the periodic re-check of every live order.
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "marketplace events missed; the periodic re-check catches up"
+                    )
+                }
+                Err(RecvError::Closed) => break,
+            }
+        }
+        tracing::warn!("the process's marketplace follower stopped; following the chain here");
+    }
     let mut events = loop {
         match shared.orders.market().watch().await {
             Ok(events) => break events,
@@ -125,10 +150,10 @@ async fn end_order(shared: &Shared, id: OrderId, why: &Refusal) {
     let running = shared.billing.running(id).is_some();
     shared.billing.end(id).await;
     shared.quality.forget(id);
-    // The final tick is stored: the settler may claim it now.
-    if let Some(settler) = shared.settler.get() {
-        settler.wake();
-    }
+    // The final tick is stored: whoever claims it may do so now.
+    shared
+        .lease_events
+        .publish(crate::lease_events::LeaseEvent::Ended { order: id.0 });
     let finish_traffic = || {
         shared
             .traffic

@@ -43,6 +43,10 @@
 //! // When a lease starts (and again when it ends, to claim at once):
 //! settler.track(42, Some(&lease));
 //! settler.wake();
+//! // For every marketplace event (tracks accepted orders, wakes on terminations):
+//! # let event = shale_contracts::MarketEvent::OrderTerminated {
+//! #     order_id: 42, by: shale_contracts::Address::ZERO, ended_at: 0 };
+//! settler.on_market_event(&event);
 //! // On shutdown:
 //! task.shutdown().await;
 //! # Ok(()) }
@@ -59,8 +63,8 @@ use std::time::{Duration, Instant};
 
 use shale_circuits::{Anchor, CircuitError, Head, TickBatch};
 use shale_contracts::{
-    Address, Bytes, ChainError, ClaimReceipt, ClaimRequest, Marketplace, Order, OrderState, B256,
-    U256,
+    Address, Bytes, ChainError, ClaimReceipt, ClaimRequest, MarketEvent, Marketplace, Order,
+    OrderState, B256, U256,
 };
 use shale_meter::ledger::{now_ms, ClaimRecord, ClaimStatus, NewClaim};
 use shale_meter::{LeaseMeter, Ledger, MeterError, Tick};
@@ -328,6 +332,19 @@ impl Settler {
     /// Starts a round now rather than at the next poll (e.g. when a lease ended).
     pub fn wake(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// Follows the marketplace: an order accepted by this provider is tracked from now on, and
+    /// an order's termination starts a round at once (its last ticks can be claimed and, once
+    /// claimed, the order settled). Every other event is none of the settler's business.
+    pub fn on_market_event(&self, event: &MarketEvent) {
+        match event {
+            MarketEvent::OrderAccepted {
+                order_id, provider, ..
+            } if *provider == self.inner.provider => self.track(*order_id, None),
+            MarketEvent::OrderTerminated { .. } => self.wake(),
+            _ => {}
+        }
     }
 
     /// Tracks every unsettled order of this provider found on chain: how a restarted gateway

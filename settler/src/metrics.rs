@@ -1,5 +1,5 @@
-//! The settler's Prometheus metrics: a small struct of handles, registered by the gateway into its
-//! registry under the `settler_` prefix.
+//! The settler's Prometheus metrics: a small struct of handles, which `shale gateway` registers
+//! in the gateway's registry under the `settler_` prefix.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -110,5 +110,50 @@ impl SettlerMetrics {
                 reason: reason.to_owned(),
             })
             .get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every settler series the shipped Grafana dashboard queries is one the settler exports
+    /// under the gateway's prefix (the gateway checks the rest of the dashboard).
+    #[test]
+    fn the_grafana_dashboard_queries_only_exported_settler_metrics() {
+        let mut registry = Registry::with_prefix("shale_gateway");
+        let metrics = SettlerMetrics::default();
+        metrics.register(&mut registry);
+        // Label families render only once they hold a series: give each one.
+        metrics.fail("x");
+        metrics
+            .unacknowledged_bytes
+            .get_or_create(&OrderLabel { order: 1 })
+            .set(1);
+        let mut rendered = String::new();
+        prometheus_client::encoding::text::encode(&mut rendered, &registry).unwrap();
+        let families: std::collections::BTreeSet<&str> = rendered
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let dashboard = include_str!("../../gateway/grafana/shale-gateway.json");
+        let mut checked = 0;
+        for (i, _) in dashboard.match_indices("shale_gateway_settler_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_total", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                families.contains(family),
+                "{name} is not exported; exported: {families:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 4, "the dashboard shows the settler's claims");
     }
 }

@@ -3,7 +3,7 @@
 //! A client finds the demo SP, orders a container with the digits dataset and pays escrow; the
 //! SP accepts; the client runs a real training job with the stock `ssh` client on the mounted
 //! dataset, copies the model back with `scp`, watches the cost, ends the lease; the SP claims
-//! (when the settler is part of the gateway) and settles; the client checks its receipts and
+//! (when the settler runs beside the gateway) and settles; the client checks its receipts and
 //! rates the SP; a table shows who paid whom, from balances read on chain.
 //!
 //! Every step uses the same code as the matching command (`order create`, `sp accept`,

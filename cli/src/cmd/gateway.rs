@@ -3,20 +3,28 @@
 //! The settler (claims with Groth16 proofs, then settlement) runs in the same process when the
 //! config has an `[sp.settler]` section, and the auto-accept policy when `[sp.accept] auto` is
 //! set. Both sign with the provider's key (`[sp] keystore`, SHALE_KEYSTORE or
-//! SHALE_PRIVATE_KEY). The settler reads the ledger the gateway's meter writes and learns of new
-//! orders from the marketplace's events; the gateway does not hand it its lease meters, so a
-//! lease's last ticks are claimed once the order has ended on chain.
+//! SHALE_PRIVATE_KEY). The process follows the marketplace's events once ([`follow_market`]) and
+//! fans them out to the gateway's watcher, the settler and the accept policy. The settler claims
+//! from the gateway's own ledger pool and learns of every lease the gateway meters, and of every
+//! order whose billing ended, from the gateway's [`LeaseEvent`]s; its metrics are served on the
+//! gateway's `/metrics`.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use shale_contracts::{MarketEvent, Marketplace, OrderState};
-use shale_gateway::{Gateway, GatewayConfig};
+use shale_gateway::{Gateway, GatewayConfig, LeaseEvent};
 use shale_provisioner::{Provisioner, ProvisionerConfig};
 use shale_settler::{Settler, SettlerConfig, SettlerTask};
+use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::spconfig::SpConfig;
+
+/// Marketplace events buffered for each of their consumers; one that falls further behind is
+/// told how many it missed (and catches up its own way).
+const MARKET_EVENTS: usize = 1024;
 
 /// Loads the config (its `[sp]` section is the CLI's, the rest the gateway's), connects to the
 /// chain and containerd, and serves.
@@ -37,34 +45,46 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let provisioner = Provisioner::connect(containers)
         .await
         .context("connecting to containerd")?;
+    let watched = market
+        .clone()
+        .with_poll_interval(config.chain.poll_interval);
     let mut gateway = Gateway::bind(config.clone(), market, provisioner).await?;
     eprintln!(
         "shale gateway on {} with host key {}",
         gateway.local_addr(),
         gateway.host_public_key()
     );
-    let auto_accept = sp.sp.accept.auto;
+    // Every consumer subscribes before the follower starts, so none misses the first events.
+    let (market_events, _) = broadcast::channel(MARKET_EVENTS);
+    gateway.follow_market(market_events.subscribe());
+    let mut tasks = Vec::new();
     let mut settler_task = None;
-    let mut follower = None;
-    if sp.sp.settler.is_some() || auto_accept {
+    if sp.sp.settler.is_some() || sp.sp.accept.auto {
         let market = provider_market(&sp, &config).await?;
-        let settler = match &sp.sp.settler {
-            Some(s) => {
-                let (settler, task) = start_settler(market.clone(), &config, s).await?;
-                settler_task = Some(task);
-                // The gateway tells it of every metered lease (claims then refresh the lease's
-                // unpaid totals) and serves its metrics.
-                gateway.attach_settler(settler.clone());
-                Some(settler)
-            }
-            None => None,
-        };
-        let policy = auto_accept.then(|| sp.clone());
-        follower = Some(tokio::spawn(follow_orders(market, settler, policy)));
+        if let Some(s) = &sp.sp.settler {
+            let (settler, task) = start_settler(market.clone(), &mut gateway, s).await?;
+            settler_task = Some(task);
+            tasks.push(tokio::spawn(feed_leases(
+                settler.clone(),
+                gateway.lease_events(),
+            )));
+            tasks.push(tokio::spawn(feed_market(
+                settler,
+                market_events.subscribe(),
+            )));
+        }
+        if sp.sp.accept.auto {
+            tasks.push(tokio::spawn(accept_orders(
+                market,
+                sp.clone(),
+                market_events.subscribe(),
+            )));
+        }
     }
+    tasks.push(tokio::spawn(follow_market(watched, market_events)));
     let result = gateway.run(shutdown_signal()).await;
-    if let Some(f) = follower {
-        f.abort();
+    for task in tasks {
+        task.abort();
     }
     if let Some(task) = settler_task {
         task.shutdown().await;
@@ -96,19 +116,22 @@ async fn provider_market(sp: &SpConfig, config: &GatewayConfig) -> anyhow::Resul
     )
 }
 
+/// Starts the settler on the gateway's own ledger pool, with its metrics on the gateway's
+/// `/metrics`.
 async fn start_settler(
     market: Marketplace,
-    config: &GatewayConfig,
+    gateway: &mut Gateway,
     settler_config: &SettlerConfig,
 ) -> anyhow::Result<(Settler, SettlerTask)> {
-    let ledger = config
-        .meter
-        .open_ledger(&config.state_dir)
-        .await
-        .context("opening the ledger for the settler")?;
-    let settler = Settler::new(settler_config, market.clone(), ledger)
+    let settler = Settler::new(settler_config, market, gateway.ledger().clone())
         .await
         .context("starting the settler")?;
+    match gateway.metrics_registry() {
+        Some(registry) => settler.metrics().register(registry),
+        None => tracing::warn!(
+            "the gateway's metrics are shared already; the settler's are not on /metrics"
+        ),
+    }
     eprintln!(
         "settler proving claims for batch capacities {:?}",
         settler.capacities()
@@ -117,48 +140,94 @@ async fn start_settler(
     Ok((settler, task))
 }
 
-/// Follows the marketplace: applies the accept policy (when given) to new orders, tracks this
-/// provider's accepted orders in the settler, and wakes it when one ends.
-async fn follow_orders(market: Marketplace, settler: Option<Settler>, policy: Option<SpConfig>) {
+/// The process's one follower of the marketplace's events: each consumer (the gateway's
+/// watcher, the settler, the accept policy) reads them from its own receiver of `events`.
+async fn follow_market(market: Marketplace, events: broadcast::Sender<MarketEvent>) {
+    let mut stream = loop {
+        match market.watch().await {
+            Ok(stream) => break stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch marketplace events yet; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    // The stream polls forever; an outage shows up as an error item between good ones.
+    while let Some(event) = stream.next().await {
+        match event {
+            // No receiver left is no error: the gateway is shutting down.
+            Ok(event) => drop(events.send(event)),
+            Err(e) => tracing::warn!(error = %e, "marketplace events unavailable"),
+        }
+    }
+}
+
+/// Tells the settler of every lease the gateway meters (its claims then refresh the lease's
+/// unpaid totals) and wakes it when an order's billing ends (its final tick is stored).
+async fn feed_leases(settler: Settler, mut leases: broadcast::Receiver<LeaseEvent>) {
+    loop {
+        match leases.recv().await {
+            Ok(LeaseEvent::Started { order, lease }) => settler.track(order, Some(&lease)),
+            Ok(LeaseEvent::Ended { .. }) => settler.wake(),
+            Err(RecvError::Lagged(missed)) => {
+                // The orders stay tracked from the chain; only their meters' refresh is late.
+                tracing::warn!(missed, "the settler missed lease events");
+                settler.wake();
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Hands the settler the marketplace's events: it tracks this provider's accepted orders and
+/// claims at once when one ends.
+async fn feed_market(settler: Settler, mut events: broadcast::Receiver<MarketEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(event) => settler.on_market_event(&event),
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "the settler missed marketplace events; scanning the chain"
+                );
+                if let Err(e) = settler.discover().await {
+                    tracing::warn!(error = %e, "cannot scan the chain for unsettled orders");
+                }
+                settler.wake();
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Applies the accept policy to every new order for this provider, one at a time (each decision
+/// counts the capacity the previous ones took).
+async fn accept_orders(
+    market: Marketplace,
+    sp: SpConfig,
+    mut events: broadcast::Receiver<MarketEvent>,
+) {
     let Some(provider) = market.sender() else {
         return;
     };
-    let mut events = match market.watch().await {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the marketplace; the settler only sees orders found at start");
-            return;
-        }
-    };
-    while let Some(event) = events.next().await {
-        match event {
+    loop {
+        match events.recv().await {
             Ok(MarketEvent::OrderCreated {
                 order_id,
                 provider: p,
                 ..
             }) if p == provider => {
-                if let Some(sp) = &policy {
-                    if let Err(e) = apply_policy(&market, sp, order_id).await {
-                        tracing::error!(order = order_id, error = %e, "the accept policy failed");
-                    }
-                }
-            }
-            Ok(MarketEvent::OrderAccepted {
-                order_id,
-                provider: p,
-                ..
-            }) if p == provider => {
-                if let Some(s) = &settler {
-                    s.track(order_id, None);
-                }
-            }
-            Ok(MarketEvent::OrderTerminated { .. }) => {
-                if let Some(s) = &settler {
-                    s.wake();
+                if let Err(e) = apply_policy(&market, &sp, order_id).await {
+                    tracing::error!(order = order_id, error = %e, "the accept policy failed");
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "marketplace events unavailable"),
+            Err(RecvError::Lagged(missed)) => tracing::error!(
+                missed,
+                "the accept policy missed marketplace events; accept any order left pending \
+                 by hand with `shale sp accept`"
+            ),
+            Err(RecvError::Closed) => return,
         }
     }
 }
