@@ -1,9 +1,13 @@
-//! The SP's auto-accept policy: accept an order that fits the offer, the free capacity and the
-//! local datasets; decline any other with the reason.
+//! The SP's auto-accept policy: accept an order that fits the offer, the free capacity, the
+//! local datasets and the SP's limits on collateral, duration and escrow; decline any other with
+//! the reason.
 
 use std::path::Path;
 
-use shale_contracts::{Order, Provider};
+use shale_contracts::{Order, Provider, U256};
+
+use crate::money::Fil;
+use crate::view::duration;
 
 /// What is still free on the machine, from the offer less the live orders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,13 +87,27 @@ pub fn free_capacity(provider: &Provider, live: &[Order], disk: Option<HostDisk>
     }
 }
 
-/// `Ok` when the SP should accept `order`, else the reason to decline it.
+/// What the SP risks on one order, bounded (`[sp.accept]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptLimits {
+    /// The most collateral posted for one order; `None`: at most the order's escrow.
+    pub max_collateral: Option<U256>,
+    /// The longest lease.
+    pub max_duration_secs: u64,
+    /// The least escrow, in seconds of the order's price (capped by the lease's length).
+    pub min_escrow_secs: u64,
+}
+
+/// `Ok` when the SP should accept `order`, else the reason to decline it (it reaches the client
+/// on chain, so it names the figures).
 pub fn decide(
     order: &Order,
     provider: &Provider,
     free: Free,
+    limits: &AcceptLimits,
     has_dataset: impl Fn(&str) -> bool,
 ) -> Result<(), String> {
+    check_risk(order, limits)?;
     if order.price_per_second < provider.offer.price_per_second
         || order.price_per_gib < provider.offer.price_per_gib
     {
@@ -137,10 +155,54 @@ pub fn decide(
     Ok(())
 }
 
+/// The limits on what the SP stakes and for how long: collateral, lease length, escrow.
+fn check_risk(order: &Order, limits: &AcceptLimits) -> Result<(), String> {
+    let max_collateral = limits.max_collateral.unwrap_or(order.escrow);
+    if order.collateral > max_collateral {
+        return Err(match limits.max_collateral {
+            Some(_) => format!(
+                "it asks for {} of collateral, this provider posts at most {}",
+                Fil(order.collateral),
+                Fil(max_collateral)
+            ),
+            None => format!(
+                "it asks for {} of collateral, more than its escrow of {}",
+                Fil(order.collateral),
+                Fil(order.escrow)
+            ),
+        });
+    }
+    if order.max_duration_secs > limits.max_duration_secs {
+        return Err(format!(
+            "its lease of {} is longer than the {} this provider accepts",
+            duration(order.max_duration_secs),
+            duration(limits.max_duration_secs)
+        ));
+    }
+    let secs = limits.min_escrow_secs.min(order.max_duration_secs);
+    let needed = order.price_per_second.saturating_mul(U256::from(secs));
+    if order.escrow < needed {
+        return Err(format!(
+            "its escrow of {} pays for less than {} at its price ({} needed)",
+            Fil(order.escrow),
+            duration(secs),
+            Fil(needed)
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shale_contracts::{Address, Offer, OrderState, Rating, U256};
+    use shale_contracts::{Address, Offer, OrderState, Rating};
+
+    /// Limits that let every order of these tests through, so each test checks one rule.
+    const OPEN: AcceptLimits = AcceptLimits {
+        max_collateral: None,
+        max_duration_secs: u64::MAX,
+        min_escrow_secs: 0,
+    };
 
     fn provider() -> Provider {
         Provider {
@@ -213,21 +275,21 @@ mod tests {
                 gpus: 0
             }
         );
-        assert!(decide(&order(1, 1024, 0, Some("digits")), &p, free, local).is_ok());
-        let reason = decide(&order(2, 1024, 0, None), &p, free, local).unwrap_err();
+        assert!(decide(&order(1, 1024, 0, Some("digits")), &p, free, &OPEN, local).is_ok());
+        let reason = decide(&order(2, 1024, 0, None), &p, free, &OPEN, local).unwrap_err();
         assert_eq!(reason, "it asks for 2 CPUs, 1 are free");
-        assert!(decide(&order(1, 4096, 0, None), &p, free, local)
+        assert!(decide(&order(1, 4096, 0, None), &p, free, &OPEN, local)
             .unwrap_err()
             .contains("memory"));
-        assert!(decide(&order(1, 1, 1, None), &p, free, local)
+        assert!(decide(&order(1, 1, 1, None), &p, free, &OPEN, local)
             .unwrap_err()
             .contains("GPUs"));
-        assert!(decide(&order(1, 1, 0, Some("mnist")), &p, free, local)
+        assert!(decide(&order(1, 1, 0, Some("mnist")), &p, free, &OPEN, local)
             .unwrap_err()
             .contains("not stored here"));
         let mut cheap = order(1, 1, 0, None);
         cheap.price_per_second = U256::from(9u8);
-        assert!(decide(&cheap, &p, free, local)
+        assert!(decide(&cheap, &p, free, &OPEN, local)
             .unwrap_err()
             .contains("below"));
     }
@@ -260,24 +322,24 @@ mod tests {
         );
         assert_eq!(tight.disk_mib, Some(2_000));
 
-        assert!(decide(&with_disk(10_240), &p, free, local).is_ok());
+        assert!(decide(&with_disk(10_240), &p, free, &OPEN, local).is_ok());
         assert_eq!(
-            decide(&with_disk(10_241), &p, free, local).unwrap_err(),
+            decide(&with_disk(10_241), &p, free, &OPEN, local).unwrap_err(),
             "it asks for 10241 MiB of disk, the offer allows 32 to 10240 MiB per order"
         );
-        assert!(decide(&with_disk(0), &p, free, local)
+        assert!(decide(&with_disk(0), &p, free, &OPEN, local)
             .unwrap_err()
             .contains("the offer allows"));
         // Under the provisioner's minimum the container could never start.
-        assert!(decide(&with_disk(31), &p, free, local).is_err());
-        assert!(decide(&with_disk(32), &p, free, local).is_ok());
+        assert!(decide(&with_disk(31), &p, free, &OPEN, local).is_err());
+        assert!(decide(&with_disk(32), &p, free, &OPEN, local).is_ok());
         assert_eq!(
-            decide(&with_disk(2_001), &p, tight, local).unwrap_err(),
+            decide(&with_disk(2_001), &p, tight, &OPEN, local).unwrap_err(),
             "it asks for 2001 MiB of disk, 2000 MiB are free"
         );
         // Unmeasured host disk: only the offer's maximum applies.
         let unknown = free_capacity(&p, &live, None);
-        assert!(decide(&with_disk(10_240), &p, unknown, local).is_ok());
+        assert!(decide(&with_disk(10_240), &p, unknown, &OPEN, local).is_ok());
     }
 
     #[test]
@@ -287,5 +349,62 @@ mod tests {
         assert!(disk.total_mib > 0);
         assert!(disk.available_mib <= disk.total_mib);
         assert_eq!(host_disk(dir.path()).unwrap().total_mib, disk.total_mib);
+    }
+
+    #[test]
+    fn collateral_duration_and_escrow_are_bounded_with_the_figures_in_the_reason() {
+        let p = provider();
+        let free = free_capacity(&p, &[], None);
+        let local = |_: &str| false;
+        let limits = AcceptLimits {
+            max_collateral: Some(U256::from(100u8)),
+            max_duration_secs: 7200,
+            min_escrow_secs: 3600,
+        };
+        // 10 wei a second: an hour of escrow is 36,000 wei.
+        let fitting = || {
+            let mut o = order(1, 1, 0, None);
+            o.max_duration_secs = 7200;
+            o.escrow = U256::from(36_000u32);
+            o.collateral = U256::from(100u8);
+            o
+        };
+        assert_eq!(decide(&fitting(), &p, free, &limits, local), Ok(()));
+
+        let mut greedy = fitting();
+        greedy.collateral = U256::from(101u8);
+        assert!(decide(&greedy, &p, free, &limits, local)
+            .unwrap_err()
+            .contains("collateral, this provider posts at most"));
+
+        let mut long = fitting();
+        long.max_duration_secs = 3 * 3600;
+        assert_eq!(
+            decide(&long, &p, free, &limits, local).unwrap_err(),
+            "its lease of 3h 00m is longer than the 2h 00m this provider accepts"
+        );
+
+        let mut poor = fitting();
+        poor.escrow = U256::from(35_999u32);
+        assert!(decide(&poor, &p, free, &limits, local)
+            .unwrap_err()
+            .starts_with("its escrow of 0.000000000000035999 FIL pays for less than 1h 00m"));
+
+        // A lease shorter than the minimum needs escrow for the lease only.
+        let mut short = fitting();
+        short.max_duration_secs = 60;
+        short.escrow = U256::from(600u16);
+        assert_eq!(decide(&short, &p, free, &limits, local), Ok(()));
+
+        // Without an explicit maximum the SP posts no more collateral than the escrow.
+        let default_cap = AcceptLimits {
+            max_collateral: None,
+            ..limits
+        };
+        let mut staked = fitting();
+        staked.collateral = U256::from(36_001u32);
+        assert!(decide(&staked, &p, free, &default_cap, local)
+            .unwrap_err()
+            .contains("more than its escrow"));
     }
 }

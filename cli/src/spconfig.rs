@@ -34,14 +34,67 @@ pub struct SpSection {
 }
 
 /// `[sp.accept]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcceptSection {
-    /// Accept every new order that fits the offer, the free capacity and the local datasets;
-    /// decline (cancel, refunding the client) any other, logging why. Default false: accept by
-    /// hand with `shale sp accept`.
+    /// Accept every new order that fits the offer, the free capacity, the local datasets and
+    /// the limits below; decline any other on chain with the reason (the client is refunded and
+    /// `shale order create` shows why). Default false: accept by hand with `shale sp accept`.
     #[serde(default)]
     pub auto: bool,
+    /// The most collateral the SP posts for one order, e.g. `5FIL`. Default: no more than the
+    /// order's own escrow, so a client cannot make the SP stake more than the client pays in.
+    pub max_collateral: Option<String>,
+    /// The longest lease accepted, in hours: collateral stays locked for the whole lease, and
+    /// leaving early is slashed. Default 720 (30 days).
+    #[serde(default = "default_max_hours")]
+    pub max_hours: u64,
+    /// The least escrow accepted, in hours of the order's price per second (or its whole lease,
+    /// if shorter): an order with almost no escrow would hold the capacity and the collateral
+    /// while paying nothing. Default 1.
+    #[serde(default = "default_min_escrow_hours")]
+    pub min_escrow_hours: u64,
+}
+
+fn default_max_hours() -> u64 {
+    720
+}
+
+fn default_min_escrow_hours() -> u64 {
+    1
+}
+
+impl Default for AcceptSection {
+    fn default() -> Self {
+        Self {
+            auto: false,
+            max_collateral: None,
+            max_hours: default_max_hours(),
+            min_escrow_hours: default_min_escrow_hours(),
+        }
+    }
+}
+
+impl AcceptSection {
+    /// The limits in the contract's units.
+    pub fn limits(&self) -> anyhow::Result<crate::policy::AcceptLimits> {
+        let max_collateral = self
+            .max_collateral
+            .as_deref()
+            .map(crate::money::parse_amount)
+            .transpose()
+            .context("[sp.accept] max_collateral")?;
+        let secs = |field: &str, hours: u64| {
+            hours
+                .checked_mul(3600)
+                .with_context(|| format!("[sp.accept] {field} {hours} is too large"))
+        };
+        Ok(crate::policy::AcceptLimits {
+            max_collateral,
+            max_duration_secs: secs("max_hours", self.max_hours)?,
+            min_escrow_secs: secs("min_escrow_hours", self.min_escrow_hours)?,
+        })
+    }
 }
 
 /// `[sp.offer]`: resources and prices; prices are amounts like `0.36FIL` (exact, in wei).
@@ -149,6 +202,10 @@ impl SpConfig {
         let gateway: GatewayConfig = toml::Value::Table(table)
             .try_into()
             .with_context(|| format!("the config {} is invalid", path.display()))?;
+        // Checked now, so a typo fails `shale gateway` at start, not at the first order.
+        sp.accept
+            .limits()
+            .with_context(|| format!("the [sp.accept] section of {} is invalid", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
             gateway,
@@ -254,5 +311,31 @@ mod tests {
         assert!(format!("{err:#}").contains("[sp.offer] disk"), "{err:#}");
         // The disk is part of every offer.
         assert!(section("").is_err());
+    }
+
+    #[test]
+    fn accept_limits_have_safe_defaults_and_bad_amounts_are_refused() {
+        let limits = AcceptSection::default().limits().unwrap();
+        assert_eq!(limits.max_collateral, None);
+        assert_eq!(limits.max_duration_secs, 720 * 3600);
+        assert_eq!(limits.min_escrow_secs, 3600);
+        // Fields left out of the file take the same defaults as no section at all.
+        let parsed: AcceptSection = toml::from_str("auto = true").unwrap();
+        assert_eq!(parsed.limits().unwrap(), limits);
+
+        let parsed: AcceptSection =
+            toml::from_str("max_collateral = \"2.5FIL\"\nmax_hours = 24\nmin_escrow_hours = 2")
+                .unwrap();
+        let l = parsed.limits().unwrap();
+        assert_eq!(
+            l.max_collateral,
+            Some(U256::from(2_500_000_000_000_000_000u128))
+        );
+        assert_eq!((l.max_duration_secs, l.min_escrow_secs), (86_400, 7_200));
+
+        let parsed: AcceptSection = toml::from_str("max_collateral = \"lots\"").unwrap();
+        let err = parsed.limits().unwrap_err();
+        assert!(format!("{err:#}").contains("max_collateral"), "{err:#}");
+        assert!(toml::from_str::<AcceptSection>("max_colateral = \"1FIL\"").is_err());
     }
 }

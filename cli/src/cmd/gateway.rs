@@ -256,7 +256,8 @@ async fn apply_policy(market: &Marketplace, sp: &SpConfig, id: u64) -> anyhow::R
     };
     let free = crate::policy::free_capacity(&me, &live, host_disk);
     let datasets = &sp.gateway.containers.datasets;
-    match crate::policy::decide(&order, &me, free, |d| datasets.contains_key(d)) {
+    let limits = sp.sp.accept.limits()?;
+    match crate::policy::decide(&order, &me, free, &limits, |d| datasets.contains_key(d)) {
         Ok(()) => {
             market.accept(id).await?;
             tracing::info!(order = id, "accepted by the auto-accept policy");
