@@ -284,9 +284,11 @@ mod tests {
         assert!(decide(&order(1, 1, 1, None), &p, free, &OPEN, local)
             .unwrap_err()
             .contains("GPUs"));
-        assert!(decide(&order(1, 1, 0, Some("mnist")), &p, free, &OPEN, local)
-            .unwrap_err()
-            .contains("not stored here"));
+        assert!(
+            decide(&order(1, 1, 0, Some("mnist")), &p, free, &OPEN, local)
+                .unwrap_err()
+                .contains("not stored here")
+        );
         let mut cheap = order(1, 1, 0, None);
         cheap.price_per_second = U256::from(9u8);
         assert!(decide(&cheap, &p, free, &OPEN, local)
