@@ -126,6 +126,52 @@ contract Marketplace is ProviderRegistry, EIP712 {
         bytes32 ackedHead;
     }
 
+    /// How an order is stored (`getOrder` returns it as an `Order`). The claim path reads slots 0-6
+    /// and writes 4-7, nothing else: every field a claim or acknowledgment needs sits in them,
+    /// narrowed to its proven bound (prices <= MAX_PRICE = 2^128 - 1; escrow and paid are wei of a
+    /// supply far below 2^128; durations and claimed seconds <= MAX_DURATION_LIMIT < 2^32; byte totals
+    /// < 2^65). Slots 5-7 are non-zero from `createOrder` / `accept` on (maxDuration >= 1, heads
+    /// carry `MARK`), so a first claim updates slots instead of creating them (5,000 gas, not 20,000).
+    struct Record {
+        // slot 0
+        address client;
+        OrderState state;
+        bool settled;
+        bool rated;
+        uint64 endedAt;
+        // slot 1
+        address provider;
+        uint64 acceptedAt;
+        // slot 2
+        address ackSigner;
+        uint64 byteAllowance;
+        // slot 3
+        uint128 pricePerSecond;
+        uint128 pricePerGiB;
+        // slot 4
+        uint128 escrow;
+        uint128 paid;
+        // slot 5
+        uint32 maxDuration;
+        uint32 claimedSeconds;
+        uint96 claimedBytes;
+        uint96 ackedBytes;
+        // slots 6, 7: `MARK | head` (tick-chain heads are field elements, below 2^254)
+        uint256 head;
+        uint256 ackedHead;
+        // read off the claim path
+        address endedBy;
+        uint64 createdAt;
+        uint32 cpus;
+        uint32 gpus;
+        uint64 memoryMiB;
+        uint64 diskMiB;
+        uint64 acceptTimeout;
+        bytes32 keyFingerprint;
+        uint256 collateral;
+        string datasetId;
+    }
+
     /// What the client's acknowledgment key signs (EIP-712, see `ACKNOWLEDGMENT_TYPEHASH`): the
     /// order, the SP's tick-chain head it recomputed and the cumulative totals at that head.
     /// The EIP-712 type names the third field `seconds`; Solidity reserves that word, so here
@@ -153,11 +199,15 @@ contract Marketplace is ProviderRegistry, EIP712 {
         keccak256("Acknowledgment(uint256 orderId,bytes32 head,uint64 seconds,uint64 bytesIn,uint64 bytesOut)");
     /// The BN254 scalar field order: every public input of a tick proof must be below it.
     uint256 public constant SNARK_SCALAR_FIELD =
-        21888242871839275222246405745257275088548364400416264131440446208835329769473;
+        21888242871839275222246405745257275088548364400416034343698204186575808495617;
     uint256 private constant GIB = 1 << 30;
+    /// The longest reason (bytes of UTF-8) a provider may give when it declines an order.
+    uint256 public constant MAX_DECLINE_REASON = 200;
+    /// Set in a stored head: the slot is never zero after `accept`, whatever the head.
+    uint256 private constant MARK = 1 << 255;
 
     uint256 public orderCount;
-    mapping(uint256 => Order) private _orders;
+    mapping(uint256 => Record) private _orders;
     /// Payments that could not be pushed (the receiver reverted); pull them with `withdraw()`.
     mapping(address => uint256) public owed;
 
@@ -176,6 +226,8 @@ contract Marketplace is ProviderRegistry, EIP712 {
     );
     event OrderAccepted(uint256 indexed orderId, address indexed provider, uint256 collateral, uint64 expiresAt);
     event OrderCancelled(uint256 indexed orderId, address indexed by, uint256 refund);
+    /// The provider declined the Pending order (`OrderCancelled` follows in the same call).
+    event OrderDeclined(uint256 indexed orderId, string reason);
     event OrderToppedUp(uint256 indexed orderId, uint256 amount, uint256 escrow);
     event OrderTerminated(uint256 indexed orderId, address indexed by, uint64 endedAt);
     /// `seconds_` is what was paid: the batch's seconds, trimmed at the end of an ended lease
@@ -221,6 +273,8 @@ contract Marketplace is ProviderRegistry, EIP712 {
     error DiskTooSmall(uint64 diskMiB, uint64 minDiskMiB);
     error DiskTooLarge(uint64 diskMiB, uint64 maxDiskMiB);
     error ZeroAmount();
+    /// A payment that does not fit the 128 bits an order's escrow is stored in.
+    error AmountTooLarge(uint256 amount);
     error UnknownBatchCapacity(uint32 capacity);
     error HeadOutOfField(bytes32 head);
     error CommitmentAlreadyPaid(uint256 orderId, bytes32 head);
@@ -246,9 +300,9 @@ contract Marketplace is ProviderRegistry, EIP712 {
     error TransferFailed(address to, uint256 amount);
     error Reentrancy();
 
+    // The guard's body is in functions, not inlined in every guarded function: runtime size.
     modifier nonReentrant() {
-        if (_lock != 1) revert Reentrancy();
-        _lock = 2;
+        _enter();
         _;
         _lock = 1;
     }
@@ -287,40 +341,52 @@ contract Marketplace is ProviderRegistry, EIP712 {
     /// An order with its effective state: an Active order past its expiry reads as Ended with
     /// `endedAt` = expiry time.
     function getOrder(uint256 orderId) external view returns (Order memory order) {
-        Order storage o = _order(orderId);
-        order = o;
+        Record storage o = _order(orderId);
         order.id = orderId;
+        order.client = o.client;
         order.state = _stateOf(o);
-        if (order.state == OrderState.Ended && o.state == OrderState.Active) {
-            order.endedAt = _expiresAt(o);
-        }
-    }
-
-    /// The effective state of an order.
-    function orderState(uint256 orderId) external view returns (OrderState) {
-        return _stateOf(_order(orderId));
-    }
-
-    /// When an accepted order expires (0 while Pending or Cancelled).
-    function expiresAt(uint256 orderId) external view returns (uint64) {
-        Order storage o = _order(orderId);
-        return o.acceptedAt == 0 ? 0 : _expiresAt(o);
+        order.createdAt = o.createdAt;
+        order.provider = o.provider;
+        order.acceptedAt = o.acceptedAt;
+        Terms memory t = order.terms;
+        t.keyFingerprint = o.keyFingerprint;
+        t.ackSigner = o.ackSigner;
+        t.byteAllowance = o.byteAllowance;
+        t.cpus = o.cpus;
+        t.memoryMiB = o.memoryMiB;
+        t.diskMiB = o.diskMiB;
+        t.gpus = o.gpus;
+        t.maxDuration = o.maxDuration;
+        t.acceptTimeout = o.acceptTimeout;
+        t.datasetId = o.datasetId;
+        t.pricePerSecond = o.pricePerSecond;
+        t.pricePerGiB = o.pricePerGiB;
+        t.collateral = o.collateral;
+        order.escrow = o.escrow;
+        order.endedBy = o.endedBy;
+        order.endedAt = order.state == OrderState.Ended && o.state == OrderState.Active ? _expiresAt(o) : o.endedAt;
+        order.settled = o.settled;
+        order.rated = o.rated;
+        order.claimedSeconds = o.claimedSeconds;
+        order.claimedBytes = o.claimedBytes;
+        order.ackedBytes = o.ackedBytes;
+        order.paid = o.paid;
+        order.head = _head(o.head);
+        order.ackedHead = _head(o.ackedHead);
     }
 
     /// Seconds the provider may still claim right now: the lease's wall-clock time so far
     /// (to now, or to the end) minus what was already claimed.
     function claimableSeconds(uint256 orderId) external view returns (uint64) {
-        Order storage o = _order(orderId);
+        Record storage o = _order(orderId);
         OrderState s = _stateOf(o);
         if (s != OrderState.Active && s != OrderState.Ended) return 0;
         return _leaseSecondsSoFar(o) - o.claimedSeconds;
     }
 
-    /// The EIP-712 domain separator of acknowledgments: ("Shale Marketplace", "1", chain id, this
-    /// contract). `eip712Domain()` (ERC-5267) returns its fields.
-    function DOMAIN_SEPARATOR() external view returns (bytes32) {
-        return _domainSeparatorV4();
-    }
+    // The order's derived figures (state, expiry, claimable bytes, a batch's price) are not views
+    // of their own: they follow from `getOrder` (and the domain from `eip712Domain()`), and the
+    // runtime size limit needs the bytes. shale-contracts computes them from `getOrder`.
 
     /// The EIP-712 digest the ack signer signs for `ack` (what `eth_signTypedData_v4` signs).
     function acknowledgmentDigest(Acknowledgment calldata ack) public view returns (bytes32) {
@@ -329,23 +395,6 @@ contract Marketplace is ProviderRegistry, EIP712 {
                 abi.encode(ACKNOWLEDGMENT_TYPEHASH, ack.orderId, ack.head, ack.leaseSeconds, ack.bytesIn, ack.bytesOut)
             )
         );
-    }
-
-    /// Bytes (in + out, cumulative) the provider may be paid for right now:
-    /// max(acknowledged bytes, allowance) minus what was already paid.
-    function claimableBytes(uint256 orderId) external view returns (uint256) {
-        Order storage o = _order(orderId);
-        return _bytesAllowed(o) - o.claimedBytes;
-    }
-
-    /// Amount a batch would cost under the order's tariff (see the rounding rule above).
-    function quote(uint256 orderId, uint64 leaseSeconds, uint64 bytesIn, uint64 bytesOut)
-        external
-        view
-        returns (uint256)
-    {
-        Order storage o = _order(orderId);
-        return _charge(o, leaseSeconds, bytesIn, bytesOut);
     }
 
     // ---------------------------------------------------------------- client side
@@ -369,35 +418,47 @@ contract Marketplace is ProviderRegistry, EIP712 {
         if (bytes(terms.datasetId).length != 0) _requireDataset(provider, terms.datasetId);
 
         orderId = ++orderCount;
-        Order storage o = _orders[orderId];
+        Record storage o = _orders[orderId];
         o.client = msg.sender;
         o.provider = provider;
-        o.terms = terms;
-        o.escrow = msg.value;
-        o.state = OrderState.Pending;
+        o.ackSigner = terms.ackSigner;
+        o.byteAllowance = terms.byteAllowance;
+        o.pricePerSecond = uint128(terms.pricePerSecond);
+        o.pricePerGiB = uint128(terms.pricePerGiB);
+        o.escrow = _u128(msg.value);
+        o.maxDuration = uint32(terms.maxDuration);
         o.createdAt = uint64(block.timestamp);
+        o.cpus = terms.cpus;
+        o.gpus = terms.gpus;
+        o.memoryMiB = terms.memoryMiB;
+        o.diskMiB = terms.diskMiB;
+        o.acceptTimeout = terms.acceptTimeout;
+        o.keyFingerprint = terms.keyFingerprint;
+        o.collateral = terms.collateral;
+        o.datasetId = terms.datasetId;
         emit OrderCreated(orderId, msg.sender, provider, msg.value, terms.collateral, terms.datasetId);
     }
 
     /// Adds escrow to a Pending or live Active order (the meter tops up to keep a session going).
     function topUp(uint256 orderId) external payable {
-        Order storage o = _order(orderId);
+        Record storage o = _order(orderId);
         if (msg.sender != o.client) revert NotClient(orderId, msg.sender);
         if (msg.value == 0) revert ZeroAmount();
         OrderState s = _stateOf(o);
         if (s != OrderState.Pending && s != OrderState.Active) revert OrderNotActive(orderId, s);
-        o.escrow += msg.value;
+        o.escrow += _u128(msg.value);
         emit OrderToppedUp(orderId, msg.value, o.escrow);
     }
 
     /// Cancels a Pending order with a full refund of the escrow. The client may cancel once
-    /// `createdAt + acceptTimeout` has passed; the provider may decline at any time.
-    function cancel(uint256 orderId) external nonReentrant {
-        Order storage o = _order(orderId);
+    /// `createdAt + acceptTimeout` has passed; the provider may decline at any time (`decline`
+    /// does the same and says why).
+    function cancel(uint256 orderId) public nonReentrant {
+        Record storage o = _order(orderId);
         if (msg.sender != o.client && msg.sender != o.provider) revert NotParty(orderId, msg.sender);
         if (o.state != OrderState.Pending) revert OrderNotPending(orderId, _stateOf(o));
         if (msg.sender == o.client) {
-            uint64 cancellableAt = o.createdAt + o.terms.acceptTimeout;
+            uint64 cancellableAt = o.createdAt + o.acceptTimeout;
             if (block.timestamp < cancellableAt) revert AcceptTimeoutNotReached(orderId, cancellableAt);
         }
         uint256 refund = o.escrow;
@@ -413,7 +474,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
     /// Rates the provider of an ended order that paid it something, once: 1 to 5 stars and a
     /// short review (<= 280 bytes). The rating weighs what the order paid the provider so far.
     function rate(uint256 orderId, uint8 stars, string calldata review) external {
-        Order storage o = _order(orderId);
+        Record storage o = _order(orderId);
         if (msg.sender != o.client) revert NotClient(orderId, msg.sender);
         OrderState s = _stateOf(o);
         if (s != OrderState.Ended) revert OrderNotEnded(orderId, s);
@@ -428,23 +489,39 @@ contract Marketplace is ProviderRegistry, EIP712 {
 
     // ---------------------------------------------------------------- provider side
 
+    /// Declines a Pending order, as `cancel` by its provider does (the client gets the whole
+    /// escrow back, the order reads Cancelled and `OrderCancelled` is emitted), and records why in
+    /// `OrderDeclined`: the client learns, from the log alone, whether to retry elsewhere.
+    /// `reason` is at most `MAX_DECLINE_REASON` bytes.
+    function decline(uint256 orderId, string calldata reason) external {
+        if (msg.sender != _order(orderId).provider) revert NotProvider(orderId, msg.sender);
+        if (bytes(reason).length > MAX_DECLINE_REASON) {
+            revert TooLong("reason", bytes(reason).length, MAX_DECLINE_REASON);
+        }
+        emit OrderDeclined(orderId, reason);
+        cancel(orderId);
+    }
+
     /// Accepts a Pending order before `createdAt + acceptTimeout` (from then on the client may
     /// cancel); the call's value must equal the order's collateral exactly.
     function accept(uint256 orderId) external payable {
-        Order storage o = _order(orderId);
+        Record storage o = _order(orderId);
         if (msg.sender != o.provider) revert NotProvider(orderId, msg.sender);
         if (o.state != OrderState.Pending) revert OrderNotPending(orderId, o.state);
-        uint64 deadline = o.createdAt + o.terms.acceptTimeout;
+        uint64 deadline = o.createdAt + o.acceptTimeout;
         if (block.timestamp >= deadline) revert AcceptTimeoutPassed(orderId, deadline);
-        if (msg.value != o.terms.collateral) revert WrongCollateral(orderId, o.terms.collateral, msg.value);
+        if (msg.value != o.collateral) revert WrongCollateral(orderId, o.collateral, msg.value);
         o.state = OrderState.Active;
         o.acceptedAt = uint64(block.timestamp);
+        // The provider pays for creating the head slots here rather than in its first claim.
+        o.head = MARK;
+        if (o.ackSigner != address(0)) o.ackedHead = MARK;
         emit OrderAccepted(orderId, msg.sender, msg.value, _expiresAt(o));
     }
 
     /// Terminates a live order; either side may. Usage up to now stays claimable for CLAIM_WINDOW.
     function terminate(uint256 orderId) external {
-        Order storage o = _order(orderId);
+        Record storage o = _order(orderId);
         if (msg.sender != o.client && msg.sender != o.provider) revert NotParty(orderId, msg.sender);
         OrderState s = _stateOf(o);
         if (s != OrderState.Active) revert OrderNotActive(orderId, s);
@@ -490,7 +567,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         Acknowledgment calldata ack,
         bytes calldata ackSignature
     ) external nonReentrant {
-        Order storage o = _order(orderId);
+        Record storage o = _order(orderId);
         _acknowledge(orderId, o, ack, ackSignature);
         _claim(orderId, o, batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
     }
@@ -499,7 +576,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
     /// collateral (less any slash) to the provider. Anyone may settle once the claim window is
     /// over; the provider may settle earlier, which gives up its remaining claims.
     function settle(uint256 orderId) external nonReentrant {
-        Order storage o = _order(orderId);
+        Record storage o = _order(orderId);
         OrderState s = _stateOf(o);
         if (s != OrderState.Ended) revert OrderNotEnded(orderId, s);
         if (o.settled) revert AlreadySettled(orderId);
@@ -512,11 +589,10 @@ contract Marketplace is ProviderRegistry, EIP712 {
             uint64 settleableAt = o.endedAt + CLAIM_WINDOW;
             if (block.timestamp < settleableAt) revert ClaimWindowOpen(orderId, settleableAt);
         }
-        uint256 slash = collateralSlash(
-            o.terms.collateral, o.terms.maxDuration, _expiresAt(o) - o.endedAt, o.endedBy == o.provider
-        );
+        uint256 slash =
+            _collateralSlash(o.collateral, o.maxDuration, _expiresAt(o) - o.endedAt, o.endedBy == o.provider);
         uint256 refund = o.escrow;
-        uint256 collateralBack = o.terms.collateral - slash;
+        uint256 collateralBack = o.collateral - slash;
         o.escrow = 0;
         o.settled = true;
         emit OrderSettled(orderId, refund, collateralBack, slash);
@@ -526,8 +602,8 @@ contract Marketplace is ProviderRegistry, EIP712 {
 
     /// The collateral slashing rule: an early termination by the provider forfeits
     /// `ceil(collateral * unservedSeconds / maxDuration)`; anything else forfeits nothing.
-    function collateralSlash(uint256 collateral, uint64 maxDuration, uint64 unservedSeconds, bool byProvider)
-        public
+    function _collateralSlash(uint256 collateral, uint64 maxDuration, uint64 unservedSeconds, bool byProvider)
+        internal
         pure
         returns (uint256)
     {
@@ -554,22 +630,38 @@ contract Marketplace is ProviderRegistry, EIP712 {
 
     // ---------------------------------------------------------------- internals
 
-    function _order(uint256 orderId) private view returns (Order storage o) {
+    function _enter() private {
+        if (_lock != 1) revert Reentrancy();
+        _lock = 2;
+    }
+
+    function _order(uint256 orderId) private view returns (Record storage o) {
         o = _orders[orderId];
         if (o.client == address(0)) revert OrderNotFound(orderId);
     }
 
-    function _expiresAt(Order storage o) private view returns (uint64) {
-        return o.acceptedAt + o.terms.maxDuration;
+    /// The head stored in a marked slot (0 before the first claim or acknowledgment).
+    function _head(uint256 stored) private pure returns (bytes32) {
+        return bytes32(stored & (MARK - 1));
     }
 
-    function _stateOf(Order storage o) private view returns (OrderState) {
+    /// Escrow is kept in 128 bits: refuse (never truncate) a value that would not fit.
+    function _u128(uint256 value) private pure returns (uint128) {
+        if (value > type(uint128).max) revert AmountTooLarge(value);
+        return uint128(value);
+    }
+
+    function _expiresAt(Record storage o) private view returns (uint64) {
+        return o.acceptedAt + o.maxDuration;
+    }
+
+    function _stateOf(Record storage o) private view returns (OrderState) {
         if (o.state == OrderState.Active && block.timestamp >= _expiresAt(o)) return OrderState.Ended;
         return o.state;
     }
 
     /// Wall-clock seconds of the lease so far: from acceptance to now, or to the end.
-    function _leaseSecondsSoFar(Order storage o) private view returns (uint64) {
+    function _leaseSecondsSoFar(Record storage o) private view returns (uint64) {
         uint64 end = uint64(block.timestamp);
         if (o.state == OrderState.Ended) end = o.endedAt;
         uint64 expiry = _expiresAt(o);
@@ -577,20 +669,20 @@ contract Marketplace is ProviderRegistry, EIP712 {
         return end - o.acceptedAt;
     }
 
-    function _bytesAllowed(Order storage o) private view returns (uint256) {
+    function _bytesAllowed(Record storage o) private view returns (uint256) {
         uint256 acked = o.ackedBytes;
-        uint64 allowance = o.terms.byteAllowance;
+        uint64 allowance = o.byteAllowance;
         return acked > allowance ? acked : allowance;
     }
 
-    function _acknowledge(uint256 orderId, Order storage o, Acknowledgment calldata ack, bytes calldata signature)
+    function _acknowledge(uint256 orderId, Record storage o, Acknowledgment calldata ack, bytes calldata signature)
         private
     {
         if (ack.orderId != orderId) revert AckForAnotherOrder(orderId, ack.orderId);
         OrderState s = _stateOf(o);
         if (s != OrderState.Active && s != OrderState.Ended) revert OrderNotActive(orderId, s);
         if (o.settled) revert AlreadySettled(orderId);
-        address signer = o.terms.ackSigner;
+        address signer = o.ackSigner;
         if (signer == address(0)) revert NoAckSigner(orderId);
         // tryRecover refuses malformed signatures and high-s (malleable) ones.
         (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecover(acknowledgmentDigest(ack), signature);
@@ -601,13 +693,13 @@ contract Marketplace is ProviderRegistry, EIP712 {
         uint256 recorded = o.ackedBytes;
         if (total < recorded) revert AckOlderThanRecorded(orderId, total, recorded);
         o.ackedBytes = uint96(total);
-        o.ackedHead = ack.head;
+        o.ackedHead = MARK | uint256(ack.head);
         emit Acknowledged(orderId, ack.head, ack.leaseSeconds, ack.bytesIn, ack.bytesOut);
     }
 
     function _claim(
         uint256 orderId,
-        Order storage o,
+        Record storage o,
         uint32 batchCapacity,
         bytes32 nextHead,
         uint64 leaseSeconds,
@@ -619,7 +711,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         OrderState s = _stateOf(o);
         if (s != OrderState.Active && s != OrderState.Ended) revert OrderNotActive(orderId, s);
         if (o.settled) revert AlreadySettled(orderId);
-        if (nextHead == o.head) revert CommitmentAlreadyPaid(orderId, nextHead);
+        if (nextHead == _head(o.head)) revert CommitmentAlreadyPaid(orderId, nextHead);
         if (uint256(nextHead) >= SNARK_SCALAR_FIELD) revert HeadOutOfField(nextHead);
         _verify(orderId, o, batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
 
@@ -627,17 +719,19 @@ contract Marketplace is ProviderRegistry, EIP712 {
         uint256 bytesTotal = uint256(o.claimedBytes) + uint256(bytesIn) + uint256(bytesOut);
         uint256 bytesAllowed = _bytesAllowed(o);
         if (bytesTotal > bytesAllowed) {
-            revert ClaimExceedsAcknowledgedBytes(orderId, bytesTotal, o.ackedBytes, o.terms.byteAllowance);
+            revert ClaimExceedsAcknowledgedBytes(orderId, bytesTotal, o.ackedBytes, o.byteAllowance);
         }
         uint256 amount = _charge(o, paidSeconds, bytesIn, bytesOut);
         uint256 escrow = o.escrow;
         if (amount > escrow) revert ClaimExceedsEscrow(orderId, amount, escrow);
 
-        o.escrow = escrow - amount;
-        o.paid += amount;
-        o.claimedSeconds += paidSeconds;
+        // amount <= escrow < 2^128; claimed seconds stay <= the lease's seconds < 2^32 and bytes <=
+        // max(acknowledged, allowance) < 2^65 (checked above), so none of the casts truncates.
+        o.escrow = uint128(escrow - amount);
+        o.paid += uint128(amount);
+        o.claimedSeconds += uint32(paidSeconds);
         o.claimedBytes = uint96(bytesTotal);
-        o.head = nextHead;
+        o.head = MARK | uint256(nextHead);
         emit Claimed(orderId, nextHead, paidSeconds, bytesIn, bytesOut, amount, escrow - amount);
         _pay(o.provider, amount);
     }
@@ -645,7 +739,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
     /// The batch's seconds that may be paid: all of them while they fit the lease's chain time so
     /// far; past it, a live lease refuses the batch (the time has not come yet), an ended lease
     /// pays up to its end.
-    function _secondsToPay(uint256 orderId, Order storage o, OrderState s, uint64 leaseSeconds)
+    function _secondsToPay(uint256 orderId, Record storage o, OrderState s, uint64 leaseSeconds)
         private
         returns (uint64)
     {
@@ -661,18 +755,18 @@ contract Marketplace is ProviderRegistry, EIP712 {
         return paidSeconds;
     }
 
-    function _charge(Order storage o, uint64 leaseSeconds, uint64 bytesIn, uint64 bytesOut)
+    function _charge(Record storage o, uint64 leaseSeconds, uint64 bytesIn, uint64 bytesOut)
         private
         view
         returns (uint256)
     {
         uint256 bytesMoved = uint256(bytesIn) + uint256(bytesOut);
-        return uint256(leaseSeconds) * o.terms.pricePerSecond + (bytesMoved * o.terms.pricePerGiB) / GIB;
+        return uint256(leaseSeconds) * o.pricePerSecond + (bytesMoved * o.pricePerGiB) / GIB;
     }
 
     function _verify(
         uint256 orderId,
-        Order storage o,
+        Record storage o,
         uint32 batchCapacity,
         bytes32 nextHead,
         uint64 leaseSeconds,
@@ -682,8 +776,14 @@ contract Marketplace is ProviderRegistry, EIP712 {
     ) private view {
         ITickVerifier verifier = _verifiers[batchCapacity];
         if (address(verifier) == address(0)) revert UnknownBatchCapacity(batchCapacity);
-        uint256[6] memory input =
-            [orderId, uint256(o.head), uint256(nextHead), uint256(leaseSeconds), uint256(bytesIn), uint256(bytesOut)];
+        uint256[6] memory input = [
+            orderId,
+            uint256(_head(o.head)),
+            uint256(nextHead),
+            uint256(leaseSeconds),
+            uint256(bytesIn),
+            uint256(bytesOut)
+        ];
         if (!verifier.verifyClaim(input, proof)) revert InvalidProof(orderId);
     }
 

@@ -56,6 +56,10 @@ impl std::fmt::Debug for Marketplace {
 }
 
 impl Marketplace {
+    /// The longest reason (bytes of UTF-8) [`Marketplace::decline`] may give: the contract's
+    /// `MAX_DECLINE_REASON`.
+    pub const MAX_DECLINE_REASON: usize = 200;
+
     /// Connects to the marketplace at `address` through the JSON-RPC endpoint `rpc_url`.
     /// Without a signer the client can only read and watch.
     ///
@@ -228,7 +232,9 @@ impl Marketplace {
         Ok(out)
     }
 
-    /// What a batch would cost under an order's tariff (the contract's own arithmetic).
+    /// What a batch would cost under an order's tariff: the contract's rule
+    /// `seconds * pricePerSecond + floor((bytesIn + bytesOut) * pricePerGiB / 2^30)` applied to
+    /// the prices `getOrder` returns (the contract has no `quote` view: its size limit).
     pub async fn quote(
         &self,
         order_id: u64,
@@ -236,11 +242,14 @@ impl Marketplace {
         bytes_in: u64,
         bytes_out: u64,
     ) -> Result<U256, ChainError> {
-        self.contract
-            .quote(U256::from(order_id), seconds, bytes_in, bytes_out)
-            .call()
-            .await
-            .map_err(|e| self.call_err(e))
+        let order = self.order(order_id).await?;
+        Ok(crate::types::batch_price(
+            order.price_per_second,
+            order.price_per_gib,
+            seconds,
+            bytes_in,
+            bytes_out,
+        ))
     }
 
     /// Records the client's acknowledgment of an order's usage (anyone may send it).
@@ -255,13 +264,9 @@ impl Marketplace {
     /// Bytes (in + out) the provider may still be paid for now: up to the larger of the
     /// acknowledged total and the allowance.
     pub async fn claimable_bytes(&self, order_id: u64) -> Result<u128, ChainError> {
-        let v = self
-            .contract
-            .claimableBytes(U256::from(order_id))
-            .call()
-            .await
-            .map_err(|e| self.call_err(e))?;
-        Ok(v.saturating_to::<u128>())
+        let order = self.order(order_id).await?;
+        let allowed = order.acked_bytes.max(u128::from(order.byte_allowance));
+        Ok(allowed.saturating_sub(order.claimed_bytes))
     }
 
     /// Seconds of lease time the provider may claim right now.
@@ -460,6 +465,90 @@ impl Marketplace {
         self.submit(self.contract.cancel(U256::from(id)))
             .await
             .map(tx_receipt)
+    }
+
+    /// Declines a Pending order as its provider, saying why (at most
+    /// [`Marketplace::MAX_DECLINE_REASON`] bytes): the client gets the whole escrow back, as with
+    /// [`Marketplace::cancel`], and can read the reason with [`Marketplace::decline_reason`].
+    #[instrument(skip(self, reason), fields(order = id))]
+    pub async fn decline(&self, id: u64, reason: &str) -> Result<TxReceipt, ChainError> {
+        if reason.len() > Self::MAX_DECLINE_REASON {
+            return Err(ChainError::InvalidInput(format!(
+                "a decline reason is at most {} bytes, this one has {}",
+                Self::MAX_DECLINE_REASON,
+                reason.len()
+            )));
+        }
+        self.submit(self.contract.decline(U256::from(id), reason.to_owned()))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Why the provider declined order `id`: `None` unless it was declined (a Pending order, an
+    /// accepted one, or one cancelled by `cancel` has no reason).
+    ///
+    /// The reason lives only in the `OrderDeclined` log. The order's `endedAt` says when it was
+    /// declined, so the log is looked up in the blocks of that second alone (found by a binary
+    /// search over block timestamps), never by scanning the chain.
+    pub async fn decline_reason(&self, id: u64) -> Result<Option<String>, ChainError> {
+        let order = self.order(id).await?;
+        let (Some(at), Some(by)) = (order.ended_at, order.ended_by) else {
+            return Ok(None);
+        };
+        if order.state != crate::OrderState::Cancelled || by != order.provider {
+            return Ok(None);
+        }
+        let latest = self
+            .provider
+            .get_block_number()
+            .await
+            .map_err(|e| self.rpc_err(e))?;
+        let first = self.first_block_at_or_after(at, latest).await?;
+        let last = self
+            .first_block_at_or_after(at + 1, latest)
+            .await?
+            .saturating_sub(1)
+            .max(first);
+        let filter = alloy::rpc::types::Filter::new()
+            .address(self.address)
+            .event_signature(abi::OrderDeclined::SIGNATURE_HASH)
+            .topic1(U256::from(id))
+            .from_block(first)
+            .to_block(last);
+        let logs = self
+            .provider
+            .get_logs(&filter)
+            .await
+            .map_err(|e| self.rpc_err(e))?;
+        match logs.last() {
+            None => Ok(None),
+            Some(log) => {
+                let event = abi::OrderDeclined::decode_log(&log.inner)
+                    .map_err(|e| ChainError::Decode(format!("OrderDeclined log: {e}")))?;
+                Ok(Some(event.data.reason))
+            }
+        }
+    }
+
+    /// The lowest block number in `0..=latest` whose timestamp is at least `time` (`latest + 1`
+    /// when none is): block timestamps never decrease, so a binary search finds it.
+    async fn first_block_at_or_after(&self, time: u64, latest: u64) -> Result<u64, ChainError> {
+        let (mut lo, mut hi) = (0u64, latest + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let block = self
+                .provider
+                .get_block_by_number(alloy::eips::BlockNumberOrTag::Number(mid))
+                .await
+                .map_err(|e| self.rpc_err(e))?
+                .ok_or_else(|| ChainError::Decode(format!("the node has no block {mid}")))?;
+            if block.header.timestamp >= time {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
     }
 
     /// Terminates a live order (either side).

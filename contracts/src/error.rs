@@ -206,6 +206,10 @@ pub fn describe(error: &E) -> String {
             e.diskMiB, e.maxDiskMiB
         ),
         E::ZeroAmount(_) => "the amount must not be zero".into(),
+        E::AmountTooLarge(e) => format!(
+            "{} wei is more than an order's escrow can hold (2^128 - 1 wei)",
+            e.amount
+        ),
         E::UnknownBatchCapacity(e) => format!(
             "this marketplace has no verifier for batch capacity {}",
             e.capacity

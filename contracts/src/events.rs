@@ -63,6 +63,11 @@ pub enum MarketEvent {
         by: Address,
         refund: U256,
     },
+    /// The provider declined the Pending order; an `OrderCancelled` follows.
+    OrderDeclined {
+        order_id: u64,
+        reason: String,
+    },
     OrderToppedUp {
         order_id: u64,
         amount: U256,
@@ -125,6 +130,7 @@ impl MarketEvent {
             Self::OrderCreated { order_id, .. }
             | Self::OrderAccepted { order_id, .. }
             | Self::OrderCancelled { order_id, .. }
+            | Self::OrderDeclined { order_id, .. }
             | Self::OrderToppedUp { order_id, .. }
             | Self::OrderTerminated { order_id, .. }
             | Self::Claimed { order_id, .. }
@@ -178,6 +184,10 @@ impl MarketEvent {
                 order_id: id(e.orderId)?,
                 by: e.by,
                 refund: e.refund,
+            },
+            Raw::OrderDeclined(e) => Self::OrderDeclined {
+                order_id: id(e.orderId)?,
+                reason: e.reason,
             },
             Raw::OrderToppedUp(e) => Self::OrderToppedUp {
                 order_id: id(e.orderId)?,

@@ -204,6 +204,20 @@ pub struct NewOrder {
 /// receipts and small copies made without the tunnel, small next to any escrow.
 pub const DEFAULT_BYTE_ALLOWANCE: u64 = 64 << 20;
 
+/// The contract's tariff rule for one batch: `seconds * pricePerSecond + floor((bytesIn +
+/// bytesOut) * pricePerGiB / 2^30)`. Prices are at most 2^128 - 1 (the contract refuses more), so
+/// the sum stays below 2^195 and cannot overflow.
+pub(crate) fn batch_price(
+    price_per_second: U256,
+    price_per_gib: U256,
+    seconds: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+) -> U256 {
+    let bytes = U256::from(bytes_in) + U256::from(bytes_out);
+    U256::from(seconds) * price_per_second + ((bytes * price_per_gib) >> 30)
+}
+
 impl NewOrder {
     /// An order for `provider`'s current offer and tariff (its default disk included), with the
     /// given escrow and duration; collateral defaults to a tenth of the escrow and the accept
@@ -488,6 +502,24 @@ pub(crate) fn u64_of(value: U256, what: &str) -> Result<u64, ChainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_price_floors_the_byte_charge_like_the_contract() {
+        let (pps, ppg) = (U256::from(1_000_003u64), U256::from(7_000_000_001u64));
+        let gib = 1u64 << 30;
+        assert_eq!(
+            batch_price(pps, ppg, 0, gib - 1, 0),
+            U256::from(6_999_999_994u64)
+        );
+        assert_eq!(batch_price(pps, ppg, 0, 0, 1), U256::from(6u64));
+        assert_eq!(batch_price(pps, ppg, 0, gib / 2, gib / 2), ppg);
+        assert_eq!(batch_price(pps, ppg, 2, 0, 0), U256::from(2_000_006u64));
+        // The largest batch at the largest prices is priced, not wrapped.
+        let max = U256::from(u128::MAX);
+        let all = u64::MAX;
+        let expected = U256::from(all) * max + ((U256::from(all) * U256::from(2u8) * max) >> 30);
+        assert_eq!(batch_price(max, max, all, all, all), expected);
+    }
 
     fn active_order(accepted_at: u64, max: u64) -> Order {
         Order {

@@ -225,14 +225,24 @@ contract ClaimsTest is MarketplaceBase {
         m.claim(id2, CAP, _head(1), 10, 0, 0, proof);
     }
 
-    function test_quote_floorsTheByteChargeInTheClientsFavour() public {
+    function test_claim_floorsTheByteChargeInTheClientsFavour() public {
         uint256 id = _active();
+        vm.warp(T0 + 2);
         // One byte less than a GiB at 7_000_000_001 wei/GiB: 7_000_000_001 * (2^30 - 1) / 2^30
         // = 6_999_999_994.48... floors to 6_999_999_994.
-        assertEq(m.quote(id, 0, uint64(GIB - 1), 0), 6_999_999_994, "floored");
-        assertEq(m.quote(id, 0, uint64(GIB), 0), PPG, "exact GiB");
-        assertEq(m.quote(id, 0, 1, 0), 6, "one byte: 7_000_000_001 / 2^30 = 6.5 -> 6");
-        assertEq(m.quote(id, 2, 0, 0), 2 * PPS, "seconds");
+        uint256 before = sp.balance;
+        _claim(id, _head(1), 0, uint64(GIB - 1), 0);
+        assertEq(sp.balance - before, 6_999_999_994, "floored");
+        before = sp.balance;
+        _claim(id, _head(2), 0, 0, 1);
+        assertEq(sp.balance - before, 6, "one byte: 7_000_000_001 / 2^30 = 6.5 -> 6");
+        before = sp.balance;
+        _claim(id, _head(3), 2, 0, 0);
+        assertEq(sp.balance - before, 2 * PPS, "seconds");
+        uint256 other = _active();
+        before = sp.balance;
+        _claim(other, _head(1), 0, uint64(GIB), 0);
+        assertEq(sp.balance - before, PPG, "exact GiB");
     }
 
     function testFuzz_claimAmountMatchesTheTariff(uint64 secs, uint64 bytesIn, uint64 bytesOut) public {

@@ -5,6 +5,11 @@ import {MarketplaceBase} from "./MarketplaceBase.sol";
 import {TestTickVerifier} from "./TestTickVerifier.sol";
 import {Marketplace} from "../src/Marketplace.sol";
 import {ITickVerifier} from "../src/ITickVerifier.sol";
+import {RealProofs} from "./real/RealProofs.sol";
+import {TickVerifier16} from "./real/TickVerifier16.sol";
+import {TickVerifier64} from "./real/TickVerifier64.sol";
+import {TickVerifier256} from "./real/TickVerifier256.sol";
+import {TickVerifier1024} from "./real/TickVerifier1024.sol";
 
 /// Gas of `claimWithAck` at every batch capacity a deployment may support, and of `claim` and
 /// `acknowledge` alone (the figures in contracts/README.md):
@@ -21,12 +26,17 @@ contract GasTest is MarketplaceBase {
 
     uint64 constant GIB = 1 << 30;
     /// Regression budgets of a claim with an acknowledgment, less the test verifier, in either
-    /// mode (isolated, Dec 2026: 102,673 for a later batch and 171,031 for the first, which
-    /// writes its slots from zero; intrinsic gas and calldata included).
-    uint256 constant LATER_BUDGET = 110_000;
-    uint256 constant FIRST_BUDGET = 180_000;
+    /// mode (isolated: 92,484 for the first batch and 92,526 for a later one; the first writes no
+    /// slot from zero since `accept` marks the heads; intrinsic gas and calldata included).
+    uint256 constant LATER_BUDGET = 95_000;
+    uint256 constant FIRST_BUDGET = 95_000;
 
     uint32[4] internal caps = [uint32(16), 64, 256, 1024];
+    /// Regression budget of a claim with an acknowledgment and the real Groth16 verifier, whole
+    /// transaction (isolated: intrinsic gas and calldata included); measured 325,291-325,516 at
+    /// every capacity, first and later batches alike. Issue 15's goal is 300,000: not met, the
+    /// verifier's share (~233,000 here) leaves too little for the rest (see contracts/README.md).
+    uint256 constant REAL_BUDGET = 330_000;
 
     function setUp() public override {
         vm.warp(T0);
@@ -64,6 +74,50 @@ contract GasTest is MarketplaceBase {
         emit log_named_uint(string.concat(name, ": later claimWithAck"), exec);
         emit log_named_uint(string.concat(name, ": test verifier"), verify);
         assertLe(exec - verify, LATER_BUDGET, "later claim: the marketplace's own work");
+    }
+
+    /// The same claims through the Groth16 verifiers the circuits crate generates (test/real/: a
+    /// seeded setup, so forgeable; never deploy them) with real proofs of the same batches.
+    function test_gas_claimWithAckWithTheRealVerifierAtEveryCapacity() public {
+        uint32[] memory cs = new uint32[](4);
+        ITickVerifier[] memory vs = new ITickVerifier[](4);
+        vs[0] = ITickVerifier(address(new TickVerifier16()));
+        vs[1] = ITickVerifier(address(new TickVerifier64()));
+        vs[2] = ITickVerifier(address(new TickVerifier256()));
+        vs[3] = ITickVerifier(address(new TickVerifier1024()));
+        for (uint256 i = 0; i < 4; i++) {
+            cs[i] = caps[i];
+        }
+        m = new Marketplace(cs, vs, CLAIM_WINDOW);
+        _register(sp);
+        for (uint256 i = 0; i < caps.length; i++) {
+            uint256 id = _createWith(_terms(), 100 ether);
+            // The fixture's proofs are for order i + 1.
+            assertEq(id, i + 1, "order id of the fixture");
+            _accept(id);
+            string memory name = string.concat("real verifier, capacity ", _dec(caps[i]));
+            vm.warp(block.timestamp + 60);
+            (bytes32 head, bytes memory proof) = RealProofs.batch(i, 0);
+            uint256 exec = _realClaimWithAck(id, caps[i], proof, _ack(id, head, 60, 3 * GIB, 2 * GIB));
+            emit log_named_uint(string.concat(name, ": first claimWithAck"), exec);
+            assertLe(exec, REAL_BUDGET, "first claim with the real verifier");
+            vm.warp(block.timestamp + 60);
+            (head, proof) = RealProofs.batch(i, 1);
+            exec = _realClaimWithAck(id, caps[i], proof, _ack(id, head, 120, 6 * GIB, 4 * GIB));
+            emit log_named_uint(string.concat(name, ": later claimWithAck"), exec);
+            assertLe(exec, REAL_BUDGET, "later claim with the real verifier");
+        }
+    }
+
+    function _realClaimWithAck(uint256 id, uint32 cap, bytes memory proof, Marketplace.Acknowledgment memory ack)
+        internal
+        returns (uint256 exec)
+    {
+        bytes memory sig = _sign(ACK_KEY, ack);
+        bytes memory data =
+            abi.encodeCall(Marketplace.claimWithAck, (id, cap, ack.head, 60, 3 * GIB, 2 * GIB, proof, ack, sig));
+        exec = _call(sp, data);
+        assertEq(m.getOrder(id).head, ack.head, "claimed");
     }
 
     function test_gas_claimAndAcknowledgeAlone() public {

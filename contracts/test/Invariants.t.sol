@@ -370,7 +370,7 @@ contract Handler is Test {
         if (n == 0) return (0, o);
         for (uint256 k = 0; k < n; k++) {
             uint256 candidate = live[(seed % n + k) % n];
-            Marketplace.OrderState st = m.orderState(candidate);
+            Marketplace.OrderState st = m.getOrder(candidate).state;
             if (states & (1 << uint256(st)) != 0) return (candidate, m.getOrder(candidate));
         }
         id = live[seed % n];

@@ -172,7 +172,19 @@ abstract contract MarketplaceBase is Test {
     }
 
     function _state(uint256 id) internal view returns (uint256) {
-        return uint256(m.orderState(id));
+        return uint256(m.getOrder(id).state);
+    }
+
+    /// The tariff rule of the contract's doc, computed here on its own: what a batch must be paid.
+    function _price(uint64 secs, uint64 bytesMoved) internal pure returns (uint256) {
+        return uint256(secs) * PPS + (uint256(bytesMoved) * PPG) / (1 << 30);
+    }
+
+    /// Bytes the order may still be paid for: max(acknowledged, allowance) minus paid, from getOrder.
+    function _claimableBytes(uint256 id) internal view returns (uint256) {
+        Marketplace.Order memory o = m.getOrder(id);
+        uint256 allowed = o.ackedBytes > o.terms.byteAllowance ? o.ackedBytes : o.terms.byteAllowance;
+        return allowed - o.claimedBytes;
     }
 
     function _sumOfBalances() internal view returns (uint256) {

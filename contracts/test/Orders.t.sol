@@ -18,6 +18,7 @@ contract OrdersTest is MarketplaceBase {
     );
     event OrderAccepted(uint256 indexed orderId, address indexed provider, uint256 collateral, uint64 expiresAt);
     event OrderCancelled(uint256 indexed orderId, address indexed by, uint256 refund);
+    event OrderDeclined(uint256 indexed orderId, string reason);
     event OrderToppedUp(uint256 indexed orderId, uint256 amount, uint256 escrow);
     event OrderTerminated(uint256 indexed orderId, address indexed by, uint64 endedAt);
 
@@ -60,7 +61,7 @@ contract OrdersTest is MarketplaceBase {
         assertEq(o.terms.byteAllowance, BYTE_ALLOWANCE, "allowance");
         assertEq(o.ackedBytes, 0, "nothing acknowledged yet");
         assertEq(o.ackedHead, bytes32(0), "no acknowledged head");
-        assertEq(m.claimableBytes(id), BYTE_ALLOWANCE, "the allowance is claimable");
+        assertEq(_claimableBytes(id), BYTE_ALLOWANCE, "the allowance is claimable");
 
         // No ack key and no allowance: the order pays for seconds only.
         Marketplace.Terms memory terms = _terms();
@@ -68,7 +69,7 @@ contract OrdersTest is MarketplaceBase {
         terms.byteAllowance = 0;
         uint256 bare = _createWith(terms, ESCROW);
         assertEq(m.getOrder(bare).terms.ackSigner, address(0), "no ack signer");
-        assertEq(m.claimableBytes(bare), 0, "no bytes");
+        assertEq(_claimableBytes(bare), 0, "no bytes");
     }
 
     function test_createOrder_refusesSelfOrders() public {
@@ -98,17 +99,13 @@ contract OrdersTest is MarketplaceBase {
         vm.expectRevert(abi.encodeWithSelector(Marketplace.PriceTooHigh.selector, type(uint256).max, max));
         _createWith(terms, ESCROW);
 
-        // At the bound, no batch's charge can overflow, whatever its totals.
+        // At the bound the prices are kept whole (storage holds them in 128 bits).
         terms = _terms();
         terms.pricePerSecond = max;
         terms.pricePerGiB = max;
-        uint256 id = _createWith(terms, ESCROW);
-        uint64 all = type(uint64).max;
-        assertEq(
-            m.quote(id, all, all, all),
-            uint256(all) * max + ((uint256(all) * 2) * max) / (1 << 30),
-            "the largest batch is priced, not reverted"
-        );
+        Marketplace.Order memory o = m.getOrder(_createWith(terms, ESCROW));
+        assertEq(o.terms.pricePerSecond, max, "price per second stored whole");
+        assertEq(o.terms.pricePerGiB, max, "price per GiB stored whole");
     }
 
     function test_constructor_takesTheClaimWindow() public {
@@ -240,7 +237,7 @@ contract OrdersTest is MarketplaceBase {
         Marketplace.Order memory o = m.getOrder(id);
         assertEq(_state(id), ACTIVE, "active");
         assertEq(o.acceptedAt, T0 + 30, "accepted at");
-        assertEq(m.expiresAt(id), T0 + 30 + MAX_DURATION, "expires at");
+        assertEq(o.acceptedAt + o.terms.maxDuration, T0 + 30 + MAX_DURATION, "expires at");
         assertEq(address(m).balance, ESCROW + COLLATERAL, "contract holds both");
     }
 
@@ -326,6 +323,69 @@ contract OrdersTest is MarketplaceBase {
         m.cancel(id);
         assertEq(client.balance, before, "full refund");
         assertEq(_state(id), CANCELLED, "cancelled");
+    }
+
+    function test_decline_refundsLikeAProvidersCancelAndSaysWhy() public {
+        uint256 before = client.balance;
+        uint256 id = _create();
+        vm.expectEmit(true, false, false, true);
+        emit OrderDeclined(id, "no GPU free until Friday");
+        vm.expectEmit(true, true, false, true);
+        emit OrderCancelled(id, sp, ESCROW);
+        vm.prank(sp);
+        m.decline(id, "no GPU free until Friday");
+        assertEq(client.balance, before, "full refund");
+        assertEq(address(m).balance, 0, "nothing left");
+        Marketplace.Order memory o = m.getOrder(id);
+        assertEq(_state(id), CANCELLED, "cancelled");
+        assertEq(o.escrow, 0, "escrow paid out");
+        assertEq(o.endedBy, sp, "ended by the provider");
+        assertEq(o.endedAt, T0, "ended now");
+        assertTrue(o.settled, "books closed");
+    }
+
+    function test_decline_onlyByTheProviderOfAPendingOrder() public {
+        uint256 id = _create();
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.NotProvider.selector, id, client));
+        vm.prank(client);
+        m.decline(id, "");
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.NotProvider.selector, id, stranger));
+        vm.prank(stranger);
+        m.decline(id, "");
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.OrderNotFound.selector, 99));
+        vm.prank(sp);
+        m.decline(99, "");
+
+        _accept(id);
+        vm.expectRevert(abi.encodeWithSelector(Marketplace.OrderNotPending.selector, id, Marketplace.OrderState.Active));
+        vm.prank(sp);
+        m.decline(id, "too late");
+
+        uint256 declined = _create();
+        vm.prank(sp);
+        m.decline(declined, "");
+        vm.expectRevert(
+            abi.encodeWithSelector(Marketplace.OrderNotPending.selector, declined, Marketplace.OrderState.Cancelled)
+        );
+        vm.prank(sp);
+        m.decline(declined, "twice");
+    }
+
+    function test_decline_reasonIsCappedAt200Bytes() public {
+        uint256 id = _create();
+        bytes memory longest = new bytes(200);
+        for (uint256 i = 0; i < longest.length; i++) {
+            longest[i] = "x";
+        }
+        bytes memory tooLong = bytes.concat(longest, "x");
+        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.TooLong.selector, "reason", 201, 200));
+        vm.prank(sp);
+        m.decline(id, string(tooLong));
+        assertEq(_state(id), PENDING, "still pending");
+        assertEq(m.MAX_DECLINE_REASON(), 200, "the cap");
+        vm.prank(sp);
+        m.decline(id, string(longest));
+        assertEq(_state(id), CANCELLED, "declined with the longest reason");
     }
 
     function test_cancel_refusesStrangersAndNonPendingOrders() public {

@@ -362,3 +362,59 @@ async fn watch_reports_an_outage_and_keeps_going() {
         .expect("the watcher keeps reporting");
     assert!(matches!(again, Some(Err(_))));
 }
+
+#[tokio::test]
+async fn declined_order_refunds_the_client_and_tells_why() {
+    let world = World::with_provider().await;
+    let request = world.new_order();
+    let declined = world.client.create_order(&request).await.unwrap();
+    let cancelled = world.client.create_order(&request).await.unwrap();
+    let accepted = world.client.create_order(&request).await.unwrap();
+    let before = world
+        .reader
+        .balance_of(world.client_address())
+        .await
+        .unwrap();
+
+    let reason = "no GPU free until Friday";
+    world.sp.decline(declined, reason).await.unwrap();
+    let order = world.reader.order(declined).await.unwrap();
+    assert_eq!(order.state, OrderState::Cancelled);
+    assert_eq!(order.ended_by, Some(world.sp_address()));
+    assert_eq!(order.escrow, U256::ZERO);
+    assert_eq!(
+        world
+            .reader
+            .balance_of(world.client_address())
+            .await
+            .unwrap(),
+        before + request.escrow,
+        "the whole escrow is back"
+    );
+    assert_eq!(
+        world
+            .reader
+            .decline_reason(declined)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(reason)
+    );
+
+    // A provider's plain cancel and a live order have no reason; neither has a client's refusal.
+    world.sp.cancel(cancelled).await.unwrap();
+    world.sp.accept(accepted).await.unwrap();
+    assert_eq!(world.reader.decline_reason(cancelled).await.unwrap(), None);
+    assert_eq!(world.reader.decline_reason(accepted).await.unwrap(), None);
+
+    let err = world.client.decline(accepted, "mine").await.unwrap_err();
+    assert!(matches!(err, ChainError::Reverted { .. }), "{err:?}");
+    let err = world.sp.decline(accepted, "late").await.unwrap_err();
+    assert!(
+        err.to_string().contains("not pending"),
+        "an accepted order cannot be declined: {err}"
+    );
+    let too_long = "x".repeat(shale_contracts::Marketplace::MAX_DECLINE_REASON + 1);
+    let err = world.sp.decline(accepted, &too_long).await.unwrap_err();
+    assert!(matches!(err, ChainError::InvalidInput(_)), "{err:?}");
+}
