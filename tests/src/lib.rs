@@ -5,8 +5,15 @@
 //! gateway), so tests run in parallel without seeing each other. A containerd named by
 //! `SHALE_CONTAINERD_SOCKET` (as `scripts/test.sh` starts one) is shared; otherwise each stack
 //! starts its own and stops it on drop.
+//!
+//! A stack may also run the settler with the real Groth16 verifier on chain ([`keys`]); the
+//! client's side can be the real `shale` binary with its payment tunnel ([`client`]); and
+//! [`dishonest`] is what an SP that cheats can do with its own ledger and key.
 
+pub mod client;
+pub mod dishonest;
 pub mod internet;
+pub mod keys;
 pub mod ssh;
 pub mod stack;
 

@@ -9,11 +9,12 @@ use anyhow::Context;
 use shale_contracts::devnet::Devnet;
 use shale_contracts::{Address, Dataset, Marketplace, NewOrder, Offer, U256};
 use shale_gateway::config::{AuthConfig, ChainConfig, SessionConfig};
-use shale_gateway::{Gateway, GatewayConfig};
+use shale_gateway::{Gateway, GatewayConfig, LeaseEvent};
 use shale_provisioner::daemon::LocalContainerd;
 use shale_provisioner::{image_build, ImageRef, NetworkConfig, Provisioner, ProvisionerConfig};
+use shale_settler::{Settler, SettlerConfig, SettlerTask};
 use tempfile::TempDir;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::ssh::{ClientKey, Target};
@@ -71,6 +72,11 @@ pub struct StackOptions {
     pub sessions: SessionConfig,
     /// The orders' network (`[containers.network]`); the provisioner's default when `None`.
     pub network: Option<NetworkConfig>,
+    /// Run the settler beside the gateway, as `shale gateway` does with an `[sp.settler]`
+    /// section: the marketplace then verifies claims with the real Groth16 verifier of
+    /// [`crate::keys`], and the settler proves with its proving key (`key_dir` and
+    /// `key_seed` are set by the stack). `None`: no settler, and no verifier on chain.
+    pub settler: Option<SettlerConfig>,
 }
 
 /// A running stack. Dropping it stops the gateway, the chain and (if it started one) containerd.
@@ -98,6 +104,9 @@ pub struct Stack {
     config: GatewayConfig,
     shutdown: Option<oneshot::Sender<()>>,
     gateway_task: Option<JoinHandle<()>>,
+    /// The settler's configuration, when the stack runs one.
+    settler_config: Option<SettlerConfig>,
+    settler: Option<(Settler, SettlerTask)>,
     // Dropped last: containers must outlive nothing that talks to them.
     _containerd: LocalContainerd,
 }
@@ -140,8 +149,24 @@ impl Stack {
         let dir = tempfile::Builder::new().prefix("shale-e2e-").tempdir()?;
 
         let devnet = Devnet::start().await.context("starting anvil")?;
+        let mut settler_config = None;
+        let (capacities, verifiers) = match options.settler {
+            Some(c) => {
+                let keys = crate::keys::claim_keys().await?;
+                settler_config = Some(crate::keys::with_keys(c, keys));
+                let verifier = shale_contracts::devnet::deploy_bytecode(
+                    devnet.rpc_url(),
+                    devnet.signer(0),
+                    shale_contracts::Bytes::from(keys.verifier.clone()),
+                )
+                .await
+                .context("deploying the Groth16 verifier")?;
+                (vec![crate::keys::CAPACITY], vec![verifier])
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         let marketplace = devnet
-            .deploy_marketplace(&[], &[])
+            .deploy_marketplace(&capacities, &verifiers)
             .await
             .context("deploying the marketplace")?;
         let sp = devnet.marketplace_as(marketplace, SP_ACCOUNT).await?;
@@ -206,6 +231,7 @@ impl Stack {
                 ledger_url: None,
             },
             payment: Default::default(),
+            acknowledgments: Default::default(),
             metrics: shale_gateway::config::MetricsConfig {
                 listen: Some("127.0.0.1:0".parse()?),
             },
@@ -216,7 +242,11 @@ impl Stack {
             },
         };
         let reader = Marketplace::connect(devnet.rpc_url(), marketplace, None).await?;
-        let gateway = Gateway::bind(config.clone(), reader, provisioner.clone()).await?;
+        let mut gateway = Gateway::bind(config.clone(), reader, provisioner.clone()).await?;
+        let settler = match &settler_config {
+            Some(c) => Some(start_settler(&mut gateway, c, &sp).await?),
+            None => None,
+        };
         let gateway_addr = gateway.local_addr();
         let host_key = gateway.host_public_key();
         let metrics = gateway
@@ -282,8 +312,40 @@ impl Stack {
             config,
             shutdown: Some(shutdown),
             gateway_task: Some(gateway_task),
+            settler_config,
+            settler,
             _containerd: containerd,
         })
+    }
+
+    /// The SP's provider address.
+    pub fn provider(&self) -> Address {
+        self.devnet.signer(SP_ACCOUNT).address()
+    }
+
+    /// The dev-chain key of the client account, as `0x` hex (what `SHALE_PRIVATE_KEY` takes).
+    pub fn client_private_key(&self) -> String {
+        format!("{:#x}", self.devnet.signer(CLIENT_ACCOUNT).to_bytes())
+    }
+
+    /// The settler running beside the gateway, when the stack was started with one.
+    pub fn settler(&self) -> Option<&Settler> {
+        self.settler.as_ref().map(|(s, _)| s)
+    }
+
+    /// Where the gateway's SQLite ledger lives (the SP's database of ticks, acknowledgments
+    /// and claims).
+    pub fn ledger_path(&self) -> PathBuf {
+        self.config.state_dir.join("ledger.db")
+    }
+
+    /// A connection of its own to the gateway's ledger, for checks from the SP's side.
+    pub async fn ledger(&self) -> anyhow::Result<shale_meter::Ledger> {
+        self.config
+            .meter
+            .open_ledger(&self.config.state_dir)
+            .await
+            .context("opening the gateway's ledger")
     }
 
     /// A new client key of `kind` (`ed25519`, `ecdsa`, `rsa`).
@@ -348,13 +410,20 @@ impl Stack {
     /// host key and ledger. [`Stack::provisioner`] is the new one afterwards.
     pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
         self.stop_gateway().await;
+        self.start_gateway().await
+    }
+
+    /// Starts the gateway (and its settler) again after [`Stack::stop_gateway`], as a fresh
+    /// process would; see [`Stack::restart_gateway`].
+    pub async fn start_gateway(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.gateway_task.is_none(), "the gateway is running");
         let provisioner = Provisioner::connect(self.config.containers.clone())
             .await
             .context("connecting the new provisioner")?;
         let reader = Marketplace::connect(self.devnet.rpc_url(), self.marketplace, None).await?;
         // The old listeners are closed; their ports may take a moment to be free again.
         let mut tries = 0;
-        let gateway = loop {
+        let mut gateway = loop {
             match Gateway::bind(self.config.clone(), reader.clone(), provisioner.clone()).await {
                 Ok(g) => break g,
                 Err(e) if tries < 50 => {
@@ -366,6 +435,9 @@ impl Stack {
             }
         };
         anyhow::ensure!(gateway.host_public_key() == self.host_key, "a new host key");
+        if let Some(c) = &self.settler_config {
+            self.settler = Some(start_settler(&mut gateway, c, &self.sp).await?);
+        }
         let (shutdown, task) = spawn_gateway(gateway);
         self.shutdown = Some(shutdown);
         self.gateway_task = Some(task);
@@ -383,12 +455,52 @@ impl Stack {
         Ok(())
     }
 
-    async fn stop_gateway(&mut self) {
+    /// Stops the gateway and its settler, as the SP stopping its `shale gateway` process; the
+    /// orders' containers and the ledger stay. [`Stack::start_gateway`] starts it again.
+    pub async fn stop_gateway(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(task) = self.gateway_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+        }
+        if let Some((_, task)) = self.settler.take() {
+            // After the round in progress: a claim in flight is finished and recorded.
+            let _ = tokio::time::timeout(Duration::from_secs(120), task.shutdown()).await;
+        }
+    }
+}
+
+/// Starts a settler on the gateway's own ledger pool, signing with the SP's key, with its
+/// metrics on the gateway's `/metrics`, and hands it the gateway's lease events (every metered
+/// lease, every order whose billing ended), as `shale gateway` does.
+async fn start_settler(
+    gateway: &mut Gateway,
+    settler: &SettlerConfig,
+    sp: &Marketplace,
+) -> anyhow::Result<(Settler, SettlerTask)> {
+    let market = sp.clone().with_poll_interval(Duration::from_millis(200));
+    let settler = Settler::new(settler, market, gateway.ledger().clone())
+        .await
+        .context("starting the settler")?;
+    let registry = gateway
+        .metrics_registry()
+        .context("the gateway's metrics registry is shared already")?;
+    settler.metrics().register(registry);
+    // Ends when the gateway (the events' sender) is gone.
+    tokio::spawn(feed_leases(settler.clone(), gateway.lease_events()));
+    let task = settler.spawn();
+    Ok((settler, task))
+}
+
+/// The settler tracks each metered lease with its meter, and claims at once when one ends.
+async fn feed_leases(settler: Settler, mut leases: broadcast::Receiver<LeaseEvent>) {
+    loop {
+        match leases.recv().await {
+            Ok(LeaseEvent::Started { order, lease }) => settler.track(order, Some(&lease)),
+            Ok(LeaseEvent::Ended { .. }) => settler.wake(),
+            Err(broadcast::error::RecvError::Lagged(_)) => settler.wake(),
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
