@@ -527,7 +527,7 @@ async fn claim_keys(keys_dir: &Path) -> anyhow::Result<Vec<u8>> {
 
 /// The dev stack's gateway config with its `[sp]` section.
 #[allow(clippy::too_many_arguments)]
-fn gateway_toml(
+pub(crate) fn gateway_toml(
     dir: &Path,
     port: u16,
     metrics_port: u16,

@@ -263,11 +263,24 @@ async fn apply_policy(market: &Marketplace, sp: &SpConfig, id: u64) -> anyhow::R
             tracing::info!(order = id, "accepted by the auto-accept policy");
         }
         Err(reason) => {
-            market.cancel(id).await?;
+            market.decline(id, &decline_text(&reason)).await?;
             tracing::warn!(order = id, %reason, "declined by the auto-accept policy; the client is refunded");
         }
     }
     Ok(())
+}
+
+/// The policy's reason as it goes on chain: at most the contract's cap, cut at a character.
+fn decline_text(reason: &str) -> String {
+    let max = Marketplace::MAX_DECLINE_REASON;
+    if reason.len() <= max {
+        return reason.to_string();
+    }
+    let mut end = max - '…'.len_utf8();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end])
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -277,5 +290,136 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_reason_is_cut_to_the_contracts_cap_at_a_character() {
+        assert_eq!(decline_text("it asks for 9 GPUs"), "it asks for 9 GPUs");
+        let long = "é".repeat(150);
+        let cut = decline_text(&long);
+        assert!(
+            cut.len() <= Marketplace::MAX_DECLINE_REASON,
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with('…'));
+        assert!(cut.starts_with("éé"));
+    }
+
+    /// The policy against a real chain (anvil): an order that asks for more collateral than its
+    /// escrow is declined on chain with the reason, the client reads that reason where
+    /// `shale order create` waits, and an order that fits is accepted.
+    #[tokio::test]
+    async fn the_policy_declines_on_chain_and_the_client_is_told_why() {
+        use shale_contracts::devnet::Devnet;
+        use shale_contracts::{key_fingerprint, NewOrder, Offer, U256};
+
+        let devnet = match Devnet::start().await {
+            Ok(d) => d,
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true: anvil is required: {e}"
+                );
+                eprintln!("SKIPPED: {e} (scripts/setup.sh installs anvil)");
+                return;
+            }
+        };
+        let address = devnet
+            .deploy_marketplace_with_test_verifier(&[16])
+            .await
+            .unwrap();
+        let connect =
+            |i: usize| Marketplace::connect(devnet.rpc_url(), address, Some(devnet.signer(i)));
+        let sp_market = connect(1)
+            .await
+            .unwrap()
+            .with_poll_interval(std::time::Duration::from_millis(50));
+        let client = connect(2)
+            .await
+            .unwrap()
+            .with_poll_interval(std::time::Duration::from_millis(50));
+        let offer = Offer {
+            cpus: 2,
+            memory_mib: 1024,
+            disk_mib: 1024,
+            max_disk_mib: 8192,
+            gpu_model: String::new(),
+            gpu_count: 0,
+            price_per_second: U256::from(1_000u32),
+            price_per_gib: U256::from(1_000u32),
+        };
+        sp_market
+            .register_provider("127.0.0.1:2222", "ssh-ed25519 AAAA", &offer, &[])
+            .await
+            .unwrap();
+        let provider = sp_market
+            .provider(sp_market.sender().unwrap())
+            .await
+            .unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = crate::cmd::dev::gateway_toml(
+            dir.path(),
+            2222,
+            9100,
+            devnet.rpc_url(),
+            address,
+            provider.address,
+            &dir.path().join("containerd.sock"),
+            "shale-test",
+            dir.path(),
+        );
+        text.push_str("\n[sp.accept]\nauto = true\nmax_hours = 2\nmin_escrow_hours = 1\n");
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, text).unwrap();
+        let sp = SpConfig::load(&path).unwrap();
+
+        // An hour at 1,000 wei a second is 3.6e6 wei of escrow.
+        let order = |collateral: u64| {
+            let mut o = NewOrder::for_offer(
+                &provider,
+                key_fingerprint(b"client key"),
+                U256::from(4_000_000u64),
+                3600,
+            );
+            o.collateral = U256::from(collateral);
+            o
+        };
+        let greedy = client.create_order(&order(4_000_001)).await.unwrap();
+        apply_policy(&sp_market, &sp, greedy).await.unwrap();
+        let why = client.decline_reason(greedy).await.unwrap();
+        assert_eq!(
+            why.as_deref(),
+            Some(
+                "it asks for 0.000000000004000001 FIL of collateral, more than its escrow of \
+                 0.000000000004 FIL"
+            )
+        );
+        let err = crate::cmd::order::wait_for_acceptance(
+            &client,
+            greedy,
+            std::time::Duration::from_secs(5),
+            false,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("declined order")
+                && format!("{err:#}").contains(why.as_deref().unwrap()),
+            "{err:#}"
+        );
+
+        let fitting = client.create_order(&order(400_000)).await.unwrap();
+        apply_policy(&sp_market, &sp, fitting).await.unwrap();
+        assert_eq!(
+            client.order(fitting).await.unwrap().state,
+            OrderState::Active
+        );
     }
 }

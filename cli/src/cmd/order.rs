@@ -270,7 +270,7 @@ pub async fn create_with(
 
 /// Polls the order until the provider accepts it, with a spinner; on timeout offers (on a
 /// terminal) to cancel it, and fails with the "timed out" exit code.
-async fn wait_for_acceptance(
+pub(crate) async fn wait_for_acceptance(
     market: &Marketplace,
     id: u64,
     wait: Duration,
@@ -290,7 +290,18 @@ async fn wait_for_acceptance(
         let order = market.order(id).await?;
         if order.state == OrderState::Cancelled {
             spinner.finish_and_clear();
-            bail!("the provider declined order {id}; the escrow was refunded");
+            // The reason is only in the decline's log; an outage reading it must not hide that
+            // the order was declined and refunded.
+            match market.decline_reason(id).await {
+                Ok(Some(reason)) => {
+                    bail!("the provider declined order {id}: {reason}; the escrow was refunded")
+                }
+                Ok(None) => bail!("the provider cancelled order {id}; the escrow was refunded"),
+                Err(e) => bail!(
+                    "the provider declined order {id} (its reason could not be read: {e}); the \
+                     escrow was refunded"
+                ),
+            }
         }
         if order.state != OrderState::Pending {
             spinner.finish_and_clear();
