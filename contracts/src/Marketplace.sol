@@ -36,6 +36,10 @@ import {ProviderRegistry} from "./ProviderRegistry.sol";
 ///   so no charge can overflow.
 /// - A batch that runs past the end of an ended lease is paid up to the end (its seconds are
 ///   trimmed), so an honest provider's last batch is not lost.
+/// - A batch is never refused for its bytes: ticks are proved whole, so a few unacknowledged bytes
+///   must not block the seconds after them. It pays all its (chain-time bounded) seconds and, of
+///   its bytes, only `min(batch bytes, max(acknowledged, allowance) - bytes claimed so far)`; the
+///   rest is forfeited for good (`BytesTrimmed`) and still counts as claimed.
 /// - Collateral slashing: when the *provider* terminates an order before it expires, it forfeits
 ///   the share of the collateral that matches the unserved share of the lease:
 ///   `slash = ceil(collateral * (expiresAt - endedAt) / maxDuration)`, paid to the client at
@@ -109,12 +113,13 @@ contract Marketplace is ProviderRegistry, EIP712 {
         bool settled;
         bool rated;
         // claimedSeconds, claimedBytes and ackedBytes share one slot (8 + 12 + 12 bytes): a claim
-        // with an acknowledgment reads and writes them together. Byte totals fit 96 bits with
-        // room to spare: an acknowledgment's total is below 2^65 and claimed bytes never exceed
-        // the acknowledged bytes or the allowance.
+        // with an acknowledgment reads and writes them together. An acknowledgment's total is
+        // below 2^65; claimed bytes saturate at 2^96 - 1 (far past any bound they are compared to).
         /// Seconds paid so far (cumulative, trimmed at the lease's end).
         uint64 claimedSeconds;
-        /// Bytes (in + out) paid so far (cumulative).
+        /// Bytes (in + out) claimed so far (cumulative): every proved byte, whether it was paid or,
+        /// past max(acknowledged, allowance), forfeited (`BytesTrimmed`). Paid bytes never exceed
+        /// max(acknowledged, allowance).
         uint96 claimedBytes;
         /// The largest cumulative byte total (bytesIn + bytesOut) the ack signer acknowledged.
         uint96 ackedBytes;
@@ -129,8 +134,8 @@ contract Marketplace is ProviderRegistry, EIP712 {
     /// How an order is stored (`getOrder` returns it as an `Order`). The claim path reads slots 0-6
     /// and writes 4-7, nothing else: every field a claim or acknowledgment needs sits in them,
     /// narrowed to its proven bound (prices <= MAX_PRICE = 2^128 - 1; escrow and paid are wei of a
-    /// supply far below 2^128; durations and claimed seconds <= MAX_DURATION_LIMIT < 2^32; byte totals
-    /// < 2^65). Slots 5-7 are non-zero from `createOrder` / `accept` on (maxDuration >= 1, heads
+    /// supply far below 2^128; durations and claimed seconds <= MAX_DURATION_LIMIT < 2^32; acknowledged
+    /// byte totals < 2^65; claimed bytes saturate at 2^96 - 1). Slots 5-7 are non-zero from `createOrder` / `accept` on (maxDuration >= 1, heads
     /// carry `MARK`), so a first claim updates slots instead of creating them (5,000 gas, not 20,000).
     struct Record {
         // slot 0
@@ -231,7 +236,8 @@ contract Marketplace is ProviderRegistry, EIP712 {
     event OrderToppedUp(uint256 indexed orderId, uint256 amount, uint256 escrow);
     event OrderTerminated(uint256 indexed orderId, address indexed by, uint64 endedAt);
     /// `seconds_` is what was paid: the batch's seconds, trimmed at the end of an ended lease
-    /// (then `ClaimTrimmed` says by how much).
+    /// (then `ClaimTrimmed` says by how much). `bytesIn` and `bytesOut` are the proved bytes; those
+    /// past max(acknowledged, allowance) are not in `amount` (then `BytesTrimmed` says how many).
     event Claimed(
         uint256 indexed orderId,
         bytes32 head,
@@ -243,6 +249,9 @@ contract Marketplace is ProviderRegistry, EIP712 {
     );
     /// The last batch of an ended lease proved more seconds than the lease had left.
     event ClaimTrimmed(uint256 indexed orderId, uint64 provenSeconds, uint64 paidSeconds);
+    /// The batch proved more bytes than max(acknowledged, allowance) still covers: `paidBytes` of
+    /// its `provenBytes` were paid, the rest is forfeited.
+    event BytesTrimmed(uint256 indexed orderId, uint256 provenBytes, uint256 paidBytes);
     /// An acknowledgment was recorded: claims may now be paid for up to `bytesIn + bytesOut` bytes.
     event Acknowledged(uint256 indexed orderId, bytes32 head, uint64 seconds_, uint64 bytesIn, uint64 bytesOut);
     event OrderSettled(uint256 indexed orderId, uint256 refund, uint256 collateralReturned, uint256 collateralSlashed);
@@ -281,10 +290,6 @@ contract Marketplace is ProviderRegistry, EIP712 {
     error InvalidProof(uint256 orderId);
     error ClaimExceedsLeaseTime(uint256 orderId, uint64 claimedSeconds, uint64 allowedSeconds);
     error ClaimExceedsEscrow(uint256 orderId, uint256 amount, uint256 escrowLeft);
-    /// Cumulative bytes would pass both the acknowledged bytes and the allowance.
-    error ClaimExceedsAcknowledgedBytes(
-        uint256 orderId, uint256 claimedBytes, uint256 acknowledgedBytes, uint64 byteAllowance
-    );
     error AckForAnotherOrder(uint256 orderId, uint256 ackOrderId);
     error NoAckSigner(uint256 orderId);
     /// The signature is malformed, malleable (high s) or by another key (`recovered`, 0 if none).
@@ -716,21 +721,21 @@ contract Marketplace is ProviderRegistry, EIP712 {
         _verify(orderId, o, batchCapacity, nextHead, leaseSeconds, bytesIn, bytesOut, proof);
 
         uint64 paidSeconds = _secondsToPay(orderId, o, s, leaseSeconds);
-        uint256 bytesTotal = uint256(o.claimedBytes) + uint256(bytesIn) + uint256(bytesOut);
-        uint256 bytesAllowed = _bytesAllowed(o);
-        if (bytesTotal > bytesAllowed) {
-            revert ClaimExceedsAcknowledgedBytes(orderId, bytesTotal, o.ackedBytes, o.byteAllowance);
-        }
-        uint256 amount = _charge(o, paidSeconds, bytesIn, bytesOut);
+        uint256 claimed = o.claimedBytes;
+        uint256 paidBytes = _bytesToPay(orderId, o, claimed, uint256(bytesIn) + bytesOut);
+        uint256 amount = uint256(paidSeconds) * o.pricePerSecond + (paidBytes * o.pricePerGiB) / GIB;
         uint256 escrow = o.escrow;
         if (amount > escrow) revert ClaimExceedsEscrow(orderId, amount, escrow);
 
-        // amount <= escrow < 2^128; claimed seconds stay <= the lease's seconds < 2^32 and bytes <=
-        // max(acknowledged, allowance) < 2^65 (checked above), so none of the casts truncates.
+        // amount <= escrow < 2^128 and claimed seconds stay <= the lease's seconds < 2^32, so
+        // neither cast truncates. Claimed bytes count every proved byte, paid or forfeited (so
+        // forfeited bytes can never be paid later); they saturate rather than wrap, which only
+        // ever lowers what is payable.
+        uint256 bytesTotal = claimed + bytesIn + bytesOut;
         o.escrow = uint128(escrow - amount);
         o.paid += uint128(amount);
         o.claimedSeconds += uint32(paidSeconds);
-        o.claimedBytes = uint96(bytesTotal);
+        o.claimedBytes = bytesTotal > type(uint96).max ? type(uint96).max : uint96(bytesTotal);
         o.head = MARK | uint256(nextHead);
         emit Claimed(orderId, nextHead, paidSeconds, bytesIn, bytesOut, amount, escrow - amount);
         _pay(o.provider, amount);
@@ -755,13 +760,19 @@ contract Marketplace is ProviderRegistry, EIP712 {
         return paidSeconds;
     }
 
-    function _charge(Record storage o, uint64 leaseSeconds, uint64 bytesIn, uint64 bytesOut)
+    /// The batch's bytes that may be paid: what still fits max(acknowledged, allowance) above the
+    /// bytes already claimed. The rest is forfeited for good (`BytesTrimmed`): ticks are proved
+    /// whole, so a batch is never refused for its bytes, or one unacknowledged byte would block
+    /// every later second of the lease.
+    function _bytesToPay(uint256 orderId, Record storage o, uint256 claimed, uint256 batchBytes)
         private
-        view
         returns (uint256)
     {
-        uint256 bytesMoved = uint256(bytesIn) + uint256(bytesOut);
-        return uint256(leaseSeconds) * o.pricePerSecond + (bytesMoved * o.pricePerGiB) / GIB;
+        uint256 allowed = _bytesAllowed(o);
+        uint256 room = allowed > claimed ? allowed - claimed : 0;
+        if (batchBytes <= room) return batchBytes;
+        emit BytesTrimmed(orderId, batchBytes, room);
+        return room;
     }
 
     function _verify(

@@ -252,11 +252,6 @@ pub fn describe(error: &E) -> String {
             e.price, e.max
         ),
         E::InvalidClaimWindow(e) => format!("a claim window of {} s is not allowed", e.claimWindow),
-        E::ClaimExceedsAcknowledgedBytes(e) => format!(
-            "the claim for order {} would bring paid bytes to {}, but the client acknowledged {} \
-             and the order allows {} without acknowledgment",
-            e.orderId, e.claimedBytes, e.acknowledgedBytes, e.byteAllowance
-        ),
         E::AckForAnotherOrder(e) => format!(
             "the acknowledgment is for order {}, not order {}",
             e.ackOrderId, e.orderId

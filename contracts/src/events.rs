@@ -121,6 +121,13 @@ pub enum MarketEvent {
         proven_seconds: u64,
         paid_seconds: u64,
     },
+    /// A batch proved more bytes than max(acknowledged, allowance) still covered: `paid_bytes`
+    /// of its `proven_bytes` were paid, the rest is forfeited for good.
+    BytesTrimmed {
+        order_id: u64,
+        proven_bytes: u128,
+        paid_bytes: u128,
+    },
 }
 
 impl MarketEvent {
@@ -137,7 +144,8 @@ impl MarketEvent {
             | Self::OrderSettled { order_id, .. }
             | Self::Rated { order_id, .. }
             | Self::Acknowledged { order_id, .. }
-            | Self::ClaimTrimmed { order_id, .. } => Some(*order_id),
+            | Self::ClaimTrimmed { order_id, .. }
+            | Self::BytesTrimmed { order_id, .. } => Some(*order_id),
             _ => None,
         }
     }
@@ -239,6 +247,12 @@ impl MarketEvent {
                 order_id: id(e.orderId)?,
                 proven_seconds: e.provenSeconds,
                 paid_seconds: e.paidSeconds,
+            },
+            // Both are below 2^65 (sums of two u64 byte counts); saturation never triggers.
+            Raw::BytesTrimmed(e) => Self::BytesTrimmed {
+                order_id: id(e.orderId)?,
+                proven_bytes: e.provenBytes.saturating_to(),
+                paid_bytes: e.paidBytes.saturating_to(),
             },
             // OpenZeppelin's EIP-712 declares it; the marketplace never changes its domain.
             Raw::EIP712DomainChanged(_) => {

@@ -9,6 +9,7 @@ import {ITickVerifier} from "../src/ITickVerifier.sol";
 /// exceed max(the largest acknowledged total, the order's byte allowance).
 contract AcknowledgmentsTest is MarketplaceBase {
     event Acknowledged(uint256 indexed orderId, bytes32 head, uint64 seconds_, uint64 bytesIn, uint64 bytesOut);
+    event BytesTrimmed(uint256 indexed orderId, uint256 provenBytes, uint256 paidBytes);
 
     uint64 constant GIB = 1 << 30;
     /// secp256k1 group order: s above n/2 is the malleable twin of a signature.
@@ -242,28 +243,37 @@ contract AcknowledgmentsTest is MarketplaceBase {
     // ------------------------------------------------------------ the byte rule in claim
 
     /// The audit's exploit: right after accept, one honest-looking tick of 0 seconds and N bytes,
-    /// N large enough to take the whole escrow. Refused beyond the allowance; paid once the
-    /// client acknowledged the bytes.
-    function test_exploit_aZeroSecondHugeByteBatchRightAfterAcceptIsRefusedUntilAcknowledged() public {
+    /// N large enough to take the whole escrow. Claimed directly it is paid at most the
+    /// allowance (the rest is forfeited for good); the same batch acknowledged first is paid in
+    /// full.
+    function test_exploit_aZeroSecondHugeByteBatchRightAfterAcceptIsPaidOnlyTheAllowanceUnlessAcknowledged()
+        public
+    {
         uint256 id = _active();
         uint64 huge = uint64((ESCROW * GIB) / PPG); // the bytes that cost the whole escrow
         assertLe(_price(0, huge), ESCROW, "fits the escrow");
         assertTrue(ESCROW - _price(0, huge) < PPG, "and takes nearly all of it");
-        bytes memory proof = _proof(id, _head(1), 0, 0, huge);
-        vm.expectRevert(
-            abi.encodeWithSelector(Marketplace.ClaimExceedsAcknowledgedBytes.selector, id, huge, 0, BYTE_ALLOWANCE)
-        );
-        vm.prank(sp);
-        m.claim(id, CAP, _head(1), 0, 0, huge, proof);
-        assertEq(m.getOrder(id).escrow, ESCROW, "escrow untouched");
-
-        // The client's tunnel saw those bytes on the wire and acknowledged them: now it is paid.
-        _acknowledge(id, _head(1), 0, 0, huge);
         uint256 spBefore = sp.balance;
-        vm.prank(sp);
-        m.claim(id, CAP, _head(1), 0, 0, huge, proof);
+        vm.expectEmit(true, false, false, true);
+        emit BytesTrimmed(id, huge, BYTE_ALLOWANCE);
+        _claim(id, _head(1), 0, 0, huge);
+        assertEq(sp.balance - spBefore, _price(0, BYTE_ALLOWANCE), "paid the allowance only");
+        assertEq(m.getOrder(id).escrow, ESCROW - _price(0, BYTE_ALLOWANCE), "the escrow kept the rest");
+        assertEq(m.getOrder(id).claimedBytes, huge, "every proved byte counts as claimed");
+        // An acknowledgment that arrives later pays none of the forfeited bytes.
+        _acknowledge(id, _head(1), 0, 0, huge);
+        assertEq(_claimableBytes(id), 0, "forfeited for good");
+        spBefore = sp.balance;
+        _claim(id, _head(2), 0, 0, 0);
+        assertEq(sp.balance, spBefore, "nothing more");
+
+        // The client's tunnel saw those bytes on the wire and acknowledged them first: paid in full.
+        uint256 other = _active();
+        _acknowledge(other, _head(1), 0, 0, huge);
+        spBefore = sp.balance;
+        _claim(other, _head(1), 0, 0, huge);
         assertEq(sp.balance - spBefore, _price(0, huge), "paid for the acknowledged bytes");
-        assertEq(m.getOrder(id).claimedBytes, huge, "claimed");
+        assertEq(m.getOrder(other).claimedBytes, huge, "claimed");
     }
 
     function test_claim_bytesUpToTheAllowanceNeedNoAcknowledgment() public {
@@ -274,17 +284,15 @@ contract AcknowledgmentsTest is MarketplaceBase {
         assertEq(m.getOrder(id).claimedBytes, BYTE_ALLOWANCE, "the whole allowance");
         assertEq(_claimableBytes(id), 0, "nothing more without an acknowledgment");
         vm.warp(T0 + 20);
-        bytes memory proof = _proof(id, _head(3), 10, 1, 0);
-        vm.expectRevert(
-            abi.encodeWithSelector(
-                Marketplace.ClaimExceedsAcknowledgedBytes.selector, id, BYTE_ALLOWANCE + 1, 0, BYTE_ALLOWANCE
-            )
-        );
-        vm.prank(sp);
-        m.claim(id, CAP, _head(3), 10, 1, 0, proof);
-        // Seconds alone are still paid: the rule is on bytes only.
-        _claim(id, _head(3), 10, 0, 0);
-        assertEq(m.getOrder(id).claimedSeconds, 20, "seconds paid");
+        // Past the allowance the seconds are still paid in full; the byte is forfeited.
+        uint256 spBefore = sp.balance;
+        vm.expectEmit(true, false, false, true);
+        emit BytesTrimmed(id, 1, 0);
+        _claim(id, _head(3), 10, 1, 0);
+        assertEq(sp.balance - spBefore, _price(10, 0), "seconds only");
+        Marketplace.Order memory o = m.getOrder(id);
+        assertEq(o.claimedSeconds, 20, "seconds paid");
+        assertEq(o.claimedBytes, uint256(BYTE_ALLOWANCE) + 1, "the forfeited byte counts as claimed");
     }
 
     function test_claim_theBoundIsTheLargerOfAckAndAllowance() public {
@@ -295,17 +303,18 @@ contract AcknowledgmentsTest is MarketplaceBase {
         // Above the allowance, the acknowledgment is the bound, cumulatively.
         _acknowledge(id, _head(8), 0, BYTE_ALLOWANCE + 100, 50);
         _claim(id, _head(2), 0, 100, 49);
-        bytes memory proof = _proof(id, _head(3), 0, 0, 2);
-        uint256 wanted = uint256(BYTE_ALLOWANCE) + 151;
-        vm.expectRevert(
-            abi.encodeWithSelector(
-                Marketplace.ClaimExceedsAcknowledgedBytes.selector, id, wanted, BYTE_ALLOWANCE + 150, BYTE_ALLOWANCE
-            )
-        );
-        vm.prank(sp);
-        m.claim(id, CAP, _head(3), 0, 0, 2, proof);
-        _claim(id, _head(3), 0, 0, 1);
-        assertEq(m.getOrder(id).claimedBytes, uint256(BYTE_ALLOWANCE) + 150, "exactly the acknowledged total");
+        // One byte of room left: a 2 GiB batch is paid that byte and forfeits the rest.
+        uint256 spBefore = sp.balance;
+        vm.expectEmit(true, false, false, true);
+        emit BytesTrimmed(id, 2 * uint256(GIB), 1);
+        _claim(id, _head(3), 0, 0, 2 * GIB);
+        assertEq(sp.balance - spBefore, _price(0, 1), "paid exactly the acknowledged total");
+        // A later, larger acknowledgment is measured against every claimed byte: the forfeited
+        // ones are not paid by it.
+        _acknowledge(id, _head(9), 0, BYTE_ALLOWANCE + 99 + 2 * GIB, 50);
+        assertEq(_claimableBytes(id), 0, "nothing past the claimed total");
+        _acknowledge(id, _head(10), 0, BYTE_ALLOWANCE + 106 + 2 * GIB, 50);
+        assertEq(_claimableBytes(id), 7, "only what the ack adds above the claimed total");
     }
 
     function test_claim_withoutAnAckSignerIsBoundedByTheAllowanceForever() public {
@@ -315,10 +324,24 @@ contract AcknowledgmentsTest is MarketplaceBase {
         uint256 id = _createWith(terms, ESCROW);
         _accept(id);
         _claim(id, _head(1), 0, 600, 400);
-        bytes memory proof = _proof(id, _head(2), 0, 1, 0);
-        vm.expectRevert(abi.encodeWithSelector(Marketplace.ClaimExceedsAcknowledgedBytes.selector, id, 1001, 0, 1000));
-        vm.prank(sp);
-        m.claim(id, CAP, _head(2), 0, 1, 0, proof);
+        uint256 spBefore = sp.balance;
+        vm.expectEmit(true, false, false, true);
+        emit BytesTrimmed(id, 5 * uint256(GIB), 0);
+        _claim(id, _head(2), 0, 5 * GIB, 0);
+        assertEq(sp.balance, spBefore, "no byte past the allowance is paid");
+    }
+
+    /// Claimed bytes count every proved byte, past any bound: a provider that proves absurd byte
+    /// totals is paid the allowance once and never again.
+    function test_claim_claimedBytesCountEveryProvedByte() public {
+        uint256 id = _createWith(_terms(), 100 ether);
+        _accept(id);
+        uint64 max = type(uint64).max;
+        for (uint256 i = 1; i <= 3; i++) {
+            _claim(id, _head(i), 0, max, max);
+        }
+        assertEq(m.getOrder(id).claimedBytes, 6 * uint256(max), "cumulative, no truncation");
+        assertEq(m.getOrder(id).paid, _price(0, BYTE_ALLOWANCE), "only the allowance was ever paid");
     }
 
     function test_claimWithAck_recordsThenPaysInOneCall() public {
@@ -343,7 +366,7 @@ contract AcknowledgmentsTest is MarketplaceBase {
 
     function test_claimWithAck_aBadAcknowledgmentRefusesTheWholeCall() public {
         uint256 id = _active();
-        uint64 moved = 2 * GIB;
+        uint64 moved = GIB + GIB / 4; // past the allowance, within the escrow
         Marketplace.Acknowledgment memory ack = _ack(id, _head(1), 0, moved, 0);
         bytes memory wrong = _sign(0xB0B, ack);
         bytes memory proof = _proof(id, _head(1), 0, moved, 0);
@@ -353,18 +376,15 @@ contract AcknowledgmentsTest is MarketplaceBase {
         vm.prank(sp);
         m.claimWithAck(id, CAP, _head(1), 0, moved, 0, proof, ack, wrong);
 
-        // An acknowledgment that covers less than the batch: recorded, but the claim is refused,
-        // so neither lands.
+        // An acknowledgment that covers one byte less than the batch: recorded, and the claim is
+        // paid all but that byte.
         Marketplace.Acknowledgment memory tooSmall = _ack(id, _head(1), 0, moved - 1, 0);
         bytes memory sig = _sign(ACK_KEY, tooSmall);
-        vm.expectRevert(
-            abi.encodeWithSelector(
-                Marketplace.ClaimExceedsAcknowledgedBytes.selector, id, moved, moved - 1, BYTE_ALLOWANCE
-            )
-        );
+        uint256 spBefore = sp.balance;
         vm.prank(sp);
         m.claimWithAck(id, CAP, _head(1), 0, moved, 0, proof, tooSmall, sig);
-        assertEq(m.getOrder(id).ackedBytes, 0, "the refused call recorded nothing");
+        assertEq(m.getOrder(id).ackedBytes, moved - 1, "the acknowledgment was recorded");
+        assertEq(sp.balance - spBefore, _price(0, moved - 1), "paid up to the acknowledged total");
     }
 
     function test_claimWithAck_onlyTheProviderMayClaim() public {

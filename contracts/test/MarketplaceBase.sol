@@ -180,11 +180,12 @@ abstract contract MarketplaceBase is Test {
         return uint256(secs) * PPS + (uint256(bytesMoved) * PPG) / (1 << 30);
     }
 
-    /// Bytes the order may still be paid for: max(acknowledged, allowance) minus paid, from getOrder.
+    /// Bytes the order may still be paid for: max(acknowledged, allowance) minus claimed (paid or
+    /// forfeited), from getOrder; 0 once the claims went past the bound.
     function _claimableBytes(uint256 id) internal view returns (uint256) {
         Marketplace.Order memory o = m.getOrder(id);
         uint256 allowed = o.ackedBytes > o.terms.byteAllowance ? o.ackedBytes : o.terms.byteAllowance;
-        return allowed - o.claimedBytes;
+        return allowed > o.claimedBytes ? allowed - o.claimedBytes : 0;
     }
 
     function _sumOfBalances() internal view returns (uint256) {

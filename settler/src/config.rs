@@ -15,6 +15,7 @@ use crate::SettlerError;
 /// key_dir = "/var/lib/shale/keys"   # tick-16.pk, tick-256.pk, … from the marketplace deployer
 /// capacities = [16, 256]
 /// max_wait_secs = 900
+/// ack_wait_secs = 600
 /// worker_threads = 1
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -35,6 +36,12 @@ pub struct SettlerConfig {
     /// Prove a partly full batch once the oldest unclaimed tick is this old (seconds), so an
     /// order with little traffic is still paid regularly. Default 900.
     pub max_wait_secs: u64,
+    /// How long a tick whose bytes pass what the client acknowledged (or the order's allowance)
+    /// waits for an acknowledgment (seconds, from the tick's end and, once the order ended, from
+    /// its end). Then it is claimed anyway: its seconds are paid in full, its bytes up to what is
+    /// covered, and the rest is forfeited, so a client whose tunnel died cannot hold back the
+    /// lease's later seconds. Default 600.
+    pub ack_wait_secs: u64,
     /// How often the background task looks at every tracked order (milliseconds). Default 5000.
     pub poll_interval_ms: u64,
     /// Attempts to send one claim before it is recorded as failed (at least 1). Default 5.
@@ -66,6 +73,7 @@ impl Default for SettlerConfig {
             key_seed: None,
             capacities: Vec::new(),
             max_wait_secs: 900,
+            ack_wait_secs: 600,
             poll_interval_ms: 5_000,
             max_attempts: 5,
             backoff_initial_ms: 500,

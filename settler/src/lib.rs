@@ -17,9 +17,14 @@
 //!    ended on chain or its lease meter stopped, or when the oldest unclaimed tick is older than
 //!    `max_wait_secs`.
 //! 3. **Fit** the batch: at most the largest capacity, no more seconds than the lease has run
-//!    on chain (`claimableSeconds`), totals that fit `u64`, and a charge (`quote`, the contract's
-//!    own arithmetic) no larger than the escrow left. A claim the escrow cannot pay would be
-//!    refused, and since every later batch continues from it, it would block the order.
+//!    on chain (`claimableSeconds`), totals that fit `u64`, and a charge (the contract's own
+//!    arithmetic) no larger than the escrow left. A claim the escrow cannot pay would be
+//!    refused, and since every later batch continues from it, it would block the order. The
+//!    contract pays a batch's bytes only up to `max(acknowledged, allowance)` and forfeits the
+//!    rest, so a tick whose bytes pass that waits for the client's next acknowledgment, for
+//!    `ack_wait_secs` after the tick (and after the order's end, once it ended); then it is
+//!    claimed anyway, paid its seconds in full and the bytes that fit, and the forfeited bytes
+//!    are logged and counted (`forfeited_bytes`).
 //! 4. **Prove** on the bounded pool (the `prover` module) with the smallest capacity that holds the batch,
 //!    **claim** with retries and exponential backoff on outages, and record it in the ledger:
 //!    pending → submitted → confirmed (with its transaction hash) or failed.
@@ -53,6 +58,7 @@
 //! ```
 
 mod config;
+mod fit;
 mod metrics;
 mod prover;
 
@@ -254,6 +260,26 @@ pub struct OrderReport {
     pub recovered: usize,
     /// Whether the order was settled in this round.
     pub settled: bool,
+    /// Bytes of this round's claims that no acknowledgment or allowance covered once they had
+    /// waited `ack_wait_secs`: proved and claimed, but not paid.
+    pub forfeited_bytes: u128,
+}
+
+/// What the fit step decided for an order's next batch.
+enum Fit {
+    /// Claim the first `count` unclaimed ticks for `amount`; `forfeited` of their bytes are past
+    /// what acknowledgments and the allowance cover, so the contract does not pay them.
+    Claim {
+        count: usize,
+        amount: U256,
+        forfeited: u128,
+    },
+    /// The next tick cannot be paid now, and waiting for the client will not change that
+    /// (escrow or lease time used up).
+    Blocked,
+    /// The next tick's bytes pass what is payable and it has not waited `ack_wait_secs` for an
+    /// acknowledgment yet.
+    AwaitAck,
 }
 
 impl Settler {
@@ -493,13 +519,36 @@ impl Settler {
             if !(full || ended || waited) {
                 break;
             }
-            let Some((count, amount)) = self.fit(&order, &ticks).await? else {
-                blocked = true;
-                break;
+            let (count, amount, forfeited) = match self.fit(&order, &ticks).await? {
+                Fit::Claim {
+                    count,
+                    amount,
+                    forfeited,
+                } => (count, amount, forfeited),
+                Fit::Blocked => {
+                    blocked = true;
+                    break;
+                }
+                // Not blocked for good: the order is not settled while an acknowledgment may
+                // still come, and the tick is claimed once it has waited `ack_wait_secs`.
+                Fit::AwaitAck => break,
             };
             let batch = &ticks[..count];
             let event = self.claim(&order, paid.as_ref(), batch, amount).await?;
             report.claimed += 1;
+            if forfeited > 0 {
+                tracing::warn!(
+                    order = id,
+                    forfeited_bytes = %forfeited,
+                    ack_wait_secs = inner.config.ack_wait_secs,
+                    "claimed bytes no acknowledgment covered after the wait: they are forfeited"
+                );
+                inner
+                    .metrics
+                    .forfeited_bytes
+                    .inc_by(u64::try_from(forfeited).unwrap_or(u64::MAX));
+                report.forfeited_bytes += forfeited;
+            }
             paid = batch.last().cloned();
             if let Some(lease) = lease.as_ref().and_then(Weak::upgrade) {
                 match lease.refresh_claims().await {
@@ -669,19 +718,15 @@ impl Settler {
         Err(SettlerError::ChainHeadUnknown { order: id, head })
     }
 
-    /// The longest prefix of `ticks` the contract would pay now, and its charge; `None` when
-    /// not even the first tick fits (escrow or lease time used up).
-    async fn fit(
-        &self,
-        order: &Order,
-        ticks: &[Tick],
-    ) -> Result<Option<(usize, U256)>, SettlerError> {
-        let market = &self.inner.market;
+    /// The longest prefix of `ticks` the contract would pay now, and its charge, or why there
+    /// is none.
+    async fn fit(&self, order: &Order, ticks: &[Tick]) -> Result<Fit, SettlerError> {
+        let inner = &self.inner;
+        let market = &inner.market;
         let claimable = market.claimable_seconds(order.id).await?;
         // Bytes are paid only up to the client's acknowledgments (the newest rides along with
-        // the claim) or the order's allowance; beyond that, ticks wait for an acknowledgment.
-        let acked = self
-            .inner
+        // the claim) or the order's allowance, above the bytes already claimed.
+        let acked = inner
             .ledger
             .latest_ack(order.id)
             .await?
@@ -690,73 +735,71 @@ impl Settler {
             .max(order.acked_bytes)
             .max(u128::from(order.byte_allowance))
             .saturating_sub(order.claimed_bytes);
-        let mut waits_for_ack = false;
         // Every unclaimed tick's bytes, not just this batch's.
         let after = ticks.first().and_then(|t| t.seq.checked_sub(1));
-        let (unclaimed, _) = self.inner.ledger.usage_after(order.id, after).await?;
+        let (unclaimed, _) = inner.ledger.usage_after(order.id, after).await?;
         let pending = u128::from(unclaimed.bytes_in) + u128::from(unclaimed.bytes_out);
-        self.inner
+        inner
             .metrics
             .unacknowledged_bytes
             .get_or_create(&OrderLabel { order: order.id })
             .set(i64::try_from(pending.saturating_sub(byte_room)).unwrap_or(i64::MAX));
-        // Prefix totals, cut where seconds exceed the lease time the chain allows, bytes exceed
-        // what is acknowledged or allowed, or a total would not fit the claim's u64 arguments.
-        let mut totals: Vec<(u64, u64, u64)> = Vec::with_capacity(ticks.len());
-        let (mut s, mut i, mut o) = (0u64, 0u64, 0u64);
-        for t in ticks {
-            let (Some(ns), Some(ni), Some(no)) = (
-                s.checked_add(t.seconds),
-                i.checked_add(t.bytes_in),
-                o.checked_add(t.bytes_out),
-            ) else {
-                break;
-            };
-            if ns > claimable {
-                break;
-            }
-            if u128::from(ni) + u128::from(no) > byte_room {
-                waits_for_ack = true;
-                break;
-            }
-            (s, i, o) = (ns, ni, no);
-            totals.push((s, i, o));
-        }
+        // Ticks past the room wait for an acknowledgment, for `ack_wait_secs` from their end and,
+        // once the order ended, from its end (chain time: read only when some tick needs it).
+        let ended = if pending > byte_room && order.state == OrderState::Ended {
+            let ended_at = order.ended_at.or(order.expires_at()).unwrap_or(0);
+            Some((ended_at, market.chain_time().await?))
+        } else {
+            None
+        };
+        let (now, wait_ms) = (now_ms(), inner.config.ack_wait_secs.saturating_mul(1000));
+        let cut = fit::cut(ticks, claimable, byte_room, |t| {
+            fit::waited_out(t, now, wait_ms, ended)
+        });
+        let totals = cut.totals;
+        // What the contract pays for the first `n` ticks: all their seconds, and their bytes up
+        // to the room (the rest is forfeited).
         let quote = |n: usize| {
             let (s, i, o) = totals[n - 1];
-            market.quote(order.id, s, i, o)
+            let bytes = u128::from(i) + u128::from(o);
+            let paid = fit::payable_bytes(bytes, byte_room);
+            let amount = fit::charge(order.price_per_second, order.price_per_gib, s, paid);
+            (amount, bytes - paid)
         };
         let mut n = totals.len();
         if n == 0 {
-            let reason = if waits_for_ack {
-                "awaiting_acknowledgment"
-            } else {
-                "lease_time"
-            };
-            self.blocked(order, reason, claimable);
-            return Ok(None);
+            if cut.waits_for_ack {
+                self.blocked(order, "awaiting_acknowledgment", claimable);
+                return Ok(Fit::AwaitAck);
+            }
+            self.blocked(order, "lease_time", claimable);
+            return Ok(Fit::Blocked);
         }
-        let mut amount = quote(n).await?;
+        let (mut amount, mut forfeited) = quote(n);
         if amount > order.escrow {
             // The charge grows with every tick: binary search the longest prefix that fits.
             let (mut lo, mut hi) = (0usize, n);
-            let mut best = U256::ZERO;
+            let mut best = (U256::ZERO, 0);
             while lo < hi {
                 let mid = (lo + hi).div_ceil(2);
-                let a = quote(mid).await?;
-                if a <= order.escrow {
-                    (lo, best) = (mid, a);
+                let q = quote(mid);
+                if q.0 <= order.escrow {
+                    (lo, best) = (mid, q);
                 } else {
                     hi = mid - 1;
                 }
             }
             if lo == 0 {
                 self.blocked(order, "escrow_exhausted", claimable);
-                return Ok(None);
+                return Ok(Fit::Blocked);
             }
-            (n, amount) = (lo, best);
+            (n, (amount, forfeited)) = (lo, best);
         }
-        Ok(Some((n, amount)))
+        Ok(Fit::Claim {
+            count: n,
+            amount,
+            forfeited,
+        })
     }
 
     fn blocked(&self, order: &Order, reason: &str, claimable: u64) {

@@ -39,6 +39,9 @@ pub struct SettlerMetrics {
     /// Metered bytes of each order that no acknowledgment or allowance covers yet: they are
     /// not claimable until the client's tunnel acknowledges them.
     pub unacknowledged_bytes: Family<OrderLabel, Gauge>,
+    /// Bytes claimed after waiting `ack_wait_secs` that no acknowledgment or allowance covered:
+    /// proved, but not paid (exported as `settler_forfeited_bytes_total`).
+    pub forfeited_bytes: Counter,
 }
 
 impl Default for SettlerMetrics {
@@ -53,6 +56,7 @@ impl Default for SettlerMetrics {
             claims_paid: Counter::default(),
             failures: Family::default(),
             unacknowledged_bytes: Family::default(),
+            forfeited_bytes: Counter::default(),
         }
     }
 }
@@ -91,6 +95,11 @@ impl SettlerMetrics {
             "unacknowledged_bytes",
             "Metered bytes past the client's acknowledgments and the order's allowance",
             self.unacknowledged_bytes.clone(),
+        );
+        registry.register(
+            "forfeited_bytes",
+            "Claimed bytes no acknowledgment covered after the wait, so not paid",
+            self.forfeited_bytes.clone(),
         );
     }
 

@@ -164,6 +164,18 @@ impl World {
     /// Like [`World::active_order`] with the client's acknowledgment key `ack` and no bytes
     /// payable without it.
     async fn acknowledged_order(&self, escrow: u64, run_secs: u64, ack: Address) -> u64 {
+        self.acknowledged_order_with(escrow, run_secs, ack, 0).await
+    }
+
+    /// Like [`World::acknowledged_order`] with `allowance` bytes payable without an
+    /// acknowledgment.
+    async fn acknowledged_order_with(
+        &self,
+        escrow: u64,
+        run_secs: u64,
+        ack: Address,
+        allowance: u64,
+    ) -> u64 {
         let provider = self.sp.provider(self.sp_address()).await.unwrap();
         let mut order = NewOrder::for_offer(
             &provider,
@@ -173,7 +185,7 @@ impl World {
         );
         order.collateral = U256::from(1_000_000_001u64);
         order.ack_signer = Some(ack);
-        order.byte_allowance = 0;
+        order.byte_allowance = allowance;
         let id = self.client.create_order(&order).await.unwrap();
         self.sp.accept(id).await.unwrap();
         self.devnet.advance_time(run_secs).await.unwrap();
@@ -182,6 +194,12 @@ impl World {
 
     /// Appends `n` ticks through the ledger API, as the meter would.
     async fn append_ticks(&self, order: u64, n: u64) -> Vec<Tick> {
+        self.append_ticks_from(order, n, shale_meter::ledger::now_ms())
+            .await
+    }
+
+    /// Like [`World::append_ticks`], stamped as started at `started_at_ms`.
+    async fn append_ticks_from(&self, order: u64, n: u64, started_at_ms: u64) -> Vec<Tick> {
         let tariff = tariff();
         let last = self.ledger.chain_head(order).await.unwrap();
         let mut chain = TickChain::resume(order, tariff, last);
@@ -194,7 +212,7 @@ impl World {
                 bytes_in: 3 * GIB + seq * 1_234_567,
                 bytes_out: 777_777 * (seq + 1),
             };
-            let tick = chain.prepare(shale_meter::ledger::now_ms(), usage);
+            let tick = chain.prepare(started_at_ms, usage);
             self.ledger.append_tick(&tick).await.unwrap();
             chain.commit(&tick).unwrap();
             ticks.push(tick);
@@ -1025,4 +1043,91 @@ async fn bytes_past_the_allowance_wait_for_the_clients_acknowledgment() {
     let order = world.sp.order(id).await.unwrap();
     assert!(order.paid > U256::ZERO);
     assert_eq!(order.acked_bytes, order.claimed_bytes);
+}
+
+/// Without an acknowledgment, bytes past the allowance wait `ack_wait_secs` and are then claimed
+/// anyway: every second is paid, the bytes only up to the allowance, and the rest is forfeited
+/// and counted. An ended order waits the same time from its end, because the tunnel's final
+/// acknowledgment comes right after it; meanwhile it is not settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_bytes_are_forfeited_after_the_wait_and_every_second_is_paid() {
+    use shale_contracts::PrivateKeySigner;
+
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    let key = PrivateKeySigner::random();
+    let proved = |ticks: &[Tick]| -> u128 {
+        ticks
+            .iter()
+            .map(|t| u128::from(t.bytes_in) + u128::from(t.bytes_out))
+            .sum()
+    };
+    // Each order's ticks ended two minutes ago: a live tunnel would have acknowledged them.
+    let long_ago = shale_meter::ledger::now_ms() - 120_000;
+    let settler_with = |ack_wait_secs: u64| {
+        world.settler(SettlerConfig {
+            max_wait_secs: 0,
+            ack_wait_secs,
+            settle_delay_secs: 0,
+            ..config()
+        })
+    };
+
+    // A live order.
+    let id = world
+        .acknowledged_order_with(10u64.pow(18), 600, key.address(), GIB)
+        .await;
+    let ticks = world.append_ticks_from(id, 3, long_ago).await;
+    let patient = settler_with(3_600).await;
+    patient.track(id, None);
+    let report = patient.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 0, "within the wait, the bytes wait");
+    assert_eq!(world.sp.order(id).await.unwrap().paid, U256::ZERO);
+
+    let settler = settler_with(60).await;
+    settler.track(id, None);
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 1, "{report:?}");
+    let forfeited = proved(&ticks) - u128::from(GIB);
+    assert_eq!(report.forfeited_bytes, forfeited);
+    assert_eq!(
+        u128::from(settler.metrics().forfeited_bytes.get()),
+        forfeited
+    );
+    let order = world.sp.order(id).await.unwrap();
+    assert_eq!(order.claimed_seconds, 15, "every second");
+    assert_eq!(
+        order.claimed_bytes,
+        proved(&ticks),
+        "every proved byte is claimed"
+    );
+    assert_eq!(
+        order.paid,
+        U256::from(15 * PRICE_PER_SECOND) + U256::from(PRICE_PER_GIB),
+        "the seconds in full and exactly the allowance's bytes"
+    );
+
+    // An order that has just ended: its ticks are old, but the wait runs from the end.
+    let ended = world
+        .acknowledged_order_with(10u64.pow(18), 600, key.address(), GIB)
+        .await;
+    let ticks = world.append_ticks_from(ended, 3, long_ago).await;
+    world.client.terminate(ended).await.unwrap();
+    settler.track(ended, None);
+    let report = settler.round().await.remove(&ended).unwrap().unwrap();
+    assert_eq!(report.claimed, 0, "the final acknowledgment may still come");
+    assert!(!report.settled, "not settled while its ticks wait");
+    world.devnet.advance_time(60).await.unwrap();
+    let report = settler.round().await.remove(&ended).unwrap().unwrap();
+    assert_eq!(report.claimed, 1, "{report:?}");
+    assert!(report.settled, "claimed, then settled");
+    let order = world.sp.order(ended).await.unwrap();
+    assert!(order.settled);
+    assert_eq!(order.claimed_seconds, 15);
+    assert_eq!(order.claimed_bytes, proved(&ticks));
+    assert_eq!(
+        order.paid,
+        U256::from(15 * PRICE_PER_SECOND) + U256::from(PRICE_PER_GIB)
+    );
 }
