@@ -12,6 +12,7 @@ use alloy::rpc::types::TransactionReceipt;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
 use alloy::transports::http::reqwest;
+use futures::StreamExt;
 use tracing::{debug, instrument};
 
 use crate::bindings::Marketplace as abi;
@@ -48,7 +49,7 @@ pub struct Marketplace {
 impl std::fmt::Debug for Marketplace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Marketplace")
-            .field("rpc_url", &self.rpc_url)
+            .field("rpc_url", &Self::redact_url(&self.rpc_url))
             .field("address", &self.address)
             .field("sender", &self.sender)
             .finish()
@@ -70,9 +71,10 @@ impl Marketplace {
         address: Address,
         signer: Option<PrivateKeySigner>,
     ) -> Result<Self, ChainError> {
-        let url: reqwest::Url = rpc_url
-            .parse()
-            .map_err(|e| ChainError::InvalidInput(format!("bad RPC URL {rpc_url:?}: {e}")))?;
+        let url: reqwest::Url = rpc_url.parse().map_err(|e| {
+            // Not even an unparseable URL is repeated: it may still hold a key.
+            ChainError::InvalidInput(format!("the RPC URL is not a URL ({e}); check rpc_url"))
+        })?;
         let http = reqwest::Client::builder()
             .timeout(RPC_TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
@@ -86,7 +88,7 @@ impl Marketplace {
         let code = provider
             .get_code_at(address)
             .await
-            .map_err(|e| ChainError::from_rpc(rpc_url, e))?;
+            .map_err(|e| scrub(ChainError::from_rpc(rpc_url, e)))?;
         if code.is_empty() {
             return Err(ChainError::NoContract(address));
         }
@@ -126,7 +128,7 @@ impl Marketplace {
         self.provider
             .get_chain_id()
             .await
-            .map_err(|e| ChainError::from_rpc(&self.rpc_url, e))
+            .map_err(|e| self.rpc_err(e))
     }
 
     /// The address transactions are sent from, when the client has a signer.
@@ -134,9 +136,29 @@ impl Marketplace {
         self.sender
     }
 
-    /// The JSON-RPC endpoint.
+    /// The JSON-RPC endpoint, whole: it may carry an API key, so log [`Marketplace::endpoint`]
+    /// instead.
     pub fn rpc_url(&self) -> &str {
         &self.rpc_url
+    }
+
+    /// The JSON-RPC endpoint as logs and errors may show it (see [`Marketplace::redact_url`]).
+    pub fn endpoint(&self) -> String {
+        Self::redact_url(&self.rpc_url)
+    }
+
+    /// `url` as it may be logged or shown: `scheme://host[:port]` only. Hosted RPC endpoints
+    /// carry their API keys as `user:password@`, a path segment or a query string, and logs
+    /// and error messages travel further than the config file they came from.
+    pub fn redact_url(url: &str) -> String {
+        match reqwest::Url::parse(url.trim()) {
+            Ok(u) => match (u.host_str(), u.port()) {
+                (Some(host), Some(port)) => format!("{}://{host}:{port}", u.scheme()),
+                (Some(host), None) => format!("{}://{host}", u.scheme()),
+                (None, _) => format!("{}://(no host)", u.scheme()),
+            },
+            Err(_) => "(an RPC URL that does not parse, not shown)".into(),
+        }
     }
 
     /// The underlying alloy provider, for calls this client does not wrap.
@@ -602,6 +624,8 @@ impl Marketplace {
             self.poll_interval,
         )
         .into_stream()
+        .map(|item| item.map_err(scrub))
+        .boxed()
     }
 
     // ------------------------------------------------------------------ plumbing
@@ -631,7 +655,9 @@ impl Marketplace {
             .await
             .map_err(|e| match e {
                 PendingTransactionError::TransportError(e) => self.rpc_err(e),
-                other => ChainError::Rpc(format!("waiting for transaction {tx}: {other}")),
+                other => scrub(ChainError::Rpc(format!(
+                    "waiting for transaction {tx}: {other}"
+                ))),
             })?;
         if receipt.status() {
             debug!(%tx, gas = receipt.gas_used, "transaction mined");
@@ -673,12 +699,55 @@ impl Marketplace {
     }
 
     fn rpc_err(&self, e: alloy::transports::TransportError) -> ChainError {
-        ChainError::from_rpc(&self.rpc_url, e)
+        scrub(ChainError::from_rpc(&self.rpc_url, e))
     }
 
     fn call_err(&self, e: alloy::contract::Error) -> ChainError {
-        ChainError::from_contract(&self.rpc_url, self.address, e)
+        scrub(ChainError::from_contract(&self.rpc_url, self.address, e))
     }
+}
+
+/// `err` with every URL in it redacted ([`Marketplace::redact_url`]): the transport's messages
+/// repeat the request's URL (reqwest's "... for url (...)"), key and all.
+fn scrub(err: ChainError) -> ChainError {
+    match err {
+        ChainError::Unreachable { url, reason } => ChainError::Unreachable {
+            url: Marketplace::redact_url(&url),
+            reason: redact_urls_in(&reason),
+        },
+        ChainError::Rpc(text) => ChainError::Rpc(redact_urls_in(&text)),
+        ChainError::Decode(text) => ChainError::Decode(redact_urls_in(&text)),
+        ChainError::InvalidInput(text) => ChainError::InvalidInput(redact_urls_in(&text)),
+        other => other,
+    }
+}
+
+/// `text` with each `scheme://…` in it (up to white space, a quote, `)` or `>`)
+/// replaced by its redacted form.
+fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        // The scheme: the letters just before "://".
+        let scheme_start = rest[..at]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>'))
+            .map_or(rest.len(), |i| at + i);
+        // Punctuation after a URL ends the sentence, not the URL.
+        let end = at + rest[at..end].trim_end_matches(['.', ',', ';', ':']).len();
+        out.push_str(&rest[..scheme_start]);
+        if scheme_start == at {
+            // No scheme: not a URL, keep the text.
+            out.push_str(&rest[at..end]);
+        } else {
+            out.push_str(&Marketplace::redact_url(&rest[scheme_start..end]));
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A provider builder that signs with `signer`, estimates gas and fees, and reads each nonce from
@@ -708,5 +777,71 @@ fn tx_receipt(receipt: TransactionReceipt) -> TxReceipt {
         block_number: receipt.block_number.unwrap_or_default(),
         gas_used: receipt.gas_used,
         fee: U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logged_rpc_url_keeps_only_scheme_host_and_port() {
+        let cases = [
+            ("http://127.0.0.1:8545", "http://127.0.0.1:8545"),
+            (
+                "https://user:s3cret@rpc.example.io/v1",
+                "https://rpc.example.io",
+            ),
+            (
+                "https://api.node.glif.io/rpc/v1?token=s3cret",
+                "https://api.node.glif.io",
+            ),
+            (
+                "https://filecoin.infura.io/v3/s3cretkey",
+                "https://filecoin.infura.io",
+            ),
+            (
+                "wss://rpc.example.io:8443/ws/s3cret",
+                "wss://rpc.example.io:8443",
+            ),
+            ("http://[::1]:8545/s3cret", "http://[::1]:8545"),
+            // The default port is implied by the scheme.
+            (
+                "https://rpc.example.io:443/k/s3cret",
+                "https://rpc.example.io",
+            ),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(Marketplace::redact_url(url), shown, "{url}");
+        }
+        let garbled = Marketplace::redact_url("not a url s3cret");
+        assert!(!garbled.contains("s3cret"), "{garbled}");
+    }
+
+    #[test]
+    fn urls_inside_error_messages_are_redacted() {
+        let text =
+            "error sending request for url (https://u:s3cret@rpc.example.io/v3/s3cret?k=s3cret) \
+                    after http://10.0.0.1:8545/s3cret, then \"wss://h/s3cret\"; see file:///tmp/x";
+        let clean = redact_urls_in(text);
+        assert!(!clean.contains("s3cret"), "{clean}");
+        assert!(
+            clean.starts_with("error sending request for url (https://rpc.example.io) after http://10.0.0.1:8545, then \"wss://h\""),
+            "{clean}"
+        );
+        assert_eq!(redact_urls_in("no url here"), "no url here");
+        assert_eq!(redact_urls_in("odd ://x"), "odd ://x");
+    }
+
+    #[test]
+    fn chain_errors_lose_their_keys() {
+        let err = scrub(ChainError::Unreachable {
+            url: "https://rpc.example.io/v1/s3cret".into(),
+            reason: "error sending request for url (https://rpc.example.io/v1/s3cret)".into(),
+        });
+        let text = err.to_string();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("https://rpc.example.io"), "{text}");
+        assert!(err.is_outage());
     }
 }
