@@ -46,6 +46,7 @@ use crate::config::AcknowledgmentConfig;
 use crate::leases::LeaseBoard;
 use crate::login::OrderId;
 use crate::metrics::OrderLabel;
+use crate::tasks::Tasks;
 
 /// How often an order's unacknowledged bytes are compared with its allowance. An acknowledgment
 /// is acted on at once; between checks a transfer may run past the allowance by this long.
@@ -458,6 +459,8 @@ pub struct Reporting {
 pub struct AckWatches {
     policy: AckPolicy,
     orders: Mutex<HashMap<OrderId, Weak<OrderWatch>>>,
+    /// Where each order's checking task runs, so that shutdown ends it.
+    tasks: Tasks,
 }
 
 impl AckWatches {
@@ -466,7 +469,13 @@ impl AckWatches {
         Self {
             policy,
             orders: Mutex::default(),
+            tasks: Tasks::default(),
         }
+    }
+
+    /// Runs the orders' checking tasks under `tasks` (the gateway's), not on their own.
+    pub(crate) fn set_tasks(&mut self, tasks: Tasks) {
+        self.tasks = tasks;
     }
 
     /// The policy.
@@ -499,7 +508,7 @@ impl AckWatches {
             wake: Arc::default(),
         });
         orders.insert(id, Arc::downgrade(&watch));
-        tokio::spawn(
+        self.tasks.spawn_until_stopped(
             watch_order(Arc::downgrade(&watch), watch.wake.clone(), self.policy, out)
                 .instrument(tracing::info_span!("acknowledgments", order = id.0)),
         );

@@ -13,6 +13,7 @@ use shale_meter::{LeaseMeter, LeaseSpec, Ledger, Meter, MeterError, Tariff};
 use crate::ack_policy::{AckPolicy, AckWatches};
 use crate::config::AcknowledgmentConfig;
 use crate::login::OrderId;
+use crate::tasks::Tasks;
 
 /// What the escrow still pays for, as of the last chain read and the meter's running totals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +75,16 @@ impl Billing {
     }
 
     /// Applies `config`'s policy to unacknowledged bytes instead of the default (tell only).
+    /// Call before [`Billing::with_tasks`].
     pub fn with_ack_policy(mut self, config: &AcknowledgmentConfig) -> Self {
         self.acknowledgments = AckWatches::new(AckPolicy::new(config));
+        self
+    }
+
+    /// Runs the per-order acknowledgment checks under the gateway's `tasks`, so that its
+    /// shutdown ends and waits for them too.
+    pub fn with_tasks(mut self, tasks: Tasks) -> Self {
+        self.acknowledgments.set_tasks(tasks);
         self
     }
 

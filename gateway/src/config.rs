@@ -41,6 +41,19 @@ pub struct GatewayConfig {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// What the gateway's logs record of what clients do.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// What the gateway's logs record of what clients do.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Log every exec request's whole command line. Off by default: clients pass tokens and
+    /// passwords in arguments, and the SP's logs are no place for them, so only the program
+    /// (`argv[0]`, or a shell command line's first word) is logged.
+    pub audit_commands: bool,
 }
 
 /// The escrow policy.
@@ -107,7 +120,7 @@ fn default_listen() -> SocketAddr {
 }
 
 /// Where the marketplace is and who this SP is on it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainConfig {
     /// An Ethereum JSON-RPC endpoint (anvil locally, a Filecoin FEVM node in production).
@@ -119,6 +132,22 @@ pub struct ChainConfig {
     /// How often to poll for marketplace events (termination, top-ups, claims).
     #[serde(default = "default_poll", with = "secs")]
     pub poll_interval: Duration,
+}
+
+impl std::fmt::Debug for ChainConfig {
+    /// The RPC URL shown as `scheme://host[:port]`: a hosted endpoint's API key rides in it, and
+    /// a config printed in a log or an error must not give it away.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainConfig")
+            .field(
+                "rpc_url",
+                &shale_contracts::Marketplace::redact_url(&self.rpc_url),
+            )
+            .field("marketplace", &self.marketplace)
+            .field("provider", &self.provider)
+            .field("poll_interval", &self.poll_interval)
+            .finish()
+    }
 }
 
 fn default_poll() -> Duration {
@@ -365,6 +394,7 @@ mod tests {
             AuthConfig::default().stale_order_max
         );
         assert_eq!(full.containers.namespace, "shale");
+        assert!(!config.log.audit_commands && !full.log.audit_commands);
         // The network section's commented values are the defaults, and its examples are real.
         let defaults = shale_provisioner::NetworkConfig::default();
         assert_eq!(config.containers.network, defaults);
@@ -376,6 +406,18 @@ mod tests {
         assert_eq!(network.allow[0].ports, vec![80, 443]);
         assert_eq!(network.deny.len(), 2);
         assert_eq!(network.egress_bytes_per_sec, Some(12_500_000));
+    }
+
+    #[test]
+    fn a_printed_config_does_not_show_the_rpc_key() {
+        let text = include_str!("../gateway.example.toml").replace(
+            "rpc_url = \"http://127.0.0.1:8545\"",
+            "rpc_url = \"https://user:s3cret@rpc.example.io/v1/s3cret?token=s3cret\"",
+        );
+        let config: GatewayConfig = toml::from_str(&text).unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("https://rpc.example.io"), "{printed}");
     }
 
     #[test]

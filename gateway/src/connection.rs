@@ -30,13 +30,13 @@ use tracing::Span;
 
 use crate::ack_policy::{OrderWatch, Reporting};
 use crate::admission::{admit_key, admit_order, wrong_key, Refusal};
-use crate::gateway::Shared;
 use crate::lease_start::LeaseStart;
 use crate::leases::{SessionId, SessionSeat};
 use crate::login::{parse_login, OrderId};
 use crate::metrics::Metrics;
 use crate::policy::{check_forward, EnvBudget, Subsystem};
 use crate::preauth::StartupTicket;
+use crate::shared::Shared;
 use crate::{forward, session_channel};
 
 /// Keys a client may offer before the gateway stops listening and tells it why.
@@ -45,6 +45,26 @@ const MAX_WRONG_KEYS: u32 = 8;
 /// How long a login let in only to be told why it may run nothing is kept open: long enough
 /// for its client to open a channel and read the reason, not so long that it holds a connection.
 const REFUSED_LINGER: Duration = Duration::from_secs(30);
+
+/// A session's end record's outcome when the client closed it (or its connection broke), rather
+/// than the gateway cutting it for a reason.
+pub const SESSION_CLOSED: &str = "closed";
+
+/// How long a channel's task may go on once its session is closed: enough for a process that
+/// exits on the hang-up to report, not so long that shutdown waits on one that ignores it.
+const CHANNEL_LINGER: Duration = Duration::from_secs(2);
+
+/// Runs a channel's task until it ends, or [`CHANNEL_LINGER`] after its session is `closed`
+/// (cut, left, or the gateway stopping), so no channel task outlives its connection for long.
+async fn until_closed(task: impl std::future::Future<Output = ()>, closed: CancellationToken) {
+    tokio::select! {
+        () = task => {}
+        () = async {
+            closed.cancelled().await;
+            tokio::time::sleep(CHANNEL_LINGER).await;
+        } => tracing::debug!("the channel outlived its session; dropped"),
+    }
+}
 
 /// What the connection holds until it has logged in.
 pub struct PreAuth {
@@ -394,7 +414,7 @@ impl russh::server::Handler for Connection {
         if let Some(why) = &self.receipts_only {
             let handle = session.handle();
             let line = why.to_string();
-            tokio::spawn(async move {
+            self.shared.tasks.spawn_until_stopped(async move {
                 tokio::time::sleep(REFUSED_LINGER).await;
                 let _ = handle
                     .disconnect(Disconnect::ByApplication, line, "en".into())
@@ -410,11 +430,13 @@ impl russh::server::Handler for Connection {
                 self.shared.billing.ledger().clone(),
                 id,
                 self.session.to_string(),
+                &self.shared.tasks,
             );
             let lease = LeaseStart::begin(
                 self.shared.provisioner.clone(),
                 order,
                 self.shared.metrics.provisioning_seconds.clone(),
+                &self.shared.tasks,
             );
             // What the client really gets, measured once the container runs in this lease.
             if self.shared.quality.due(id, crate::quality::PROBE_EVERY) {
@@ -425,7 +447,7 @@ impl russh::server::Handler for Connection {
                     lease.clone(),
                     self.session.to_string(),
                 );
-                tokio::spawn(async move {
+                self.shared.tasks.spawn_until_stopped(async move {
                     if lease.ready().await.is_ok() {
                         quality.probe(provisioner, ledger, id, session).await;
                     }
@@ -468,7 +490,8 @@ impl russh::server::Handler for Connection {
             };
             let ledger = self.shared.billing.ledger().clone();
             let id = OrderId(order.id);
-            tokio::spawn(tracing::Instrument::instrument(
+            // Ends with its channel, which ends with the connection.
+            self.shared.tasks.spawn(tracing::Instrument::instrument(
                 async move {
                     let _slot = slot;
                     session_channel::serve_receipts_only(channel, id, ledger, line).await
@@ -497,6 +520,7 @@ impl russh::server::Handler for Connection {
             self.shared.billing.ledger().clone(),
             OrderId(order.id),
             self.session.to_string(),
+            &self.shared.tasks,
         );
         let ctx = session_channel::ChannelContext {
             order: OrderId(order.id),
@@ -512,12 +536,15 @@ impl russh::server::Handler for Connection {
             ack_watch: self.ack_watch.clone(),
             gate: self.gate(),
             exec_seconds: self.shared.metrics.exec_seconds.clone(),
+            audit_commands: self.shared.audit_commands,
+            tasks: self.shared.tasks.clone(),
         };
         let span = self.span.clone();
-        tokio::spawn(tracing::Instrument::instrument(
+        let closed = seat.closed();
+        self.shared.tasks.spawn(tracing::Instrument::instrument(
             async move {
                 let _slot = slot;
-                session_channel::serve(channel, ctx).await
+                until_closed(session_channel::serve(channel, ctx), closed).await
             },
             span,
         ));
@@ -581,24 +608,34 @@ impl russh::server::Handler for Connection {
             return Ok(());
         };
         Metrics::count(&self.shared.metrics.channels_opened, "direct-tcpip");
+        tracing::info!(
+            parent: &self.span,
+            destination = %format_args!("{host_to_connect}:{port}"),
+            "accepted a forward"
+        );
         let span = self.span.clone();
-        tokio::spawn(tracing::Instrument::instrument(
-            forward::serve(
-                channel,
-                reply,
-                forward::Target {
-                    host: host_to_connect.to_string(),
-                    port,
-                },
-                forward::ForwardContext {
-                    order: OrderId(order.id),
-                    lease: lease.clone(),
-                    provisioner: self.shared.provisioner.clone(),
-                    counter: counter.open_channel(),
-                    slot,
-                    gate: self.gate(),
-                },
-            ),
+        let closed = match &self.seat {
+            Some(seat) => seat.closed(),
+            None => CancellationToken::new(),
+        };
+        let serve = forward::serve(
+            channel,
+            reply,
+            forward::Target {
+                host: host_to_connect.to_string(),
+                port,
+            },
+            forward::ForwardContext {
+                order: OrderId(order.id),
+                lease: lease.clone(),
+                provisioner: self.shared.provisioner.clone(),
+                counter: counter.open_channel(),
+                slot,
+                gate: self.gate(),
+            },
+        );
+        self.shared.tasks.spawn(tracing::Instrument::instrument(
+            until_closed(serve, closed),
             span,
         ));
         Ok(())
@@ -781,16 +818,32 @@ impl Drop for Connection {
             let ledger = self.shared.billing.ledger().clone();
             let session = self.session.to_string();
             let span = self.span.clone();
-            // The connection is gone; the record is written after it, off the session loop.
-            tokio::spawn(async move {
+            // Cut by the gateway (the order ended, its escrow ran out, shutdown), or left.
+            let outcome = self
+                .seat
+                .as_ref()
+                .and_then(|seat| seat.cut_for())
+                .unwrap_or(SESSION_CLOSED);
+            // The connection is gone; the record is written after it, off the session loop, and
+            // shutdown waits for it.
+            self.shared.tasks.spawn(async move {
                 let bytes = counter.bytes();
+                let channels = counter.channels_opened();
+                tracing::info!(
+                    parent: &span,
+                    reason = outcome,
+                    bytes_in = bytes.bytes_in,
+                    bytes_out = bytes.bytes_out,
+                    channels,
+                    "session ended"
+                );
                 if let Err(e) = ledger
                     .record_session_end(
                         &session,
                         shale_meter::ledger::now_ms(),
                         bytes,
-                        counter.channels_opened(),
-                        "closed",
+                        channels,
+                        outcome,
                     )
                     .await
                 {

@@ -1,18 +1,17 @@
-//! The gateway as a whole: its shared state, the accept loop, and graceful shutdown.
+//! The gateway as a whole: binding, the accept loop, and graceful shutdown. The state its parts
+//! share is [`crate::shared`]; every task it spawns is tracked by [`crate::tasks`].
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use alloy_primitives::Address;
 use russh::keys::PrivateKey;
 use russh::server::Config;
 use shale_contracts::{MarketEvent, Marketplace};
 use shale_provisioner::Provisioner;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, Semaphore};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{admit_order, Refusal};
@@ -24,192 +23,14 @@ use crate::hostkey;
 use crate::lease_events::{LeaseEvent, LeaseEvents};
 use crate::leases::LeaseBoard;
 use crate::login::OrderId;
-use crate::metrics::{
-    KindLabel, Metrics, OrderDirectionLabel, OrderGpuLabel, OrderLabel, ReasonLabel,
-};
+use crate::metrics::Metrics;
 use crate::orders::{DirectoryTimes, OrderDirectory};
 use crate::policy::EnvPolicy;
 use crate::preauth::{self, GraceStream, Overload, Startups};
 use crate::ratelimit::FailureLimiter;
+use crate::shared::Shared;
+use crate::tasks::Tasks;
 use crate::{metrics_http, watcher};
-use shale_meter::probe::Reading;
-
-/// What every connection of the gateway shares.
-pub struct Shared {
-    /// This SP's provider address.
-    pub provider: Address,
-    /// Cached order lookups.
-    pub orders: OrderDirectory,
-    /// Containers of orders.
-    pub provisioner: Provisioner,
-    /// Live sessions by order.
-    pub board: LeaseBoard,
-    /// Failed logins by address.
-    pub limiter: FailureLimiter,
-    /// Which environment variables clients may set.
-    pub env_policy: Arc<EnvPolicy>,
-    /// Session channels one connection may have open at once.
-    pub max_channels: usize,
-    /// Forwards open per order, against their cap.
-    pub forwards: ForwardSlots,
-    /// Whether channel bytes are counted (see `SessionConfig::count_bytes`).
-    pub count_bytes: bool,
-    /// Exported metrics.
-    pub metrics: Metrics,
-    /// Meters, ledger and the escrow policy.
-    pub billing: Billing,
-    /// The latest session-quality readings per order.
-    pub quality: Arc<crate::quality::QualityBoard>,
-    /// Bytes through each order's network interface.
-    pub traffic: crate::traffic::TrafficBoard,
-    /// Where the gateway publishes each lease it meters and each order whose billing ended
-    /// (for the settler that `shale gateway` runs beside it).
-    pub lease_events: LeaseEvents,
-    /// What checks the clients' acknowledgments of usage (`shale-ack`).
-    pub acks: crate::ack_channel::AckDesk,
-}
-
-impl Shared {
-    pub(crate) fn metrics_auth_failure(&self, reason: &str) {
-        self.metrics
-            .auth_failures
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .inc();
-    }
-
-    pub(crate) fn metrics_session_started(&self) {
-        self.metrics.sessions_active.inc();
-        self.metrics.sessions_total.inc();
-    }
-
-    pub(crate) fn metrics_session_ended(&self, bytes: shale_meter::ByteCount) {
-        self.metrics.sessions_active.dec();
-        Metrics::count(&self.metrics.sessions_ended, "closed");
-        self.metrics
-            .bytes
-            .get_or_create(&KindLabel { kind: "in".into() })
-            .inc_by(bytes.bytes_in);
-        self.metrics
-            .bytes
-            .get_or_create(&KindLabel { kind: "out".into() })
-            .inc_by(bytes.bytes_out);
-    }
-
-    /// Starts (or finds) `order`'s lease meter and publishes it as a [`LeaseEvent::Started`], so
-    /// that whoever claims the lease's ticks can refresh its unpaid totals.
-    pub async fn start_billing(
-        &self,
-        order: &shale_contracts::Order,
-    ) -> Result<Arc<shale_meter::LeaseMeter>, shale_meter::MeterError> {
-        let lease = self.billing.lease(order, crate::unix_now()).await?;
-        self.lease_events.publish(LeaseEvent::Started {
-            order: order.id,
-            lease: lease.clone(),
-        });
-        Ok(lease)
-    }
-
-    /// Rebuilds the per-order series from the live leases (called at each scrape).
-    pub async fn refresh_metrics(&self) {
-        let m = &self.metrics;
-        m.order_funds_wei.clear();
-        m.order_runway_seconds.clear();
-        m.order_bytes.clear();
-        m.order_ticks.clear();
-        m.order_tick_write_seconds.clear();
-        m.order_tick_lag_seconds.clear();
-        m.order_probe_millicpus.clear();
-        m.order_probe_memory_bytes.clear();
-        m.order_probe_gpu_memory_bytes.clear();
-        for (id, readings) in self.quality.snapshot() {
-            let label = OrderLabel {
-                order: id.to_string(),
-            };
-            for reading in readings {
-                match reading {
-                    Reading::CpuCount {
-                        online,
-                        quota_millicpus,
-                    } => {
-                        let millis = quota_millicpus.unwrap_or(u64::from(online) * 1000);
-                        m.order_probe_millicpus
-                            .get_or_create(&label)
-                            .set(i64::try_from(millis).unwrap_or(i64::MAX));
-                    }
-                    Reading::MemoryLimit {
-                        limit_bytes,
-                        total_bytes,
-                    } => {
-                        let bytes = limit_bytes.unwrap_or(total_bytes);
-                        m.order_probe_memory_bytes
-                            .get_or_create(&label)
-                            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-                    }
-                    Reading::Gpu {
-                        index,
-                        model,
-                        memory_mib,
-                    } => {
-                        m.order_probe_gpu_memory_bytes
-                            .get_or_create(&OrderGpuLabel {
-                                order: id.to_string(),
-                                gpu: index.to_string(),
-                                model,
-                            })
-                            .set(i64::try_from(memory_mib << 20).unwrap_or(i64::MAX));
-                    }
-                    // Interface bytes are exported as counters by the traffic board.
-                    Reading::RoundTrip { .. } | Reading::Network { .. } => {}
-                }
-            }
-        }
-        for id in self.billing.metered_orders() {
-            let Some(lease) = self.billing.running(id) else {
-                continue;
-            };
-            let totals = lease.totals();
-            let label = OrderLabel {
-                order: id.to_string(),
-            };
-            if let Ok(order) = self.orders.get(id).await {
-                if let Some(runway) = self.billing.runway(&order) {
-                    m.order_funds_wei
-                        .get_or_create(&label)
-                        .set(f64::from(runway.funds));
-                    if let Some(secs) = runway.seconds {
-                        m.order_runway_seconds
-                            .get_or_create(&label)
-                            .set(i64::try_from(secs).unwrap_or(i64::MAX));
-                    }
-                }
-            }
-            let bytes = lease.counter().bytes();
-            for (direction, value) in [("in", bytes.bytes_in), ("out", bytes.bytes_out)] {
-                m.order_bytes
-                    .get_or_create(&OrderDirectionLabel {
-                        order: id.to_string(),
-                        direction: direction.into(),
-                    })
-                    .set(i64::try_from(value).unwrap_or(i64::MAX));
-            }
-            m.order_ticks
-                .get_or_create(&label)
-                .set(i64::try_from(totals.ticks_written).unwrap_or(i64::MAX));
-            if let Some(us) = totals.last_write_micros {
-                m.order_tick_write_seconds
-                    .get_or_create(&label)
-                    .set(us as f64 / 1e6);
-            }
-            if let Some(us) = totals.last_lag_micros {
-                m.order_tick_lag_seconds
-                    .get_or_create(&label)
-                    .set(us as f64 / 1e6);
-            }
-        }
-    }
-}
 
 /// Why the gateway could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +149,7 @@ impl Gateway {
             ..Default::default()
         });
         let metrics = Metrics::default();
+        let tasks = Tasks::new();
         let traffic = crate::traffic::TrafficBoard::new(&metrics);
         let shared = Arc::new(Shared {
             provider: config.chain.provider,
@@ -350,11 +172,14 @@ impl Gateway {
             count_bytes: config.sessions.count_bytes,
             metrics,
             billing: Billing::new(meter, ledger, config.payment.warn_at.clone())
-                .with_ack_policy(&config.acknowledgments),
+                .with_ack_policy(&config.acknowledgments)
+                .with_tasks(tasks.clone()),
             quality: Arc::default(),
             traffic,
             lease_events: LeaseEvents::default(),
             acks,
+            audit_commands: config.log.audit_commands,
+            tasks,
         });
         Ok(Self {
             shared,
@@ -417,7 +242,17 @@ impl Gateway {
         self.shared.clone()
     }
 
-    /// Serves connections until `shutdown` resolves, then tells users, drains and returns.
+    /// The gateway's cancellation token and task tracker. Cancelling
+    /// [`Tasks::stopping`] shuts the gateway down as `run`'s `shutdown` future does; once
+    /// [`Gateway::run`] has returned, [`Tasks::finished`] says whether every task it spawned
+    /// ended.
+    pub fn tasks(&self) -> Tasks {
+        self.shared.tasks.clone()
+    }
+
+    /// Serves connections until `shutdown` resolves (or [`Gateway::tasks`]' token is
+    /// cancelled), then shuts down: stops accepting, tells users, drains, stores the final ticks
+    /// and waits, within the drain time, for every task the gateway spawned.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
         let Gateway {
             shared,
@@ -428,17 +263,18 @@ impl Gateway {
             market_events,
             ..
         } = self;
+        let tasks = shared.tasks.clone();
         tracing::info!(addr = %listener.local_addr().map_err(GatewayError::Accept)?, "gateway listening");
         adopt_leases(&shared).await;
-        let watcher = tokio::spawn(watcher::run(
+        tasks.spawn_until_stopped(watcher::run(
             shared.clone(),
             config.chain.poll_interval,
             market_events,
         ));
-        let metrics_server = metrics_listener.map(|listener| {
+        if let Some(listener) = metrics_listener {
             tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
-            tokio::spawn(metrics_http::serve(listener, shared.clone()))
-        });
+            tasks.spawn_until_stopped(metrics_http::serve(listener, shared.clone()));
+        }
         let max_connections = config.sessions.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
         let startups = Startups::new(
@@ -446,121 +282,183 @@ impl Gateway {
             config.sessions.max_startups_per_source,
         );
         let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
-        let grace_time = config.sessions.login_grace_time;
-        let mut connections = JoinSet::new();
+        let timers = ConnectionTimers {
+            grace_time: config.sessions.login_grace_time,
+            drain: config.sessions.drain,
+        };
         tokio::pin!(shutdown);
         loop {
-            tokio::select! {
+            let accepted = tokio::select! {
                 _ = &mut shutdown => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                accepted = listener.accept() => {
-                    let (socket, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    let admitted = match slots.clone().try_acquire_owned() {
-                        Ok(slot) => startups
-                            .admit(peer.ip(), preauth::roll())
-                            .map(|ticket| (slot, ticket)),
-                        Err(_) => Err(Overload::Capacity(max_connections)),
-                    };
-                    let (slot, ticket) = match admitted {
-                        Ok(admitted) => admitted,
-                        Err(overload) => {
-                            refuse_early(&shared, &refusals, socket, peer, overload);
-                            continue;
-                        }
-                    };
-                    let _ = socket.set_nodelay(true);
-                    let shared = shared.clone();
-                    let ssh = ssh.clone();
-                    connections.spawn(async move {
-                        let _slot = slot;
-                        shared.metrics.connections_active.inc();
-                        shared.metrics.unauthenticated.inc();
-                        let logged_in = CancellationToken::new();
-                        let cut = CancellationToken::new();
-                        let handle = Arc::new(OnceLock::new());
-                        let pre_auth = PreAuth {
-                            ticket: Some(ticket),
-                            logged_in: logged_in.clone(),
-                        };
-                        let conn = Connection::new(shared.clone(), Some(peer), handle.clone(), pre_auth);
-                        let stream = GraceStream::new(socket, cut.clone());
-                        let session = async {
-                            match russh::server::run_stream(ssh, stream, conn).await {
-                                Ok(session) => {
-                                    let _ = handle.set(session.handle());
-                                    if let Err(e) = session.await {
-                                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                                    }
-                                }
-                                Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
-                            }
-                        };
-                        // Counted from accept; nothing the client sends before logging in
-                        // (keepalives, SSH_MSG_IGNORE, slow key exchange) extends it.
-                        let grace = async {
-                            tokio::select! {
-                                _ = logged_in.cancelled() => std::future::pending::<()>().await,
-                                _ = tokio::time::sleep(grace_time) => {}
-                            }
-                        };
-                        tokio::select! {
-                            _ = session => {}
-                            _ = grace => {
-                                Metrics::count_reason(&shared.metrics.preauth_refused, "login_grace_time");
-                                tracing::info!(%peer, "login grace time ran out; closing");
-                                if let Some(handle) = handle.get() {
-                                    let text = format!("shale: no login within the login grace time ({}s)", grace_time.as_secs());
-                                    let _ = tokio::time::timeout(
-                                        Duration::from_millis(100),
-                                        handle.disconnect(russh::Disconnect::ByApplication, text, "en".into()),
-                                    )
-                                    .await;
-                                    tokio::time::sleep(Duration::from_millis(100)).await;
-                                }
-                                // Ends russh's session task too, whatever it waits for.
-                                cut.cancel();
-                            }
-                        }
-                        shared.metrics.connections_active.dec();
-                    });
+                _ = tasks.stopping().cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (socket, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }
+            };
+            let admitted = match slots.clone().try_acquire_owned() {
+                Ok(slot) => startups
+                    .admit(peer.ip(), preauth::roll())
+                    .map(|ticket| (slot, ticket)),
+                Err(_) => Err(Overload::Capacity(max_connections)),
+            };
+            let (slot, ticket) = match admitted {
+                Ok(admitted) => admitted,
+                Err(overload) => {
+                    refuse_early(&shared, &refusals, socket, peer, overload);
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            tasks.spawn(serve_connection(
+                shared.clone(),
+                ssh.clone(),
+                socket,
+                peer,
+                ticket,
+                slot,
+                timers,
+            ));
         }
+        // No connection is accepted from here on; the port is free for a restarted gateway.
+        drop(listener);
+        tasks.stopping().cancel();
         tracing::info!(
-            connections = connections.len(),
+            tasks = tasks.running(),
             "shutting down: telling users and draining"
         );
-        drop(listener);
         shared
             .board
             .close("the gateway is restarting; your container keeps running, reconnect in a moment")
             .await;
-        let drained = tokio::time::timeout(config.sessions.drain, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                left = connections.len(),
-                "drain timed out; closing the rest"
-            );
-            connections.shutdown().await;
+        // Connections end within the drain time (each cuts itself when it runs out); the margin
+        // lets them write their end records.
+        if let Err(unfinished) = tasks.stop(config.sessions.drain + STOP_MARGIN).await {
+            tracing::warn!(left = unfinished.left, "{unfinished}");
         }
-        watcher.abort();
-        if let Some(server) = metrics_server {
-            server.abort();
-        }
+        // Every session has ended, so nothing meters any more: the final ticks are stored.
         shared.billing.shutdown().await;
         Ok(())
     }
+}
+
+/// The timers of one connection.
+#[derive(Clone, Copy)]
+struct ConnectionTimers {
+    /// From accept to login (sshd's `LoginGraceTime`).
+    grace_time: Duration,
+    /// From the shutdown signal to the connection's cut.
+    drain: Duration,
+}
+
+/// How one connection's wait ended.
+enum Wait {
+    /// The session ended by itself.
+    Ended,
+    /// No login within the grace time.
+    Grace,
+    /// The gateway is shutting down.
+    Stopping,
+}
+
+/// Serves one accepted connection until it ends, its login grace time runs out, or (after the
+/// drain time) the gateway stops.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    ssh: Arc<Config>,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    ticket: preauth::StartupTicket,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    timers: ConnectionTimers,
+) {
+    let _slot = slot;
+    shared.metrics.connections_active.inc();
+    shared.metrics.unauthenticated.inc();
+    let logged_in = CancellationToken::new();
+    let cut = CancellationToken::new();
+    let handle = Arc::new(OnceLock::new());
+    let pre_auth = PreAuth {
+        ticket: Some(ticket),
+        logged_in: logged_in.clone(),
+    };
+    let conn = Connection::new(shared.clone(), Some(peer), handle.clone(), pre_auth);
+    let stream = GraceStream::new(socket, cut.clone());
+    let session = async {
+        match russh::server::run_stream(ssh, stream, conn).await {
+            Ok(session) => {
+                let _ = handle.set(session.handle());
+                if let Err(e) = session.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "SSH handshake failed"),
+        }
+    };
+    tokio::pin!(session);
+    // Counted from accept; nothing the client sends before logging in (keepalives,
+    // SSH_MSG_IGNORE, slow key exchange) extends it.
+    let grace = async {
+        tokio::select! {
+            _ = logged_in.cancelled() => std::future::pending::<()>().await,
+            _ = tokio::time::sleep(timers.grace_time) => {}
+        }
+    };
+    let stopping = shared.tasks.stopping().clone();
+    let wait = tokio::select! {
+        _ = &mut session => Wait::Ended,
+        _ = grace => Wait::Grace,
+        _ = stopping.cancelled() => Wait::Stopping,
+    };
+    let farewell = match wait {
+        Wait::Ended => None,
+        Wait::Grace => {
+            Metrics::count_reason(&shared.metrics.preauth_refused, "login_grace_time");
+            tracing::info!(%peer, "login grace time ran out; closing");
+            Some(format!(
+                "shale: no login within the login grace time ({}s)",
+                timers.grace_time.as_secs()
+            ))
+        }
+        // A logged-in session is told and closed by the lease board; it gets the drain time to
+        // go by itself. One still logging in has nothing to finish.
+        Wait::Stopping if logged_in.is_cancelled() => {
+            match tokio::time::timeout(timers.drain, &mut session).await {
+                Ok(()) => None,
+                Err(_) => {
+                    tracing::info!(%peer, "the connection outlived the drain time; closing");
+                    Some("shale: the gateway is restarting; reconnect in a moment".to_string())
+                }
+            }
+        }
+        Wait::Stopping => Some("shale: the gateway is restarting; reconnect in a moment".into()),
+    };
+    if let Some(text) = farewell {
+        if let Some(handle) = handle.get() {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(100),
+                handle.disconnect(russh::Disconnect::ByApplication, text, "en".into()),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Ends russh's session task too, whatever it waits for: its socket fails from here on.
+        cut.cancel();
+        // Wait for it, so the connection's state (and its end record) is gone when this task is.
+        if tokio::time::timeout(STOP_MARGIN, &mut session)
+            .await
+            .is_err()
+        {
+            tracing::warn!(%peer, "the SSH session did not end after its socket was cut");
+        }
+    }
+    shared.metrics.connections_active.dec();
 }
 
 /// The version line the gateway sends (and the refusals before SSH begins).
@@ -572,6 +470,10 @@ const CHANNEL_BUFFER_MESSAGES: usize = 16;
 /// Refused clients being told why at once; past this a refused socket is just closed, so a
 /// flood of connections costs a descriptor for no longer than the accept.
 const REFUSALS_IN_FLIGHT: usize = 64;
+
+/// What shutdown waits beyond the drain time: for cut connections to end and write their
+/// records.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// How long a refused client has to read its reason.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
@@ -587,7 +489,7 @@ fn refuse_early(
     Metrics::count_reason(&shared.metrics.preauth_refused, overload.reason());
     tracing::info!(%peer, reason = overload.reason(), "refused before login: {overload}");
     if let Ok(permit) = refusals.clone().try_acquire_owned() {
-        tokio::spawn(async move {
+        shared.tasks.spawn_until_stopped(async move {
             let _permit = permit;
             preauth::refuse_before_ssh(socket, SERVER_ID, &overload.to_string(), REFUSAL_LINGER)
                 .await;

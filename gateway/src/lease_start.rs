@@ -8,6 +8,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use shale_contracts::Order;
 use shale_provisioner::{LeaseSpec, ProvisionError, Provisioner};
 
+use crate::tasks::Tasks;
+
 /// A shared, cloneable wait for the order's container to be running.
 #[derive(Clone)]
 pub struct LeaseStart {
@@ -16,8 +18,14 @@ pub struct LeaseStart {
 }
 
 impl LeaseStart {
-    /// Starts (or finds) `order`'s container in the background.
-    pub fn begin(provisioner: Provisioner, order: &Order, latency: Histogram) -> Self {
+    /// Starts (or finds) `order`'s container in the background, as one of `tasks` (a start is
+    /// let finish at shutdown rather than leave a container half made).
+    pub fn begin(
+        provisioner: Provisioner,
+        order: &Order,
+        latency: Histogram,
+        tasks: &Tasks,
+    ) -> Self {
         let spec = lease_spec(order);
         let order_id = spec.order;
         let shared_spec = Arc::new(spec.clone());
@@ -40,7 +48,7 @@ impl LeaseStart {
             result
         };
         // Spawned, so the container starts while the client is still opening its channel.
-        let handle = tokio::spawn(fut);
+        let handle = tasks.spawn(fut);
         let started = async move {
             handle.await.unwrap_or_else(|e| {
                 Err(Arc::new(ProvisionError::StartFailed {

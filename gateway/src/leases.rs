@@ -2,7 +2,7 @@
 //! the lease's end) and cut them when the order ends.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use russh::server::Handle;
@@ -45,6 +45,8 @@ struct LiveSession {
     channels: Arc<Mutex<Vec<ChannelId>>>,
     /// Cancelled when the session is cut or leaves.
     closed: CancellationToken,
+    /// Why the gateway cut it (a [`Refusal::reason`]), for the session's end record.
+    cut_for: Arc<OnceLock<&'static str>>,
 }
 
 #[derive(Default)]
@@ -67,9 +69,15 @@ pub struct SessionSeat {
     session: SessionId,
     channels: Arc<Mutex<Vec<ChannelId>>>,
     closed: CancellationToken,
+    cut_for: Arc<OnceLock<&'static str>>,
 }
 
 impl SessionSeat {
+    /// Why the gateway cut the session (a [`Refusal::reason`]), if it did.
+    pub fn cut_for(&self) -> Option<&'static str> {
+        self.cut_for.get().copied()
+    }
+
     /// Cancelled when the session is cut or leaves the board, so that work held for it (pumps
     /// paused by the acknowledgment policy) gives up instead of holding its connection open.
     pub fn closed(&self) -> CancellationToken {
@@ -134,12 +142,14 @@ impl LeaseBoard {
         }
         let channels = Arc::new(Mutex::new(Vec::new()));
         let closed = CancellationToken::new();
+        let cut_for = Arc::new(OnceLock::new());
         sessions.insert(
             session,
             LiveSession {
                 handle,
                 channels: channels.clone(),
                 closed: closed.clone(),
+                cut_for: cut_for.clone(),
             },
         );
         Ok(SessionSeat {
@@ -148,6 +158,7 @@ impl LeaseBoard {
             session,
             channels,
             closed,
+            cut_for,
         })
     }
 
@@ -183,21 +194,23 @@ impl LeaseBoard {
     }
 
     /// Tells every session of `order` why, then closes them.
-    pub async fn cut(&self, order: OrderId, line: &str) {
+    pub async fn cut(&self, order: OrderId, why: &Refusal) {
         let sessions = self.sessions_of(Some(order));
+        let line = why.to_string();
         tracing::info!(
             order = order.0,
             sessions = sessions.len(),
-            reason = line,
-            "cutting sessions"
+            reason = why.reason(),
+            "cutting sessions: {line}"
         );
-        cut_all(&sessions, line).await;
+        cut_all(&sessions, why.reason(), &line).await;
     }
 
     /// Refuses new sessions from now on and cuts every live one with `line` (graceful shutdown).
     pub async fn close(&self, line: &str) {
         lock(&self.inner).closed = true;
-        cut_all(&self.sessions_of(None), line).await;
+        let reason = Refusal::ShuttingDown.reason();
+        cut_all(&self.sessions_of(None), reason, line).await;
     }
 }
 
@@ -226,10 +239,12 @@ async fn notify_all(sessions: &[LiveSession], line: &str) {
     }
 }
 
-async fn cut_all(sessions: &[LiveSession], line: &str) {
+async fn cut_all(sessions: &[LiveSession], reason: &'static str, line: &str) {
     // First: pumps held for these sessions give up, so their connections move again and take
     // the reason and the close.
     for s in sessions {
+        // The first cut's reason is the one the session ended for.
+        let _ = s.cut_for.set(reason);
         s.closed.cancel();
     }
     notify_all(sessions, line).await;

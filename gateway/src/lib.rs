@@ -9,7 +9,8 @@
 //! on its own network (which [`watcher`] also keeps repaired), [`metrics`] and [`metrics_http`]
 //! export it. [`lease_events`] tells the rest of the process of every lease metered and every
 //! order ended, which is how the settler (crate `shale-settler`, wired by `shale gateway`) claims
-//! the ledger's ticks without the gateway knowing of it.
+//! the ledger's ticks without the gateway knowing of it. What they all share is [`shared`]; every
+//! task they spawn is tracked by [`tasks`], which is how the gateway shuts down as one.
 
 pub mod ack_channel;
 pub mod ack_policy;
@@ -33,12 +34,16 @@ pub mod preauth;
 pub mod quality;
 pub mod ratelimit;
 pub mod session_channel;
+pub mod shared;
+pub mod tasks;
 pub mod traffic;
 pub mod watcher;
 
 pub use config::GatewayConfig;
 pub use gateway::{Gateway, GatewayError};
 pub use lease_events::LeaseEvent;
+pub use shared::Shared;
+pub use tasks::Tasks;
 
 /// Seconds since the Unix epoch, the chain's clock.
 pub(crate) fn unix_now() -> u64 {

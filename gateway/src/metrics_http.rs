@@ -10,9 +10,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::gateway::Shared;
+use crate::shared::Shared;
 
-/// Serves until aborted.
+/// Serves until the gateway stops (run under its `tasks`, as is each scrape's connection).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -24,7 +24,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let tasks = shared.tasks.clone();
+        tasks.spawn_until_stopped(async move {
             let service = hyper::service::service_fn(move |req| answer(req, shared.clone()));
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -92,6 +92,15 @@ impl Subsystem {
             _ => None,
         }
     }
+
+    /// The name clients ask for it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Subsystem::Sftp => "sftp",
+            Subsystem::Receipts => "shale-receipts",
+            Subsystem::Ack => "shale-ack",
+        }
+    }
 }
 
 /// Why a `direct-tcpip` target is refused before anything is dialled. The `Display` text is what
@@ -214,6 +223,9 @@ mod tests {
         );
         assert_eq!(Subsystem::named("shale-ack"), Some(Subsystem::Ack));
         assert_eq!(Subsystem::named("netconf"), None);
+        for sub in [Subsystem::Sftp, Subsystem::Receipts, Subsystem::Ack] {
+            assert_eq!(Subsystem::named(sub.name()), Some(sub));
+        }
     }
 
     #[test]

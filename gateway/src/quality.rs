@@ -170,13 +170,14 @@ pub fn measure_round_trip(
     ledger: Ledger,
     order: OrderId,
     session_id: String,
+    tasks: &crate::tasks::Tasks,
 ) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let sent = Instant::now();
     if session.send_ping(tx).is_err() {
         return;
     }
-    tokio::spawn(async move {
+    tasks.spawn_until_stopped(async move {
         if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(30), rx).await {
             let rtt = sent.elapsed();
             histogram.observe(rtt.as_secs_f64());

@@ -53,6 +53,10 @@ pub struct ChannelContext {
     pub gate: Option<TransferGate>,
     /// Where the time to start a process is recorded.
     pub exec_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Whether the whole command line is logged (`[log] audit_commands`), not just the program.
+    pub audit_commands: bool,
+    /// The gateway's tasks, where the channel's pumps run.
+    pub tasks: crate::tasks::Tasks,
 }
 
 /// What the client asked the channel to run.
@@ -150,7 +154,13 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
             request.tty = Some(size);
         }
     }
-    tracing::info!(command = ?request.argv, tty = request.tty.is_some(), "starting process");
+    if ctx.audit_commands {
+        tracing::info!(command = ?request.argv, tty = request.tty.is_some(), "starting process");
+    } else {
+        // Clients pass secrets in arguments: only the program reaches the SP's logs.
+        let program = program_of(&command);
+        tracing::info!(%program, tty = request.tty.is_some(), "starting process");
+    }
 
     let started = async {
         ctx.lease.ready().await.map_err(|e| e.to_string())?;
@@ -207,21 +217,34 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
     // process is "in". The counter is this channel's own, so pumps share no lock. The process's
     // end is gated: a paused order's process is neither read nor written.
     let counter = ctx.count_bytes.then(|| ctx.counter.open_channel());
-    let out_pump = tokio::spawn(pump(
-        gated(stdout, &ctx.gate),
-        metered(tx.make_writer(), &counter, Side::Client),
-    ));
+    // The pumps run as tasks of their own but no longer than this channel's task: a process
+    // that outlives its session (the container keeps running) must not keep them reading.
+    let pumps = tokio_util::sync::CancellationToken::new();
+    let _pumps_end_with_the_channel = pumps.clone().drop_guard();
+    let out_pump = ctx
+        .tasks
+        .spawn(pumps.clone().run_until_cancelled_owned(pump(
+            gated(stdout, &ctx.gate),
+            metered(tx.make_writer(), &counter, Side::Client),
+        )));
     let err_pump = stderr.map(|e| {
-        tokio::spawn(pump(
-            gated(e, &ctx.gate),
-            metered(tx.make_writer_ext(Some(1)), &counter, Side::Client),
-        ))
+        ctx.tasks
+            .spawn(pumps.clone().run_until_cancelled_owned(pump(
+                gated(e, &ctx.gate),
+                metered(tx.make_writer_ext(Some(1)), &counter, Side::Client),
+            )))
     });
-    let in_pump = tokio::spawn(client_to_process(
-        rx,
-        metered(gated(stdin, &ctx.gate), &counter, Side::Container),
-        proc.clone(),
-    ));
+    // The client's side has no end of its own: it is stopped once the process has exited.
+    let input_done = pumps.child_token();
+    let in_pump = ctx.tasks.spawn(
+        input_done
+            .clone()
+            .run_until_cancelled_owned(client_to_process(
+                rx,
+                metered(gated(stdin, &ctx.gate), &counter, Side::Container),
+                proc.clone(),
+            )),
+    );
 
     let status = proc.wait().await;
     // Everything the process wrote goes out before its exit status, as with sshd.
@@ -229,7 +252,8 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
     if let Some(p) = err_pump {
         let _ = p.await;
     }
-    in_pump.abort();
+    input_done.cancel();
+    let _ = in_pump.await;
     match status {
         Ok(ExitStatus::Code(code)) => {
             tracing::info!(code, "process exited");
@@ -464,6 +488,49 @@ where
     }
 }
 
+/// Longest program name logged: a command line is the client's, so even its first word is kept
+/// short.
+const PROGRAM_LOG_MAX: usize = 64;
+
+/// What the logs say a channel runs when the command line is not audited: the program alone.
+/// For an exec request that is the shell command line's first word after any `NAME=value`
+/// assignments (which often carry tokens), cut at the first shell metacharacter.
+fn program_of(command: &Command) -> String {
+    match command {
+        Command::Shell => "shell".into(),
+        Command::Subsystem(sub) => format!("subsystem {}", sub.name()),
+        Command::Exec(line) => {
+            let word = line
+                .split_whitespace()
+                .find(|w| !is_assignment(w))
+                .unwrap_or("");
+            let program: String = word
+                .chars()
+                .filter(|c| !matches!(c, '\'' | '"'))
+                .take_while(|c| !matches!(c, ';' | '|' | '&' | '<' | '>' | '(' | ')' | '$' | '`'))
+                .take(PROGRAM_LOG_MAX)
+                .collect();
+            if program.is_empty() {
+                "(no program)".into()
+            } else {
+                program
+            }
+        }
+    }
+}
+
+/// Whether a shell word is a variable assignment (`TOKEN=abc`), not a program.
+fn is_assignment(word: &str) -> bool {
+    match word.split_once('=') {
+        Some((name, _)) => {
+            !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        }
+        None => false,
+    }
+}
+
 fn argv_for(command: &Command) -> Vec<String> {
     match command {
         // A login shell, so /etc/profile sets PATH and the prompt as users expect.
@@ -549,6 +616,41 @@ mod tests {
     fn a_zero_sized_pty_is_clamped_to_one_cell() {
         assert_eq!((pty_size(0, 0).cols, pty_size(0, 0).rows), (1, 1));
         assert_eq!(pty_size(100_000, 50).cols, u16::MAX);
+    }
+
+    #[test]
+    fn only_the_program_of_a_command_line_is_logged() {
+        let program = |line: &str| program_of(&Command::Exec(line.into()));
+        assert_eq!(
+            program("curl -H 'Authorization: Bearer s3cret' https://x"),
+            "curl"
+        );
+        assert_eq!(
+            program("  /usr/bin/env python3 train.py --token abc"),
+            "/usr/bin/env"
+        );
+        assert_eq!(program("HF_TOKEN=hf_abc AWS_KEY=k python3 x.py"), "python3");
+        assert_eq!(program("mysql -pS3cret;rm -rf /tmp/x"), "mysql");
+        assert_eq!(program("echo $SECRET|wc"), "echo");
+        assert_eq!(program("ls;cat secret"), "ls");
+        assert_eq!(program("'my tool' --key=k"), "my");
+        assert_eq!(program(""), "(no program)");
+        assert_eq!(program("A=1"), "(no program)");
+        // `=` in a program's name is no assignment (the part before is not a variable name).
+        assert_eq!(program("./a=b --x"), "./a=b");
+        assert_eq!(program(&"x".repeat(500)).len(), PROGRAM_LOG_MAX);
+        assert_eq!(program_of(&Command::Shell), "shell");
+        assert_eq!(
+            program_of(&Command::Subsystem(Subsystem::Sftp)),
+            "subsystem sftp"
+        );
+        for line in [
+            "curl -H 'Authorization: Bearer s3cret' https://x",
+            "TOKEN=s3cret ./run",
+            "mysql -ps3cret",
+        ] {
+            assert!(!program(line).contains("s3cret"), "{line}");
+        }
     }
 
     #[test]

@@ -16,16 +16,16 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::admission::{admit_order, Refusal};
 use crate::billing::EscrowVerdict;
-use crate::gateway::Shared;
 use crate::login::OrderId;
 use crate::metrics::{KindLabel, Metrics};
 use crate::quality::PROBE_EVERY;
+use crate::shared::Shared;
 
 /// The orders' network is checked once every this many polls: its rules rarely change, and
 /// reading every order's counters is not free.
 const NETWORK_EVERY_POLLS: u32 = 5;
 
-/// Runs until aborted. With `market_events` (from a follower the process already runs), the
+/// Runs until the gateway stops (under its `tasks`). With `market_events` (from a follower the process already runs), the
 /// watcher reads the marketplace's events from there rather than following the chain itself.
 pub async fn run(
     shared: Arc<Shared>,
@@ -122,12 +122,14 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
             }
             // What the client gets is checked again during the lease, not only at its start.
             if shared.billing.running(id).is_some() && shared.quality.due(id, PROBE_EVERY) {
-                tokio::spawn(shared.quality.clone().probe(
-                    shared.provisioner.clone(),
-                    shared.billing.ledger().clone(),
-                    id,
-                    "periodic".into(),
-                ));
+                shared
+                    .tasks
+                    .spawn_until_stopped(shared.quality.clone().probe(
+                        shared.provisioner.clone(),
+                        shared.billing.ledger().clone(),
+                        id,
+                        "periodic".into(),
+                    ));
             }
             match shared.billing.verdict(&order) {
                 EscrowVerdict::Fine => {}
@@ -145,7 +147,7 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
 /// out of escrow keeps its volume (a top-up resumes it), an ended one is released.
 async fn end_order(shared: &Shared, id: OrderId, why: &Refusal) {
     if shared.board.session_count(id) > 0 {
-        shared.board.cut(id, &why.to_string()).await;
+        shared.board.cut(id, why).await;
     }
     let running = shared.billing.running(id).is_some();
     shared.billing.end(id).await;

@@ -235,6 +235,7 @@ impl Stack {
             metrics: shale_gateway::config::MetricsConfig {
                 listen: Some("127.0.0.1:0".parse()?),
             },
+            log: Default::default(),
             auth: AuthConfig {
                 // Tests provoke many failures from 127.0.0.1 on purpose.
                 max_failures: 10_000,

@@ -33,7 +33,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = sp.gateway.clone();
     let market = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
         .await
-        .with_context(|| format!("connecting to the marketplace at {}", config.chain.rpc_url))?;
+        .with_context(|| {
+            // The URL may carry the endpoint's API key: name its host only.
+            let endpoint = Marketplace::redact_url(&config.chain.rpc_url);
+            format!("connecting to the marketplace at {endpoint}")
+        })?;
     // Containers and disks are keyed by chain and marketplace as well as by order id.
     let containers = ProvisionerConfig {
         scope: market
