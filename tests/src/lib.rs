@@ -8,12 +8,15 @@
 //!
 //! A stack may also run the settler with the real Groth16 verifier on chain ([`keys`]); the
 //! client's side can be the real `shale` binary with its payment tunnel ([`client`]); and
-//! [`dishonest`] is what an SP that cheats can do with its own ledger and key.
+//! [`dishonest`] is what an SP that cheats can do with its own ledger and key. [`outage`] takes
+//! the chain away from the gateway (and [`Stack::kill_containerd`] the container runtime) to
+//! test how it holds up.
 
 pub mod client;
 pub mod dishonest;
 pub mod internet;
 pub mod keys;
+pub mod outage;
 pub mod ssh;
 pub mod stack;
 

@@ -17,6 +17,7 @@ use tempfile::TempDir;
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::outage::RpcRelay;
 use crate::ssh::{ClientKey, Target};
 
 /// The dataset every test stack serves, mounted at `/data/demo` in order containers.
@@ -77,6 +78,17 @@ pub struct StackOptions {
     /// [`crate::keys`], and the settler proves with its proving key (`key_dir` and
     /// `key_seed` are set by the stack). `None`: no settler, and no verifier on chain.
     pub settler: Option<SettlerConfig>,
+    /// The gateway's authentication policy (order cache times, failure limits); `None`: the
+    /// defaults with failure limits high enough for tests that provoke many failures on
+    /// purpose.
+    pub auth: Option<AuthConfig>,
+    /// Put an [`RpcRelay`] between the gateway (and its watcher) and the chain, so a test can
+    /// cut the gateway off the chain ([`Stack::rpc_relay`]) while its own clients still reach
+    /// it.
+    pub chain_relay: bool,
+    /// Start a containerd of the stack's own even when `SHALE_CONTAINERD_SOCKET` names a shared
+    /// one, for tests that kill and restart it ([`Stack::kill_containerd`]).
+    pub own_containerd: bool,
 }
 
 /// A running stack. Dropping it stops the gateway, the chain and (if it started one) containerd.
@@ -107,8 +119,10 @@ pub struct Stack {
     /// The settler's configuration, when the stack runs one.
     settler_config: Option<SettlerConfig>,
     settler: Option<(Settler, SettlerTask)>,
+    /// Between the gateway and the chain, when the stack was started with `chain_relay`.
+    relay: Option<RpcRelay>,
     // Dropped last: containers must outlive nothing that talks to them.
-    _containerd: LocalContainerd,
+    containerd: LocalContainerd,
 }
 
 /// Runs `gateway` until the returned sender fires (or is dropped).
@@ -149,6 +163,15 @@ impl Stack {
         let dir = tempfile::Builder::new().prefix("shale-e2e-").tempdir()?;
 
         let devnet = Devnet::start().await.context("starting anvil")?;
+        let relay = if options.chain_relay {
+            Some(RpcRelay::start(devnet.rpc_url()).await?)
+        } else {
+            None
+        };
+        // What the gateway reads the chain through; the test's own clients use the devnet's.
+        let gateway_rpc = relay
+            .as_ref()
+            .map_or_else(|| devnet.rpc_url().to_string(), RpcRelay::url);
         let mut settler_config = None;
         let (capacities, verifiers) = match options.settler {
             Some(c) => {
@@ -173,10 +196,13 @@ impl Stack {
         let client = devnet.marketplace_as(marketplace, CLIENT_ACCOUNT).await?;
 
         let socket = std::env::var_os("SHALE_CONTAINERD_SOCKET").map(PathBuf::from);
-        let containerd =
-            LocalContainerd::connect_or_spawn(socket.as_deref(), &dir.path().join("containerd"))
-                .await
-                .context("reaching containerd")?;
+        let containerd_dir = dir.path().join("containerd");
+        let containerd = if options.own_containerd {
+            LocalContainerd::spawn(&containerd_dir).await
+        } else {
+            LocalContainerd::connect_or_spawn(socket.as_deref(), &containerd_dir).await
+        }
+        .context("reaching containerd")?;
         let archive = image_build::build_default_image(&image_build::default_cache_dir())
             .await
             .context("building the default image")?;
@@ -218,7 +244,7 @@ impl Stack {
             listen: "127.0.0.1:0".parse()?,
             host_key: dir.path().join("host_ed25519"),
             chain: ChainConfig {
-                rpc_url: devnet.rpc_url().to_string(),
+                rpc_url: gateway_rpc.clone(),
                 marketplace,
                 provider: devnet.signer(SP_ACCOUNT).address(),
                 poll_interval: Duration::from_millis(500),
@@ -236,13 +262,13 @@ impl Stack {
                 listen: Some("127.0.0.1:0".parse()?),
             },
             log: Default::default(),
-            auth: AuthConfig {
+            auth: options.auth.unwrap_or(AuthConfig {
                 // Tests provoke many failures from 127.0.0.1 on purpose.
                 max_failures: 10_000,
                 ..AuthConfig::default()
-            },
+            }),
         };
-        let reader = Marketplace::connect(devnet.rpc_url(), marketplace, None).await?;
+        let reader = Marketplace::connect(&gateway_rpc, marketplace, None).await?;
         let mut gateway = Gateway::bind(config.clone(), reader, provisioner.clone()).await?;
         let settler = match &settler_config {
             Some(c) => Some(start_settler(&mut gateway, c, &sp).await?),
@@ -315,8 +341,37 @@ impl Stack {
             gateway_task: Some(gateway_task),
             settler_config,
             settler,
-            _containerd: containerd,
+            relay,
+            containerd,
         })
+    }
+
+    /// The relay between the gateway and the chain, when the stack was started with
+    /// [`StackOptions::chain_relay`].
+    pub fn rpc_relay(&self) -> Option<&RpcRelay> {
+        self.relay.as_ref()
+    }
+
+    /// Kills the stack's containerd with SIGKILL, as a crash would (its shims and containers
+    /// live on). Fails for a containerd the stack did not start: start the stack with
+    /// [`StackOptions::own_containerd`].
+    pub fn kill_containerd(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.containerd.is_owned(),
+            "the stack's containerd is shared, not the stack's to kill"
+        );
+        self.containerd.kill();
+        Ok(())
+    }
+
+    /// Starts the stack's containerd again on the same directories after
+    /// [`Stack::kill_containerd`] (killing it first if it still runs), and waits until it
+    /// answers. The gateway is not touched: it has to find the daemon again by itself.
+    pub async fn restart_containerd(&mut self) -> anyhow::Result<()> {
+        self.containerd
+            .restart()
+            .await
+            .context("restarting the stack's containerd")
     }
 
     /// The SP's provider address.
@@ -421,7 +476,8 @@ impl Stack {
         let provisioner = Provisioner::connect(self.config.containers.clone())
             .await
             .context("connecting the new provisioner")?;
-        let reader = Marketplace::connect(self.devnet.rpc_url(), self.marketplace, None).await?;
+        let reader =
+            Marketplace::connect(&self.config.chain.rpc_url, self.marketplace, None).await?;
         // The old listeners are closed; their ports may take a moment to be free again.
         let mut tries = 0;
         let mut gateway = loop {
