@@ -34,6 +34,9 @@ struct Found {
 struct Count {
     count: u64,
     at: Instant,
+    /// False when the last read failed: then `count` is only what an earlier read said, and an
+    /// id above it may be an order placed since, so it is not called unknown.
+    fresh: bool,
 }
 
 /// How long an order is trusted, and how often what is bounded.
@@ -167,7 +170,9 @@ impl OrderDirectory {
 
     /// Whether `id` is above the marketplace's order count, reading the count again when the
     /// cached one is older than `count_refresh` (one reader at a time; the others wait for its
-    /// answer). An unreadable count answers "no": the order's own lookup decides.
+    /// answer). While the count cannot be read it answers "no" (the order's own lookup decides,
+    /// and during an outage refuses with the chain's unavailability, not as unknown), and asks
+    /// again only once per `count_refresh`.
     async fn above_count(&self, id: OrderId) -> bool {
         let mut count = self.count.lock().await;
         if let Some(c) = *count {
@@ -175,7 +180,7 @@ impl OrderDirectory {
                 return false;
             }
             if c.at.elapsed() < self.times.count_refresh {
-                return true;
+                return c.fresh;
             }
         }
         Metrics::count(&self.lookups, "order_count");
@@ -184,16 +189,19 @@ impl OrderDirectory {
                 *count = Some(Count {
                     count: n,
                     at: Instant::now(),
+                    fresh: true,
                 });
                 id.0 > n
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the order count");
-                // Keep the last count for another period rather than ask again at once.
-                if let Some(c) = count.as_mut() {
-                    c.at = Instant::now();
-                    return id.0 > c.count;
-                }
+                // Keep the last count, marked stale, for another period rather than ask again
+                // at once.
+                *count = Some(Count {
+                    count: (*count).map_or(0, |c| c.count),
+                    at: Instant::now(),
+                    fresh: false,
+                });
                 false
             }
         }

@@ -24,6 +24,10 @@ use crate::leases::{stderr_line, SessionSeat};
 use crate::login::OrderId;
 use crate::policy::{EnvBudget, EnvPolicy, Subsystem, SFTP_SERVER};
 
+/// How long the output of a lost process is still read before the channel says why and ends:
+/// enough for what the pipes already hold, short enough that the user is not left hanging.
+const LOST_PROCESS_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What a session channel needs from its connection.
 pub struct ChannelContext {
     /// The order whose container runs the process.
@@ -248,9 +252,21 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
 
     let status = proc.wait().await;
     // Everything the process wrote goes out before its exit status, as with sshd.
-    let _ = out_pump.await;
-    if let Some(p) = err_pump {
-        let _ = p.await;
+    let drained = async {
+        let _ = out_pump.await;
+        if let Some(p) = err_pump {
+            let _ = p.await;
+        }
+    };
+    if status.is_ok() {
+        drained.await;
+    } else if tokio::time::timeout(LOST_PROCESS_DRAIN, drained)
+        .await
+        .is_err()
+    {
+        // The process was lost (its runtime went away) but a surviving shim still holds its
+        // pipes open, so they would never end: stop reading them and say why.
+        pumps.cancel();
     }
     input_done.cancel();
     let _ = in_pump.await;

@@ -259,9 +259,6 @@ async fn through_a_chain_outage_live_sessions_and_cached_orders_are_served_and_s
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "gateway bug: during a chain outage an order id above the cached order count is \
-            refused as 'does not exist' (OrderDirectory::above_count keeps the stale count \
-            when the chain cannot be read) instead of 'cannot be reached'"]
 async fn an_order_placed_during_a_chain_outage_is_refused_as_unreachable_not_as_unknown(
 ) -> anyhow::Result<()> {
     let stack = stack_behind_relay().await?;
@@ -412,9 +409,6 @@ async fn containerd_killed_under_a_session_is_a_clear_error_leaks_nothing_and_se
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "gateway bug: when containerd dies under an exec whose process still holds its \
-            output open, the channel waits for the output pumps (session_channel.rs, after \
-            proc.wait() fails) and neither says why nor ends until the process does"]
 async fn containerd_killed_under_a_session_printing_output_ends_it_with_the_reason(
 ) -> anyhow::Result<()> {
     let mut stack = stack_with_own_containerd().await?;
