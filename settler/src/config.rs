@@ -38,7 +38,7 @@ pub struct SettlerConfig {
     pub max_wait_secs: u64,
     /// How long a tick whose bytes pass what the client acknowledged (or the order's allowance)
     /// waits for an acknowledgment (seconds, from the tick's end and, once the order ended, from
-    /// its end). Then it is claimed anyway: its seconds are paid in full, its bytes up to what is
+    /// when the settler saw it end: the tunnel's final acknowledgment comes right after). Then it is claimed anyway: its seconds are paid in full, its bytes up to what is
     /// covered, and the rest is forfeited, so a client whose tunnel died cannot hold back the
     /// lease's later seconds. Default 600.
     pub ack_wait_secs: u64,

@@ -74,21 +74,21 @@ pub(crate) fn charge(
 }
 
 /// Whether a tick past the byte room has waited out `wait_ms` for an acknowledgment: measured
-/// from the tick's end (wall clock, as the meter stamps ticks) and, once the order has ended,
-/// also from the order's end (chain time), because the tunnel sends its final acknowledgment
-/// right after the end and it covers every tick before it.
+/// from the tick's end (as the meter stamps ticks) and, once the order has ended, also from when
+/// the settler first saw it ended (`ended_seen_ms`), because the tunnel sends its final
+/// acknowledgment right after the end and it covers every tick before it. Both wall clock, Unix
+/// milliseconds.
 pub(crate) fn waited_out(
     tick: &Tick,
     now_ms: u64,
     wait_ms: u64,
-    ended: Option<(u64, u64)>,
+    ended_seen_ms: Option<u64>,
 ) -> bool {
     let tick_end = tick
         .started_at_ms
         .saturating_add(tick.seconds.saturating_mul(1000));
     let tick_done = now_ms >= tick_end.saturating_add(wait_ms);
-    let order_done = ended
-        .is_none_or(|(ended_at, chain_now)| chain_now >= ended_at.saturating_add(wait_ms / 1000));
+    let order_done = ended_seen_ms.is_none_or(|seen| now_ms >= seen.saturating_add(wait_ms));
     tick_done && order_done
 }
 
@@ -184,11 +184,11 @@ mod tests {
         // The tick ended at 15 s: released at 75 s, not before.
         assert!(!waited_out(&t, 74_999, wait, None));
         assert!(waited_out(&t, 75_000, wait, None));
-        // The order ended at chain time 1000: the tunnel's final acknowledgment may still come
-        // until 1060, however old the tick is.
-        assert!(!waited_out(&t, 10_000_000, wait, Some((1_000, 1_059))));
-        assert!(waited_out(&t, 10_000_000, wait, Some((1_000, 1_060))));
-        // Both clocks must agree.
-        assert!(!waited_out(&t, 74_999, wait, Some((1_000, 5_000))));
+        // The order was seen ended at 1000 s: the tunnel's final acknowledgment may still come
+        // until 1060 s, however old the tick is.
+        assert!(!waited_out(&t, 1_059_999, wait, Some(1_000_000)));
+        assert!(waited_out(&t, 1_060_000, wait, Some(1_000_000)));
+        // Both must have passed.
+        assert!(!waited_out(&t, 74_999, wait, Some(0)));
     }
 }

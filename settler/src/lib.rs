@@ -22,7 +22,7 @@
 //!    refused, and since every later batch continues from it, it would block the order. The
 //!    contract pays a batch's bytes only up to `max(acknowledged, allowance)` and forfeits the
 //!    rest, so a tick whose bytes pass that waits for the client's next acknowledgment, for
-//!    `ack_wait_secs` after the tick (and after the order's end, once it ended); then it is
+//!    `ack_wait_secs` after the tick (and after the settler saw the order end); then it is
 //!    claimed anyway, paid its seconds in full and the bytes that fit, and the forfeited bytes
 //!    are logged and counted (`forfeited_bytes`).
 //! 4. **Prove** on the bounded pool (the `prover` module) with the smallest capacity that holds the batch,
@@ -227,6 +227,11 @@ struct Inner {
     /// Orders whose last round failed: consecutive failures and when to try again. A refused
     /// claim would otherwise be proved again every poll, burning the pool for nothing.
     cooldown: Mutex<BTreeMap<u64, (u32, Instant)>>,
+    /// When (wall clock, Unix ms) this settler first saw each order ended: ticks past the byte
+    /// room wait `ack_wait_secs` from then for the tunnel's final acknowledgment. Wall clock, not
+    /// the order's `endedAt`: chain time only moves with blocks (a quiet dev chain stands still),
+    /// and after a restart the wait only starts again, which can delay a claim, never hasten it.
+    ended_seen: Mutex<BTreeMap<u64, u64>>,
     /// One round at a time, whoever starts it: two rounds proving the same batch would send it
     /// twice (the second would be refused, but only after paying for a proof and gas).
     round: tokio::sync::Mutex<()>,
@@ -317,6 +322,7 @@ impl Settler {
                 metrics: SettlerMetrics::default(),
                 orders: Mutex::new(BTreeMap::new()),
                 cooldown: Mutex::new(BTreeMap::new()),
+                ended_seen: Mutex::new(BTreeMap::new()),
                 round: tokio::sync::Mutex::new(()),
                 wake: Notify::new(),
                 events,
@@ -473,13 +479,13 @@ impl Settler {
         let mut order = inner.market.order(id).await?;
         if order.provider != inner.provider {
             tracing::warn!("order belongs to another provider; not tracking it");
-            lock(&inner.orders).remove(&id);
+            inner.forget(id);
             return Ok(report);
         }
         match order.state {
             OrderState::Pending => return Ok(report),
             OrderState::Cancelled => {
-                lock(&inner.orders).remove(&id);
+                inner.forget(id);
                 return Ok(report);
             }
             OrderState::Active | OrderState::Ended => {}
@@ -488,7 +494,7 @@ impl Settler {
         report.recovered = recovered;
         if order.settled {
             tracing::info!("order settled; no longer tracked");
-            lock(&inner.orders).remove(&id);
+            inner.forget(id);
             return Ok(report);
         }
         let lease = lock(&inner.orders).get(&id).cloned().flatten();
@@ -519,7 +525,7 @@ impl Settler {
             if !(full || ended || waited) {
                 break;
             }
-            let (count, amount, forfeited) = match self.fit(&order, &ticks).await? {
+            let (count, amount, forfeited) = match self.fit(&order, &ticks, ended).await? {
                 Fit::Claim {
                     count,
                     amount,
@@ -720,7 +726,7 @@ impl Settler {
 
     /// The longest prefix of `ticks` the contract would pay now, and its charge, or why there
     /// is none.
-    async fn fit(&self, order: &Order, ticks: &[Tick]) -> Result<Fit, SettlerError> {
+    async fn fit(&self, order: &Order, ticks: &[Tick], ended: bool) -> Result<Fit, SettlerError> {
         let inner = &self.inner;
         let market = &inner.market;
         let claimable = market.claimable_seconds(order.id).await?;
@@ -745,16 +751,12 @@ impl Settler {
             .get_or_create(&OrderLabel { order: order.id })
             .set(i64::try_from(pending.saturating_sub(byte_room)).unwrap_or(i64::MAX));
         // Ticks past the room wait for an acknowledgment, for `ack_wait_secs` from their end and,
-        // once the order ended, from its end (chain time: read only when some tick needs it).
-        let ended = if pending > byte_room && order.state == OrderState::Ended {
-            let ended_at = order.ended_at.or(order.expires_at()).unwrap_or(0);
-            Some((ended_at, market.chain_time().await?))
-        } else {
-            None
-        };
-        let (now, wait_ms) = (now_ms(), inner.config.ack_wait_secs.saturating_mul(1000));
+        // once the order ended, from when this settler first saw it ended.
+        let now = now_ms();
+        let ended_seen = ended.then(|| *lock(&inner.ended_seen).entry(order.id).or_insert(now));
+        let wait_ms = inner.config.ack_wait_secs.saturating_mul(1000);
         let cut = fit::cut(ticks, claimable, byte_room, |t| {
-            fit::waited_out(t, now, wait_ms, ended)
+            fit::waited_out(t, now, wait_ms, ended_seen)
         });
         let totals = cut.totals;
         // What the contract pays for the first `n` ticks: all their seconds, and their bytes up
@@ -1051,7 +1053,7 @@ impl Settler {
         match inner.market.settle(order.id).await {
             Ok(tx) => {
                 tracing::info!(tx = %tx.tx_hash, "order settled");
-                lock(&inner.orders).remove(&order.id);
+                inner.forget(order.id);
                 let _ = inner.events.send(SettlerEvent::Settled {
                     order: order.id,
                     tx_hash: tx.tx_hash,
@@ -1064,6 +1066,14 @@ impl Settler {
                 Err(e.into())
             }
         }
+    }
+}
+
+impl Inner {
+    /// Stops tracking `order` (settled, cancelled or another provider's).
+    fn forget(&self, order: u64) {
+        lock(&self.orders).remove(&order);
+        lock(&self.ended_seen).remove(&order);
     }
 }
 

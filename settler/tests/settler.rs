@@ -1047,8 +1047,8 @@ async fn bytes_past_the_allowance_wait_for_the_clients_acknowledgment() {
 
 /// Without an acknowledgment, bytes past the allowance wait `ack_wait_secs` and are then claimed
 /// anyway: every second is paid, the bytes only up to the allowance, and the rest is forfeited
-/// and counted. An ended order waits the same time from its end, because the tunnel's final
-/// acknowledgment comes right after it; meanwhile it is not settled.
+/// and counted. An ended order waits the same time from when the settler saw it end, because
+/// the tunnel's final acknowledgment comes right after the end; meanwhile it is not settled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacknowledged_bytes_are_forfeited_after_the_wait_and_every_second_is_paid() {
     use shale_contracts::PrivateKeySigner;
@@ -1114,11 +1114,14 @@ async fn unacknowledged_bytes_are_forfeited_after_the_wait_and_every_second_is_p
         .await;
     let ticks = world.append_ticks_from(ended, 3, long_ago).await;
     world.client.terminate(ended).await.unwrap();
+    let settler = settler_with(2).await;
     settler.track(ended, None);
     let report = settler.round().await.remove(&ended).unwrap().unwrap();
     assert_eq!(report.claimed, 0, "the final acknowledgment may still come");
     assert!(!report.settled, "not settled while its ticks wait");
-    world.devnet.advance_time(60).await.unwrap();
+    // The wait runs on the settler's clock from when it saw the end (chain time only moves
+    // with blocks).
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     let report = settler.round().await.remove(&ended).unwrap().unwrap();
     assert_eq!(report.claimed, 1, "{report:?}");
     assert!(report.settled, "claimed, then settled");
