@@ -66,6 +66,10 @@ pub fn settler_config() -> SettlerConfig {
         backoff_initial_ms: 200,
         backoff_max_ms: 2_000,
         settle: false,
+        // Longer than the tunnel's 30 s acknowledgment round, so that live sessions' bytes are
+        // acknowledged before the wait runs out, and short enough that a test sees a killed
+        // tunnel's bytes forfeited and the lease's last seconds paid.
+        ack_wait_secs: 45,
         ..SettlerConfig::default()
     }
 }

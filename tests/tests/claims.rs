@@ -264,10 +264,11 @@ async fn every_flipped_bit_of_a_real_claim_is_refused_on_chain_and_the_real_one_
 }
 
 /// The audit's exploit, with the real verifier: right after `accept`, an SP proves one honest
-/// tick of 0 seconds and 100 GiB out. Beyond the order's allowance the contract refuses it;
-/// once the client's acknowledgment key has signed those totals, the same claim is paid.
+/// tick of 0 seconds and 100 GiB out. Claimed directly it is paid the order's allowance and no
+/// more (the rest is forfeited); the same batch acknowledged first by the client's key is paid
+/// in full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_byte_claim_beyond_the_allowance_waits_for_the_clients_acknowledgment() {
+async fn a_byte_claim_beyond_the_allowance_is_paid_the_allowance_unless_acknowledged() {
     use shale_contracts::ack::Acknowledgment;
     use shale_contracts::{PrivateKeySigner, SignedAck, B256};
     if devnet::find_anvil().is_none() {
@@ -311,9 +312,10 @@ async fn a_byte_claim_beyond_the_allowance_waits_for_the_clients_acknowledgment(
         .unwrap();
     let provider = sp.provider(sp.sender().unwrap()).await.unwrap();
     let ack_key = PrivateKeySigner::random();
+    let allowance: u64 = 64 << 20;
     let new = NewOrder {
         ack_signer: Some(ack_key.address()),
-        byte_allowance: 64 << 20,
+        byte_allowance: allowance,
         ..NewOrder::for_offer(
             &provider,
             key_fingerprint(b"client key"),
@@ -321,40 +323,70 @@ async fn a_byte_claim_beyond_the_allowance_waits_for_the_clients_acknowledgment(
             36_000,
         )
     };
+    // The exploit's batch (0 seconds, 100 GiB) for an order, proved with the real key.
+    let huge: u64 = 100 << 30;
+    let exploit_for = |id: u64| {
+        let pk = pk.clone();
+        async move {
+            let batch = TickBatch::new(
+                id,
+                Head::GENESIS,
+                None,
+                vec![TickFields {
+                    order: id,
+                    seq: 0,
+                    seconds: 0,
+                    bytes_in: 0,
+                    bytes_out: huge,
+                }],
+            )
+            .unwrap();
+            let proof = tokio::task::spawn_blocking({
+                let batch = batch.clone();
+                move || pk.prove_with_os_rng(&batch).unwrap().to_bytes()
+            })
+            .await
+            .unwrap();
+            (request(&batch, &proof), batch)
+        }
+    };
+    // The tariff's price of `bytes` at this offer (no seconds).
+    let price_of = |bytes: u64| U256::from(bytes) * offer.price_per_gib >> 30;
+
+    // Claimed right after accept with no acknowledgment: paid the allowance only; the other
+    // bytes are forfeited for good, and the escrow keeps their price.
     let id = client.create_order(&new).await.unwrap();
     sp.accept(id).await.unwrap();
-
-    let exploit = TickBatch::new(
-        id,
-        Head::GENESIS,
-        None,
-        vec![TickFields {
-            order: id,
-            seq: 0,
-            seconds: 0,
-            bytes_in: 0,
-            bytes_out: 100 << 30,
-        }],
-    )
-    .unwrap();
-    let proof = tokio::task::spawn_blocking({
-        let batch = exploit.clone();
-        move || pk.prove_with_os_rng(&batch).unwrap().to_bytes()
-    })
-    .await
-    .unwrap();
-    let claim = request(&exploit, &proof);
-    let error = refused(&sp, "100 GiB nobody acknowledged", &claim).await;
-    assert!(
-        matches!(error, E::ClaimExceedsAcknowledgedBytes(_)),
-        "refused, but as {}",
-        shale_contracts::describe(&error)
+    let (claim, _) = exploit_for(id).await;
+    let receipt = sp
+        .claim(&claim)
+        .await
+        .expect("a batch is never refused for its bytes");
+    assert_eq!(
+        receipt.amount,
+        price_of(allowance),
+        "the allowance, no more"
     );
-    assert_eq!(sp.order(id).await.unwrap().paid, U256::ZERO);
+    let order = sp.order(id).await.unwrap();
+    assert_eq!(order.paid, price_of(allowance));
+    assert_eq!(
+        order.escrow,
+        U256::from(10u64.pow(18)) - price_of(allowance)
+    );
+    assert_eq!(
+        order.claimed_bytes,
+        u128::from(huge),
+        "every proved byte is claimed"
+    );
+    assert_eq!(order.acked_bytes, 0);
 
-    // An acknowledgment for another order, or signed by another key, does not help.
+    // Another order: the same batch, acknowledged first by the client's own key.
+    let id = client.create_order(&new).await.unwrap();
+    sp.accept(id).await.unwrap();
+    let (claim, exploit) = exploit_for(id).await;
+    // An acknowledgment signed by another key does not help: the whole call is refused.
     let chain_id = sp.chain_id().await.unwrap();
-    let ack = Acknowledgment::new(id, B256::from(exploit.next().0), 0, 0, 100 << 30);
+    let ack = Acknowledgment::new(id, B256::from(exploit.next().0), 0, 0, huge);
     let forged = SignedAck {
         signature: Bytes::from(
             ack.sign(&PrivateKeySigner::random(), chain_id, address)
@@ -363,17 +395,23 @@ async fn a_byte_claim_beyond_the_allowance_waits_for_the_clients_acknowledgment(
         ),
         ack: ack.clone(),
     };
-    assert!(
-        sp.claim(&ClaimRequest {
+    let error = refused(
+        &sp,
+        "an acknowledgment by another key",
+        &ClaimRequest {
             ack: Some(forged),
             ..claim.clone()
-        })
-        .await
-        .is_err(),
-        "an acknowledgment by another key is refused"
+        },
+    )
+    .await;
+    assert!(
+        matches!(error, E::InvalidAckSignature(_)),
+        "refused, but as {}",
+        shale_contracts::describe(&error)
     );
+    assert_eq!(sp.order(id).await.unwrap().paid, U256::ZERO);
 
-    // The client's own key acknowledges: the same claim is now paid.
+    // The client's own key acknowledges: the same claim is paid in full.
     let signed = SignedAck {
         signature: Bytes::from(ack.sign(&ack_key, chain_id, address).unwrap().to_vec()),
         ack,
@@ -389,8 +427,9 @@ async fn a_byte_claim_beyond_the_allowance_waits_for_the_clients_acknowledgment(
         "claimWithAck with the real verifier: {} gas, {} wei paid",
         receipt.gas_used, receipt.amount
     );
+    assert_eq!(receipt.amount, price_of(huge), "every acknowledged byte");
     let order = sp.order(id).await.unwrap();
-    assert_eq!(order.acked_bytes, 100 << 30);
-    assert_eq!(order.claimed_bytes, 100 << 30);
-    assert!(order.paid > U256::ZERO);
+    assert_eq!(order.acked_bytes, u128::from(huge));
+    assert_eq!(order.claimed_bytes, u128::from(huge));
+    assert_eq!(order.paid, price_of(huge));
 }

@@ -5,12 +5,14 @@
 //!
 //! - The tunnel's acknowledgments land on chain with the claims and pay bytes past the order's
 //!   allowance.
-//! - A tunnel killed with SIGKILL mid-session acknowledges nothing more: the SP is paid for the
-//!   ticks up to the allowance, and the bytes past it wait for an acknowledgment that never
-//!   comes.
+//! - A tunnel killed with SIGKILL mid-session acknowledges nothing more: the bytes past the
+//!   allowance wait for an acknowledgment that never comes, and once the settler's
+//!   `ack_wait_secs` have passed the SP is paid every second of the lease plus at most the
+//!   allowance's bytes (the rest forfeited).
 //! - An SP that inflates the bytes of its own ledger's ticks (heads recomputed, so the log
-//!   still verifies) is held back by its settler, refused on chain when it claims anyway, not
-//!   acknowledged by the tunnel, and caught by `shale receipts --verify` (exit 7).
+//!   still verifies) is held back by its settler, paid no byte past the allowance on chain when
+//!   it claims anyway, not acknowledged by the tunnel, and caught by `shale receipts --verify`
+//!   (exit 7).
 //!
 //! Needs root, containerd, anvil and solc-js (`scripts/setup.sh`), like every stack test: a
 //! missing one fails the test.
@@ -21,8 +23,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use shale_contracts::bindings::Marketplace::MarketplaceErrors as E;
-use shale_contracts::{ChainError, OrderState};
+use shale_contracts::{OrderState, U256};
 use shale_meter::{Ledger, Tick};
 use shale_tests::client::{tunnel_of, Client};
 use shale_tests::keys::settler_config;
@@ -202,7 +203,7 @@ async fn the_tunnels_acknowledgments_land_on_chain_and_pay_bytes_past_the_allowa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_tunnel_leaves_the_sp_paid_up_to_the_allowance_and_the_rest_waiting(
+async fn a_killed_tunnel_leaves_the_sp_paid_every_second_and_at_most_the_allowance(
 ) -> anyhow::Result<()> {
     let (stack, client, key) = paying_stack().await?;
     let id = client.create_order(&stack, &key, "4MiB").await?;
@@ -249,14 +250,8 @@ async fn a_killed_tunnel_leaves_the_sp_paid_up_to_the_allowance_and_the_rest_wai
     })
     .await?;
     assert!(seconds >= 2, "the ticks before the upload: {seconds} s");
-    assert_eq!(
-        (order.claimed_seconds, order.claimed_bytes),
-        (seconds, bytes),
-        "paid exactly the ticks up to the first that passes the allowance"
-    );
-    assert!(order.claimed_bytes <= room);
-    assert_eq!(order.acked_bytes, 0, "nothing acknowledged on chain");
-    // The rest waits, and the SP's own metrics say so.
+    assert!(order.acked_bytes == 0, "nothing acknowledged on chain");
+    // First the rest waits for an acknowledgment, and the SP's own metrics say so.
     let settler = stack.settler().context("the stack runs a settler")?;
     eventually("the settler to hold the rest back", || async {
         Ok((settler.metrics().failures_with("awaiting_acknowledgment") > 0).then_some(()))
@@ -267,11 +262,48 @@ async fn a_killed_tunnel_leaves_the_sp_paid_up_to_the_allowance_and_the_rest_wai
         waiting > 0,
         "no bytes wait for an acknowledgment on /metrics"
     );
-    assert_eq!(stack.client.order(id).await?.claimed_bytes, bytes);
-    eprintln!(
-        "killed tunnel: metered {metered} bytes, allowance {room}; paid {seconds} s and {bytes} \
-         bytes ({} wei), {waiting} bytes wait",
+    assert_eq!(
+        stack.client.order(id).await?.claimed_bytes,
+        bytes,
+        "within the wait, nothing past the first tick that passes the allowance is claimed"
+    );
+
+    // Once `ack_wait_secs` have passed since the end, every tick is claimed: every second of
+    // the lease is paid, and of the bytes at most the allowance.
+    let (order, metered_seconds, metered) =
+        eventually("every tick claimed after the wait", || async {
+            let o = stack.client.order(id).await?;
+            let (usage, _) = ledger.usage_after(id, None).await?;
+            Ok((o.claimed_bytes == usage.bytes_total()
+                && settler.metrics().forfeited_bytes.get() > 0)
+                .then_some((o, usage.seconds, usage.bytes_total())))
+        })
+        .await?;
+    let (accepted, ended) = (
+        order.accepted_at.context("accepted")?,
+        order.ended_at.context("ended")?,
+    );
+    assert_eq!(
+        order.claimed_seconds,
+        metered_seconds.min(ended - accepted),
+        "every lease second paid"
+    );
+    let price = |seconds: u64, bytes: u128| {
+        U256::from(seconds) * order.price_per_second
+            + ((U256::from(bytes) * order.price_per_gib) >> 30)
+    };
+    assert!(
+        order.paid >= price(order.claimed_seconds, 0)
+            && order.paid <= price(order.claimed_seconds, room),
+        "paid {} wei: the seconds plus at most the allowance",
         order.paid
+    );
+    eprintln!(
+        "killed tunnel: metered {metered} bytes, allowance {room}; before the wait paid {seconds} s \
+         and {bytes} bytes, {waiting} bytes waited; after it {} s and {} wei ({} bytes forfeited)",
+        order.claimed_seconds,
+        order.paid,
+        settler.metrics().forfeited_bytes.get()
     );
 
     // An honest SP: the receipts agree with the claims and stay under the tunnel's counts.
@@ -283,7 +315,7 @@ async fn a_killed_tunnel_leaves_the_sp_paid_up_to_the_allowance_and_the_rest_wai
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_sp_that_inflates_its_ledger_is_refused_on_chain_and_caught_by_the_receipts(
+async fn an_sp_that_inflates_its_ledger_is_paid_no_forged_byte_and_caught_by_the_receipts(
 ) -> anyhow::Result<()> {
     let (mut stack, client, key) = paying_stack().await?;
     let id = client.create_order(&stack, &key, "1MiB").await?;
@@ -351,26 +383,34 @@ async fn an_sp_that_inflates_its_ledger_is_refused_on_chain_and_caught_by_the_re
         );
     }
 
-    // The SP sends the next batch itself, proved with the real key: the contract refuses it.
+    // The SP sends the next batch itself, proved with the real key: the contract pays its
+    // seconds and no forged byte past the allowance.
     stack.stop_gateway().await;
-    let error = match dishonest::claim_next_batch(&ledger, &stack.sp, id).await? {
-        Ok(receipt) => panic!("the contract paid forged bytes: {receipt:?}"),
-        Err(e @ ChainError::Reverted { .. }) => e,
-        Err(e) => panic!("expected a refusal, got {e}"),
+    let receipt = dishonest::claim_next_batch(&ledger, &stack.sp, id)
+        .await?
+        .map_err(|e| anyhow::anyhow!("a batch is never refused for its bytes: {e}"))?;
+    let after = stack.client.order(id).await?;
+    assert!(
+        after.claimed_bytes > order.claimed_bytes,
+        "the forged batch landed"
+    );
+    let price = |seconds: u64, bytes: u128| {
+        U256::from(seconds) * after.price_per_second
+            + ((U256::from(bytes) * after.price_per_gib) >> 30)
     };
     assert!(
-        matches!(
-            error.contract_error(),
-            Some(E::ClaimExceedsAcknowledgedBytes(_))
-        ),
-        "refused, but as {error}"
+        after.paid <= price(after.claimed_seconds, u128::from(after.byte_allowance)),
+        "paid {} wei for {} s: more than the seconds and the allowance",
+        after.paid,
+        after.claimed_seconds
     );
-    let after = stack.client.order(id).await?;
-    assert_eq!((after.paid, after.head), (order.paid, order.head));
     eprintln!(
         "forged {forged_bytes} bytes; the settler claimed {} bytes (allowance {}); the SP's own \
-         claim was refused: {error}",
-        order.claimed_bytes, order.byte_allowance
+         claim of {} bytes was paid {} wei (its seconds; the forged bytes forfeited)",
+        order.claimed_bytes,
+        order.byte_allowance,
+        after.claimed_bytes - order.claimed_bytes,
+        receipt.amount
     );
     stack.stop().await
 }
