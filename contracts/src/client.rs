@@ -287,8 +287,7 @@ impl Marketplace {
     /// acknowledged total and the allowance.
     pub async fn claimable_bytes(&self, order_id: u64) -> Result<u128, ChainError> {
         let order = self.order(order_id).await?;
-        let allowed = order.acked_bytes.max(u128::from(order.byte_allowance));
-        Ok(allowed.saturating_sub(order.claimed_bytes))
+        Ok(order.bytes_bound().saturating_sub(order.claimed_bytes))
     }
 
     /// Seconds of lease time the provider may claim right now.

@@ -117,6 +117,12 @@ impl Order {
         }
     }
 
+    /// The most bytes (in + out, cumulative) the contract pays the provider for: the larger of
+    /// the acknowledged total and the allowance. Claimed bytes past it are forfeited.
+    pub fn bytes_bound(&self) -> u128 {
+        self.acked_bytes.max(u128::from(self.byte_allowance))
+    }
+
     /// Seconds of lease time the provider may still claim at unix time `now`.
     pub fn claimable_seconds_at(&self, now: u64) -> u64 {
         let Some(accepted) = self.accepted_at else {

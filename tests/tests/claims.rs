@@ -351,7 +351,7 @@ async fn a_byte_claim_beyond_the_allowance_is_paid_the_allowance_unless_acknowle
         }
     };
     // The tariff's price of `bytes` at this offer (no seconds).
-    let price_of = |bytes: u64| U256::from(bytes) * offer.price_per_gib >> 30;
+    let price_of = |bytes: u64| (U256::from(bytes) * offer.price_per_gib) >> 30;
 
     // Claimed right after accept with no acknowledgment: paid the allowance only; the other
     // bytes are forfeited for good, and the escrow keeps their price.

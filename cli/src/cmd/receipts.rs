@@ -128,9 +128,11 @@ pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
         )),
         Some(n) => {
             let claimed = Usage::sum(ticks[..n].iter().map(Tick::usage)).unwrap_or_default();
-            if claimed.seconds != order.claimed_seconds {
+            // The contract records the seconds it paid: fewer than the receipts' when the last
+            // batch ran past the lease's end and was trimmed, never more.
+            if order.claimed_seconds > claimed.seconds {
                 problems.push(format!(
-                    "the provider claimed {} s, the receipts up to its head add up to {} s",
+                    "the provider was paid for {} s, the receipts up to its head add up to {} s",
                     order.claimed_seconds, claimed.seconds
                 ));
             }
@@ -150,23 +152,12 @@ pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
                 })
                 .collect();
             if let (Some(t), false) = (&tariff, batches.is_empty()) {
-                let mut expected = U256::ZERO;
-                for (first, last) in batches
-                    .iter()
-                    .filter(|(_, last)| ticks[..n].iter().any(|t| t.seq == *last))
-                {
-                    let u = Usage::sum(
-                        ticks
-                            .iter()
-                            .filter(|t| t.seq >= *first && t.seq <= *last)
-                            .map(Tick::usage),
-                    )
-                    .unwrap_or_default();
-                    expected += t.charge(&u);
-                }
-                if expected != order.paid {
+                let expected = most_payable(t, &ticks[..n], &batches, order.bytes_bound());
+                // Less is the provider's loss (bytes forfeited without an acknowledgment, a last
+                // batch trimmed at the lease's end), never the client's: only more is wrong.
+                if order.paid > expected {
                     problems.push(format!(
-                        "the provider was paid {}, its claimed batches cost {}",
+                        "the provider was paid {}, its claimed batches cost at most {}",
                         Fil(order.paid),
                         Fil(expected)
                     ));
@@ -194,6 +185,45 @@ pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
         matches: problems.is_empty(),
         problems,
     }
+}
+
+/// The most the contract can have paid for the claimed `ticks`, batch by batch as the claim
+/// receipts give them (`(first_seq, last_seq)`): every second, and of each batch's bytes only
+/// what still fitted `bytes_bound` (max(acknowledged, allowance)) above the bytes claimed before
+/// it. The bound only grows, so today's is the largest any claim saw.
+fn most_payable(
+    tariff: &Tariff,
+    ticks: &[Tick],
+    batches: &[(u64, u64)],
+    bytes_bound: u128,
+) -> U256 {
+    let mut claimed_bytes: u128 = 0;
+    let mut most = U256::ZERO;
+    for (first, last) in batches
+        .iter()
+        .filter(|(_, last)| ticks.iter().any(|t| t.seq == *last))
+    {
+        let batch = Usage::sum(
+            ticks
+                .iter()
+                .filter(|t| t.seq >= *first && t.seq <= *last)
+                .map(Tick::usage),
+        )
+        .unwrap_or_default();
+        let room = bytes_bound.saturating_sub(claimed_bytes);
+        // A batch's bytes fit u64 each way (the circuit's bound), so their paid part fits u128
+        // and is charged as one total, as the contract charges it.
+        let paid_bytes = batch.bytes_total().min(room);
+        let paid = Usage {
+            seconds: batch.seconds,
+            bytes_in: u64::try_from(paid_bytes).unwrap_or(u64::MAX),
+            bytes_out: u64::try_from(paid_bytes.saturating_sub(u128::from(u64::MAX)))
+                .unwrap_or(u64::MAX),
+        };
+        most += tariff.charge(&paid);
+        claimed_bytes = claimed_bytes.saturating_add(batch.bytes_total());
+    }
+    most
 }
 
 /// Holds the provider's byte totals to what the client's own tunnel relayed: SSH framing makes
@@ -343,6 +373,42 @@ mod tests {
             over.problems[0].contains("over-claim"),
             "{:?}",
             over.problems
+        );
+    }
+
+    #[test]
+    fn the_most_payable_trims_each_batchs_bytes_to_what_still_fitted_the_bound() {
+        // One wei a second and one wei a byte.
+        let tariff = Tariff::new(U256::from(1u8), U256::from(1u64 << 30)).unwrap();
+        let tick = |seq| Tick {
+            order: 7,
+            seq,
+            started_at_ms: 0,
+            seconds: 10,
+            bytes_in: 60,
+            bytes_out: 40,
+            charge: U256::ZERO,
+            prev_head: Head::GENESIS,
+            head: Head::GENESIS,
+        };
+        let ticks = [tick(0), tick(1), tick(2)];
+        let batches = [(0, 0), (1, 2)];
+        // Everything fits: 30 s and 300 bytes.
+        assert_eq!(
+            most_payable(&tariff, &ticks, &batches, 1_000),
+            U256::from(330u16)
+        );
+        // 150 bytes payable: the first batch's 100, then 50 of the second's 200.
+        assert_eq!(
+            most_payable(&tariff, &ticks, &batches, 150),
+            U256::from(180u16)
+        );
+        // No allowance and no acknowledgment: the seconds only.
+        assert_eq!(most_payable(&tariff, &ticks, &batches, 0), U256::from(30u8));
+        // A batch whose last tick is not among the claimed ticks was not paid.
+        assert_eq!(
+            most_payable(&tariff, &ticks[..2], &batches, 1_000),
+            U256::from(110u8)
         );
     }
 }
