@@ -69,6 +69,26 @@ async fn read_line<R: AsyncBufRead + Unpin>(input: &mut R) -> Result<String, Ack
     String::from_utf8(buf).map_err(|_| AckError::Protocol("a line is not UTF-8".into()))
 }
 
+/// Reads the client's opening line. Public, like [`read_answer`] and [`signature_bytes`], so
+/// that the fuzz targets (`fuzz/`) drive the very code that reads what a hostile client sends.
+pub async fn read_request<R: AsyncBufRead + Unpin>(input: &mut R) -> Result<AckRequest, AckError> {
+    serde_json::from_str(&read_line(input).await?).map_err(|e| AckError::Protocol(e.to_string()))
+}
+
+/// Reads the client's answer to the offer.
+pub async fn read_answer<R: AsyncBufRead + Unpin>(input: &mut R) -> Result<AckAnswer, AckError> {
+    serde_json::from_str(&read_line(input).await?).map_err(|e| AckError::Protocol(e.to_string()))
+}
+
+/// Decodes a signed answer's signature: `0x` and 65 bytes of hex, nothing else.
+pub fn signature_bytes(signature: &str) -> Result<shale_contracts::Bytes, AckError> {
+    signature
+        .strip_prefix("0x")
+        .and_then(|_| signature.parse::<shale_contracts::Bytes>().ok())
+        .filter(|b| b.len() == 65)
+        .ok_or_else(|| AckError::Protocol("the signature is not 65 bytes of hex".into()))
+}
+
 async fn write_line<W: AsyncWrite + Unpin>(out: &mut W, line: &AckLine) -> Result<(), AckError> {
     let mut text = serde_json::to_vec(line).expect("ack lines serialize");
     text.push(b'\n');
@@ -89,8 +109,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut input = tokio::io::BufReader::new(input);
-    let request: AckRequest = serde_json::from_str(&read_line(&mut input).await?)
-        .map_err(|e| AckError::Protocol(e.to_string()))?;
+    let request = read_request(&mut input).await?;
     // The ticks after the client's position, up to the bound; the offer ends where they do.
     let mut last = match request.after_seq {
         Some(seq) => Some(
@@ -135,8 +154,7 @@ where
     };
     write_line(&mut output, &AckLine::Offer(offer.clone())).await?;
     output.flush().await?;
-    let answer: AckAnswer = serde_json::from_str(&read_line(&mut input).await?)
-        .map_err(|e| AckError::Protocol(e.to_string()))?;
+    let answer = read_answer(&mut input).await?;
     let signature = match answer {
         AckAnswer::Refused { reason } => return Ok(AckOutcome::Refused(reason)),
         AckAnswer::Signed { signature } => signature,
@@ -159,11 +177,7 @@ async fn store(
     offer: &AckOffer,
     signature: &str,
 ) -> Result<AckRecord, AckError> {
-    let bytes = signature
-        .strip_prefix("0x")
-        .and_then(|_| signature.parse::<shale_contracts::Bytes>().ok())
-        .filter(|b| b.len() == 65)
-        .ok_or_else(|| AckError::Protocol("the signature is not 65 bytes of hex".into()))?;
+    let bytes = signature_bytes(signature)?;
     let ack = Acknowledgment::new(
         offer.order,
         B256::from(offer.head.0),
