@@ -49,8 +49,6 @@ for tool in anvil forge cast; do
 done
 # forge runs solc-js through this wrapper: `forge test --offline --use .tools/bin/solc`.
 ln -sf "$root/scripts/solc-wrapper.sh" .tools/bin/solc
-# cargo-fuzz, for scripts/fuzz.sh (the nightly toolchain it builds with comes with the image).
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # Fail here, not in the middle of the tests, when a tool is broken.
 for tool in anvil forge cast solc; do
     .tools/bin/$tool --version >/dev/null 2>&1 || { echo "setup: .tools/bin/$tool does not run" >&2; exit 1; }

@@ -14,5 +14,3 @@ echo "== forge test"
 (cd contracts && forge test --offline --use "$root/.tools/bin/solc")
 echo "== cargo test"
 cargo test --workspace --locked
-echo "== fuzz (FUZZ_SECONDS per target; scripts/fuzz.sh alone runs longer)"
-scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
