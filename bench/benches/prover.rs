@@ -78,7 +78,9 @@ fn full_batch(capacity: usize) -> TickBatch {
             bytes_out: 1 << 24,
         })
         .collect();
-    TickBatch::new(3, Head::GENESIS, None, ticks).expect("a full batch is valid")
+    // Any deployment: proving costs the same under every order key.
+    let key = shale_circuits::OrderKey::new(31337, [0x5f; 20], 3);
+    TickBatch::new(key, Head::GENESIS, None, ticks).expect("a full batch is valid")
 }
 
 impl Fixture {

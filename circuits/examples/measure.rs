@@ -7,7 +7,9 @@
 use std::time::Instant;
 
 use rand::SeedableRng;
-use shale_circuits::{constraint_count, setup_from_seed, Head, TickBatch, TickFields, PROOF_LEN};
+use shale_circuits::{
+    constraint_count, setup_from_seed, Head, OrderKey, TickBatch, TickFields, PROOF_LEN,
+};
 
 fn main() -> anyhow::Result<()> {
     let capacities: Vec<usize> = std::env::args()
@@ -33,7 +35,7 @@ fn main() -> anyhow::Result<()> {
                 bytes_out: 1 << 24,
             })
             .collect();
-        let batch = TickBatch::new(3, Head::GENESIS, None, ticks)?;
+        let batch = TickBatch::new(OrderKey::new(31337, [1; 20], 3), Head::GENESIS, None, ticks)?;
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
         // The first proof also builds the constraint matrices the key then keeps.
         let t = Instant::now();

@@ -3,29 +3,36 @@
 //! # Statement
 //!
 //! Public inputs, in this order (the contract's `uint256[6] input`):
-//! `orderId, prevHead, nextHead, seconds, bytesIn, bytesOut`.
+//! `orderKey, prevHead, nextHead, seconds, bytesIn, bytesOut`.
+//!
+//! `orderKey` is `K = keccak256(abi.encode(chainId, marketplace, orderId)) mod r`
+//! ([`OrderKey`]): the contract computes it from `block.chainid`, its own address and the claimed
+//! order id, so a proof names one order of one deployment. It is a full field element (no range
+//! check).
 //!
 //! The prover knows `capacity` slots, each enabled or disabled, such that
 //!
 //! 1. the enabled slots are a prefix (slot `i` enabled ⇒ slot `i-1` enabled);
-//! 2. every tick field (`seconds`, `bytes_in`, `bytes_out`) and the order id are below `2^64`: they are
-//!    built from 64 boolean witnesses each, so no value can wrap around the field;
-//! 3. enabled slot `i` is the tick `(orderId, seqFirst + i, seconds_i, bytes_in_i, bytes_out_i)`:
-//!    its order *is* the public order id and its sequence number *is* `seqFirst + i`, so a tick of
-//!    another order, a skipped or a repeated tick yields a different chain and cannot reach `nextHead`;
-//! 4. starting from `prevHead`, each enabled slot advances the head `h ← Poseidon(h, tick)` and each
-//!    disabled slot leaves it unchanged, ending at `nextHead`; disabled slots hold zero seconds and
-//!    bytes, so the public totals are exactly the sums over the enabled ticks;
+//! 2. every tick field (`seconds`, `bytes_in`, `bytes_out`) is below `2^64`: it is built from 64
+//!    boolean witnesses, so no value can wrap around the field;
+//! 3. enabled slot `i` is the tick `(seqFirst + i, seconds_i, bytes_in_i, bytes_out_i)` hashed
+//!    under the public `orderKey`: its sequence number *is* `seqFirst + i` and its key *is* the
+//!    claimed order's, so a tick of another order or of another deployment, a skipped or a repeated
+//!    tick yields a different chain and cannot reach `nextHead`;
+//! 4. starting from `prevHead`, each enabled slot advances the head `h ← Poseidon(K, h, tick)` and
+//!    each disabled slot leaves it unchanged, ending at `nextHead`; disabled slots hold zero seconds
+//!    and bytes, so the public totals are exactly the sums over the enabled ticks;
 //! 5. `seqFirst` (a private witness) continues the chain the contract has already paid for: at the
 //!    genesis head (zero) it is 0, the meter's first sequence number; otherwise the prover also knows
-//!    the *anchor*, the last paid tick `(orderId, seqFirst - 1, …)` and the head before it, which hash
-//!    to `prevHead`. A batch can therefore neither skip nor re-claim ticks across batches, nor restart
+//!    the *anchor*, the last paid tick `(seqFirst - 1, …)` of the same key and the head before it,
+//!    which hash to `prevHead`. A batch can therefore neither skip nor re-claim ticks across batches, nor restart
 //!    the numbering.
 //! 6. all sequence numbers of the batch, and the anchor's, lie below `2^64`: the circuit range-checks
 //!    the anchor's sequence number (or `seqFirst` at genesis) and `seqFirst + capacity - 1`, which
 //!    bound every slot's number in between. A batch must start at most at `2^64 - capacity`.
 //!
-//! The order id is a public input below `2^64`; orders with larger ids cannot be claimed.
+//! Genesis is the zero head for every order; the first tick already hashes `K`, so every head after
+//! it belongs to one order of one deployment.
 //!
 //! [`TickBatch`] builds a correct assignment from ledger ticks and refuses inconsistent ones with a
 //! typed error; [`TickBatchCircuit`] is the raw assignment the constraints check, public so that tests
@@ -45,19 +52,20 @@ use ark_relations::gr1cs::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::CircuitError;
+use crate::key::OrderKey;
 use crate::poseidon::{gadget::next_head_var, next_head, two_pow_64, Head, TickFields};
 
 /// Number of public inputs of the circuit (and of `verifyClaim`'s `input`).
 pub const NUM_PUBLIC_INPUTS: usize = 6;
 
-/// Bits of every range-checked quantity (tick fields, order id, sequence numbers).
+/// Bits of every range-checked quantity (tick fields, sequence numbers).
 const FIELD_BITS: usize = 64;
 
 /// The public statement of one claim, as the contract sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClaimInputs {
-    /// The order being paid.
-    pub order: u64,
+    /// The order being paid, with its deployment (public input 0 is its key).
+    pub key: OrderKey,
     /// The head the contract last paid for (genesis for the first claim).
     pub prev: Head,
     /// The head after the batch's last tick.
@@ -71,6 +79,11 @@ pub struct ClaimInputs {
 }
 
 impl ClaimInputs {
+    /// The on-chain id of the order being paid (the `orderId` argument of `claim`).
+    pub fn order(&self) -> u64 {
+        self.key.order()
+    }
+
     /// The public inputs as field elements, in circuit order.
     ///
     /// Fails if a head is not a canonical field element (a `Head` made by hand).
@@ -80,7 +93,7 @@ impl ClaimInputs {
                 .map_err(|_| CircuitError::InputOutOfField { index })
         };
         Ok([
-            Fr::from(self.order),
+            self.key.to_field(),
             head(&self.prev, 1)?,
             head(&self.next, 2)?,
             Fr::from(self.seconds),
@@ -97,7 +110,7 @@ impl ClaimInputs {
             w
         };
         [
-            num(self.order.into()),
+            self.key.to_word(),
             self.prev.0,
             self.next.0,
             num(self.seconds),
@@ -152,7 +165,7 @@ pub struct AnchorWitness {
 /// The raw assignment of the tick-batch circuit; its capacity is `slots.len()`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TickBatchCircuit {
-    /// `orderId, prevHead, nextHead, seconds, bytesIn, bytesOut`.
+    /// `orderKey, prevHead, nextHead, seconds, bytesIn, bytesOut`.
     pub public: [Fr; NUM_PUBLIC_INPUTS],
     /// Sequence number of slot 0.
     pub seq_first: Fr,
@@ -163,7 +176,7 @@ pub struct TickBatchCircuit {
 }
 
 impl TickBatchCircuit {
-    /// A satisfiable assignment with no ticks (genesis, order 0): the shape key setup needs.
+    /// A satisfiable assignment with no ticks (genesis, order key 0): the shape key setup needs.
     pub fn blank(capacity: usize) -> Result<Self, CircuitError> {
         if capacity == 0 {
             return Err(CircuitError::ZeroCapacity);
@@ -232,9 +245,9 @@ impl TickVars {
     }
 
     /// The two packed elements of [`TickFields::packed`], as linear combinations (no constraints).
-    fn packed(&self, order: &FpVar<Fr>, seq: &FpVar<Fr>) -> (FpVar<Fr>, FpVar<Fr>) {
+    fn packed(&self, seq: &FpVar<Fr>) -> (FpVar<Fr>, FpVar<Fr>) {
         let s = two_pow_64();
-        let a = (order * s + seq) * s + &self.seconds;
+        let a = seq * s + &self.seconds;
         let b = &self.bytes_in * s + &self.bytes_out;
         (a, b)
     }
@@ -244,11 +257,12 @@ impl ConstraintSynthesizer<Fr> for TickBatchCircuit {
     fn generate_constraints(self, cs: ConstraintSystemRef<Fr>) -> Result<(), SynthesisError> {
         let capacity = self.slots.len();
         let _span = tracing::debug_span!("tick_batch_constraints", capacity).entered();
-        let [order, prev, next, total_seconds, total_in, total_out] =
+        let [key, prev, next, total_seconds, total_in, total_out] =
             self.public.map(|v| FpVar::new_input(cs.clone(), || Ok(v)));
-        let (order, prev, next) = (order?, prev?, next?);
+        // The key is a whole field element (a reduced keccak): it enters the hash as one
+        // element, so it needs no range check.
+        let (key, prev, next) = (key?, prev?, next?);
         let (total_seconds, total_in, total_out) = (total_seconds?, total_in?, total_out?);
-        enforce_u64(&cs, &order)?;
 
         let is_genesis = prev.is_zero()?;
         let seq_first = FpVar::new_witness(cs.clone(), || Ok(self.seq_first))?;
@@ -268,8 +282,8 @@ impl ConstraintSynthesizer<Fr> for TickBatchCircuit {
             self.anchor.bytes_out,
         )?;
         let anchor_before = FpVar::new_witness(cs.clone(), || Ok(self.anchor.before))?;
-        let (a, b) = anchor.packed(&order, &(&seq_first - Fr::one()));
-        let anchor_head = next_head_var(cs.clone(), &anchor_before, &a, &b)?;
+        let (a, b) = anchor.packed(&(&seq_first - Fr::one()));
+        let anchor_head = next_head_var(cs.clone(), &key, &anchor_before, &a, &b)?;
         anchor_head.conditional_enforce_equal(&prev, &!&is_genesis)?;
 
         let mut head = prev;
@@ -285,8 +299,8 @@ impl ConstraintSynthesizer<Fr> for TickBatchCircuit {
             }
             let tick = TickVars::alloc(&cs, slot.seconds, slot.bytes_in, slot.bytes_out)?;
             let seq = &seq_first + Fr::from(i as u64);
-            let (a, b) = tick.packed(&order, &seq);
-            let hashed = next_head_var(cs.clone(), &head, &a, &b)?;
+            let (a, b) = tick.packed(&seq);
+            let hashed = next_head_var(cs.clone(), &key, &head, &a, &b)?;
             head = FpVar::conditionally_select(&enabled, &hashed, &head)?;
             // A disabled slot carries nothing: zero seconds and (since b packs both) zero bytes.
             disabled.mul_equals(&tick.seconds, &FpVar::zero())?;
@@ -317,7 +331,7 @@ pub struct Anchor {
 /// A checked batch of consecutive ticks of one order, ready to be proved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TickBatch {
-    order: u64,
+    key: OrderKey,
     prev: Head,
     next: Head,
     anchor: Option<Anchor>,
@@ -325,17 +339,18 @@ pub struct TickBatch {
 }
 
 impl TickBatch {
-    /// Checks that `ticks` continue the chain at `prev` for `order`.
+    /// Checks that `ticks` continue the chain at `prev` of the order `key` names.
     ///
     /// `anchor` must be `None` exactly when `prev` is genesis, and otherwise be the last paid tick and
-    /// the head before it. The ticks must all belong to `order` and be consecutive, starting right
-    /// after the anchor.
+    /// the head before it. The ticks must all belong to `key`'s order and be consecutive, starting
+    /// right after the anchor.
     pub fn new(
-        order: u64,
+        key: OrderKey,
         prev: Head,
         anchor: Option<Anchor>,
         ticks: Vec<TickFields>,
     ) -> Result<Self, CircuitError> {
+        let order = key.order();
         let first = ticks.first().ok_or(CircuitError::EmptyBatch)?;
         match (&anchor, prev.is_genesis()) {
             (None, false) => return Err(CircuitError::MissingAnchor { prev }),
@@ -356,7 +371,7 @@ impl TickBatch {
                         seq: anchor.tick.seq,
                     });
                 }
-                if next_head(&anchor.before, &anchor.tick) != prev {
+                if next_head(&key, &anchor.before, &anchor.tick) != prev {
                     return Err(CircuitError::AnchorMismatch {
                         seq: anchor.tick.seq,
                         prev,
@@ -401,10 +416,10 @@ impl TickBatch {
                     found: t.seq,
                 });
             }
-            head = next_head(&head, t);
+            head = next_head(&key, &head, t);
         }
         Ok(TickBatch {
-            order,
+            key,
             prev,
             next: head,
             anchor,
@@ -412,9 +427,14 @@ impl TickBatch {
         })
     }
 
-    /// The order being claimed.
+    /// The order being claimed (its on-chain id).
     pub fn order(&self) -> u64 {
-        self.order
+        self.key.order()
+    }
+
+    /// The order being claimed, with its deployment.
+    pub fn key(&self) -> OrderKey {
+        self.key
     }
 
     /// The ticks, in chain order.
@@ -431,7 +451,7 @@ impl TickBatch {
     pub fn next_anchor(&self) -> Anchor {
         let tick = *self.ticks.last().expect("a TickBatch is never empty");
         let before = self.ticks.len().checked_sub(2).map_or(self.prev, |i| {
-            crate::poseidon::chain_head(&self.prev, &self.ticks[..=i])
+            crate::poseidon::chain_head(&self.key, &self.prev, &self.ticks[..=i])
         });
         Anchor { before, tick }
     }
@@ -440,7 +460,7 @@ impl TickBatch {
     pub fn inputs(&self) -> ClaimInputs {
         let sum = |f: fn(&TickFields) -> u64| self.ticks.iter().map(|t| u128::from(f(t))).sum();
         ClaimInputs {
-            order: self.order,
+            key: self.key,
             prev: self.prev,
             next: self.next,
             seconds: sum(|t| t.seconds),
@@ -502,6 +522,16 @@ mod tests {
     const ORDER: u64 = 42;
     const CAPACITY: usize = 4;
 
+    /// Order 42 of a marketplace at 0x0909…09 on chain 31337.
+    fn key() -> OrderKey {
+        OrderKey::new(31337, [9; 20], ORDER)
+    }
+
+    /// The key field element, as the raw tick arrays of [`field_chain`] carry it.
+    fn k() -> Fr {
+        key().to_field()
+    }
+
     fn tick(seq: u64) -> TickFields {
         TickFields {
             order: ORDER,
@@ -523,14 +553,14 @@ mod tests {
     }
 
     fn genesis_batch(n: u64) -> TickBatch {
-        TickBatch::new(ORDER, Head::GENESIS, None, ticks(0..n)).unwrap()
+        TickBatch::new(key(), Head::GENESIS, None, ticks(0..n)).unwrap()
     }
 
     /// A batch of ticks 3..3+n continuing a paid chain of ticks 0..3.
     fn later_batch(n: u64) -> TickBatch {
         let paid = genesis_batch(3);
         TickBatch::new(
-            ORDER,
+            key(),
             paid.next(),
             Some(paid.next_anchor()),
             ticks(3..3 + n),
@@ -538,15 +568,16 @@ mod tests {
         .unwrap()
     }
 
-    /// The chain head over raw field-level ticks `(order, seq, seconds, in, out)`, hashing exactly
+    /// The chain head over raw field-level ticks `(key, seq, seconds, in, out)`, hashing exactly
     /// what an unconstrained circuit would, so that wrong witnesses fail on the constraint under test
     /// and not on an unrelated hash mismatch.
     fn field_chain(prev: Fr, ticks: &[[Fr; 5]]) -> Fr {
         let s = two_pow_64();
-        ticks.iter().fold(prev, |h, [o, q, sec, bi, bo]| {
-            let a = (*o * s + q) * s + sec;
+        ticks.iter().fold(prev, |h, [key, q, sec, bi, bo]| {
+            let a = *q * s + sec;
             let b = *bi * s + bo;
             let mut sponge = PoseidonSponge::new(crate::poseidon::config());
+            sponge.state[0] = *key;
             sponge.absorb(&vec![h, a, b]);
             sponge.squeeze_field_elements::<Fr>(1)[0]
         })
@@ -555,10 +586,16 @@ mod tests {
     #[test]
     fn field_chain_matches_native_hash() {
         let t = tick(5);
-        let raw = [t.order, t.seq, t.seconds, t.bytes_in, t.bytes_out].map(Fr::from);
+        let raw = [
+            k(),
+            t.seq.into(),
+            t.seconds.into(),
+            t.bytes_in.into(),
+            t.bytes_out.into(),
+        ];
         assert_eq!(
             field_chain(Fr::from(9u64), &[raw]),
-            next_head_field(Fr::from(9u64), &t)
+            next_head_field(k(), Fr::from(9u64), &t)
         );
     }
 
@@ -572,7 +609,10 @@ mod tests {
     #[test]
     fn partly_full_batch_is_satisfiable_and_disabled_slots_change_nothing() {
         let batch = genesis_batch(2);
-        assert_eq!(batch.next(), chain_head(&Head::GENESIS, &ticks(0..2)));
+        assert_eq!(
+            batch.next(),
+            chain_head(&key(), &Head::GENESIS, &ticks(0..2))
+        );
         assert_eq!(batch.inputs().seconds, 30 + 31);
         assert!(satisfied(batch.circuit(CAPACITY).unwrap()));
         assert!(satisfied(genesis_batch(1).circuit(CAPACITY).unwrap()));
@@ -625,7 +665,7 @@ mod tests {
                 let t = tick(i);
                 let sec = if i == 1 { big } else { Fr::from(t.seconds) };
                 [
-                    t.order.into(),
+                    k(),
                     t.seq.into(),
                     sec,
                     t.bytes_in.into(),
@@ -652,13 +692,7 @@ mod tests {
                 } else {
                     Fr::from(t.bytes_out)
                 };
-                [
-                    t.order.into(),
-                    t.seq.into(),
-                    t.seconds.into(),
-                    t.bytes_in.into(),
-                    out,
-                ]
+                [k(), t.seq.into(), t.seconds.into(), t.bytes_in.into(), out]
             })
             .collect();
         c.public[2] = field_chain(Fr::zero(), &raw);
@@ -666,29 +700,38 @@ mod tests {
     }
 
     #[test]
-    fn order_id_beyond_64_bits_is_unsatisfiable() {
-        let order = two_pow_64() + Fr::from(ORDER);
-        let mut c = genesis_batch(1).circuit(CAPACITY).unwrap();
-        c.public[0] = order;
-        let t = tick(0);
-        c.public[2] = field_chain(
-            Fr::zero(),
-            &[[
-                order,
-                t.seq.into(),
-                t.seconds.into(),
-                t.bytes_in.into(),
-                t.bytes_out.into(),
-            ]],
-        );
-        assert!(!satisfied(c));
+    fn full_width_order_key_is_satisfiable() {
+        // The key is a reduced keccak, far above 2^64: it is not range-checked like the tick fields.
+        assert!(k() > two_pow_64() * two_pow_64() * two_pow_64());
+        assert!(satisfied(genesis_batch(2).circuit(CAPACITY).unwrap()));
+    }
+
+    #[test]
+    fn proof_for_another_deployment_is_unsatisfiable() {
+        // The same order id and ticks, claimed under the key of another chain or marketplace
+        // (what the contract of that deployment puts in input 0).
+        for other in [
+            OrderKey::new(31338, [9; 20], ORDER),
+            OrderKey::new(31337, [8; 20], ORDER),
+        ] {
+            let mut c = later_batch(2).circuit(CAPACITY).unwrap();
+            c.public[0] = other.to_field();
+            assert!(!satisfied(c), "{other}");
+            // Nor can a chain built under the other key be claimed under this one.
+            let theirs = genesis_batch(2);
+            let mut c = theirs.circuit(CAPACITY).unwrap();
+            c.public[2] = chain_head(&other, &Head::GENESIS, theirs.ticks())
+                .to_field()
+                .unwrap();
+            assert!(!satisfied(c), "{other}'s chain");
+        }
     }
 
     /// The circuit derived from a good batch, with nextHead replaced by the chain over `chained`
     /// (the witness slots keep the good ticks' amounts, which `chained` shares).
     fn with_chain_over(batch: &TickBatch, chained: &[TickFields]) -> TickBatchCircuit {
         let mut c = batch.circuit(CAPACITY).unwrap();
-        c.public[2] = chain_head(&batch.inputs().prev, chained)
+        c.public[2] = chain_head(&batch.key(), &batch.inputs().prev, chained)
             .to_field()
             .unwrap();
         c
@@ -715,7 +758,7 @@ mod tests {
         let again = TickFields { seq: 2, ..tick(3) };
         let mut c = later_batch(1).circuit(CAPACITY).unwrap();
         c.seq_first = Fr::from(2u64);
-        c.public[2] = next_head(&paid.next(), &again).to_field().unwrap();
+        c.public[2] = next_head(&key(), &paid.next(), &again).to_field().unwrap();
         assert!(!satisfied(c));
     }
 
@@ -725,7 +768,9 @@ mod tests {
         let mut c = genesis_batch(3).circuit(CAPACITY).unwrap();
         c.slots[1] = SlotWitness::default();
         let (t0, t2) = (tick(0), tick(2));
-        c.public[2] = chain_head(&Head::GENESIS, &[t0, t2]).to_field().unwrap();
+        c.public[2] = chain_head(&key(), &Head::GENESIS, &[t0, t2])
+            .to_field()
+            .unwrap();
         c.public[3] = Fr::from(t0.seconds + t2.seconds);
         c.public[4] = Fr::from(t0.bytes_in + t2.bytes_in);
         c.public[5] = Fr::from(u128::from(t0.bytes_out) + u128::from(t2.bytes_out));
@@ -747,18 +792,18 @@ mod tests {
     #[test]
     fn another_orders_tick_is_unsatisfiable() {
         let batch = later_batch(3);
-        let foreign = [
-            tick(3),
-            TickFields {
-                order: ORDER + 1,
-                ..tick(4)
-            },
-            tick(5),
-        ];
-        assert!(!satisfied(with_chain_over(&batch, &foreign)));
+        // Tick 4 hashed under order 43's key: the tick of another order in the chain.
+        let other = OrderKey::new(31337, [9; 20], ORDER + 1);
+        let prev = batch.inputs().prev;
+        let h = next_head(&key(), &prev, &tick(3));
+        let h = next_head(&other, &h, &tick(4));
+        let h = next_head(&key(), &h, &tick(5));
+        let mut c = batch.circuit(CAPACITY).unwrap();
+        c.public[2] = h.to_field().unwrap();
+        assert!(!satisfied(c));
         // Claiming the whole batch for another order fails too.
         let mut c = batch.circuit(CAPACITY).unwrap();
-        c.public[0] = Fr::from(ORDER + 1);
+        c.public[0] = other.to_field();
         assert!(!satisfied(c));
     }
 
@@ -786,12 +831,12 @@ mod tests {
             before: Head::GENESIS,
             tick: paid,
         };
-        let prev = next_head(&Head::GENESIS, &paid);
+        let prev = next_head(&key(), &Head::GENESIS, &paid);
         let near_end = TickFields {
             seq: u64::MAX - 1,
             ..tick(0)
         };
-        let batch = TickBatch::new(ORDER, prev, Some(anchor), vec![near_end]).unwrap();
+        let batch = TickBatch::new(key(), prev, Some(anchor), vec![near_end]).unwrap();
         assert!(matches!(
             batch.circuit(CAPACITY),
             Err(CircuitError::SeqOutOfRange { .. })
@@ -811,10 +856,12 @@ mod tests {
             TickFields { seq: 1, ..tick(0) },
             TickFields { seq: 2, ..tick(1) },
         ];
-        c.public[2] = chain_head(&Head::GENESIS, &shifted).to_field().unwrap();
+        c.public[2] = chain_head(&key(), &Head::GENESIS, &shifted)
+            .to_field()
+            .unwrap();
         assert!(!satisfied(c));
         assert!(matches!(
-            TickBatch::new(ORDER, Head::GENESIS, None, shifted.to_vec()),
+            TickBatch::new(key(), Head::GENESIS, None, shifted.to_vec()),
             Err(CircuitError::NotConsecutive {
                 expected: 0,
                 found: 1
@@ -826,12 +873,12 @@ mod tests {
     fn batch_builder_refuses_inconsistent_ticks() {
         let err = |r: Result<TickBatch, CircuitError>| r.unwrap_err();
         assert!(matches!(
-            err(TickBatch::new(ORDER, Head::GENESIS, None, vec![])),
+            err(TickBatch::new(key(), Head::GENESIS, None, vec![])),
             CircuitError::EmptyBatch
         ));
         assert!(matches!(
             err(TickBatch::new(
-                ORDER,
+                key(),
                 Head::GENESIS,
                 None,
                 vec![tick(0), tick(2)]
@@ -843,7 +890,7 @@ mod tests {
         ));
         assert!(matches!(
             err(TickBatch::new(
-                ORDER,
+                key(),
                 Head::GENESIS,
                 None,
                 vec![
@@ -862,12 +909,12 @@ mod tests {
         ));
         let paid = genesis_batch(3);
         assert!(matches!(
-            err(TickBatch::new(ORDER, paid.next(), None, ticks(3..4))),
+            err(TickBatch::new(key(), paid.next(), None, ticks(3..4))),
             CircuitError::MissingAnchor { .. }
         ));
         assert!(matches!(
             err(TickBatch::new(
-                ORDER,
+                key(),
                 Head::GENESIS,
                 Some(paid.next_anchor()),
                 ticks(3..4)
@@ -879,12 +926,12 @@ mod tests {
             tick: tick(2),
         };
         assert!(matches!(
-            err(TickBatch::new(ORDER, paid.next(), Some(stale), ticks(3..4))),
+            err(TickBatch::new(key(), paid.next(), Some(stale), ticks(3..4))),
             CircuitError::AnchorMismatch { .. }
         ));
         assert!(matches!(
             err(TickBatch::new(
-                ORDER,
+                key(),
                 paid.next(),
                 Some(paid.next_anchor()),
                 ticks(4..5)
@@ -908,7 +955,7 @@ mod tests {
         for n in 1..4 {
             let b = later_batch(n);
             let a = b.next_anchor();
-            assert_eq!(next_head(&a.before, &a.tick), b.next());
+            assert_eq!(next_head(&key(), &a.before, &a.tick), b.next());
         }
     }
 

@@ -390,6 +390,10 @@ mod tests {
     const CAPACITY: usize = 2;
     const ORDER: u64 = 9;
 
+    fn key() -> crate::key::OrderKey {
+        crate::key::OrderKey::new(31337, [3; 20], ORDER)
+    }
+
     /// One setup shared by the tests of this module: setup is the slow part in debug builds.
     fn keys() -> &'static (ProvingKey, VerifyingKey) {
         static KEYS: OnceLock<(ProvingKey, VerifyingKey)> = OnceLock::new();
@@ -418,11 +422,11 @@ mod tests {
     #[test]
     fn proofs_of_genesis_and_later_batches_verify() {
         let (pk, vk) = keys();
-        let first = TickBatch::new(ORDER, Head::GENESIS, None, vec![tick(0), tick(1)]).unwrap();
+        let first = TickBatch::new(key(), Head::GENESIS, None, vec![tick(0), tick(1)]).unwrap();
         let proof = pk.prove(&first, &mut rng()).unwrap();
         assert!(vk.verify(&first.inputs(), &proof).unwrap());
         let second = TickBatch::new(
-            ORDER,
+            key(),
             first.next(),
             Some(first.next_anchor()),
             vec![tick(2)],
@@ -438,7 +442,7 @@ mod tests {
 
     #[test]
     fn proof_bytes_round_trip_and_verify_as_the_contract_would() {
-        let batch = TickBatch::new(ORDER, Head::GENESIS, None, vec![tick(0)]).unwrap();
+        let batch = TickBatch::new(key(), Head::GENESIS, None, vec![tick(0)]).unwrap();
         let (inputs, bytes) = proved(&batch);
         let decoded = ClaimProof::from_bytes(&bytes).unwrap();
         assert_eq!(decoded.to_bytes(), bytes);
@@ -452,7 +456,7 @@ mod tests {
 
     #[test]
     fn every_flipped_bit_of_a_proof_is_rejected() {
-        let batch = TickBatch::new(ORDER, Head::GENESIS, None, vec![tick(0), tick(1)]).unwrap();
+        let batch = TickBatch::new(key(), Head::GENESIS, None, vec![tick(0), tick(1)]).unwrap();
         let (inputs, bytes) = proved(&batch);
         let words = inputs.to_words();
         for bit in 0..PROOF_LEN * 8 {
@@ -467,7 +471,7 @@ mod tests {
 
     #[test]
     fn flipped_bits_of_public_inputs_are_rejected() {
-        let batch = TickBatch::new(ORDER, Head::GENESIS, None, vec![tick(0), tick(1)]).unwrap();
+        let batch = TickBatch::new(key(), Head::GENESIS, None, vec![tick(0), tick(1)]).unwrap();
         let (inputs, bytes) = proved(&batch);
         let words = inputs.to_words();
         assert!(keys().1.verify_claim(&words, &bytes));
@@ -487,7 +491,7 @@ mod tests {
     #[test]
     fn batch_larger_than_the_key_is_refused() {
         let ticks = (0..3).map(tick).collect();
-        let batch = TickBatch::new(ORDER, Head::GENESIS, None, ticks).unwrap();
+        let batch = TickBatch::new(key(), Head::GENESIS, None, ticks).unwrap();
         assert!(matches!(
             keys().0.prove(&batch, &mut rng()),
             Err(CircuitError::BatchTooLarge {
@@ -507,7 +511,7 @@ mod tests {
         let vk = VerifyingKey::read(&vk_path).unwrap();
         assert_eq!((pk.capacity(), vk.capacity()), (CAPACITY, CAPACITY));
         assert_eq!(vk.inner(), keys().1.inner());
-        let batch = TickBatch::new(ORDER, Head::GENESIS, None, vec![tick(0)]).unwrap();
+        let batch = TickBatch::new(key(), Head::GENESIS, None, vec![tick(0)]).unwrap();
         let proof = pk.prove_with_os_rng(&batch).unwrap();
         assert!(vk.verify(&batch.inputs(), &proof).unwrap());
         assert!(keys().1.verify(&batch.inputs(), &proof).unwrap());

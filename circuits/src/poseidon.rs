@@ -21,16 +21,22 @@
 //!
 //! # Encoding of one step
 //!
-//! A tick's five `u64` fields are packed into two field elements without loss (each field is
-//! below `2^64`, so the packing is injective):
+//! A tick is hashed under its order's key `K` ([`crate::key::OrderKey`]), a full field element that
+//! binds the order id, the chain id and the marketplace address. `K` takes the place of the
+//! sponge's capacity element (the domain-separation slot, zero in a plain sponge); the tick's four
+//! remaining `u64` fields are packed into two rate elements without loss (each field is below
+//! `2^64`, so the packing is injective):
 //!
 //! ```text
-//! a = order · 2^128 + seq · 2^64 + seconds      (< 2^192)
+//! a = seq · 2^64 + seconds                      (< 2^128)
 //! b = bytes_in · 2^64 + bytes_out               (< 2^128)
-//! h_i = Poseidon-sponge(absorb [h_{i-1}, a, b], squeeze 1)
+//! h_i = Poseidon-permutation([K, h_{i-1}, a, b])[1]
 //! ```
 //!
-//! which is exactly one permutation of the width-4 state `[0, h_{i-1}, a, b]`, whose element 1 is
+//! which is one permutation of the width-4 state, exactly as many as before the key: the state is
+//! fully determined by `(K, h_{i-1}, tick)`, so two ticks of different orders or deployments never
+//! share an input. `TickFields::order` is not hashed itself; `K` stands for it. Element 1 of the
+//! permuted state (the first squeezed element) is
 //! the new head. The gadget in [`gadget`] computes the same from range-checked variables.
 
 use std::fmt;
@@ -45,9 +51,11 @@ use ark_crypto_primitives::sponge::CryptographicSponge;
 use ark_ff::{BigInteger, PrimeField};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::key::OrderKey;
+
 /// Poseidon rate: the field elements absorbed per permutation (`h_{i-1}`, `a`, `b`).
 pub const RATE: usize = 3;
-/// Poseidon capacity in field elements.
+/// Poseidon capacity in field elements (it holds the order key, see the module docs).
 pub const CAPACITY: usize = 1;
 /// S-box exponent.
 pub const ALPHA: u64 = 5;
@@ -80,7 +88,8 @@ pub fn config() -> &'static PoseidonConfig<Fr> {
 /// One tick as the circuit sees it: one metering interval of one order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TickFields {
-    /// The order (on-chain order id) the tick is charged to.
+    /// The order (on-chain order id) the tick is charged to. Not hashed itself: the chain hashes
+    /// the order's [`OrderKey`](crate::key::OrderKey), which binds it with its deployment.
     pub order: u64,
     /// Position of the tick in its order's chain; consecutive ticks have consecutive numbers.
     pub seq: u64,
@@ -98,10 +107,10 @@ pub(crate) fn two_pow_64() -> Fr {
 }
 
 impl TickFields {
-    /// The two field elements a tick is absorbed as (see the module docs).
+    /// The two field elements a tick is absorbed as, beside its order key (see the module docs).
     pub fn packed(&self) -> [Fr; 2] {
         let s = two_pow_64();
-        let a = (Fr::from(self.order) * s + Fr::from(self.seq)) * s + Fr::from(self.seconds);
+        let a = Fr::from(self.seq) * s + Fr::from(self.seconds);
         let b = Fr::from(self.bytes_in) * s + Fr::from(self.bytes_out);
         [a, b]
     }
@@ -205,27 +214,37 @@ impl<'de> Deserialize<'de> for Head {
     }
 }
 
-/// The field-level step of the chain: `Poseidon(prev, tick)`.
-pub fn next_head_field(prev: Fr, tick: &TickFields) -> Fr {
+/// The field-level step of the chain: `Poseidon([key, prev, tick])` (see the module docs).
+pub fn next_head_field(key: Fr, prev: Fr, tick: &TickFields) -> Fr {
     let [a, b] = tick.packed();
     let mut sponge = PoseidonSponge::new(config());
+    sponge.state[0] = key;
     sponge.absorb(&vec![prev, a, b]);
     sponge.squeeze_field_elements::<Fr>(1)[0]
 }
 
-/// The next chain head: `h_i = Poseidon(h_{i-1}, tick_i)`.
+/// The next chain head of `key`'s order: `h_i = Poseidon(K, h_{i-1}, tick_i)`.
 ///
-/// `prev` is read modulo `r` (see [`Head::to_field_reduced`]); heads from this function are always
-/// canonical.
-pub fn next_head(prev: &Head, tick: &TickFields) -> Head {
-    Head::from_field(next_head_field(prev.to_field_reduced(), tick))
+/// `tick.order` is not read: the key stands for the order (callers that hold both check that they
+/// agree). `prev` is read modulo `r` (see [`Head::to_field_reduced`]); heads from this function are
+/// always canonical.
+pub fn next_head(key: &OrderKey, prev: &Head, tick: &TickFields) -> Head {
+    Head::from_field(next_head_field(
+        key.to_field(),
+        prev.to_field_reduced(),
+        tick,
+    ))
 }
 
-/// The head after applying `ticks` in order from `prev`.
-pub fn chain_head<'a>(prev: &Head, ticks: impl IntoIterator<Item = &'a TickFields>) -> Head {
+/// The head of `key`'s order after applying `ticks` in order from `prev`.
+pub fn chain_head<'a>(
+    key: &OrderKey,
+    prev: &Head,
+    ticks: impl IntoIterator<Item = &'a TickFields>,
+) -> Head {
     let mut h = prev.to_field_reduced();
     for t in ticks {
-        h = next_head_field(h, t);
+        h = next_head_field(key.to_field(), h, t);
     }
     Head::from_field(h)
 }
@@ -238,15 +257,17 @@ pub mod gadget {
     use ark_r1cs_std::fields::fp::FpVar;
     use ark_relations::gr1cs::{ConstraintSystemRef, SynthesisError};
 
-    /// `Poseidon(prev, a, b)` in-circuit, where `a` and `b` are the packed tick elements
+    /// `Poseidon([key, prev, a, b])` in-circuit, where `a` and `b` are the packed tick elements
     /// (the caller is responsible for packing range-checked fields, see the module docs).
     pub fn next_head_var(
         cs: ConstraintSystemRef<Fr>,
+        key: &FpVar<Fr>,
         prev: &FpVar<Fr>,
         a: &FpVar<Fr>,
         b: &FpVar<Fr>,
     ) -> Result<FpVar<Fr>, SynthesisError> {
         let mut sponge = PoseidonSpongeVar::new(cs, super::config());
+        sponge.state[0] = key.clone();
         sponge.absorb(&vec![prev.clone(), a.clone(), b.clone()])?;
         Ok(sponge.squeeze_field_elements(1)?.remove(0))
     }
@@ -255,6 +276,11 @@ pub mod gadget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Order 7 of a marketplace at 0x0101…01 on chain 31337.
+    fn key() -> OrderKey {
+        OrderKey::new(31337, [1; 20], 7)
+    }
 
     fn tick(seq: u64) -> TickFields {
         TickFields {
@@ -266,10 +292,11 @@ mod tests {
         }
     }
 
-    /// Pins the parameters: any change to rounds, constants or packing changes this head, and
+    /// Pins the parameters: any change to rounds, constants, key or packing changes this head, and
     /// every head already stored on chain or in a ledger with it. Other crates may copy this vector.
     #[test]
     fn known_answer_vector_is_stable() {
+        let key = OrderKey::new(31337, [1; 20], 1);
         let t = TickFields {
             order: 1,
             seq: 0,
@@ -278,8 +305,8 @@ mod tests {
             bytes_out: 1 << 30,
         };
         assert_eq!(
-            next_head(&Head::GENESIS, &t).to_string(),
-            "0x0f802cb06133c3d06971c6c085edcc8d0621c548898ef255e23439a09d18016b"
+            next_head(&key, &Head::GENESIS, &t).to_string(),
+            "0x1ccc36f48945b5cabaa8d5a4c718e62a780fa5e1016bf8fb2fec89146215d2fa"
         );
     }
 
@@ -294,6 +321,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(6);
         let cs = ConstraintSystem::<Fr>::new_ref();
         let mut prev = Head::GENESIS;
+        let key_var = FpVar::new_input(cs.clone(), || Ok(key().to_field())).unwrap();
         for i in 0..64 {
             // Mix extreme and random values so the packing is exercised at its edges.
             let pick = |rng: &mut rand_chacha::ChaCha20Rng| match rng.gen_range(0..4) {
@@ -312,8 +340,9 @@ mod tests {
             let prev_var = FpVar::new_witness(cs.clone(), || Ok(prev.to_field_reduced())).unwrap();
             let a_var = FpVar::new_witness(cs.clone(), || Ok(a)).unwrap();
             let b_var = FpVar::new_witness(cs.clone(), || Ok(b)).unwrap();
-            let out = gadget::next_head_var(cs.clone(), &prev_var, &a_var, &b_var).unwrap();
-            let native = next_head(&prev, &t);
+            let out =
+                gadget::next_head_var(cs.clone(), &key_var, &prev_var, &a_var, &b_var).unwrap();
+            let native = next_head(&key(), &prev, &t);
             assert_eq!(
                 Head::from_field(out.value().unwrap()),
                 native,
@@ -331,13 +360,9 @@ mod tests {
     }
 
     #[test]
-    fn next_head_depends_on_every_field_and_the_previous_head() {
-        let base = next_head(&Head::GENESIS, &tick(0));
+    fn next_head_depends_on_every_field_the_key_and_the_previous_head() {
+        let base = next_head(&key(), &Head::GENESIS, &tick(0));
         let variants = [
-            TickFields {
-                order: 8,
-                ..tick(0)
-            },
             TickFields { seq: 1, ..tick(0) },
             TickFields {
                 seconds: 11,
@@ -353,9 +378,17 @@ mod tests {
             },
         ];
         for v in variants {
-            assert_ne!(next_head(&Head::GENESIS, &v), base, "{v:?}");
+            assert_ne!(next_head(&key(), &Head::GENESIS, &v), base, "{v:?}");
         }
-        assert_ne!(next_head(&base, &tick(0)), base);
+        assert_ne!(next_head(&key(), &base, &tick(0)), base);
+        // The same tick of the same order id on another order, chain or marketplace.
+        for other in [
+            OrderKey::new(31337, [1; 20], 8),
+            OrderKey::new(31338, [1; 20], 7),
+            OrderKey::new(31337, [2; 20], 7),
+        ] {
+            assert_ne!(next_head(&other, &Head::GENESIS, &tick(0)), base, "{other}");
+        }
     }
 
     #[test]
@@ -391,14 +424,14 @@ mod tests {
         let ticks: Vec<_> = (0..4).map(tick).collect();
         let mut h = Head::GENESIS;
         for t in &ticks {
-            h = next_head(&h, t);
+            h = next_head(&key(), &h, t);
         }
-        assert_eq!(chain_head(&Head::GENESIS, &ticks), h);
+        assert_eq!(chain_head(&key(), &Head::GENESIS, &ticks), h);
     }
 
     #[test]
     fn head_round_trips_through_hex_and_serde() {
-        let h = next_head(&Head::GENESIS, &tick(3));
+        let h = next_head(&key(), &Head::GENESIS, &tick(3));
         let s = h.to_string();
         assert!(s.starts_with("0x") && s.len() == 66);
         assert_eq!(s.parse::<Head>().unwrap(), h);

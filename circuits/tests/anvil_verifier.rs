@@ -212,6 +212,8 @@ fn generated_verifier_accepts_a_real_proof_on_anvil_and_refuses_tampered_ones() 
 
     // A first batch from genesis, then a partly full batch continuing it.
     let order = 5;
+    // The verifier alone does not know the deployment: any key is a public input like the others.
+    let key = shale_circuits::OrderKey::new(31337, [0x5f; 20], order);
     let tick = |seq| TickFields {
         order,
         seq,
@@ -219,9 +221,9 @@ fn generated_verifier_accepts_a_real_proof_on_anvil_and_refuses_tampered_ones() 
         bytes_in: 3 << 30,
         bytes_out: 12345 + seq,
     };
-    let first = TickBatch::new(order, Head::GENESIS, None, (0..4).map(tick).collect()).unwrap();
+    let first = TickBatch::new(key, Head::GENESIS, None, (0..4).map(tick).collect()).unwrap();
     let second = TickBatch::new(
-        order,
+        key,
         first.next(),
         Some(first.next_anchor()),
         (4..6).map(tick).collect(),
@@ -243,7 +245,7 @@ fn generated_verifier_accepts_a_real_proof_on_anvil_and_refuses_tampered_ones() 
     // embedded constants differ (calldata zero bytes may move it by a few hundred).
     let (small_pk, small_vk) = setup_from_seed(1, 12).unwrap();
     let small = deploy(&cast, &solc, &anvil.url, &small_vk);
-    let one = TickBatch::new(order, Head::GENESIS, None, vec![tick(0)]).unwrap();
+    let one = TickBatch::new(key, Head::GENESIS, None, vec![tick(0)]).unwrap();
     let proof = small_pk.prove(&one, &mut rng).unwrap().to_bytes();
     assert!(small.verify(&one.inputs().to_words(), &proof));
     gas.push(small.gas(&one.inputs().to_words(), &proof));

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use shale_circuits::{setup_from_seed, Head, ProvingKey, VerifyingKey};
+use shale_circuits::{setup_from_seed, Head, OrderKey, ProvingKey, VerifyingKey};
 
 #[test]
 fn setup_command_writes_matching_keys_and_verifier_for_each_capacity() {
@@ -17,6 +17,10 @@ fn setup_command_writes_matching_keys_and_verifier_for_each_capacity() {
             "5",
             "--fixtures",
             "3",
+            "--chain-id",
+            "5",
+            "--marketplace",
+            "0x0101010101010101010101010101010101010101",
         ])
         .status()
         .unwrap();
@@ -43,6 +47,7 @@ fn setup_command_writes_matching_keys_and_verifier_for_each_capacity() {
         assert_eq!(claims[1]["prevHead"], claims[0]["nextHead"]);
         for claim in claims {
             assert_eq!(claim["orderId"], 3);
+            assert_eq!(claim["chainId"], 5);
             let words: Vec<[u8; 32]> = claim["input"]
                 .as_array()
                 .unwrap()
@@ -54,6 +59,8 @@ fn setup_command_writes_matching_keys_and_verifier_for_each_capacity() {
                         .unwrap()
                 })
                 .collect();
+            // Input 0 is the order key of that deployment, as the contract computes it.
+            assert_eq!(words[0], OrderKey::new(5, [1; 20], 3).to_word());
             let proof =
                 hex::decode(claim["proof"].as_str().unwrap().trim_start_matches("0x")).unwrap();
             assert!(vk.verify_claim(&words.try_into().unwrap(), &proof));

@@ -13,6 +13,7 @@ use shale_contracts::ack::Acknowledgment;
 use shale_contracts::{Address, PrivateKeySigner, B256};
 use shale_meter::ack::AckOffer;
 use shale_meter::tick::verify_chain_from;
+use shale_meter::Deployment;
 use shale_meter::{ChainHead, Head, Tick};
 
 use crate::wire::WireTotals;
@@ -137,7 +138,8 @@ pub fn judge(
     let head = if ticks.is_empty() {
         from.head
     } else {
-        verify_chain_from(start, ticks)
+        let deployment = Deployment::new(expected.chain_id, expected.marketplace.0 .0);
+        verify_chain_from(&deployment, start, ticks)
             .map_err(|e| format!("the tick chain does not verify: {e}"))?
     };
     let seq = ticks.last().map(|t| t.seq).or(from.seq);
@@ -195,9 +197,15 @@ mod tests {
     use shale_contracts::U256;
     use shale_meter::{Tariff, TickChain, Usage};
 
+    /// `n` ticks of `order` on the marketplace of [`expected`].
     fn chain(order: u64, n: usize) -> Vec<Tick> {
+        chain_on(Address::repeat_byte(9), order, n)
+    }
+
+    fn chain_on(marketplace: Address, order: u64, n: usize) -> Vec<Tick> {
         let tariff = Tariff::new(U256::from(1), U256::from(1)).unwrap();
-        let mut chain = TickChain::genesis(order, tariff);
+        let deployment = Deployment::new(31337, marketplace.0 .0);
+        let mut chain = TickChain::genesis(deployment.order_key(order), tariff);
         (0..n)
             .map(|i| {
                 let t = chain.prepare(
@@ -282,6 +290,18 @@ mod tests {
         let mut foreign = offer_for(&ticks);
         foreign.chain_id = 314159;
         assert!(judge(&expected(), &Verified::default(), &ticks, &foreign, WIRE).is_err());
+        // The same order id's ticks, chained on another marketplace: an offer for this one over
+        // them does not verify (their heads could only ever be paid there).
+        let theirs = chain_on(Address::repeat_byte(8), 7, 3);
+        let why = judge(
+            &expected(),
+            &Verified::default(),
+            &theirs,
+            &offer_for(&theirs),
+            WIRE,
+        )
+        .unwrap_err();
+        assert!(why.contains("does not verify"), "{why}");
         let short = Expected {
             max_seconds: 29,
             ..expected()

@@ -235,7 +235,9 @@ async fn a_gateway_killed_mid_transfer_loses_at_most_the_interval_in_flight() {
         })
         .collect();
     // One chain, no skipped or repeated seq across the crash, every head recomputes.
-    let head = shale_meter::verify_receipts(&ticks).expect("the chain survives the crash");
+    let deployment = shale_meter::Deployment::new(sp.chain_id().await.unwrap(), market.0 .0);
+    let head =
+        shale_meter::verify_receipts(&deployment, &ticks).expect("the chain survives the crash");
     assert_eq!(head, ticks.last().unwrap().head);
 
     // Nothing is billed that was not sent; what is missing was sent after the last tick stored

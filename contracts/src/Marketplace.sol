@@ -380,6 +380,13 @@ contract Marketplace is ProviderRegistry, EIP712 {
         order.ackedHead = _head(o.ackedHead);
     }
 
+    /// The key a claim's proof names the order by (public input 0): the order id bound to this
+    /// deployment, `keccak256(abi.encode(chainid, this, orderId)) mod r`. Every tick of the order's
+    /// chain is hashed under it, so a proof or a head of one deployment is void on any other.
+    function orderKey(uint256 orderId) public view returns (uint256) {
+        return uint256(keccak256(abi.encode(block.chainid, address(this), orderId))) % SNARK_SCALAR_FIELD;
+    }
+
     /// Seconds the provider may still claim right now: the lease's wall-clock time so far
     /// (to now, or to the end) minus what was already claimed.
     function claimableSeconds(uint256 orderId) external view returns (uint64) {
@@ -788,7 +795,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         ITickVerifier verifier = _verifiers[batchCapacity];
         if (address(verifier) == address(0)) revert UnknownBatchCapacity(batchCapacity);
         uint256[6] memory input = [
-            orderId,
+            orderKey(orderId),
             uint256(_head(o.head)),
             uint256(nextHead),
             uint256(leaseSeconds),

@@ -299,6 +299,17 @@ impl Marketplace {
             .map_err(|e| self.call_err(e))
     }
 
+    /// The order key the contract checks a claim's proof against (public input 0): the order id
+    /// bound to this deployment, `keccak256(abi.encode(chainid, marketplace, orderId)) mod r`.
+    /// `shale_circuits::OrderKey` computes the same off chain.
+    pub async fn order_key(&self, order_id: u64) -> Result<U256, ChainError> {
+        self.contract
+            .orderKey(U256::from(order_id))
+            .call()
+            .await
+            .map_err(|e| self.call_err(e))
+    }
+
     /// Payments that could not be pushed to `who` and wait for [`Marketplace::withdraw_owed`].
     pub async fn owed(&self, who: Address) -> Result<U256, ChainError> {
         self.contract

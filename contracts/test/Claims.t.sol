@@ -93,6 +93,47 @@ contract ClaimsTest is MarketplaceBase {
         m.claim(b, CAP, _head(1), 10, 0, 0, proofForA);
     }
 
+    /// The same vector as `shale_circuits::key`'s `known_answer_vector_matches_the_contract`: order 5
+    /// of the first contract anvil's first account deploys, on anvil's chain.
+    function test_orderKeyMatchesTheRustVector() public {
+        assertEq(
+            m.SNARK_SCALAR_FIELD(),
+            0x30644e72e131a029b85045b68181585d2833e84879b9709143e1f593f0000001,
+            "the BN254 scalar field order r"
+        );
+        vm.chainId(31337);
+        address at = 0x5FbDB2315678afecb367f032d93F642f64180aa3;
+        vm.etch(at, address(m).code);
+        assertEq(
+            Marketplace(at).orderKey(5),
+            0x095558abd95c7c26e1474e9bcbcf567febc7f4a4b8af60b16649357636b772f4,
+            "the key Rust computes"
+        );
+    }
+
+    function test_claim_refusesAProofForTheSameOrderOfAnotherDeployment() public {
+        uint256 id = _active();
+        vm.warp(T0 + 100);
+        bytes32 prev = m.getOrder(id).head;
+        // The inputs another marketplace (same order id) or another chain would check.
+        uint256[2] memory foreign = [
+            uint256(keccak256(abi.encode(block.chainid, address(0xbeef), id))) % m.SNARK_SCALAR_FIELD(),
+            uint256(keccak256(abi.encode(block.chainid + 1, address(m), id))) % m.SNARK_SCALAR_FIELD()
+        ];
+        for (uint256 i = 0; i < foreign.length; i++) {
+            uint256[6] memory input = [foreign[i], uint256(prev), uint256(_head(1)), 10, 0, 0];
+            bytes memory proof = verifier.proofFor(input);
+            vm.expectRevert(abi.encodeWithSelector(Marketplace.InvalidProof.selector, id));
+            vm.prank(sp);
+            m.claim(id, CAP, _head(1), 10, 0, 0, proof);
+        }
+        assertEq(
+            m.orderKey(id),
+            uint256(keccak256(abi.encode(block.chainid, address(m), id))) % m.SNARK_SCALAR_FIELD(),
+            "this deployment's key"
+        );
+    }
+
     function test_claim_beyondTheLeaseTimeSoFarIsRefused() public {
         uint256 id = _active();
         vm.warp(T0 + 30);

@@ -169,7 +169,7 @@ contract GasTest is MarketplaceBase {
     }
 
     function _verifyGas(uint256 id, uint32 cap) internal view returns (uint256) {
-        uint256[6] memory input = [id, uint256(m.getOrder(id).head), 1, 1, 1, 1];
+        uint256[6] memory input = [m.orderKey(id), uint256(m.getOrder(id).head), 1, 1, 1, 1];
         bytes memory proof = new bytes(256);
         ITickVerifier v = m.verifierFor(cap);
         uint256 before = gasleft();

@@ -291,8 +291,9 @@ contract Handler is Test {
         internal
         returns (bytes memory)
     {
-        uint256[6] memory input =
-            [b.id, uint256(o.head), uint256(b.head), uint256(b.secs), uint256(b.bytesIn), uint256(b.bytesOut)];
+        uint256[6] memory input = [
+            m.orderKey(b.id), uint256(o.head), uint256(b.head), uint256(b.secs), uint256(b.bytesIn), uint256(b.bytesOut)
+        ];
         bytes memory proof = verifier.proofFor(input);
         if (!withAck) {
             return abi.encodeCall(Marketplace.claim, (b.id, CAP, b.head, b.secs, b.bytesIn, b.bytesOut, proof));

@@ -137,7 +137,7 @@ abstract contract MarketplaceBase is Test {
     {
         bytes32 prev = m.getOrder(id).head;
         uint256[6] memory input =
-            [id, uint256(prev), uint256(nextHead), uint256(secs), uint256(bytesIn), uint256(bytesOut)];
+            [m.orderKey(id), uint256(prev), uint256(nextHead), uint256(secs), uint256(bytesIn), uint256(bytesOut)];
         return verifier.proofFor(input);
     }
 

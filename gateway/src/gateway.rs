@@ -89,8 +89,9 @@ impl Gateway {
         provisioner: Provisioner,
     ) -> Result<Self, GatewayError> {
         let scope = market.scope().await?;
+        let chain_id = market.chain_id().await?;
         let acks = crate::ack_channel::AckDesk {
-            chain_id: market.chain_id().await?,
+            chain_id,
             market: market.clone(),
         };
         if provisioner.config().scope != scope {
@@ -107,7 +108,9 @@ impl Gateway {
             ))
         })?;
         let ledger = config.meter.open_ledger(&config.state_dir).await?;
-        let meter = shale_meter::Meter::new(ledger.clone(), &config.meter)?;
+        // Every order's tick chain is bound to this marketplace, as its proofs will be.
+        let deployment = shale_meter::Deployment::new(chain_id, market.address().0 .0);
+        let meter = shale_meter::Meter::new(ledger.clone(), deployment, &config.meter)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await

@@ -14,7 +14,7 @@ use shale_gateway::config::AcknowledgmentConfig;
 use shale_gateway::leases::LeaseBoard;
 use shale_gateway::metrics::Metrics;
 use shale_meter::ledger::{now_ms, AckRecord};
-use shale_meter::{Head, Ledger, Meter, MeterConfig, Metered, Side};
+use shale_meter::{Deployment, Head, Ledger, Meter, MeterConfig, Metered, Side};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -73,7 +73,8 @@ async fn stand(pause_transfers: bool) -> Stand {
         tick_interval_secs: 1,
         ledger_url: None,
     };
-    let meter = Meter::new(ledger.clone(), &config).unwrap();
+    // No chain here: any deployment's order keys will do.
+    let meter = Meter::new(ledger.clone(), Deployment::new(31337, [0x5f; 20]), &config).unwrap();
     let billing =
         Billing::new(meter, ledger.clone(), Vec::new()).with_ack_policy(&AcknowledgmentConfig {
             notice_at: 0.5,

@@ -9,12 +9,14 @@
 //! criterion benches in `bench/` hold the optimized numbers.
 
 use alloy_primitives::U256;
-use shale_meter::{ChannelCounter, Ledger, Metered, Side, Tariff, TickChain, Usage};
+use shale_meter::{ChannelCounter, Deployment, Ledger, Metered, Side, Tariff, TickChain, Usage};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 const COPY_BYTES: u64 = 2 << 30;
+/// Any deployment: the hash costs the same under every order key.
+const DEPLOYMENT: Deployment = Deployment::new(31337, [0x5f; 20]);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -83,7 +85,11 @@ async fn stream_copy() -> anyhow::Result<()> {
 async fn tick_writes(name: &str, ledger: &Ledger) -> anyhow::Result<()> {
     let tariff = Tariff::new(U256::from(1u64), U256::from(1u64))?;
     let order = std::process::id() as u64;
-    let mut chain = TickChain::resume(order, tariff, ledger.chain_head(order).await?);
+    let mut chain = TickChain::resume(
+        DEPLOYMENT.order_key(order),
+        tariff,
+        ledger.chain_head(order).await?,
+    );
     let mut latencies = Vec::new();
     for i in 0..200u64 {
         let tick = chain.prepare(
@@ -95,7 +101,7 @@ async fn tick_writes(name: &str, ledger: &Ledger) -> anyhow::Result<()> {
             },
         );
         let start = Instant::now();
-        ledger.append_tick(&tick).await?;
+        ledger.append_tick(&DEPLOYMENT, &tick).await?;
         latencies.push(start.elapsed());
         chain.commit(&tick)?;
     }

@@ -16,7 +16,7 @@
 use crate::counter::{ByteCount, OrderCounter, SessionCounter};
 use crate::ledger::{now_ms, Ledger};
 use crate::tariff::{Tariff, Usage};
-use crate::tick::{ChainHead, Tick, TickChain};
+use crate::tick::{ChainHead, Deployment, Tick, TickChain};
 use crate::MeterError;
 use alloy_primitives::U256;
 use serde::{Deserialize, Serialize};
@@ -133,6 +133,8 @@ impl MeterTotals {
 #[derive(Debug)]
 pub struct Meter {
     ledger: Ledger,
+    /// The marketplace whose orders this meter bills: every chain is hashed under its order keys.
+    deployment: Deployment,
     interval: Duration,
     leases: Mutex<HashMap<u64, Arc<LeaseMeter>>>,
     /// Serializes starts so two connections cannot start the same order twice.
@@ -140,10 +142,15 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// A meter writing to `ledger`.
-    pub fn new(ledger: Ledger, config: &MeterConfig) -> Result<Meter, MeterError> {
+    /// A meter writing to `ledger` the ticks of the orders of `deployment`.
+    pub fn new(
+        ledger: Ledger,
+        deployment: Deployment,
+        config: &MeterConfig,
+    ) -> Result<Meter, MeterError> {
         Ok(Meter {
             ledger,
+            deployment,
             interval: config.tick_interval()?,
             leases: Mutex::new(HashMap::new()),
             starting: tokio::sync::Mutex::new(()),
@@ -165,7 +172,9 @@ impl Meter {
                 return Err(MeterError::LeaseActive { order });
             }
         }
-        let lease = Arc::new(LeaseMeter::start(self.ledger.clone(), spec, self.interval).await?);
+        let lease = Arc::new(
+            LeaseMeter::start(self.ledger.clone(), self.deployment, spec, self.interval).await?,
+        );
         lock(&self.leases).insert(order, Arc::clone(&lease));
         Ok(lease)
     }
@@ -222,6 +231,7 @@ pub struct LeaseMeter {
 #[derive(Debug)]
 struct Shared {
     order: u64,
+    deployment: Deployment,
     tariff: Tariff,
     ledger: Ledger,
     counter: Arc<OrderCounter>,
@@ -252,13 +262,15 @@ struct State {
 }
 
 impl LeaseMeter {
-    /// Starts metering `spec.order` from now, continuing its chain from the ledger.
+    /// Starts metering `spec.order` of `deployment` from now, continuing its chain from the
+    /// ledger.
     pub async fn start(
         ledger: Ledger,
+        deployment: Deployment,
         spec: LeaseSpec,
         interval: Duration,
     ) -> Result<LeaseMeter, MeterError> {
-        let shared = Arc::new(Shared::load(ledger, spec).await?);
+        let shared = Arc::new(Shared::load(ledger, deployment, spec).await?);
         let (commands, rx) = mpsc::channel(4);
         let span = tracing::info_span!("lease_meter", order = shared.order);
         let task = tokio::spawn(run(Arc::clone(&shared), rx, interval).instrument(span));
@@ -392,12 +404,16 @@ async fn run(shared: Arc<Shared>, mut commands: mpsc::Receiver<Command>, interva
 }
 
 impl Shared {
-    async fn load(ledger: Ledger, spec: LeaseSpec) -> Result<Shared, MeterError> {
+    async fn load(
+        ledger: Ledger,
+        deployment: Deployment,
+        spec: LeaseSpec,
+    ) -> Result<Shared, MeterError> {
         let order = spec.order;
         let last = ledger.chain_head(order).await?;
         let (metered, _) = ledger.usage_after(order, None).await?;
         let unclaimed = ledger.unclaimed_usage(order).await?;
-        let chain = TickChain::resume(order, spec.tariff, last);
+        let chain = TickChain::resume(deployment.order_key(order), spec.tariff, last);
         let state = State {
             chain,
             billed_seconds: 0,
@@ -418,6 +434,7 @@ impl Shared {
         let totals = watch::Sender::new(totals_of(order, &spec.tariff, &state, Usage::default()));
         Ok(Shared {
             order,
+            deployment,
             tariff: spec.tariff,
             ledger,
             counter: Arc::new(OrderCounter::default()),
@@ -509,7 +526,12 @@ impl Shared {
         };
         let span = tracing::debug_span!("tick", seq = tick.seq, is_final);
         let write_started = Instant::now();
-        match self.ledger.append_tick(&tick).instrument(span).await {
+        match self
+            .ledger
+            .append_tick(&self.deployment, &tick)
+            .instrument(span)
+            .await
+        {
             Ok(()) => {
                 lock(&self.state).last_write = Some(write_started.elapsed());
                 self.count(&tick, bytes_now, seconds_now);
@@ -645,6 +667,8 @@ mod tests {
     use crate::tick::verify_receipts;
     use sqlx::Executor;
 
+    const DEPLOYMENT: Deployment = Deployment::new(31337, [0x5f; 20]);
+
     /// The meter's state machine, driven with chosen instants instead of a running task.
     async fn lease(dir: &tempfile::TempDir, order: u64, max_seconds: Option<u64>) -> Shared {
         let ledger = Ledger::open_sqlite(&dir.path().join("ledger.db"))
@@ -653,6 +677,7 @@ mod tests {
         let tariff = Tariff::new(U256::from(10u64), U256::from(1u64 << 30)).unwrap();
         Shared::load(
             ledger,
+            DEPLOYMENT,
             LeaseSpec {
                 order,
                 tariff,
@@ -697,7 +722,10 @@ mod tests {
 
         let stored = s.ledger.ticks(1, 0, 10).await.unwrap();
         assert_eq!(stored, vec![t0, t1, t2]);
-        assert_eq!(verify_receipts(&stored).unwrap(), stored[2].head);
+        assert_eq!(
+            verify_receipts(&DEPLOYMENT, &stored).unwrap(),
+            stored[2].head
+        );
         let totals = s.totals_now(at(&s, 11_000));
         assert_eq!(totals.ticks_written, 3);
         assert_eq!(
@@ -787,7 +815,7 @@ mod tests {
             s.pending(&state, at(&s, 5_000))
         };
         let tick = lock(&s.state).chain.prepare(0, usage);
-        s.ledger.append_tick(&tick).await.unwrap();
+        s.ledger.append_tick(&DEPLOYMENT, &tick).await.unwrap();
         {
             let mut state = lock(&s.state);
             state.in_doubt = Some(tick.clone());
@@ -824,7 +852,7 @@ mod tests {
     async fn another_writer_on_the_same_chain_stops_the_meter_without_double_billing() {
         let dir = tempfile::tempdir().unwrap();
         let s = lease(&dir, 5, None).await;
-        let rival = TickChain::genesis(5, s.tariff);
+        let rival = TickChain::genesis(DEPLOYMENT.order_key(5), s.tariff);
         let theirs = rival.prepare(
             0,
             Usage {
@@ -832,7 +860,7 @@ mod tests {
                 ..Usage::default()
             },
         );
-        s.ledger.append_tick(&theirs).await.unwrap();
+        s.ledger.append_tick(&DEPLOYMENT, &theirs).await.unwrap();
 
         let err = s.close_tick(at(&s, 5_000), false).await.unwrap_err();
         assert!(
@@ -883,7 +911,7 @@ mod tests {
             .unwrap();
         assert_eq!((c.seq, c.prev_head, c.seconds), (2, b.head, 5));
         let all = resumed.ledger.ticks(6, 0, 10).await.unwrap();
-        assert_eq!(verify_receipts(&all).unwrap(), c.head);
+        assert_eq!(verify_receipts(&DEPLOYMENT, &all).unwrap(), c.head);
     }
 
     proptest::proptest! {
@@ -916,7 +944,7 @@ mod tests {
                 }
                 let stored = s.ledger.ticks(1, 0, u64::MAX).await.unwrap();
                 assert_eq!(stored.iter().map(|t| t.seconds).sum::<u64>(), billed);
-                verify_receipts(&stored).unwrap();
+                verify_receipts(&DEPLOYMENT, &stored).unwrap();
             });
         }
     }

@@ -12,7 +12,7 @@
 use crate::counter::ByteCount;
 use crate::probe::Reading;
 use crate::tariff::Usage;
-use crate::tick::{ChainHead, Head, Tick};
+use crate::tick::{ChainHead, Deployment, Head, Tick};
 use crate::MeterError;
 use alloy_primitives::U256;
 use serde::{Deserialize, Serialize};
@@ -302,9 +302,16 @@ impl Ledger {
     /// genesis head, or the seq after the stored last tick with that tick's head as its
     /// `prev_head`. The check and the insert are one statement, so concurrent writers of the
     /// same order cannot both succeed; a committed tick is durable when this returns.
+    ///
+    /// The tick's head must hash under its order's key on `deployment`, the marketplace whose
+    /// orders this ledger meters.
     #[tracing::instrument(level = "debug", skip_all, fields(order = tick.order, seq = tick.seq), err)]
-    pub async fn append_tick(&self, tick: &Tick) -> Result<(), MeterError> {
-        if !tick.head_is_valid() {
+    pub async fn append_tick(
+        &self,
+        deployment: &Deployment,
+        tick: &Tick,
+    ) -> Result<(), MeterError> {
+        if !tick.head_is_valid(deployment) {
             return Err(MeterError::HeadMismatch {
                 order: tick.order,
                 seq: tick.seq,

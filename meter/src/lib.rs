@@ -20,13 +20,15 @@
 //! # async fn wire(ssh_channel: tokio::io::DuplexStream, container_stdio: tokio::io::DuplexStream)
 //! # -> Result<(), Box<dyn std::error::Error>> {
 //! use alloy_primitives::U256;
-//! use shale_meter::{LeaseSpec, Ledger, Meter, MeterConfig, Metered, Side, Tariff};
+//! use shale_meter::{Deployment, LeaseSpec, Ledger, Meter, MeterConfig, Metered, Side, Tariff};
 //!
 //! // Once, at start-up: the ledger (SQLite file in the state directory unless the config
-//! // names a postgres://… URL) and the meter.
+//! // names a postgres://… URL) and the meter of one marketplace's orders (chain id and
+//! // contract address, which every tick chain is bound to).
 //! let config = MeterConfig::default();
 //! let ledger: Ledger = config.open_ledger(std::path::Path::new("/var/lib/shale")).await?;
-//! let meter = Meter::new(ledger.clone(), &config)?;
+//! let deployment = Deployment::new(314, [0x5f; 20]);
+//! let meter = Meter::new(ledger.clone(), deployment, &config)?;
 //!
 //! // When an order's lease starts (or on restart, for every live lease): bill from now on,
 //! // continuing the order's stored chain.
@@ -77,7 +79,9 @@ pub use lease::{LeaseMeter, LeaseSpec, Meter, MeterConfig, MeterTotals};
 pub use ledger::Ledger;
 pub use metered::{Metered, Side};
 pub use tariff::{Tariff, Usage};
-pub use tick::{verify_receipts, ChainHead, Head, Tick, TickChain, TickFields};
+pub use tick::{
+    verify_receipts, ChainHead, Deployment, Head, OrderKey, Tick, TickChain, TickFields,
+};
 
 #[cfg(test)]
 mod tests {
@@ -100,7 +104,8 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open_sqlite(&dir.path().join("l.db")).await.unwrap();
-        let meter = Meter::new(ledger.clone(), &MeterConfig::default()).unwrap();
+        let deployment = Deployment::new(31337, [0x5f; 20]);
+        let meter = Meter::new(ledger.clone(), deployment, &MeterConfig::default()).unwrap();
         let tariff = Tariff::new(1u64.try_into().unwrap(), 1u64.try_into().unwrap()).unwrap();
         let start = meter.start_lease(LeaseSpec {
             order: 1,

@@ -1,13 +1,16 @@
-//! Ticks and the per-order tick chain `h_i = Poseidon(h_{i-1}, tick_i)`.
+//! Ticks and the per-order tick chain `h_i = Poseidon(K, h_{i-1}, tick_i)`.
 //!
 //! The hash is `shale_circuits::next_head`, the same native Poseidon that the claim circuit
-//! proves, so the head the meter stores is the head the contract will check.
+//! proves, so the head the meter stores is the head the contract will check. `K` is the order's
+//! [`OrderKey`]: the order id bound to its [`Deployment`] (chain id and marketplace address), so
+//! a chain, and every head of it, belongs to one order of one marketplace. Whoever builds or
+//! checks a chain must therefore know the deployment; [`Tick::order`] stays the plain order id.
 
 use crate::tariff::{Tariff, Usage};
 use crate::MeterError;
 use alloy_primitives::U256;
 use serde::{Deserialize, Serialize};
-pub use shale_circuits::{next_head, Head, TickFields};
+pub use shale_circuits::{next_head, Deployment, Head, OrderKey, TickFields};
 
 /// One closed interval of one order's lease, as stored in the ledger and shown on receipts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,7 +34,7 @@ pub struct Tick {
     pub charge: U256,
     /// The chain head before this tick.
     pub prev_head: Head,
-    /// `next_head(prev_head, fields)`: the chain head after this tick.
+    /// `next_head(key, prev_head, fields)`: the chain head after this tick, under the order's key.
     pub head: Head,
 }
 
@@ -56,9 +59,14 @@ impl Tick {
         }
     }
 
-    /// Whether `head` is really the hash of `prev_head` and the fields.
-    pub fn head_is_valid(&self) -> bool {
-        next_head(&self.prev_head, &self.fields()) == self.head
+    /// Whether `head` is really the hash of `prev_head` and the fields, for this order of
+    /// `deployment`.
+    pub fn head_is_valid(&self, deployment: &Deployment) -> bool {
+        next_head(
+            &deployment.order_key(self.order),
+            &self.prev_head,
+            &self.fields(),
+        ) == self.head
     }
 }
 
@@ -78,35 +86,40 @@ pub struct ChainHead {
 /// therefore leaves the chain where the ledger is, and the next tick reuses the same seq.
 #[derive(Debug, Clone)]
 pub struct TickChain {
-    order: u64,
+    key: OrderKey,
     tariff: Tariff,
     next_seq: u64,
     head: Head,
 }
 
 impl TickChain {
-    /// A new chain for `order`, starting at seq 0 from the genesis head.
-    pub fn genesis(order: u64, tariff: Tariff) -> TickChain {
-        TickChain::resume(order, tariff, None)
+    /// A new chain for `key`'s order, starting at seq 0 from the genesis head.
+    pub fn genesis(key: OrderKey, tariff: Tariff) -> TickChain {
+        TickChain::resume(key, tariff, None)
     }
 
-    /// Continues `order`'s chain after the stored `last` tick (or from genesis if none).
-    pub fn resume(order: u64, tariff: Tariff, last: Option<ChainHead>) -> TickChain {
+    /// Continues `key`'s order's chain after the stored `last` tick (or from genesis if none).
+    pub fn resume(key: OrderKey, tariff: Tariff, last: Option<ChainHead>) -> TickChain {
         let (next_seq, head) = match last {
             Some(last) => (last.seq + 1, last.head),
             None => (0, Head::GENESIS),
         };
         TickChain {
-            order,
+            key,
             tariff,
             next_seq,
             head,
         }
     }
 
-    /// The order.
+    /// The order (its on-chain id).
     pub fn order(&self) -> u64 {
-        self.order
+        self.key.order()
+    }
+
+    /// The order with its deployment: what every tick of the chain is hashed under.
+    pub fn key(&self) -> &OrderKey {
+        &self.key
     }
 
     /// The tariff charges are computed under.
@@ -135,14 +148,14 @@ impl TickChain {
     /// Builds the next tick for `usage` starting at `started_at_ms`, without advancing.
     pub fn prepare(&self, started_at_ms: u64, usage: Usage) -> Tick {
         let fields = TickFields {
-            order: self.order,
+            order: self.key.order(),
             seq: self.next_seq,
             seconds: usage.seconds,
             bytes_in: usage.bytes_in,
             bytes_out: usage.bytes_out,
         };
         Tick {
-            order: self.order,
+            order: self.key.order(),
             seq: self.next_seq,
             started_at_ms,
             seconds: usage.seconds,
@@ -150,20 +163,23 @@ impl TickChain {
             bytes_out: usage.bytes_out,
             charge: self.tariff.charge(&usage),
             prev_head: self.head,
-            head: next_head(&self.head, &fields),
+            head: next_head(&self.key, &self.head, &fields),
         }
     }
 
     /// Advances past `tick`, which must be the one [`TickChain::prepare`] would build now.
     pub fn commit(&mut self, tick: &Tick) -> Result<(), MeterError> {
-        if tick.order != self.order || tick.seq != self.next_seq || tick.prev_head != self.head {
+        if tick.order != self.key.order()
+            || tick.seq != self.next_seq
+            || tick.prev_head != self.head
+        {
             return Err(MeterError::ChainConflict {
                 order: tick.order,
                 seq: tick.seq,
                 stored_last_seq: self.last().map(|l| l.seq),
             });
         }
-        if !tick.head_is_valid() {
+        if next_head(&self.key, &tick.prev_head, &tick.fields()) != tick.head {
             return Err(MeterError::HeadMismatch {
                 order: tick.order,
                 seq: tick.seq,
@@ -175,24 +191,30 @@ impl TickChain {
     }
 }
 
-/// Recomputes an order's chain from a full tick log (as fetched with receipts) and returns
-/// its head, which the client compares with the head the contract stores.
+/// Recomputes an order's chain of `deployment` from a full tick log (as fetched with receipts)
+/// and returns its head, which the client compares with the head the contract stores.
 ///
 /// The log must start at seq 0 from the genesis head, belong to one order, and have
-/// consecutive seqs; every head is recomputed, so a log with any tick altered, dropped,
-/// repeated or reordered fails. An empty log verifies to the genesis head.
-pub fn verify_receipts(ticks: &[Tick]) -> Result<Head, MeterError> {
-    verify_chain_from(None, ticks)
+/// consecutive seqs; every head is recomputed under the order's key, so a log with any tick
+/// altered, dropped, repeated or reordered fails, and so does a log of another deployment. An
+/// empty log verifies to the genesis head.
+pub fn verify_receipts(deployment: &Deployment, ticks: &[Tick]) -> Result<Head, MeterError> {
+    verify_chain_from(deployment, None, ticks)
 }
 
 /// Like [`verify_receipts`] for a log that continues after `start` (e.g. the ticks after the
 /// last claim, from the head the contract stores).
-pub fn verify_chain_from(start: Option<ChainHead>, ticks: &[Tick]) -> Result<Head, MeterError> {
+pub fn verify_chain_from(
+    deployment: &Deployment,
+    start: Option<ChainHead>,
+    ticks: &[Tick],
+) -> Result<Head, MeterError> {
     let (mut expected_seq, mut head) = match start {
         Some(s) => (s.seq + 1, s.head),
         None => (0, Head::GENESIS),
     };
     let order = ticks.first().map(|t| t.order);
+    let key = deployment.order_key(order.unwrap_or_default());
     for tick in ticks {
         let fail = |reason: String| MeterError::ReceiptsInvalid {
             seq: tick.seq,
@@ -214,7 +236,7 @@ pub fn verify_chain_from(start: Option<ChainHead>, ticks: &[Tick]) -> Result<Hea
                 tick.prev_head
             )));
         }
-        let recomputed = next_head(&head, &tick.fields());
+        let recomputed = next_head(&key, &head, &tick.fields());
         if recomputed != tick.head {
             return Err(fail(format!(
                 "head {} differs from the recomputed {recomputed}",
@@ -249,12 +271,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const DEPLOYMENT: Deployment = Deployment::new(31337, [0x5f; 20]);
+
     fn tariff() -> Tariff {
         Tariff::new(U256::from(1_000u64), U256::from(1u64 << 31)).unwrap()
     }
 
     fn build(order: u64, usages: &[Usage]) -> Vec<Tick> {
-        let mut chain = TickChain::genesis(order, tariff());
+        let mut chain = TickChain::genesis(DEPLOYMENT.order_key(order), tariff());
         usages
             .iter()
             .enumerate()
@@ -276,7 +300,7 @@ mod tests {
 
     #[test]
     fn prepare_does_not_advance_and_commit_does() {
-        let mut chain = TickChain::genesis(42, tariff());
+        let mut chain = TickChain::genesis(DEPLOYMENT.order_key(42), tariff());
         let a = chain.prepare(0, usage(5, 1, 2));
         let again = chain.prepare(0, usage(5, 1, 2));
         assert_eq!(a, again);
@@ -301,7 +325,7 @@ mod tests {
 
     #[test]
     fn commit_refuses_a_forged_head() {
-        let mut chain = TickChain::genesis(1, tariff());
+        let mut chain = TickChain::genesis(DEPLOYMENT.order_key(1), tariff());
         let mut t = chain.prepare(0, usage(5, 0, 0));
         t.head = Head([1; 32]);
         assert!(matches!(
@@ -318,7 +342,7 @@ mod tests {
             seq: 1,
             head: ticks[1].head,
         };
-        let resumed = TickChain::resume(7, tariff(), Some(stored));
+        let resumed = TickChain::resume(DEPLOYMENT.order_key(7), tariff(), Some(stored));
         assert_eq!(
             resumed.prepare(ticks[2].started_at_ms, ticks[2].usage()),
             ticks[2]
@@ -336,36 +360,36 @@ mod tests {
                 usage(2, 0, 9),
             ],
         );
-        let head = verify_receipts(&ticks).unwrap();
+        let head = verify_receipts(&DEPLOYMENT, &ticks).unwrap();
         assert_eq!(head, ticks[3].head);
-        assert_eq!(verify_receipts(&[]).unwrap(), Head::GENESIS);
+        assert_eq!(verify_receipts(&DEPLOYMENT, &[]).unwrap(), Head::GENESIS);
         verify_charges(&tariff(), &ticks).unwrap();
 
         let mut dropped = ticks.clone();
         dropped.remove(1);
         assert!(matches!(
-            verify_receipts(&dropped),
+            verify_receipts(&DEPLOYMENT, &dropped),
             Err(MeterError::ReceiptsInvalid { seq: 2, .. })
         ));
 
         let mut repeated = ticks.clone();
         repeated.insert(2, ticks[1].clone());
-        assert!(verify_receipts(&repeated).is_err());
+        assert!(verify_receipts(&DEPLOYMENT, &repeated).is_err());
 
         let mut swapped = ticks.clone();
         swapped.swap(1, 2);
-        assert!(verify_receipts(&swapped).is_err());
+        assert!(verify_receipts(&DEPLOYMENT, &swapped).is_err());
 
         let mut inflated = ticks.clone();
         inflated[2].bytes_out += 1;
         assert!(matches!(
-            verify_receipts(&inflated),
+            verify_receipts(&DEPLOYMENT, &inflated),
             Err(MeterError::ReceiptsInvalid { seq: 2, .. })
         ));
 
         let mut recharged = ticks.clone();
         recharged[0].charge += U256::from(1u64);
-        assert!(verify_receipts(&recharged).is_ok());
+        assert!(verify_receipts(&DEPLOYMENT, &recharged).is_ok());
         assert!(matches!(
             verify_charges(&tariff(), &recharged),
             Err(MeterError::ReceiptsInvalid { seq: 0, .. })
@@ -376,14 +400,31 @@ mod tests {
             t.seq = 4;
             t
         }));
-        assert!(verify_receipts(&foreign).is_err());
+        assert!(verify_receipts(&DEPLOYMENT, &foreign).is_err());
+
+        // The same log checked against another marketplace, or another chain, fails at its
+        // first tick: its heads were hashed under this deployment's order key.
+        for other in [
+            Deployment::new(31337, [0x60; 20]),
+            Deployment::new(31338, [0x5f; 20]),
+        ] {
+            assert!(matches!(
+                verify_receipts(&other, &ticks),
+                Err(MeterError::ReceiptsInvalid { seq: 0, .. })
+            ));
+            assert!(!ticks[0].head_is_valid(&other));
+        }
+        assert!(ticks[0].head_is_valid(&DEPLOYMENT));
 
         // The tail after a claimed prefix verifies from the claimed head.
         let start = ChainHead {
             seq: 1,
             head: ticks[1].head,
         };
-        assert_eq!(verify_chain_from(Some(start), &ticks[2..]).unwrap(), head);
+        assert_eq!(
+            verify_chain_from(&DEPLOYMENT, Some(start), &ticks[2..]).unwrap(),
+            head
+        );
     }
 
     #[test]
@@ -410,7 +451,7 @@ mod tests {
             field in 0usize..4,
         ) {
             let ticks = build(5, &usages);
-            prop_assert_eq!(verify_receipts(&ticks).unwrap(), ticks.last().unwrap().head);
+            prop_assert_eq!(verify_receipts(&DEPLOYMENT, &ticks).unwrap(), ticks.last().unwrap().head);
             let i = victim.index(ticks.len());
             let mut bad = ticks.clone();
             match field {
@@ -419,7 +460,7 @@ mod tests {
                 2 => bad[i].bytes_out = bad[i].bytes_out.wrapping_add(1),
                 _ => bad[i].order += 1,
             }
-            prop_assert!(verify_receipts(&bad).is_err());
+            prop_assert!(verify_receipts(&DEPLOYMENT, &bad).is_err());
         }
     }
 }

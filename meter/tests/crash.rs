@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::tariff;
+use common::{tariff, DEPLOYMENT};
 use shale_meter::{
     verify_receipts, LeaseSpec, Ledger, Meter, MeterConfig, Metered, Side, TickChain, Usage,
 };
@@ -42,10 +42,10 @@ fn crash_child_appends_ticks_until_killed() {
     rt.block_on(async {
         let ledger = Ledger::open_sqlite(Path::new(&db)).await.unwrap();
         let head = ledger.chain_head(ORDER).await.unwrap();
-        let mut chain = TickChain::resume(ORDER, tariff(), head);
+        let mut chain = TickChain::resume(DEPLOYMENT.order_key(ORDER), tariff(), head);
         loop {
             let tick = chain.prepare(0, usage_of(chain.next_seq()));
-            ledger.append_tick(&tick).await.unwrap();
+            ledger.append_tick(&DEPLOYMENT, &tick).await.unwrap();
             chain.commit(&tick).unwrap();
             println!("stored {}", tick.seq);
         }
@@ -67,6 +67,7 @@ fn crash_child_meters_a_transfer_until_killed() {
         let ledger = Ledger::open_sqlite(Path::new(&db)).await.unwrap();
         let meter = Meter::new(
             ledger,
+            DEPLOYMENT,
             &MeterConfig {
                 tick_interval_secs: 1,
                 ..MeterConfig::default()
@@ -179,14 +180,14 @@ async fn kill_9_while_appending_loses_no_acknowledged_tick_and_the_chain_continu
         for t in &ticks {
             assert_eq!(t.usage(), usage_of(t.seq), "tick {} altered", t.seq);
         }
-        assert_eq!(verify_receipts(&ticks).unwrap(), head.head);
+        assert_eq!(verify_receipts(&DEPLOYMENT, &ticks).unwrap(), head.head);
         ledger.close().await;
     }
 
     // A lease meter started on the crashed ledger continues from the stored head.
     let ledger = Ledger::open_sqlite(&db).await.unwrap();
     let head = ledger.chain_head(ORDER).await.unwrap().unwrap();
-    let meter = Meter::new(ledger.clone(), &MeterConfig::default()).unwrap();
+    let meter = Meter::new(ledger.clone(), DEPLOYMENT, &MeterConfig::default()).unwrap();
     let lease = meter
         .start_lease(LeaseSpec {
             order: ORDER,
@@ -200,7 +201,7 @@ async fn kill_9_while_appending_loses_no_acknowledged_tick_and_the_chain_continu
     assert_eq!(next.seq, head.seq + 1);
     assert_eq!(next.prev_head, head.head);
     let ticks = ledger.ticks(ORDER, 0, u64::MAX).await.unwrap();
-    assert_eq!(verify_receipts(&ticks).unwrap(), next.head);
+    assert_eq!(verify_receipts(&DEPLOYMENT, &ticks).unwrap(), next.head);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +248,7 @@ async fn kill_9_mid_transfer_loses_at_most_the_usage_since_the_last_stored_tick(
 
     let ledger = Ledger::open_sqlite(&db).await.unwrap();
     let ticks = ledger.ticks(TRANSFER_ORDER, 0, u64::MAX).await.unwrap();
-    verify_receipts(&ticks).unwrap();
+    verify_receipts(&DEPLOYMENT, &ticks).unwrap();
     // Every tick the meter reported stored is stored, unchanged.
     for (seq, head, total) in &seen {
         let t = &ticks[*seq as usize];

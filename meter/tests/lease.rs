@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{tariff, PgCluster};
+use common::{tariff, PgCluster, DEPLOYMENT};
 use shale_meter::{
     verify_receipts, ByteCount, LeaseSpec, Ledger, Meter, MeterConfig, MeterError, Metered, Side,
     Tick,
@@ -29,12 +29,13 @@ fn check_chain(ticks: &[Tick]) {
     for (i, t) in ticks.iter().enumerate() {
         assert_eq!(t.seq, i as u64, "seqs must be 0, 1, 2, … without gaps");
     }
-    verify_receipts(ticks).unwrap();
+    verify_receipts(&DEPLOYMENT, ticks).unwrap();
 }
 
 async fn lease_meter_ticks_by_itself_and_the_final_tick_bills_every_counted_byte(ledger: Ledger) {
     let meter = Meter::new(
         ledger.clone(),
+        DEPLOYMENT,
         &MeterConfig {
             tick_interval_secs: 1,
             ..MeterConfig::default()
@@ -151,6 +152,7 @@ async fn lease_meter_ticks_by_itself_and_the_final_tick_bills_every_counted_byte
 async fn lease_stops_by_itself_at_the_lease_cap(ledger: Ledger) {
     let meter = Meter::new(
         ledger.clone(),
+        DEPLOYMENT,
         &MeterConfig {
             tick_interval_secs: 1,
             ..MeterConfig::default()
@@ -186,6 +188,7 @@ async fn lease_stops_by_itself_at_the_lease_cap(ledger: Ledger) {
 async fn dropping_a_lease_meter_still_writes_its_final_tick(ledger: Ledger) {
     let lease = shale_meter::LeaseMeter::start(
         ledger.clone(),
+        DEPLOYMENT,
         LeaseSpec {
             order: 300,
             tariff: tariff(),

@@ -4,7 +4,7 @@
 mod common;
 
 use alloy_primitives::U256;
-use common::{next_ticks, tariff, PgCluster};
+use common::{next_ticks, tariff, PgCluster, DEPLOYMENT};
 use shale_meter::ledger::{ClaimStatus, NewClaim, Receipt};
 use shale_meter::probe::Reading;
 use shale_meter::{
@@ -13,10 +13,10 @@ use shale_meter::{
 use std::sync::Arc;
 
 async fn appends_continue_the_chain_and_reject_gaps_repeats_and_forks(ledger: Ledger) {
-    let mut chain = TickChain::genesis(42, tariff());
+    let mut chain = TickChain::genesis(DEPLOYMENT.order_key(42), tariff());
     let ticks = next_ticks(&mut chain, 3);
     for t in &ticks {
-        ledger.append_tick(t).await.unwrap();
+        ledger.append_tick(&DEPLOYMENT, t).await.unwrap();
     }
     assert_eq!(
         ledger.chain_head(42).await.unwrap(),
@@ -31,7 +31,10 @@ async fn appends_continue_the_chain_and_reject_gaps_repeats_and_forks(ledger: Le
     assert_eq!(ledger.tick(42, 3).await.unwrap(), None);
 
     // Re-storing a stored tick (a re-bill) is refused.
-    let again = ledger.append_tick(&ticks[1]).await.unwrap_err();
+    let again = ledger
+        .append_tick(&DEPLOYMENT, &ticks[1])
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             again,
@@ -48,12 +51,12 @@ async fn appends_continue_the_chain_and_reject_gaps_repeats_and_forks(ledger: Le
     next_ticks(&mut ahead, 1);
     let gap = next_ticks(&mut ahead, 1).remove(0);
     assert!(matches!(
-        ledger.append_tick(&gap).await,
+        ledger.append_tick(&DEPLOYMENT, &gap).await,
         Err(MeterError::ChainConflict { seq: 4, .. })
     ));
     // A fork (right seq, other previous head) is refused.
     let mut fork = TickChain::resume(
-        42,
+        DEPLOYMENT.order_key(42),
         tariff(),
         Some(ChainHead {
             seq: 2,
@@ -62,19 +65,28 @@ async fn appends_continue_the_chain_and_reject_gaps_repeats_and_forks(ledger: Le
     );
     let forked = next_ticks(&mut fork, 1).remove(0);
     assert!(matches!(
-        ledger.append_tick(&forked).await,
+        ledger.append_tick(&DEPLOYMENT, &forked).await,
         Err(MeterError::ChainConflict { seq: 3, .. })
     ));
     // A head that is not the hash of the fields is refused before touching the database.
     let mut forged = chain.prepare(0, Usage::default());
     forged.head = Head([3; 32]);
     assert!(matches!(
-        ledger.append_tick(&forged).await,
+        ledger.append_tick(&DEPLOYMENT, &forged).await,
+        Err(MeterError::HeadMismatch { seq: 3, .. })
+    ));
+    // The right next tick of order 42, but chained on another marketplace: its head is not
+    // this deployment's, so the ledger of this deployment refuses it.
+    let elsewhere = shale_meter::Deployment::new(DEPLOYMENT.chain_id, [0x60; 20]);
+    let foreign = TickChain::resume(elsewhere.order_key(42), tariff(), chain.last())
+        .prepare(0, Usage::default());
+    assert!(matches!(
+        ledger.append_tick(&DEPLOYMENT, &foreign).await,
         Err(MeterError::HeadMismatch { seq: 3, .. })
     ));
     // A first tick must start from genesis.
     let mut not_genesis = TickChain::resume(
-        7,
+        DEPLOYMENT.order_key(7),
         tariff(),
         Some(ChainHead {
             seq: u64::MAX - 1,
@@ -83,22 +95,26 @@ async fn appends_continue_the_chain_and_reject_gaps_repeats_and_forks(ledger: Le
     )
     .prepare(0, Usage::default());
     not_genesis.seq = 0;
-    not_genesis.head = shale_meter::tick::next_head(&not_genesis.prev_head, &not_genesis.fields());
+    not_genesis.head = shale_meter::tick::next_head(
+        &DEPLOYMENT.order_key(not_genesis.order),
+        &not_genesis.prev_head,
+        &not_genesis.fields(),
+    );
     assert!(matches!(
-        ledger.append_tick(&not_genesis).await,
+        ledger.append_tick(&DEPLOYMENT, &not_genesis).await,
         Err(MeterError::ChainConflict { seq: 0, .. })
     ));
 
     // And the real next tick still goes in.
     let next = next_ticks(&mut chain, 1).remove(0);
-    ledger.append_tick(&next).await.unwrap();
+    ledger.append_tick(&DEPLOYMENT, &next).await.unwrap();
     assert_eq!(ledger.chain_head(42).await.unwrap().unwrap().seq, 3);
 }
 
 async fn concurrent_writers_of_one_order_store_each_seq_once(ledger: Ledger) {
-    let mut chain = TickChain::genesis(5, tariff());
+    let mut chain = TickChain::genesis(DEPLOYMENT.order_key(5), tariff());
     for t in next_ticks(&mut chain, 2) {
-        ledger.append_tick(&t).await.unwrap();
+        ledger.append_tick(&DEPLOYMENT, &t).await.unwrap();
     }
     // Eight "gateways" each try to store their own version of tick 2.
     let ledger = Arc::new(ledger);
@@ -113,7 +129,9 @@ async fn concurrent_writers_of_one_order_store_each_seq_once(ledger: Ledger) {
                 },
             );
             let ledger = Arc::clone(&ledger);
-            tokio::spawn(async move { (tick.clone(), ledger.append_tick(&tick).await) })
+            tokio::spawn(
+                async move { (tick.clone(), ledger.append_tick(&DEPLOYMENT, &tick).await) },
+            )
         })
         .collect();
     let mut winners = Vec::new();
@@ -131,10 +149,10 @@ async fn concurrent_writers_of_one_order_store_each_seq_once(ledger: Ledger) {
 }
 
 async fn unclaimed_ticks_and_usage_follow_confirmed_claims(ledger: Ledger) {
-    let mut chain = TickChain::genesis(9, tariff());
+    let mut chain = TickChain::genesis(DEPLOYMENT.order_key(9), tariff());
     let ticks = next_ticks(&mut chain, 6);
     for t in &ticks {
-        ledger.append_tick(t).await.unwrap();
+        ledger.append_tick(&DEPLOYMENT, t).await.unwrap();
     }
     let usage_of = |ts: &[shale_meter::Tick]| Usage::sum(ts.iter().map(|t| t.usage())).unwrap();
     assert_eq!(ledger.unclaimed_usage(9).await.unwrap(), usage_of(&ticks));
@@ -346,10 +364,10 @@ async fn acknowledgments_only_grow_and_the_newest_is_served(ledger: Ledger) {
 
 async fn receipts_stream_as_json_lines_that_verify_to_the_stored_head(ledger: Ledger) {
     // More ticks than one receipts page, so paging is exercised.
-    let mut chain = TickChain::genesis(77, tariff());
+    let mut chain = TickChain::genesis(DEPLOYMENT.order_key(77), tariff());
     let ticks = next_ticks(&mut chain, 1_050);
     for t in &ticks {
-        ledger.append_tick(t).await.unwrap();
+        ledger.append_tick(&DEPLOYMENT, t).await.unwrap();
     }
     ledger
         .record_session_start("s-77", 77, "peer", 1)
@@ -380,7 +398,7 @@ async fn receipts_stream_as_json_lines_that_verify_to_the_stored_head(ledger: Le
         })
         .collect();
     assert_eq!(got_ticks, ticks);
-    let head = verify_receipts(&got_ticks).unwrap();
+    let head = verify_receipts(&DEPLOYMENT, &got_ticks).unwrap();
     assert_eq!(head, ledger.chain_head(77).await.unwrap().unwrap().head);
     assert_eq!(ledger.receipts(77).await.unwrap(), parsed);
     assert!(text
@@ -391,7 +409,7 @@ async fn receipts_stream_as_json_lines_that_verify_to_the_stored_head(ledger: Le
 }
 
 async fn values_that_do_not_fit_bigint_are_refused_not_wrapped(ledger: Ledger) {
-    let mut chain = TickChain::genesis(1, tariff());
+    let mut chain = TickChain::genesis(DEPLOYMENT.order_key(1), tariff());
     let huge = chain.prepare(
         0,
         Usage {
@@ -401,7 +419,7 @@ async fn values_that_do_not_fit_bigint_are_refused_not_wrapped(ledger: Ledger) {
         },
     );
     assert!(matches!(
-        ledger.append_tick(&huge).await,
+        ledger.append_tick(&DEPLOYMENT, &huge).await,
         Err(MeterError::OutOfRange {
             field: "bytes_in",
             ..
@@ -409,9 +427,9 @@ async fn values_that_do_not_fit_bigint_are_refused_not_wrapped(ledger: Ledger) {
     ));
     assert_eq!(ledger.chain_head(1).await.unwrap(), None);
     // The largest storable order id works.
-    let mut big_order = TickChain::genesis(i64::MAX as u64, tariff());
+    let mut big_order = TickChain::genesis(DEPLOYMENT.order_key(i64::MAX as u64), tariff());
     let t = next_ticks(&mut big_order, 1).remove(0);
-    ledger.append_tick(&t).await.unwrap();
+    ledger.append_tick(&DEPLOYMENT, &t).await.unwrap();
     assert_eq!(ledger.tick(i64::MAX as u64, 0).await.unwrap(), Some(t));
     let _ = &mut chain;
 }
@@ -460,10 +478,10 @@ async fn sqlite_ledger_is_in_wal_mode_and_survives_reopening() {
     let path = dir.path().join("state dir?#%").join("ledger.db");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let ledger = Ledger::open_sqlite(&path).await.unwrap();
-    let mut chain = TickChain::genesis(8, tariff());
+    let mut chain = TickChain::genesis(DEPLOYMENT.order_key(8), tariff());
     let ticks = next_ticks(&mut chain, 4);
     for t in &ticks {
-        ledger.append_tick(t).await.unwrap();
+        ledger.append_tick(&DEPLOYMENT, t).await.unwrap();
     }
     ledger.close().await;
     assert!(path.exists());
@@ -484,7 +502,7 @@ async fn sqlite_ledger_is_in_wal_mode_and_survives_reopening() {
         })
     );
     assert_eq!(
-        verify_receipts(&reopened.ticks(8, 0, 100).await.unwrap()).unwrap(),
+        verify_receipts(&DEPLOYMENT, &reopened.ticks(8, 0, 100).await.unwrap()).unwrap(),
         ticks[3].head
     );
 }
@@ -502,21 +520,21 @@ async fn postgres_ledger_is_shared_by_two_gateways() {
     let a = pg.fresh_ledger("shared").await;
     // The second gateway opens the same database: migrations are already applied.
     let b = Ledger::open(&pg.url("shared")).await.unwrap();
-    let mut chain = TickChain::genesis(31, tariff());
+    let mut chain = TickChain::genesis(DEPLOYMENT.order_key(31), tariff());
     let ticks = next_ticks(&mut chain, 4);
-    a.append_tick(&ticks[0]).await.unwrap();
-    b.append_tick(&ticks[1]).await.unwrap();
+    a.append_tick(&DEPLOYMENT, &ticks[0]).await.unwrap();
+    b.append_tick(&DEPLOYMENT, &ticks[1]).await.unwrap();
     // Gateway a, unaware of b's write, cannot re-store seq 1 or skip it.
     assert!(matches!(
-        a.append_tick(&ticks[1]).await,
+        a.append_tick(&DEPLOYMENT, &ticks[1]).await,
         Err(MeterError::ChainConflict {
             stored_last_seq: Some(1),
             ..
         })
     ));
-    a.append_tick(&ticks[2]).await.unwrap();
+    a.append_tick(&DEPLOYMENT, &ticks[2]).await.unwrap();
     assert_eq!(
-        verify_receipts(&b.ticks(31, 0, 10).await.unwrap()).unwrap(),
+        verify_receipts(&DEPLOYMENT, &b.ticks(31, 0, 10).await.unwrap()).unwrap(),
         ticks[2].head
     );
     a.close().await;

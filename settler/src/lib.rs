@@ -67,7 +67,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use shale_circuits::{Anchor, CircuitError, Head, TickBatch};
+use shale_circuits::{Anchor, CircuitError, Deployment, Head, TickBatch};
 use shale_contracts::{
     Address, Bytes, ChainError, ClaimReceipt, ClaimRequest, MarketEvent, Marketplace, Order,
     OrderState, B256, U256,
@@ -217,6 +217,8 @@ pub struct Settler {
 struct Inner {
     config: SettlerConfig,
     market: Marketplace,
+    /// The marketplace's chain and address: the order keys every proof is bound to.
+    deployment: Deployment,
     provider: Address,
     ledger: Ledger,
     prover: Prover,
@@ -298,6 +300,7 @@ impl Settler {
     ) -> Result<Settler, SettlerError> {
         config.validate()?;
         let provider = market.sender().ok_or(ChainError::ReadOnly)?;
+        let deployment = Deployment::new(market.chain_id().await?, market.address().0 .0);
         let on_chain = market.batch_capacities().await?;
         let wanted: Vec<u32> = on_chain
             .iter()
@@ -316,6 +319,7 @@ impl Settler {
             inner: Arc::new(Inner {
                 config: config.clone(),
                 market,
+                deployment,
                 provider,
                 ledger,
                 prover,
@@ -850,7 +854,8 @@ impl Settler {
                 tick: t.fields(),
             });
             let fields = batch.iter().map(Tick::fields).collect();
-            let proved = match TickBatch::new(id, prev, anchor, fields) {
+            let key = inner.deployment.order_key(id);
+            let proved = match TickBatch::new(key, prev, anchor, fields) {
                 Ok(tick_batch) => {
                     let next = tick_batch.next();
                     let inputs = tick_batch.inputs();

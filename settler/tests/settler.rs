@@ -14,7 +14,9 @@ use shale_contracts::{
     Address, Bytes, ClaimRequest, Marketplace, NewOrder, Offer, OrderState, U256,
 };
 use shale_meter::ledger::{ClaimStatus, NewClaim};
-use shale_meter::{LeaseSpec, Ledger, Meter, MeterConfig, Tariff, Tick, TickChain, Usage};
+use shale_meter::{
+    Deployment, LeaseSpec, Ledger, Meter, MeterConfig, Tariff, Tick, TickChain, Usage,
+};
 use shale_settler::{Settler, SettlerConfig, SettlerError, SettlerEvent};
 use tokio::sync::broadcast;
 
@@ -143,6 +145,11 @@ impl World {
         self.sp.sender().unwrap()
     }
 
+    /// The marketplace's chain and address: what the orders' tick chains are bound to.
+    async fn deployment(&self) -> Deployment {
+        Deployment::new(self.sp.chain_id().await.unwrap(), self.sp.address().0 .0)
+    }
+
     /// Creates and accepts an order with `escrow` wei; its lease has run `run_secs` on chain.
     async fn active_order(&self, escrow: u64, run_secs: u64) -> u64 {
         let provider = self.sp.provider(self.sp_address()).await.unwrap();
@@ -202,7 +209,8 @@ impl World {
     async fn append_ticks_from(&self, order: u64, n: u64, started_at_ms: u64) -> Vec<Tick> {
         let tariff = tariff();
         let last = self.ledger.chain_head(order).await.unwrap();
-        let mut chain = TickChain::resume(order, tariff, last);
+        let deployment = self.deployment().await;
+        let mut chain = TickChain::resume(deployment.order_key(order), tariff, last);
         let mut ticks = Vec::new();
         for _ in 0..n {
             let seq = chain.next_seq();
@@ -213,7 +221,7 @@ impl World {
                 bytes_out: 777_777 * (seq + 1),
             };
             let tick = chain.prepare(started_at_ms, usage);
-            self.ledger.append_tick(&tick).await.unwrap();
+            self.ledger.append_tick(&deployment, &tick).await.unwrap();
             chain.commit(&tick).unwrap();
             ticks.push(tick);
         }
@@ -419,7 +427,7 @@ async fn claim_behind_the_settlers_back(
         tick: t.fields(),
     });
     let batch = TickBatch::new(
-        id,
+        world.deployment().await.order_key(id),
         paid.map_or(shale_circuits::Head::GENESIS, |t| t.head),
         anchor,
         ticks.iter().map(Tick::fields).collect(),
@@ -607,7 +615,8 @@ async fn a_claim_is_cut_to_what_the_escrow_can_pay() {
 
 /// The 16 ticks `append_ticks` writes first, without a ledger (for sizing an escrow).
 fn world_ticks_preview() -> Vec<Tick> {
-    let mut chain = TickChain::genesis(1, tariff());
+    // Only the usage counts here; the heads' deployment does not matter.
+    let mut chain = TickChain::genesis(Deployment::default().order_key(1), tariff());
     (0..16)
         .map(|seq| {
             let tick = chain.prepare(
@@ -632,6 +641,7 @@ async fn the_background_task_claims_a_real_lease_meters_ticks_and_refreshes_its_
     let id = world.active_order(10u64.pow(18), 100).await;
     let meter = Meter::new(
         world.ledger.clone(),
+        world.deployment().await,
         &MeterConfig {
             tick_interval_secs: 1,
             ledger_url: None,

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use shale_circuits::next_head;
-use shale_circuits::{Anchor, Head, TickBatch};
+use shale_circuits::{Anchor, Deployment, Head, TickBatch};
 use shale_contracts::{
     Bytes, ChainError, ClaimReceipt, ClaimRequest, Marketplace, SignedAck, B256,
 };
@@ -42,6 +42,7 @@ pub async fn inflate_unpaid_ticks(
 ) -> anyhow::Result<Vec<Tick>> {
     let on_chain = market.order(order).await?;
     let tariff = Tariff::new(on_chain.price_per_second, on_chain.price_per_gib)?;
+    let key = Deployment::new(market.chain_id().await?, market.address().0 .0).order_key(order);
     let ledger = Ledger::open_sqlite(ledger_path).await?;
     let paid = paid_tick(&ledger, order, on_chain.head).await?;
     let honest = ledger
@@ -58,7 +59,7 @@ pub async fn inflate_unpaid_ticks(
             ..t
         };
         f.charge = tariff.charge(&f.usage());
-        f.head = next_head(&f.prev_head, &f.fields());
+        f.head = next_head(&key, &f.prev_head, &f.fields());
         head = f.head;
         forged.push(f);
     }
@@ -102,8 +103,9 @@ pub async fn claim_next_batch(
         .ticks_after(order, paid.as_ref().map(|t| t.seq), CAPACITY)
         .await?;
     anyhow::ensure!(!ticks.is_empty(), "order {order} has no unpaid ticks");
+    let key = Deployment::new(sp.chain_id().await?, sp.address().0 .0).order_key(order);
     let batch = TickBatch::new(
-        order,
+        key,
         paid.as_ref().map_or(Head::GENESIS, |t| t.head),
         paid.as_ref().map(|t| Anchor {
             before: t.prev_head,

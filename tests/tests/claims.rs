@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use shale_circuits::{setup_from_seed, Head, TickBatch, TickFields, PROOF_LEN};
+use shale_circuits::{setup_from_seed, Deployment, Head, TickBatch, TickFields, PROOF_LEN};
 use shale_contracts::bindings::Marketplace::MarketplaceErrors as E;
 use shale_contracts::devnet::{self, Devnet};
 use shale_contracts::{
@@ -128,8 +128,9 @@ async fn every_flipped_bit_of_a_real_claim_is_refused_on_chain_and_the_real_one_
     }
     devnet.advance_time(10_000).await.unwrap();
     let (a, b) = (orders[0], orders[1]);
+    let key = Deployment::new(sp.chain_id().await.unwrap(), address.0 .0).order_key(a);
 
-    let first = TickBatch::new(a, Head::GENESIS, None, ticks(a, 0..10)).unwrap();
+    let first = TickBatch::new(key, Head::GENESIS, None, ticks(a, 0..10)).unwrap();
     let proof = {
         let (pk, batch) = (pk.clone(), first.clone());
         tokio::task::spawn_blocking(move || pk.prove_with_os_rng(&batch).unwrap().to_bytes())
@@ -239,9 +240,14 @@ async fn every_flipped_bit_of_a_real_claim_is_refused_on_chain_and_the_real_one_
     ));
 
     // A batch proved from the old (genesis) head no longer verifies: the chain moved on.
-    let stale = TickBatch::new(a, Head::GENESIS, None, ticks(a, 0..12)).unwrap();
-    let continued =
-        TickBatch::new(a, first.next(), Some(first.next_anchor()), ticks(a, 10..14)).unwrap();
+    let stale = TickBatch::new(key, Head::GENESIS, None, ticks(a, 0..12)).unwrap();
+    let continued = TickBatch::new(
+        key,
+        first.next(),
+        Some(first.next_anchor()),
+        ticks(a, 10..14),
+    )
+    .unwrap();
     let (stale_proof, continued_proof) = {
         let (stale, continued) = (stale.clone(), continued.clone());
         tokio::task::spawn_blocking(move || {
@@ -325,11 +331,12 @@ async fn a_byte_claim_beyond_the_allowance_is_paid_the_allowance_unless_acknowle
     };
     // The exploit's batch (0 seconds, 100 GiB) for an order, proved with the real key.
     let huge: u64 = 100 << 30;
+    let deployment = Deployment::new(sp.chain_id().await.unwrap(), address.0 .0);
     let exploit_for = |id: u64| {
         let pk = pk.clone();
         async move {
             let batch = TickBatch::new(
-                id,
+                deployment.order_key(id),
                 Head::GENESIS,
                 None,
                 vec![TickFields {

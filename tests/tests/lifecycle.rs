@@ -229,7 +229,9 @@ async fn receipts_recompute_to_the_billed_chain_and_metrics_show_the_session() -
         })
         .collect();
     assert!(!ticks.is_empty(), "{receipts:?}");
-    let head = shale_meter::verify_receipts(&ticks)?;
+    let deployment =
+        shale_meter::Deployment::new(stack.sp.chain_id().await?, stack.sp.address().0 .0);
+    let head = shale_meter::verify_receipts(&deployment, &ticks)?;
     assert_eq!(head, ticks.last().unwrap().head);
     let billed_out: u64 = ticks.iter().map(|t| t.bytes_out).sum();
     assert!(billed_out >= 300_000, "billed {billed_out} bytes out");

@@ -11,7 +11,7 @@ use anyhow::Context;
 use serde::Serialize;
 use shale_contracts::{Order, U256};
 use shale_meter::ledger::Receipt;
-use shale_meter::{verify_receipts, Head, Tariff, Tick, Usage};
+use shale_meter::{verify_receipts, Deployment, Head, Tariff, Tick, Usage};
 
 use crate::exit::Failure;
 use crate::money::Fil;
@@ -84,8 +84,9 @@ pub struct Verdict {
     pub problems: Vec<String>,
 }
 
-/// Checks the receipts against the order as the contract reports it.
-pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
+/// Checks the receipts against the order as the contract of `deployment` reports it (the tick
+/// chain is hashed under the order's key on that deployment: another marketplace's log fails).
+pub fn check(deployment: &Deployment, order: &Order, receipts: &[Receipt]) -> Verdict {
     let ticks: Vec<Tick> = receipts
         .iter()
         .filter_map(|r| match r {
@@ -98,7 +99,7 @@ pub fn check(order: &Order, receipts: &[Receipt]) -> Verdict {
         .filter(|r| matches!(r, Receipt::Session(_)))
         .count();
     let mut problems = Vec::new();
-    let head = match verify_receipts(&ticks) {
+    let head = match verify_receipts(deployment, &ticks) {
         Ok(h) => h,
         Err(e) => {
             problems.push(format!("the tick chain does not verify: {e}"));
@@ -254,8 +255,9 @@ pub async fn run(
 ) -> anyhow::Result<Verdict> {
     let market = settings.reader().await?;
     let order = market.order(id).await?;
+    let deployment = Deployment::new(market.chain_id().await?, market.address().0 .0);
     let receipts = fetch(settings, id).await?;
-    let mut v = check(&order, &receipts);
+    let mut v = check(&deployment, &order, &receipts);
     let counts = WireCounts::at(SshFiles::new(&settings.ssh_dir).wire_counts(id));
     if counts.path().exists() {
         hold_to_wire(&mut v, counts.read()?, order.byte_allowance);

@@ -102,7 +102,8 @@ impl World {
     }
 
     /// A claim the test-only verifier accepts: its proof's first word is keccak256 of the six
-    /// public inputs, with prevHead the order's stored head.
+    /// public inputs, with the order's key (as the contract computes it) and prevHead the order's
+    /// stored head.
     pub async fn claim_request(
         &self,
         order_id: u64,
@@ -114,8 +115,9 @@ impl World {
         let order = self.reader.order(order_id).await.unwrap();
         let mut head = [0u8; 32];
         head[31] = next_head;
+        let key = self.reader.order_key(order_id).await.unwrap();
         let input = [
-            U256::from(order_id),
+            key,
             U256::from_be_bytes(order.head),
             U256::from_be_bytes(head),
             U256::from(seconds),

@@ -4,13 +4,16 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use alloy_primitives::U256;
-use shale_meter::{Ledger, Tariff, Tick, TickChain, Usage};
+use shale_meter::{Deployment, Ledger, Tariff, Tick, TickChain, Usage};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use tempfile::TempDir;
 
 /// A SQLite ledger in a fresh temporary directory (removed when the `TempDir` drops).
+/// The marketplace the tests' orders belong to (anvil's chain, its first contract's address).
+pub const DEPLOYMENT: Deployment = Deployment::new(31337, [0x5f; 20]);
+
 pub async fn sqlite_ledger() -> (TempDir, Ledger) {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open_sqlite(&dir.path().join("ledger.db"))
