@@ -14,8 +14,10 @@ use libfuzzer_sys::fuzz_target;
 use shale_contracts::U256;
 use shale_meter::ledger::Receipt;
 use shale_meter::tick::verify_charges;
-use shale_meter::{verify_receipts, Tariff, Tick, TickChain};
+use shale_meter::{verify_receipts, Deployment, Tariff, Tick, TickChain};
 
+/// The marketplace the log is checked against: heads are hashed under its order keys.
+const DEPLOYMENT: Deployment = Deployment::new(31337, [0x5f; 20]);
 /// Lines read per input: each tick costs two Poseidon hashes, and more lines find nothing new.
 const MAX_LINES: usize = 64;
 
@@ -41,11 +43,12 @@ fuzz_target!(|data: &[u8]| {
             ticks.push(t);
         }
     }
-    let verified = verify_receipts(&ticks);
+    let verified = verify_receipts(&DEPLOYMENT, &ticks);
 
     // The honest chain of the same usages, as the gateway's meter builds it.
     let tariff = Tariff::new(U256::from(1_000u64), U256::from(1u64 << 31)).expect("a tariff");
-    let mut chain = TickChain::genesis(ticks.first().map_or(1, |t| t.order), tariff.clone());
+    let order = ticks.first().map_or(1, |t| t.order);
+    let mut chain = TickChain::genesis(DEPLOYMENT.order_key(order), tariff.clone());
     let honest: Vec<Tick> = ticks
         .iter()
         .map(|t| {
@@ -54,7 +57,10 @@ fuzz_target!(|data: &[u8]| {
             h
         })
         .collect();
-    assert_eq!(verify_receipts(&honest).ok(), Some(chain.head()));
+    assert_eq!(
+        verify_receipts(&DEPLOYMENT, &honest).ok(),
+        Some(chain.head())
+    );
     assert!(verify_charges(&tariff, &honest).is_ok());
 
     // Any one tick of the honest log replaced by the client's parsed one: caught unless it
@@ -64,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
         let mut tampered = honest.clone();
         tampered[k] = tick.clone();
         assert_eq!(
-            verify_receipts(&tampered).is_ok(),
+            verify_receipts(&DEPLOYMENT, &tampered).is_ok(),
             hashed(tick) == hashed(&honest[k]),
             "tick {k} replaced by {tick:?}"
         );
