@@ -293,6 +293,17 @@ impl Ledger {
         self.backend
     }
 
+    /// Begins a transaction that reads and then writes. On SQLite it takes the write lock at
+    /// once (`BEGIN IMMEDIATE`, waiting out a busy writer): a deferred transaction that read
+    /// first cannot upgrade once another connection (the meter, the settler) has committed
+    /// since, and fails at once with "database is locked" whatever the busy timeout.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, MeterError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
     /// Closes the pool, waiting for connections to finish.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -736,7 +747,7 @@ impl Ledger {
     /// stored (in seconds or either byte total) is refused: totals are cumulative.
     pub async fn record_ack(&self, ack: &AckRecord) -> Result<(), MeterError> {
         let signature = decode_signature(ack.order, &ack.signature)?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let newest = sqlx::query(
             "SELECT seconds, bytes_in, bytes_out FROM acknowledgments WHERE order_id = $1 \
              ORDER BY ack_id DESC LIMIT 1",

@@ -362,6 +362,54 @@ async fn acknowledgments_only_grow_and_the_newest_is_served(ledger: Ledger) {
     assert_eq!(receipts, vec![Receipt::Ack(ack(120, 100, 9_000))]);
 }
 
+/// Acknowledgments read the newest one and then write: many at once, beside other writers (a
+/// tunnel per order, the meter's ticks), must all land, never fail with "database is locked".
+async fn concurrent_acknowledgments_beside_other_writers_all_land(ledger: Ledger) {
+    use shale_meter::ledger::AckRecord;
+    let sig = format!("0x{}", "cd".repeat(65));
+    let mut tasks = Vec::new();
+    for order in 100..116u64 {
+        for round in 1..=4u64 {
+            let (ledger, signature) = (ledger.clone(), sig.clone());
+            tasks.push(tokio::spawn(async move {
+                let ack = AckRecord {
+                    order,
+                    head: Head([round as u8; 32]),
+                    seconds: round,
+                    bytes_in: round,
+                    bytes_out: round,
+                    signature,
+                    received_at_ms: round,
+                };
+                // Rounds of one order race each other: an older one may be refused as stale,
+                // but only as stale.
+                match ledger.record_ack(&ack).await {
+                    Ok(()) | Err(shale_meter::MeterError::StaleAck { .. }) => {}
+                    Err(e) => panic!("order {order} round {round}: {e}"),
+                }
+            }));
+        }
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut chain = TickChain::genesis(DEPLOYMENT.order_key(order), tariff());
+            for t in next_ticks(&mut chain, 3) {
+                ledger.append_tick(&DEPLOYMENT, &t).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for order in 100..116u64 {
+        let newest = ledger
+            .latest_ack(order)
+            .await
+            .unwrap()
+            .expect("an ack landed");
+        assert!(newest.seconds >= 1, "order {order}");
+    }
+}
+
 async fn receipts_stream_as_json_lines_that_verify_to_the_stored_head(ledger: Ledger) {
     // More ticks than one receipts page, so paging is exercised.
     let mut chain = TickChain::genesis(DEPLOYMENT.order_key(77), tariff());
@@ -467,6 +515,7 @@ ledger_checks!(
     sessions_are_recorded_with_their_usage,
     probe_readings_round_trip,
     acknowledgments_only_grow_and_the_newest_is_served,
+    concurrent_acknowledgments_beside_other_writers_all_land,
     receipts_stream_as_json_lines_that_verify_to_the_stored_head,
     values_that_do_not_fit_bigint_are_refused_not_wrapped,
 );
