@@ -580,26 +580,35 @@ async fn refusals_reach_batch_mode_scripts_and_opensshs_default_algorithms_log_i
         ensure!(out.stdout == "ok\n", "{kind}={value}: {out:?}");
     }
 
-    // One session open: the next is let in to be told why, with a non-zero exit.
-    let mut holder = batch(&[], "sleep 30")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let mut waited = 0;
-    let full = loop {
-        let out = tokio::task::spawn_blocking({
-            let cmd = batch(&[], "true");
-            move || run(cmd)
+    // One session open: the next is let in to be told why, with a non-zero exit. The holder
+    // is seated once it prints; with max_per_order 1, a holder that logged in while an earlier
+    // session was still closing is itself refused (and exits), so it simply tries again.
+    let mut seated = None;
+    for _ in 0..20 {
+        let mut child = batch(&[], "echo seated; exec sleep 120")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+                .map(|_| line)
         })
         .await??;
-        // Up to two minutes: on a loaded 2-core CI machine the holder's login can take long.
-        if out.code != Some(0) || waited > 240 {
-            break out;
+        if line.trim() == "seated" {
+            seated = Some(child);
+            break;
         }
-        // The holder is not seated yet.
-        waited += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+        let _ = child.wait();
+    }
+    let mut holder =
+        seated.ok_or_else(|| anyhow::anyhow!("the holder session was never seated"))?;
+    let full = tokio::task::spawn_blocking({
+        let cmd = batch(&[], "true");
+        move || run(cmd)
+    })
+    .await??;
     let _ = holder.kill();
     let _ = holder.wait();
     ensure!(full.code == Some(255), "{full:?}");
