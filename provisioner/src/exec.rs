@@ -352,6 +352,33 @@ fn unblock_reader(path: &Path) {
         .open(path);
 }
 
+/// Opens the writer end of the output FIFOs when dropped, unless disarmed: see
+/// [`unblock_reader`].
+struct ReleaseReaders {
+    paths: Option<(PathBuf, PathBuf)>,
+}
+
+impl ReleaseReaders {
+    fn disarm(mut self) {
+        self.paths = None;
+    }
+}
+
+impl Drop for ReleaseReaders {
+    fn drop(&mut self) {
+        if let Some((out, err)) = self.paths.take() {
+            unblock_reader(&out);
+            unblock_reader(&err);
+        }
+    }
+}
+
+fn scopeguard_release(stdout: &Path, stderr: &Path) -> ReleaseReaders {
+    ReleaseReaders {
+        paths: Some((stdout.to_path_buf(), stderr.to_path_buf())),
+    }
+}
+
 fn mkfifo(path: &Path) -> Result<(), ProvisionError> {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
         .map_err(|e| ProvisionError::io("create FIFO", path, e.into()))
@@ -480,6 +507,10 @@ impl Provisioner {
 
         let stdout_open = open_reader(stdout_path.clone());
         let stderr_open = tty.is_none().then(|| open_reader(stderr_path.clone()));
+        // If this future is dropped (the session's task cancelled) or fails before both readers
+        // are open, the blocking opens would wait forever for a shim that never comes, and hold
+        // the runtime's shutdown with them: release them on every way out but success.
+        let mut readers_pending = Some(scopeguard_release(&stdout_path, &stderr_path));
         let started = ctd
             .tasks()
             .start(ctd.req(StartRequest {
@@ -525,6 +556,9 @@ impl Provisioner {
                 });
             }
         };
+        if let Some(guard) = readers_pending.take() {
+            guard.disarm();
+        }
         widen_fifo(&out_file);
         if let Some(f) = &err_file {
             widen_fifo(f);
