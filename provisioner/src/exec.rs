@@ -373,9 +373,11 @@ impl Drop for ReleaseReaders {
     }
 }
 
-fn scopeguard_release(stdout: &Path, stderr: &Path) -> ReleaseReaders {
-    ReleaseReaders {
-        paths: Some((stdout.to_path_buf(), stderr.to_path_buf())),
+impl ReleaseReaders {
+    fn new(stdout: &Path, stderr: &Path) -> Self {
+        Self {
+            paths: Some((stdout.to_path_buf(), stderr.to_path_buf())),
+        }
     }
 }
 
@@ -510,7 +512,7 @@ impl Provisioner {
         // If this future is dropped (the session's task cancelled) or fails before both readers
         // are open, the blocking opens would wait forever for a shim that never comes, and hold
         // the runtime's shutdown with them: release them on every way out but success.
-        let mut readers_pending = Some(scopeguard_release(&stdout_path, &stderr_path));
+        let readers_pending = ReleaseReaders::new(&stdout_path, &stderr_path);
         let started = ctd
             .tasks()
             .start(ctd.req(StartRequest {
@@ -556,9 +558,7 @@ impl Provisioner {
                 });
             }
         };
-        if let Some(guard) = readers_pending.take() {
-            guard.disarm();
-        }
+        readers_pending.disarm();
         widen_fifo(&out_file);
         if let Some(f) = &err_file {
             widen_fifo(f);
