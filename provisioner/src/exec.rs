@@ -1,6 +1,7 @@
 //! Processes inside an order's container: stdio over containerd FIFOs, PTY, signals, exit.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -12,6 +13,7 @@ use containerd_client::services::v1::{
     CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, KillRequest, ResizePtyRequest,
     StartRequest, WaitRequest,
 };
+use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
@@ -25,14 +27,14 @@ const PROCESS_SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-
 const FIFO_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Terminal size in character cells.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PtySize {
     pub cols: u16,
     pub rows: u16,
 }
 
 /// A command to run in an order's container.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ExecRequest {
     /// Program and arguments; the program is looked up in the container's `PATH`.
     pub argv: Vec<String>,
@@ -45,7 +47,7 @@ pub struct ExecRequest {
 }
 
 /// How a process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExitStatus {
     /// It exited with this code.
     Code(i32),
@@ -68,124 +70,172 @@ enum Outcome {
     Lost(String),
 }
 
-struct HandleInner {
+/// A process's control as containerd runs it (the runtime side of a [`ProcessHandle`]).
+struct ContainerdProcess {
     ctd: Ctd,
     socket: PathBuf,
     order: u64,
     container_id: String,
     exec_id: String,
     exit: watch::Receiver<Option<Outcome>>,
-    stdin: Arc<StdinShared>,
     /// Signals delivered through this handle, to tell "killed by signal N" from "exit 128+N"
     /// (containerd reports both as 128+N).
     signals_sent: Mutex<Vec<i32>>,
 }
 
+/// What controls a running process, wherever it runs: containerd here, or a privileged broker
+/// on the other side of a socket. A [`ProcessHandle`] is one of these behind an `Arc`.
+pub trait ProcessControl: Send + Sync + 'static {
+    /// The runtime's id of this process within the order's container.
+    fn exec_id(&self) -> &str;
+    /// Changes the PTY size (no effect without a TTY).
+    fn resize(&self, size: PtySize) -> BoxFuture<'_, Result<(), ProvisionError>>;
+    /// Delivers a signal to the process (not to its children).
+    fn signal(&self, signal: i32) -> BoxFuture<'_, Result<(), ProvisionError>>;
+    /// The far side's half of end-of-file on stdin (the handle drops its own writer first).
+    fn close_stdin(&self) -> BoxFuture<'_, Result<(), ProvisionError>>;
+    /// Waits for the process to end.
+    fn wait(&self) -> BoxFuture<'_, Result<ExitStatus, ProvisionError>>;
+    /// The exit status if the process has ended, without waiting.
+    fn try_wait(&self) -> Option<Result<ExitStatus, ProvisionError>>;
+}
+
 /// Controls a running process; clone it freely, every clone may wait.
 #[derive(Clone)]
 pub struct ProcessHandle {
-    inner: Arc<HandleInner>,
+    control: Arc<dyn ProcessControl>,
+    stdin: Arc<StdinShared>,
 }
 
 impl std::fmt::Debug for ProcessHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProcessHandle")
-            .field("order", &self.inner.order)
-            .field("exec_id", &self.inner.exec_id)
+            .field("exec_id", &self.control.exec_id())
             .finish()
     }
 }
 
 impl ProcessHandle {
-    /// containerd's id of this process within the order's container.
+    /// The runtime's id of this process within the order's container.
     pub fn exec_id(&self) -> &str {
-        &self.inner.exec_id
+        self.control.exec_id()
     }
 
     /// Changes the PTY size (no effect without a TTY).
     pub async fn resize(&self, size: PtySize) -> Result<(), ProvisionError> {
-        let i = &self.inner;
-        i.ctd
-            .tasks()
-            .resize_pty(i.ctd.req(ResizePtyRequest {
-                container_id: i.container_id.clone(),
-                exec_id: i.exec_id.clone(),
-                width: u32::from(size.cols.max(1)),
-                height: u32::from(size.rows.max(1)),
-            }))
-            .await
-            .map_err(|s| self.error("resize the terminal", s))?;
-        Ok(())
+        self.control.resize(size).await
     }
 
     /// Delivers a signal to the process (not to its children).
     pub async fn signal(&self, signal: i32) -> Result<(), ProvisionError> {
-        let i = &self.inner;
-        if signal <= 0 || signal > 64 {
-            return Err(ProvisionError::ExecFailed {
-                order: i.order,
-                reason: format!("{signal} is not a signal number"),
-            });
-        }
-        i.signals_sent
-            .lock()
-            .expect("signal list poisoned")
-            .push(signal);
-        match i
-            .ctd
-            .tasks()
-            .kill(i.ctd.req(KillRequest {
-                container_id: i.container_id.clone(),
-                exec_id: i.exec_id.clone(),
-                signal: signal as u32,
-                all: false,
-            }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            // It already ended; the signal has nothing to reach.
-            Err(s) if is_not_found(&s) => Ok(()),
-            Err(s) if s.message().contains("process already finished") => Ok(()),
-            Err(s) => Err(self.error("deliver the signal", s)),
-        }
+        self.control.signal(signal).await
     }
 
-    /// Delivers end-of-file on the process's stdin: closes our writer and the shim's.
+    /// Delivers end-of-file on the process's stdin: closes our writer and the runtime's.
     pub async fn close_stdin(&self) -> Result<(), ProvisionError> {
-        let i = &self.inner;
-        i.stdin.close_local();
-        close_io(&i.ctd, &i.container_id, &i.exec_id)
-            .await
-            .map_err(|s| self.error("close stdin", s))
+        self.stdin.close_local();
+        self.control.close_stdin().await
     }
 
-    /// Waits for the process to end. Fails with [`ProvisionError::DaemonUnreachable`] when
-    /// containerd goes away before it reports the exit.
+    /// Waits for the process to end. Fails with [`ProvisionError::DaemonUnreachable`] when the
+    /// runtime goes away before it reports the exit.
     pub async fn wait(&self) -> Result<ExitStatus, ProvisionError> {
-        let mut rx = self.inner.exit.clone();
-        let outcome = match rx.wait_for(|o| o.is_some()).await {
-            Ok(o) => o.clone().expect("checked is_some"),
-            Err(_) => Outcome::Lost("the process watcher ended".into()),
-        };
-        match outcome {
-            Outcome::Exited(code) => Ok(self.exit_status(code)),
-            Outcome::Lost(reason) => Err(ProvisionError::DaemonUnreachable {
-                socket: self.inner.socket.clone(),
-                reason,
-            }),
-        }
+        self.control.wait().await
     }
 
     /// The exit status if the process has ended, without waiting.
     pub fn try_wait(&self) -> Option<Result<ExitStatus, ProvisionError>> {
-        let outcome = self.inner.exit.borrow().clone()?;
-        Some(match outcome {
+        self.control.try_wait()
+    }
+}
+
+impl ProcessControl for ContainerdProcess {
+    fn exec_id(&self) -> &str {
+        &self.exec_id
+    }
+
+    fn resize(&self, size: PtySize) -> BoxFuture<'_, Result<(), ProvisionError>> {
+        Box::pin(async move {
+            self.ctd
+                .tasks()
+                .resize_pty(self.ctd.req(ResizePtyRequest {
+                    container_id: self.container_id.clone(),
+                    exec_id: self.exec_id.clone(),
+                    width: u32::from(size.cols.max(1)),
+                    height: u32::from(size.rows.max(1)),
+                }))
+                .await
+                .map_err(|s| self.error("resize the terminal", s))?;
+            Ok(())
+        })
+    }
+
+    fn signal(&self, signal: i32) -> BoxFuture<'_, Result<(), ProvisionError>> {
+        Box::pin(async move {
+            if signal <= 0 || signal > 64 {
+                return Err(ProvisionError::ExecFailed {
+                    order: self.order,
+                    reason: format!("{signal} is not a signal number"),
+                });
+            }
+            self.signals_sent
+                .lock()
+                .expect("signal list poisoned")
+                .push(signal);
+            match self
+                .ctd
+                .tasks()
+                .kill(self.ctd.req(KillRequest {
+                    container_id: self.container_id.clone(),
+                    exec_id: self.exec_id.clone(),
+                    signal: signal as u32,
+                    all: false,
+                }))
+                .await
+            {
+                Ok(_) => Ok(()),
+                // It already ended; the signal has nothing to reach.
+                Err(s) if is_not_found(&s) => Ok(()),
+                Err(s) if s.message().contains("process already finished") => Ok(()),
+                Err(s) => Err(self.error("deliver the signal", s)),
+            }
+        })
+    }
+
+    fn close_stdin(&self) -> BoxFuture<'_, Result<(), ProvisionError>> {
+        Box::pin(async move {
+            close_io(&self.ctd, &self.container_id, &self.exec_id)
+                .await
+                .map_err(|s| self.error("close stdin", s))
+        })
+    }
+
+    fn wait(&self) -> BoxFuture<'_, Result<ExitStatus, ProvisionError>> {
+        Box::pin(async move {
+            let mut rx = self.exit.clone();
+            let outcome = match rx.wait_for(|o| o.is_some()).await {
+                Ok(o) => o.clone().expect("checked is_some"),
+                Err(_) => Outcome::Lost("the process watcher ended".into()),
+            };
+            self.status(outcome)
+        })
+    }
+
+    fn try_wait(&self) -> Option<Result<ExitStatus, ProvisionError>> {
+        let outcome = self.exit.borrow().clone()?;
+        Some(self.status(outcome))
+    }
+}
+
+impl ContainerdProcess {
+    fn status(&self, outcome: Outcome) -> Result<ExitStatus, ProvisionError> {
+        match outcome {
             Outcome::Exited(code) => Ok(self.exit_status(code)),
             Outcome::Lost(reason) => Err(ProvisionError::DaemonUnreachable {
-                socket: self.inner.socket.clone(),
+                socket: self.socket.clone(),
                 reason,
             }),
-        })
+        }
     }
 
     fn exit_status(&self, code: u32) -> ExitStatus {
@@ -193,7 +243,6 @@ impl ProcessHandle {
         if code > 128 && code <= 128 + 64 {
             let sig = code - 128;
             let sent = self
-                .inner
                 .signals_sent
                 .lock()
                 .expect("signal list poisoned")
@@ -208,13 +257,11 @@ impl ProcessHandle {
 
     fn error(&self, action: &str, s: tonic::Status) -> ProvisionError {
         if is_not_found(&s) {
-            return ProvisionError::NotProvisioned {
-                order: self.inner.order,
-            };
+            return ProvisionError::NotProvisioned { order: self.order };
         }
-        match self.inner.ctd.status(action, s) {
+        match self.ctd.status(action, s) {
             ProvisionError::Runtime { action, status } => ProvisionError::ExecFailed {
-                order: self.inner.order,
+                order: self.order,
                 reason: format!("{action}: {status}"),
             },
             other => other,
@@ -254,10 +301,8 @@ impl StdinShared {
 /// writer of its own until told, so a dropped stdin looks like an idle one to the process.
 pub struct ProcessStdin {
     shared: Arc<StdinShared>,
-    ctd: Ctd,
-    container_id: String,
-    exec_id: String,
-    closing: Option<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
+    control: Arc<dyn ProcessControl>,
+    closing: Option<BoxFuture<'static, Result<(), ProvisionError>>>,
 }
 
 impl AsyncWrite for ProcessStdin {
@@ -288,26 +333,13 @@ impl AsyncWrite for ProcessStdin {
         let this = &mut *self;
         if this.closing.is_none() {
             this.shared.close_local();
-            let (ctd, cid, eid) = (
-                this.ctd.clone(),
-                this.container_id.clone(),
-                this.exec_id.clone(),
-            );
-            this.closing = Some(tokio::spawn(
-                async move { close_io(&ctd, &cid, &eid).await },
-            ));
+            let control = this.control.clone();
+            this.closing = Some(Box::pin(async move { control.close_stdin().await }));
         }
-        let handle = this.closing.as_mut().expect("set above");
-        match Pin::new(handle).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Ok(()))) => Poll::Ready(Ok(())),
-            Poll::Ready(Ok(Err(s))) => Poll::Ready(Err(io::Error::other(s.message().to_string()))),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(io::Error::other(e))),
-        }
+        let closing = this.closing.as_mut().expect("set above");
+        closing.as_mut().poll(cx).map_err(io::Error::other)
     }
 }
-
-use std::future::Future;
 
 /// One of the process's output streams; reads end (0 bytes) when the process has exited and
 /// everything it wrote has been read.
@@ -610,32 +642,86 @@ impl Provisioner {
             .instrument(span),
         );
 
-        let shared = Arc::new(StdinShared {
-            sender: Mutex::new(Some(sender)),
+        let control: Arc<dyn ProcessControl> = Arc::new(ContainerdProcess {
+            ctd,
+            socket: self.inner.config.socket.clone(),
+            order,
+            container_id,
+            exec_id,
+            exit: exit_rx,
+            signals_sent: Mutex::new(Vec::new()),
         });
-        let handle = ProcessHandle {
-            inner: Arc::new(HandleInner {
-                ctd: ctd.clone(),
-                socket: self.inner.config.socket.clone(),
-                order,
-                container_id: container_id.clone(),
-                exec_id: exec_id.clone(),
-                exit: exit_rx,
-                stdin: shared.clone(),
-                signals_sent: Mutex::new(Vec::new()),
-            }),
-        };
-        Ok(Process {
+        Ok(Process::assemble(sender, stdout, stderr, control))
+    }
+}
+
+impl Process {
+    fn assemble(
+        stdin: pipe::Sender,
+        stdout: ProcessOutput,
+        stderr: Option<ProcessOutput>,
+        control: Arc<dyn ProcessControl>,
+    ) -> Process {
+        let shared = Arc::new(StdinShared {
+            sender: Mutex::new(Some(stdin)),
+        });
+        Process {
             stdin: ProcessStdin {
-                shared,
-                ctd,
-                container_id,
-                exec_id,
+                shared: shared.clone(),
+                control: control.clone(),
                 closing: None,
             },
             stdout,
             stderr,
-            handle,
-        })
+            handle: ProcessHandle {
+                control,
+                stdin: shared,
+            },
+        }
+    }
+
+    /// A process whose stdio arrived as file descriptors (from a privileged broker) and whose
+    /// control is `control`. Each descriptor must be a pipe or FIFO end of the right direction
+    /// (checked, and set non-blocking): anything else is refused.
+    pub fn from_fds(
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: Option<OwnedFd>,
+        control: Arc<dyn ProcessControl>,
+    ) -> io::Result<Process> {
+        let stdin = pipe::Sender::from_owned_fd(stdin)?;
+        let stdout = ProcessOutput {
+            receiver: pipe::Receiver::from_owned_fd(stdout)?,
+        };
+        let stderr = match stderr {
+            Some(fd) => Some(ProcessOutput {
+                receiver: pipe::Receiver::from_owned_fd(fd)?,
+            }),
+            None => None,
+        };
+        Ok(Process::assemble(stdin, stdout, stderr, control))
+    }
+
+    /// Takes the process apart for a broker to hand on: duplicates of its stdio descriptors,
+    /// and the handle, which keeps its own stdin writer until [`ProcessHandle::close_stdin`].
+    pub fn into_fds(self) -> io::Result<(OwnedFd, OwnedFd, Option<OwnedFd>, ProcessHandle)> {
+        let stdin = {
+            let guard = self
+                .stdin
+                .shared
+                .sender
+                .lock()
+                .expect("stdin lock poisoned");
+            match guard.as_ref() {
+                Some(sender) => sender.as_fd().try_clone_to_owned()?,
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stdin is closed")),
+            }
+        };
+        let stdout = self.stdout.receiver.into_nonblocking_fd()?;
+        let stderr = match self.stderr {
+            Some(e) => Some(e.receiver.into_nonblocking_fd()?),
+            None => None,
+        };
+        Ok((stdin, stdout, stderr, self.handle))
     }
 }

@@ -42,7 +42,7 @@ const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/S
 const MIN_MEMORY: u64 = 8 << 20;
 
 /// What an order pays for: the shape of its container.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LeaseSpec {
     /// The order id on chain; with `ProvisionerConfig::scope` it names the container.
     pub order: u64,
@@ -63,7 +63,7 @@ pub struct LeaseSpec {
 }
 
 /// A running order container.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lease {
     pub order: u64,
     /// containerd's container id (`o<scope hash>-<order>`).

@@ -25,6 +25,7 @@ mod exec;
 mod image;
 pub mod image_build;
 mod lease;
+mod machines;
 mod netns;
 mod network;
 mod rootfs;
@@ -37,9 +38,11 @@ pub use config::{ImageRef, ProvisionerConfig};
 pub use disk::MIN_DISK_BYTES;
 pub use error::ProvisionError;
 pub use exec::{
-    ExecRequest, ExitStatus, Process, ProcessHandle, ProcessOutput, ProcessStdin, PtySize,
+    ExecRequest, ExitStatus, Process, ProcessControl, ProcessHandle, ProcessOutput, ProcessStdin,
+    PtySize,
 };
 pub use lease::{Lease, LeaseSpec};
+pub use machines::Machines;
 pub use network::{
     NetRule, NetworkConfig, OrderLink, Reconciled, Traffic, DENIED_RANGES, DENIED_TCP_PORTS,
 };

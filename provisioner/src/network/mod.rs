@@ -26,7 +26,7 @@ use crate::{ProvisionError, Provisioner};
 use rules::Table;
 
 /// Bytes through an order's link since its task started, as the host end counts them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Traffic {
     /// Bytes the order sent out (to the internet).
     pub egress_bytes: u64,
@@ -35,7 +35,7 @@ pub struct Traffic {
 }
 
 /// What one reconcile of the orders' network did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reconciled {
     /// Whether the nftables table had to be written again (missing, edited, or changed).
     pub rules_rewritten: bool,
