@@ -6,12 +6,18 @@
 //! Every few polls the orders' network is reconciled (links and rules deleted by hand restored,
 //! an order that cannot be restored ended like any stopped order, leftovers removed) and each
 //! order's interface counters are read into [`crate::traffic`].
+//!
+//! A claim paid on chain (`Claimed`) makes the order's lease meter re-read its unclaimed totals
+//! from the ledger: the escrow read from chain already lost the claim's amount, so a meter still
+//! counting those ticks as owed would understate the runway and could end a funded lease.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use shale_contracts::MarketEvent;
+use shale_meter::ledger::ClaimStatus;
+use shale_meter::{LeaseMeter, Ledger, MeterError};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::admission::{admit_order, Refusal};
@@ -24,6 +30,13 @@ use crate::shared::Shared;
 /// The orders' network is checked once every this many polls: its rules rarely change, and
 /// reading every order's counters is not free.
 const NETWORK_EVERY_POLLS: u32 = 5;
+
+/// How often, and how many times, a claim seen on chain looks for its confirmation in the
+/// ledger before the lease meter re-reads its totals anyway (about 30 s in all). The settler
+/// marks a claim confirmed only once it holds the transaction's receipt, which can come after
+/// the chain's event reaches the gateway.
+const CLAIM_CONFIRM_POLL: Duration = Duration::from_millis(250);
+const CLAIM_CONFIRM_TRIES: u32 = 120;
 
 /// Runs until the gateway stops (under its `tasks`). With `market_events` (from a follower the process already runs), the
 /// watcher reads the marketplace's events from there rather than following the chain itself.
@@ -83,8 +96,66 @@ async fn on_event(shared: &Shared, event: MarketEvent) {
     };
     let id = OrderId(id);
     shared.orders.invalidate(id).await;
-    if let MarketEvent::OrderTerminated { .. } = event {
-        end_order(shared, id, &Refusal::Ended(id)).await;
+    match event {
+        MarketEvent::OrderTerminated { .. } => end_order(shared, id, &Refusal::Ended(id)).await,
+        MarketEvent::Claimed { head, .. } => refresh_claims(shared, id, head),
+        _ => {}
+    }
+}
+
+/// Has `id`'s live lease meter (if this gateway has one) re-read its unclaimed totals once the
+/// claim that paid up to `head` is confirmed in the ledger, in the background: the event loop
+/// does not wait on the ledger.
+fn refresh_claims(shared: &Shared, id: OrderId, head: [u8; 32]) {
+    let Some(lease) = shared.billing.running(id) else {
+        return;
+    };
+    let ledger = shared.billing.ledger().clone();
+    shared.tasks.spawn_until_stopped(refresh_when_confirmed(
+        ledger,
+        lease,
+        id.0,
+        head,
+        CLAIM_CONFIRM_POLL,
+        CLAIM_CONFIRM_TRIES,
+    ));
+}
+
+/// Waits (`tries` looks, `poll` apart) until `ledger` holds the claim of `order` that paid up
+/// to `head` as confirmed, since the meter counts only confirmed claims, then has `lease`
+/// re-read its unclaimed totals. It re-reads them anyway if the claim never shows up confirmed
+/// (a claim from another ledger, a settler that crashed before recording it).
+async fn refresh_when_confirmed(
+    ledger: Ledger,
+    lease: Arc<LeaseMeter>,
+    order: u64,
+    head: [u8; 32],
+    poll: Duration,
+    tries: u32,
+) {
+    for _ in 0..tries {
+        match ledger.claims(order).await {
+            Ok(claims)
+                if claims
+                    .iter()
+                    .any(|c| c.head.0 == head && c.status == ClaimStatus::Confirmed) =>
+            {
+                break
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(order, error = %e, "cannot read the order's claims; refreshing the lease meter anyway");
+                break;
+            }
+        }
+        tokio::time::sleep(poll).await;
+    }
+    match lease.refresh_claims().await {
+        // A stopped meter bills nothing more: its totals no longer matter.
+        Ok(()) | Err(MeterError::LeaseStopped { .. }) => {}
+        Err(e) => {
+            tracing::warn!(order, error = %e, "lease meter did not re-read its claims after a claim was paid")
+        }
     }
 }
 
@@ -246,5 +317,98 @@ async fn repair_network(shared: &Shared) {
         shared.metrics.network_stopped_orders.inc();
         let id = OrderId(order);
         end_order(shared, id, &Refusal::NetworkLost { order: id, reason }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy_primitives::U256;
+    use shale_meter::ledger::NewClaim;
+    use shale_meter::{Deployment, LeaseSpec, Meter, MeterConfig, Tariff, TickChain, Usage};
+
+    /// The chain's `Claimed` event can reach the gateway before the settler, holding the
+    /// receipt, marks the claim confirmed: the meter re-reads its totals only after that.
+    #[tokio::test]
+    async fn a_claim_seen_on_chain_refreshes_the_meter_once_the_ledger_confirms_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&format!("sqlite://{}", dir.path().join("l.db").display()))
+            .await
+            .unwrap();
+        let deployment = Deployment::new(31337, [7; 20]);
+        let tariff = Tariff::new(U256::from(1u64), U256::from(1u64)).unwrap();
+        let order = 5;
+        let mut chain = TickChain::genesis(deployment.order_key(order), tariff);
+        let mut ticks = Vec::new();
+        for _ in 0..3 {
+            let tick = chain.prepare(
+                shale_meter::ledger::now_ms(),
+                Usage {
+                    seconds: 5,
+                    bytes_in: 10,
+                    bytes_out: 20,
+                },
+            );
+            ledger.append_tick(&deployment, &tick).await.unwrap();
+            chain.commit(&tick).unwrap();
+            ticks.push(tick);
+        }
+        let meter = Meter::new(
+            ledger.clone(),
+            deployment,
+            &MeterConfig {
+                tick_interval_secs: 3_600,
+                ledger_url: None,
+            },
+        )
+        .unwrap();
+        let lease = meter
+            .start_lease(LeaseSpec {
+                order,
+                tariff,
+                max_seconds: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(lease.totals().unclaimed.seconds, 15);
+
+        // The settler sent a claim of the first two ticks; the chain paid it.
+        let claim = ledger
+            .record_claim(&NewClaim {
+                order,
+                first_seq: 0,
+                last_seq: 1,
+                amount: U256::from(1u64),
+                tx_hash: None,
+                status: ClaimStatus::Submitted,
+            })
+            .await
+            .unwrap();
+        let head = ticks[1].head.0;
+        let refresh = tokio::spawn(refresh_when_confirmed(
+            ledger.clone(),
+            lease.clone(),
+            order,
+            head,
+            Duration::from_millis(20),
+            500,
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !refresh.is_finished(),
+            "waits for the ledger to confirm the claim"
+        );
+        assert_eq!(lease.totals().unclaimed.seconds, 15);
+
+        ledger
+            .set_claim_status(claim.claim_id, ClaimStatus::Confirmed, Some("0xabc"))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), refresh)
+            .await
+            .expect("refreshes once confirmed")
+            .unwrap();
+        assert_eq!(lease.totals().unclaimed.seconds, 5);
+        lease.stop().await.unwrap();
     }
 }
