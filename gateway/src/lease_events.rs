@@ -1,13 +1,12 @@
-//! What the gateway tells the rest of its process about its leases, on a channel it owns.
+//! What the gateway tells others about its leases, on a channel it owns.
 //!
-//! The settler that `shale gateway` runs beside the gateway needs every metered lease's meter
-//! (a claim refreshes the lease's unpaid totals, and a stopped meter means "claim everything
-//! now") and a nudge when an order's final tick is stored. The gateway publishes those facts
-//! here and knows nothing of who listens: with no subscriber an event is simply dropped.
+//! The settler that claims the leases' ticks holds the wallet key, so it may run in another
+//! process than the gateway: it needs to know which orders are metered and when an order's
+//! final tick is stored ("claim everything now"). The gateway publishes those facts here as
+//! plain order ids, each [`LeaseEvent`] one JSON line when it crosses a process boundary, and
+//! knows nothing of who listens: with no subscriber an event is simply dropped. No meter crosses:
+//! the gateway refreshes its meters' unpaid totals itself when a claim lands on chain.
 
-use std::sync::Arc;
-
-use shale_meter::LeaseMeter;
 use tokio::sync::broadcast;
 
 /// Events buffered for each subscriber; one that falls further behind loses the oldest and is
@@ -15,18 +14,16 @@ use tokio::sync::broadcast;
 /// so this is never reached in practice.
 const CAPACITY: usize = 1024;
 
-/// One change in the gateway's leases.
-#[derive(Debug, Clone)]
+/// One change in the gateway's leases: a fact about an order, for a listener in this process
+/// or another (`{"started":{"order":42}}`, `{"ended":{"order":42}}`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LeaseEvent {
-    /// `order`'s lease is metered: published at every session's start (the same meter again
-    /// while the lease runs) and when a restarted gateway adopts the order's container. The
-    /// channel drops its copy of the meter once every subscriber has received it; a subscriber
-    /// that keeps it should hold a [`std::sync::Weak`], so as not to keep the lease ticking.
+    /// `order`'s lease is metered: published at every session's start (again while the lease
+    /// runs) and when a restarted gateway adopts the order's container.
     Started {
         /// The order.
         order: u64,
-        /// The lease's meter.
-        lease: Arc<LeaseMeter>,
     },
     /// `order`'s billing ended (order ended or cancelled, escrow exhausted, network lost): its
     /// final tick is in the ledger, ready to claim.
@@ -79,6 +76,20 @@ mod tests {
                 rx.try_recv().is_err(),
                 "the event before subscribing is not replayed"
             );
+        }
+    }
+
+    #[test]
+    fn an_event_is_one_json_line_and_reads_back_the_same() {
+        for (event, line) in [
+            (
+                LeaseEvent::Started { order: 42 },
+                r#"{"started":{"order":42}}"#,
+            ),
+            (LeaseEvent::Ended { order: 7 }, r#"{"ended":{"order":7}}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&event).unwrap(), line);
+            assert_eq!(serde_json::from_str::<LeaseEvent>(line).unwrap(), event);
         }
     }
 }

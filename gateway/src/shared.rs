@@ -92,17 +92,15 @@ impl Shared {
             .inc_by(bytes.bytes_out);
     }
 
-    /// Starts (or finds) `order`'s lease meter and publishes it as a [`LeaseEvent::Started`], so
-    /// that whoever claims the lease's ticks can refresh its unpaid totals.
+    /// Starts (or finds) `order`'s lease meter and publishes a [`LeaseEvent::Started`], so that
+    /// whoever claims the lease's ticks looks after the order.
     pub async fn start_billing(
         &self,
         order: &shale_contracts::Order,
     ) -> Result<Arc<shale_meter::LeaseMeter>, shale_meter::MeterError> {
         let lease = self.billing.lease(order, crate::unix_now()).await?;
-        self.lease_events.publish(LeaseEvent::Started {
-            order: order.id,
-            lease: lease.clone(),
-        });
+        self.lease_events
+            .publish(LeaseEvent::Started { order: order.id });
         Ok(lease)
     }
 

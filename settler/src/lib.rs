@@ -1,9 +1,11 @@
 //! The settler: turns the ledger's ticks into paid claims.
 //!
-//! It knows nothing of SSH: `shale gateway` runs it beside the gateway on the gateway's own
-//! ledger, tells it of every lease the gateway meters (so claims refresh the lease's unpaid
-//! totals) and of every order that ends, and serves its [`SettlerMetrics`] on the gateway's
-//! `/metrics`.
+//! It knows nothing of SSH, nor of the gateway's lease meters: `shale gateway` runs it on the
+//! gateway's own ledger, tells it of every order the gateway meters ([`Settler::track`]) and of
+//! every lease whose billing stopped ([`Settler::lease_stopped`]), and serves its
+//! [`SettlerMetrics`] on the gateway's `/metrics`. Those are plain facts about order ids, so the
+//! settler (which holds the wallet key) can run in another process than the gateway; the gateway
+//! refreshes its meters' unpaid totals itself when it sees a claim land on chain.
 //!
 //! For every tracked order, each round (every `poll_interval_ms`, or when woken):
 //!
@@ -14,7 +16,7 @@
 //!    paid are marked failed. Every batch is proved from the chain's head, so nothing is ever
 //!    claimed twice: a stale proof cannot verify against a head that moved on.
 //! 2. **Decide**: claim when a full batch (the largest capacity) is waiting, when the order has
-//!    ended on chain or its lease meter stopped, or when the oldest unclaimed tick is older than
+//!    ended on chain or the gateway said its lease stopped, or when the oldest unclaimed tick is older than
 //!    `max_wait_secs`.
 //! 3. **Fit** the batch: at most the largest capacity, no more seconds than the lease has run
 //!    on chain (`claimableSeconds`), totals that fit `u64`, and a charge (the contract's own
@@ -28,8 +30,8 @@
 //! 4. **Prove** on the bounded pool (the `prover` module) with the smallest capacity that holds the batch,
 //!    **claim** with retries and exponential backoff on outages, and record it in the ledger:
 //!    pending → submitted → confirmed (with its transaction hash) or failed.
-//! 5. Tell the order's [`LeaseMeter`] to re-read its unclaimed totals, and once an ended order
-//!    has nothing left to claim (and `settle_delay_secs` have passed), **settle** it.
+//! 5. Once an ended order has nothing left to claim (and `settle_delay_secs` have passed),
+//!    **settle** it.
 //!
 //! A contract refusal (invalid proof, escrow or lease-time exceeded) is not retried: it is
 //! recorded as failed with the contract's reason, counted in [`SettlerMetrics::failures`] and
@@ -37,17 +39,17 @@
 //!
 //! ```no_run
 //! # async fn wire(market: shale_contracts::Marketplace, ledger: shale_meter::Ledger,
-//! #               registry: &mut prometheus_client::registry::Registry,
-//! #               lease: std::sync::Arc<shale_meter::LeaseMeter>)
+//! #               registry: &mut prometheus_client::registry::Registry)
 //! # -> Result<(), shale_settler::SettlerError> {
 //! use shale_settler::{Settler, SettlerConfig};
 //! let config = SettlerConfig { key_seed: Some(1), ..SettlerConfig::default() };
 //! let settler = Settler::new(&config, market, ledger).await?;
 //! settler.metrics().register(registry);
 //! let task = settler.spawn();
-//! // When a lease starts (and again when it ends, to claim at once):
-//! settler.track(42, Some(&lease));
-//! settler.wake();
+//! // When the gateway starts metering an order's lease:
+//! settler.track(42);
+//! // When its billing ends (its final tick is in the ledger), to claim everything at once:
+//! settler.lease_stopped(42);
 //! // For every marketplace event (tracks accepted orders, wakes on terminations):
 //! # let event = shale_contracts::MarketEvent::OrderTerminated {
 //! #     order_id: 42, by: shale_contracts::Address::ZERO, ended_at: 0 };
@@ -64,7 +66,7 @@ mod prover;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shale_circuits::{Anchor, CircuitError, Deployment, Head, TickBatch};
@@ -73,7 +75,7 @@ use shale_contracts::{
     OrderState, B256, U256,
 };
 use shale_meter::ledger::{now_ms, ClaimRecord, ClaimStatus, NewClaim};
-use shale_meter::{LeaseMeter, Ledger, MeterError, Tick};
+use shale_meter::{Ledger, MeterError, Tick};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -223,9 +225,8 @@ struct Inner {
     ledger: Ledger,
     prover: Prover,
     metrics: SettlerMetrics,
-    /// Orders to look at, with the meter of their lease when the gateway gave one. Weak: the
-    /// settler must not keep a lease's meter (and its ticking task) alive.
-    orders: Mutex<BTreeMap<u64, Option<Weak<LeaseMeter>>>>,
+    /// Orders to look at, and what the gateway said of each one's lease.
+    orders: Mutex<BTreeMap<u64, LeaseState>>,
     /// Orders whose last round failed: consecutive failures and when to try again. A refused
     /// claim would otherwise be proved again every poll, burning the pool for nothing.
     cooldown: Mutex<BTreeMap<u64, (u32, Instant)>>,
@@ -239,6 +240,17 @@ struct Inner {
     round: tokio::sync::Mutex<()>,
     wake: Notify,
     events: broadcast::Sender<SettlerEvent>,
+}
+
+/// What the settler knows of a tracked order's lease from the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum LeaseState {
+    /// Running, or nothing said: claims wait for full batches, `max_wait_secs` or the order's end.
+    #[default]
+    Running,
+    /// The gateway said the lease's billing stopped: its final tick is in the ledger, so
+    /// everything is claimed now.
+    Stopped,
 }
 
 /// The background task of [`Settler::spawn`].
@@ -349,15 +361,29 @@ impl Settler {
         self.inner.events.subscribe()
     }
 
-    /// Looks after `order` from now on until it is settled. With the order's lease meter, the
-    /// settler refreshes the meter's unclaimed totals after each claim and treats a stopped meter
-    /// as the end of the lease (claim everything now). Calling it again replaces the meter.
-    pub fn track(&self, order: u64, lease: Option<&Arc<LeaseMeter>>) {
-        let mut orders = lock(&self.inner.orders);
-        let slot = orders.entry(order).or_insert(None);
-        if let Some(lease) = lease {
-            *slot = Some(Arc::downgrade(lease));
-        }
+    /// Looks after `order` from now on until it is settled: the gateway meters its lease. A
+    /// lease said stopped before is running again (a top-up after the escrow ran out), so its
+    /// ticks are claimed in batches again.
+    pub fn track(&self, order: u64) {
+        lock(&self.inner.orders).insert(order, LeaseState::Running);
+    }
+
+    /// Looks after `order` from now on, leaving what the gateway said of its lease as it is.
+    fn watch_order(&self, order: u64) {
+        lock(&self.inner.orders).entry(order).or_default();
+    }
+
+    /// The gateway stopped billing `order`'s lease (order ended or cancelled, escrow exhausted,
+    /// network lost): tracks the order if it was not, marks its lease over so that its unclaimed
+    /// ticks are claimed now rather than in full batches or after `max_wait_secs`, and starts a
+    /// round.
+    ///
+    /// A hint from a less trusted process, and it can only make the settler claim sooner: what
+    /// is claimed, how much, and whether the order is settled still follow the ledger's ticks
+    /// and the chain's order (its escrow, lease time and state), as for any other order.
+    pub fn lease_stopped(&self, order: u64) {
+        lock(&self.inner.orders).insert(order, LeaseState::Stopped);
+        self.wake();
     }
 
     /// The orders being looked after.
@@ -377,7 +403,7 @@ impl Settler {
         match event {
             MarketEvent::OrderAccepted {
                 order_id, provider, ..
-            } if *provider == self.inner.provider => self.track(*order_id, None),
+            } if *provider == self.inner.provider => self.watch_order(*order_id),
             MarketEvent::OrderTerminated { .. } => self.wake(),
             _ => {}
         }
@@ -400,7 +426,7 @@ impl Settler {
                 && !order.settled
                 && matches!(order.state, OrderState::Active | OrderState::Ended)
             {
-                self.track(id, None);
+                self.watch_order(id);
                 found += 1;
             }
         }
@@ -501,10 +527,7 @@ impl Settler {
             inner.forget(id);
             return Ok(report);
         }
-        let lease = lock(&inner.orders).get(&id).cloned().flatten();
-        let lease_over = lease
-            .as_ref()
-            .is_some_and(|l| l.upgrade().is_none_or(|l| l.is_stopped()));
+        let lease_over = lock(&inner.orders).get(&id) == Some(&LeaseState::Stopped);
         let max = inner.prover.max_capacity();
         // Set when the next unclaimed tick cannot be paid now (escrow or lease time used up).
         let mut blocked = false;
@@ -560,14 +583,8 @@ impl Settler {
                 report.forfeited_bytes += forfeited;
             }
             paid = batch.last().cloned();
-            if let Some(lease) = lease.as_ref().and_then(Weak::upgrade) {
-                match lease.refresh_claims().await {
-                    Ok(()) | Err(MeterError::LeaseStopped { .. }) => {}
-                    Err(e) => tracing::warn!(error = %e, "lease meter did not refresh its claims"),
-                }
-            }
-            // Published after the refresh, so that whoever reacts to it sees the meter's new
-            // unclaimed totals.
+            // Published after the claim is confirmed in the ledger, so that whoever reacts to it
+            // reads the ledger's new unclaimed totals.
             let _ = inner.events.send(event);
             // Escrow and claimed seconds changed; the next batch is fitted against the new ones.
             order = inner.market.order(id).await?;

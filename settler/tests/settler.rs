@@ -280,7 +280,7 @@ async fn full_batches_are_claimed_and_the_sp_is_paid_exactly_the_tariff_then_set
     let mut registry = prometheus_client::registry::Registry::with_prefix("shale_gateway");
     settler.metrics().register(&mut registry);
     let mut events = settler.subscribe();
-    settler.track(id, None);
+    settler.track(id);
     let sp = world.sp_address();
     let before = world.sp.balance_of(sp).await.unwrap();
 
@@ -365,7 +365,7 @@ async fn a_restart_resumes_from_the_ledger_and_sends_nothing_twice() {
     let id = world.active_order(10u64.pow(18), 1_000).await;
     world.append_ticks(id, 20).await;
     let first = world.settler(config()).await;
-    first.track(id, None);
+    first.track(id);
     assert_eq!(first.round().await[&id].as_ref().unwrap().claimed, 1);
     drop(first);
 
@@ -400,7 +400,7 @@ async fn a_restart_resumes_from_the_ledger_and_sends_nothing_twice() {
     )
     .await
     .unwrap();
-    settler.track(id, None);
+    settler.track(id);
     assert_eq!(settler.round().await[&id].as_ref().unwrap().claimed, 1);
     let claims = ledger.claims(id).await.unwrap();
     assert_eq!(
@@ -485,8 +485,8 @@ async fn a_claim_mined_but_not_recorded_is_found_on_chain_and_never_resent() {
         })
         .await;
     let mut events = settler.subscribe();
-    settler.track(a, None);
-    settler.track(b, None);
+    settler.track(a);
+    settler.track(b);
     let reports = settler.round().await;
     for id in [a, b] {
         let report = reports[&id].as_ref().unwrap();
@@ -548,7 +548,7 @@ async fn an_invalid_proof_is_refused_by_the_contract_with_its_reason() {
         })
         .await;
     let mut events = settler.subscribe();
-    settler.track(id, None);
+    settler.track(id);
     let err = settler.round().await.remove(&id).unwrap().unwrap_err();
     let SettlerError::Refused {
         reason, claim_id, ..
@@ -585,7 +585,7 @@ async fn a_claim_is_cut_to_what_the_escrow_can_pay() {
     let id = world.active_order(escrow, 1_000).await;
     let ticks = world.append_ticks(id, 16).await;
     let settler = world.settler(config()).await;
-    settler.track(id, None);
+    settler.track(id);
     let report = settler.round().await.remove(&id).unwrap().unwrap();
     assert_eq!(report.claimed, 1);
     let claims = world.ledger.claims(id).await.unwrap();
@@ -604,13 +604,49 @@ async fn a_claim_is_cut_to_what_the_escrow_can_pay() {
             ..config()
         })
         .await;
-    settler.track(id, None);
+    settler.track(id);
     let block = world.sp.block_number().await.unwrap();
     let report = settler.round().await.remove(&id).unwrap().unwrap();
     assert_eq!(report.claimed, 0);
     assert_eq!(world.sp.block_number().await.unwrap(), block);
     assert_eq!(settler.metrics().failures_with("escrow_exhausted"), 1);
     assert_eq!(world.sp.order(id).await.unwrap().state, OrderState::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_said_stopped_is_claimed_at_once_until_it_is_tracked_running_again() {
+    let Some(world) = World::new(false).await else {
+        return;
+    };
+    let id = world.active_order(10u64.pow(18), 1_000).await;
+    world.append_ticks(id, 3).await;
+    let settler = world.settler(config()).await;
+    settler.track(id);
+    // Not a full batch, not old, the order live on chain: the ticks wait.
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 0);
+
+    // The gateway says the lease stopped: its ticks are claimed now, and nothing more (the
+    // order is still active on chain, so it is not settled).
+    settler.lease_stopped(id);
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!((report.claimed, report.settled), (1, false));
+    assert_eq!(world.ledger.unclaimed_ticks(id).await.unwrap(), vec![]);
+    assert_eq!(world.sp.order(id).await.unwrap().state, OrderState::Active);
+
+    // The lease runs again (a top-up): its new ticks wait for a batch again.
+    settler.track(id);
+    world.append_ticks(id, 2).await;
+    let report = settler.round().await.remove(&id).unwrap().unwrap();
+    assert_eq!(report.claimed, 0);
+
+    // An order the settler did not track is tracked by the hint.
+    let other = world.active_order(10u64.pow(18), 1_000).await;
+    world.append_ticks(other, 2).await;
+    settler.lease_stopped(other);
+    assert!(settler.tracked().contains(&other));
+    let report = settler.round().await.remove(&other).unwrap().unwrap();
+    assert_eq!(report.claimed, 1);
 }
 
 /// The 16 ticks `append_ticks` writes first, without a ledger (for sizing an escrow).
@@ -634,7 +670,8 @@ fn world_ticks_preview() -> Vec<Tick> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_background_task_claims_a_real_lease_meters_ticks_and_refreshes_its_totals() {
+async fn the_background_task_claims_a_real_lease_meters_ticks_and_its_final_tick_when_told_stopped()
+{
     let Some(world) = World::new(false).await else {
         return;
     };
@@ -667,11 +704,14 @@ async fn the_background_task_claims_a_real_lease_meters_ticks_and_refreshes_its_
         })
         .await;
     let mut events = settler.subscribe();
-    settler.track(id, Some(&lease));
+    settler.track(id);
     let task = settler.spawn();
 
-    // A claim while the lease runs: the meter's unclaimed totals drop below what it metered.
+    // A claim while the lease runs. The settler knows no meter; the claim is confirmed in the
+    // ledger before it is published, so a refresh then (as the gateway does on the chain's
+    // `Claimed` event) sees the meter's unclaimed totals drop below what it metered.
     let first = next_claim(&mut events).await;
+    lease.refresh_claims().await.unwrap();
     let totals = lease.totals();
     assert!(
         totals.unclaimed.seconds < totals.metered.seconds,
@@ -684,7 +724,7 @@ async fn the_background_task_claims_a_real_lease_meters_ticks_and_refreshes_its_
         Some(t) => t.seq,
         None => world.ledger.chain_head(id).await.unwrap().unwrap().seq,
     };
-    settler.wake();
+    settler.lease_stopped(id);
     loop {
         if let SettlerEvent::Claimed { last_seq: seq, .. } = next_claim(&mut events).await {
             if seq == last_seq {
@@ -765,7 +805,7 @@ async fn measure_settler_proving_time_and_claim_gas() {
                 })
                 .await;
             let mut events = settler.subscribe();
-            settler.track(id, None);
+            settler.track(id);
             let report = settler.round().await.remove(&id).unwrap().unwrap();
             assert_eq!(report.claimed, 2);
             let claims: Vec<(Duration, u64)> = drain(&mut events)
@@ -886,7 +926,7 @@ async fn an_outage_while_claiming_is_retried_with_backoff_and_paid_once() {
     )
     .await
     .unwrap();
-    settler.track(id, None);
+    settler.track(id);
 
     // Two outages, then the third attempt goes through.
     failures.store(2, Ordering::SeqCst);
@@ -965,7 +1005,7 @@ async fn bytes_past_the_allowance_wait_for_the_clients_acknowledgment() {
             ..config()
         })
         .await;
-    settler.track(id, None);
+    settler.track(id);
     let report = settler.round().await.remove(&id).unwrap().unwrap();
     assert_eq!(
         report.claimed, 0,
@@ -1090,13 +1130,13 @@ async fn unacknowledged_bytes_are_forfeited_after_the_wait_and_every_second_is_p
         .await;
     let ticks = world.append_ticks_from(id, 3, long_ago).await;
     let patient = settler_with(3_600).await;
-    patient.track(id, None);
+    patient.track(id);
     let report = patient.round().await.remove(&id).unwrap().unwrap();
     assert_eq!(report.claimed, 0, "within the wait, the bytes wait");
     assert_eq!(world.sp.order(id).await.unwrap().paid, U256::ZERO);
 
     let settler = settler_with(60).await;
-    settler.track(id, None);
+    settler.track(id);
     let report = settler.round().await.remove(&id).unwrap().unwrap();
     assert_eq!(report.claimed, 1, "{report:?}");
     let forfeited = proved(&ticks) - u128::from(GIB);
@@ -1125,7 +1165,7 @@ async fn unacknowledged_bytes_are_forfeited_after_the_wait_and_every_second_is_p
     let ticks = world.append_ticks_from(ended, 3, long_ago).await;
     world.client.terminate(ended).await.unwrap();
     let settler = settler_with(2).await;
-    settler.track(ended, None);
+    settler.track(ended);
     let report = settler.round().await.remove(&ended).unwrap().unwrap();
     assert_eq!(report.claimed, 0, "the final acknowledgment may still come");
     assert!(!report.settled, "not settled while its ticks wait");

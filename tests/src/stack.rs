@@ -550,12 +550,12 @@ async fn start_settler(
     Ok((settler, task))
 }
 
-/// The settler tracks each metered lease with its meter, and claims at once when one ends.
+/// The settler tracks each metered lease, and claims at once when one stops.
 async fn feed_leases(settler: Settler, mut leases: broadcast::Receiver<LeaseEvent>) {
     loop {
         match leases.recv().await {
-            Ok(LeaseEvent::Started { order, lease }) => settler.track(order, Some(&lease)),
-            Ok(LeaseEvent::Ended { .. }) => settler.wake(),
+            Ok(LeaseEvent::Started { order }) => settler.track(order),
+            Ok(LeaseEvent::Ended { order }) => settler.lease_stopped(order),
             Err(broadcast::error::RecvError::Lagged(_)) => settler.wake(),
             Err(broadcast::error::RecvError::Closed) => return,
         }

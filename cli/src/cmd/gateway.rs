@@ -166,15 +166,16 @@ async fn follow_market(market: Marketplace, events: broadcast::Sender<MarketEven
     }
 }
 
-/// Tells the settler of every lease the gateway meters (its claims then refresh the lease's
-/// unpaid totals) and wakes it when an order's billing ends (its final tick is stored).
+/// Tells the settler of every lease the gateway meters, and that a lease stopped when an order's
+/// billing ends (its final tick is stored, so everything is claimed now).
 async fn feed_leases(settler: Settler, mut leases: broadcast::Receiver<LeaseEvent>) {
     loop {
         match leases.recv().await {
-            Ok(LeaseEvent::Started { order, lease }) => settler.track(order, Some(&lease)),
-            Ok(LeaseEvent::Ended { .. }) => settler.wake(),
+            Ok(LeaseEvent::Started { order }) => settler.track(order),
+            Ok(LeaseEvent::Ended { order }) => settler.lease_stopped(order),
             Err(RecvError::Lagged(missed)) => {
-                // The orders stay tracked from the chain; only their meters' refresh is late.
+                // The orders stay tracked from the chain; a missed end is claimed on the
+                // settler's own schedule (the order's end on chain, or `max_wait_secs`).
                 tracing::warn!(missed, "the settler missed lease events");
                 settler.wake();
             }
