@@ -16,6 +16,7 @@ mod cmd;
 mod exit;
 mod money;
 mod policy;
+mod privsep;
 mod settings;
 mod spconfig;
 mod sshcfg;
@@ -127,6 +128,9 @@ enum Command {
         /// The gateway's TOML config (see gateway/gateway.example.toml).
         #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
         config: PathBuf,
+        /// Which of the gateway's processes to run; the supervisor starts the others.
+        #[arg(long, value_enum, default_value = "supervisor", hide = true)]
+        role: cmd::gateway::Role,
     },
     /// Storage-provider commands.
     #[command(subcommand)]
@@ -368,7 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = terminate.recv() => cmd::tunnel::finish(&reservation),
             }
         }
-        Command::Gateway { config } => cmd::gateway::run(&config).await,
+        Command::Gateway { config, role } => cmd::gateway::run(&config, role).await,
         Command::Sp(sp) => match sp {
             SpCommand::HostKey { config } => {
                 println!("{}", cmd::sp::host_key(&SpConfig::load(&config)?)?);

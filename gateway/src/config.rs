@@ -44,6 +44,28 @@ pub struct GatewayConfig {
     /// What the gateway's logs record of what clients do.
     #[serde(default)]
     pub log: LogConfig,
+    /// How `shale gateway` separates privileges between its processes.
+    #[serde(default)]
+    pub privsep: PrivsepConfig,
+}
+
+/// Privilege separation: `shale gateway` runs the SSH-facing process as `user`, with no
+/// capabilities, beside a root broker (containerd, namespaces, the orders' network) and the
+/// settler (the wallet key).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivsepConfig {
+    /// The unprivileged system user of the SSH process; created (no home, no login shell) when
+    /// missing. Give it to nothing else: whatever runs as it can signal the SSH process.
+    pub user: String,
+}
+
+impl Default for PrivsepConfig {
+    fn default() -> Self {
+        Self {
+            user: "shale-gateway".into(),
+        }
+    }
 }
 
 /// What the gateway's logs record of what clients do.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use russh::server::Msg;
 use russh::{Channel, ChannelOpenFailure};
 use shale_meter::{ChannelCounter, Metered, Side};
-use shale_provisioner::{ProvisionError, Provisioner};
+use shale_provisioner::{Machines, ProvisionError};
 use tracing::Instrument;
 
 use crate::ack_policy::{gated, TransferGate};
@@ -88,7 +88,7 @@ pub struct ForwardContext {
     /// The container start the dial waits on.
     pub lease: LeaseStart,
     /// Dials inside the order's network.
-    pub provisioner: Provisioner,
+    pub provisioner: Arc<dyn Machines>,
     /// The forward's byte counters (billing).
     pub counter: Arc<ChannelCounter>,
     /// Its place under the order's forward cap, held until it closes.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use russh::keys::PrivateKey;
 use russh::server::Config;
 use shale_contracts::{MarketEvent, Marketplace};
-use shale_provisioner::Provisioner;
+use shale_provisioner::Machines;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -86,7 +86,7 @@ impl Gateway {
     pub async fn bind(
         config: GatewayConfig,
         market: Marketplace,
-        provisioner: Provisioner,
+        provisioner: Arc<dyn Machines>,
     ) -> Result<Self, GatewayError> {
         let scope = market.scope().await?;
         let chain_id = market.chain_id().await?;
@@ -94,9 +94,9 @@ impl Gateway {
             chain_id,
             market: market.clone(),
         };
-        if provisioner.config().scope != scope {
+        if provisioner.scope() != scope {
             return Err(GatewayError::ScopeMismatch {
-                provisioner: provisioner.config().scope.clone(),
+                provisioner: provisioner.scope().to_string(),
                 marketplace: scope,
             });
         }
@@ -504,7 +504,7 @@ fn refuse_early(
 /// them, continuing their tick chains), and releases the rest. An order the chain cannot confirm
 /// during an outage is kept, not released: losing a client's work is worse than a late cleanup.
 async fn adopt_leases(shared: &Shared) {
-    let found = match shared.provisioner.adopt(|_| true).await {
+    let found = match shared.provisioner.adopt_all().await {
         Ok(found) => found,
         Err(e) => {
             tracing::warn!(error = %e, "cannot adopt the containers of a previous run");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use prometheus_client::metrics::histogram::Histogram;
 use shale_contracts::Order;
-use shale_provisioner::{LeaseSpec, ProvisionError, Provisioner};
+use shale_provisioner::{LeaseSpec, Machines, ProvisionError};
 
 use crate::tasks::Tasks;
 
@@ -21,7 +21,7 @@ impl LeaseStart {
     /// Starts (or finds) `order`'s container in the background, as one of `tasks` (a start is
     /// let finish at shutdown rather than leave a container half made).
     pub fn begin(
-        provisioner: Provisioner,
+        provisioner: Arc<dyn Machines>,
         order: &Order,
         latency: Histogram,
         tasks: &Tasks,

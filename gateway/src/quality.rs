@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use shale_meter::probe::{default_probes, run_probes, ProbeOutput, Reading};
 use shale_meter::Ledger;
-use shale_provisioner::{ExecRequest, ExitStatus, Provisioner};
+use shale_provisioner::{ExecRequest, ExitStatus, Machines};
 use tokio::io::AsyncReadExt;
 
 use crate::login::OrderId;
@@ -71,7 +71,7 @@ impl QualityBoard {
     /// readings for metrics.
     pub async fn probe(
         self: Arc<Self>,
-        provisioner: Provisioner,
+        provisioner: Arc<dyn Machines>,
         ledger: Ledger,
         order: OrderId,
         session: String,
@@ -108,7 +108,7 @@ impl QualityBoard {
 
 /// Runs `argv` in the container and collects its output, bounded in time.
 async fn run_in_container(
-    provisioner: &Provisioner,
+    provisioner: &Arc<dyn Machines>,
     order: OrderId,
     argv: Vec<String>,
 ) -> Result<ProbeOutput, String> {

@@ -12,7 +12,7 @@ use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, Sig};
 use shale_meter::{ChannelCounter, Ledger, Metered, SessionCounter, Side};
 use shale_provisioner::{
-    ExecRequest, ExitStatus, Process, ProcessHandle, ProvisionError, Provisioner, PtySize,
+    ExecRequest, ExitStatus, Machines, Process, ProcessHandle, ProvisionError, PtySize,
 };
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::either::Either;
@@ -35,7 +35,7 @@ pub struct ChannelContext {
     /// The container start this channel waits on.
     pub lease: LeaseStart,
     /// Starts processes in containers.
-    pub provisioner: Provisioner,
+    pub provisioner: Arc<dyn Machines>,
     /// Which environment variables the client may set.
     pub env_policy: Arc<EnvPolicy>,
     /// The SSH connection, for exit signals.

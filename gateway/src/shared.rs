@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use alloy_primitives::Address;
 use shale_meter::probe::Reading;
-use shale_provisioner::Provisioner;
+use shale_provisioner::Machines;
 
 use crate::billing::Billing;
 use crate::forward::ForwardSlots;
@@ -30,7 +30,7 @@ pub struct Shared {
     /// Cached order lookups.
     pub orders: OrderDirectory,
     /// Containers of orders.
-    pub provisioner: Provisioner,
+    pub provisioner: Arc<dyn Machines>,
     /// Live sessions by order.
     pub board: LeaseBoard,
     /// Failed logins by address.

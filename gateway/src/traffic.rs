@@ -5,7 +5,7 @@
 //! order's session-quality readings. Today's tariff does not bill them.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use shale_meter::probe::Reading;
 use shale_meter::Ledger;
-use shale_provisioner::{Provisioner, Traffic};
+use shale_provisioner::{Machines, Traffic};
 
 use crate::login::OrderId;
 use crate::metrics::{Metrics, OrderLabel};
@@ -124,7 +124,7 @@ impl TrafficBoard {
     /// session-quality readings at most once per `record_every`.
     pub async fn sample(
         &self,
-        provisioner: &Provisioner,
+        provisioner: &Arc<dyn Machines>,
         ledger: &Ledger,
         orders: &[OrderId],
         record_every: Duration,
@@ -149,7 +149,7 @@ impl TrafficBoard {
 
     /// The last word on an order whose container is about to stop or go: one more sample while
     /// it still runs, its totals recorded, and the order forgotten.
-    pub async fn finish(&self, provisioner: &Provisioner, ledger: &Ledger, order: OrderId) {
+    pub async fn finish(&self, provisioner: &Arc<dyn Machines>, ledger: &Ledger, order: OrderId) {
         if let Ok(Some(sample)) = provisioner.traffic(order.0).await {
             self.observe(order, sample);
         }

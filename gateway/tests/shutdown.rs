@@ -160,11 +160,12 @@ async fn shutdown_tells_users_ends_every_task_and_closes_the_listeners() {
             listen: Some("127.0.0.1:0".parse().unwrap()),
         },
         log: Default::default(),
+        privsep: Default::default(),
     };
     let reader = Marketplace::connect(devnet.rpc_url(), marketplace, None)
         .await
         .unwrap();
-    let gateway = Gateway::bind(config, reader, provisioner.clone())
+    let gateway = Gateway::bind(config, reader, std::sync::Arc::new(provisioner.clone()))
         .await
         .expect("the gateway binds");
     let addr = gateway.local_addr();

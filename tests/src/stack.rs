@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,7 +12,10 @@ use shale_contracts::{Address, Dataset, Marketplace, NewOrder, Offer, U256};
 use shale_gateway::config::{AuthConfig, ChainConfig, SessionConfig};
 use shale_gateway::{Gateway, GatewayConfig, LeaseEvent};
 use shale_provisioner::daemon::LocalContainerd;
-use shale_provisioner::{image_build, ImageRef, NetworkConfig, Provisioner, ProvisionerConfig};
+use shale_broker::{Broker, BrokerClient};
+use shale_provisioner::{
+    image_build, ImageRef, Machines, NetworkConfig, Provisioner, ProvisionerConfig,
+};
 use shale_settler::{Settler, SettlerConfig, SettlerTask};
 use tempfile::TempDir;
 use tokio::sync::{broadcast, oneshot};
@@ -103,7 +107,7 @@ pub struct Stack {
     pub sp: Marketplace,
     /// The client's signing client.
     pub client: Marketplace,
-    /// The provisioner the gateway uses (for checks from the SP's side).
+    /// The provisioner behind the gateway's broker (for checks from the SP's side).
     pub provisioner: Provisioner,
     /// Where the gateway listens.
     pub gateway: SocketAddr,
@@ -116,6 +120,8 @@ pub struct Stack {
     config: GatewayConfig,
     shutdown: Option<oneshot::Sender<()>>,
     gateway_task: Option<JoinHandle<()>>,
+    /// The broker serving the provisioner to the gateway, as `shale gateway`'s broker process.
+    broker: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     /// The settler's configuration, when the stack runs one.
     settler_config: Option<SettlerConfig>,
     settler: Option<(Settler, SettlerTask)>,
@@ -262,6 +268,7 @@ impl Stack {
                 listen: Some("127.0.0.1:0".parse()?),
             },
             log: Default::default(),
+            privsep: Default::default(),
             auth: options.auth.unwrap_or(AuthConfig {
                 // Tests provoke many failures from 127.0.0.1 on purpose.
                 max_failures: 10_000,
@@ -269,7 +276,8 @@ impl Stack {
             }),
         };
         let reader = Marketplace::connect(&gateway_rpc, marketplace, None).await?;
-        let mut gateway = Gateway::bind(config.clone(), reader, provisioner.clone()).await?;
+        let (machines, broker) = start_broker(provisioner.clone(), dir.path()).await?;
+        let mut gateway = Gateway::bind(config.clone(), reader, machines.clone()).await?;
         let settler = match &settler_config {
             Some(c) => Some(start_settler(&mut gateway, c, &sp).await?),
             None => None,
@@ -339,6 +347,7 @@ impl Stack {
             config,
             shutdown: Some(shutdown),
             gateway_task: Some(gateway_task),
+            broker: Some(broker),
             settler_config,
             settler,
             relay,
@@ -478,10 +487,12 @@ impl Stack {
             .context("connecting the new provisioner")?;
         let reader =
             Marketplace::connect(&self.config.chain.rpc_url, self.marketplace, None).await?;
+        let (machines, broker) = start_broker(provisioner.clone(), self.dir.path()).await?;
+        self.broker = Some(broker);
         // The old listeners are closed; their ports may take a moment to be free again.
         let mut tries = 0;
         let mut gateway = loop {
-            match Gateway::bind(self.config.clone(), reader.clone(), provisioner.clone()).await {
+            match Gateway::bind(self.config.clone(), reader.clone(), machines.clone()).await {
                 Ok(g) => break g,
                 Err(e) if tries < 50 => {
                     tries += 1;
@@ -525,7 +536,32 @@ impl Stack {
             // After the round in progress: a claim in flight is finished and recorded.
             let _ = tokio::time::timeout(Duration::from_secs(120), task.shutdown()).await;
         }
+        if let Some((stop, task)) = self.broker.take() {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
     }
+}
+
+/// Serves `provisioner` on a broker socket in `dir`, as `shale gateway`'s broker process does,
+/// and returns the gateway's client of it: every test session's processes, forwards and
+/// containers go through the broker's protocol and its descriptor passing.
+async fn start_broker(
+    provisioner: Provisioner,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Arc<dyn Machines>, (oneshot::Sender<()>, JoinHandle<()>))> {
+    let socket = dir.join("broker.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket).context("binding the broker socket")?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let broker = Broker::new(provisioner, vec![nix::unistd::getuid().as_raw()]);
+    let task = tokio::spawn(broker.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let client = BrokerClient::connect(&socket)
+        .await
+        .context("reaching the stack's broker")?;
+    Ok((Arc::new(client), (stop, task)))
 }
 
 /// Starts a settler on the gateway's own ledger pool, signing with the SP's key, with its

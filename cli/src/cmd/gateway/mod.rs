@@ -1,23 +1,36 @@
-//! `shale gateway`: runs the SP's SSH gateway, and its settler, until SIGINT or SIGTERM.
+//! `shale gateway`: the SP's gateway as three processes from one config, until SIGINT or
+//! SIGTERM.
 //!
-//! The settler (claims with Groth16 proofs, then settlement) runs in the same process when the
-//! config has an `[sp.settler]` section, and the auto-accept policy when `[sp.accept] auto` is
-//! set. Both sign with the provider's key (`[sp] keystore`, SHALE_KEYSTORE or
-//! SHALE_PRIVATE_KEY). The process follows the marketplace's events once ([`follow_market`]) and
-//! fans them out to the gateway's watcher, the settler and the accept policy. The settler claims
-//! from the gateway's own ledger pool and learns of every lease the gateway meters, and of every
-//! order whose billing ended, from the gateway's [`LeaseEvent`]s; its metrics are served on the
-//! gateway's `/metrics`.
+//! - **broker** (root, [`broker`]): containerd, namespace dials, the orders' network, on a local
+//!   socket that only the SSH process's user may use.
+//! - **SSH** (`[privsep] user`, no capabilities, [`ssh`]): the internet-facing russh server,
+//!   metering into the ledger; it reaches containers only through the broker.
+//! - **supervisor** (this process, root): holds the provider's wallet key and runs the settler
+//!   (claims with Groth16 proofs) when the config has `[sp.settler]`, and the auto-accept policy
+//!   when `[sp.accept] auto` is set; both sign with `[sp] keystore`, SHALE_KEYSTORE or
+//!   SHALE_PRIVATE_KEY, which no child inherits. It starts the children, restarts one that
+//!   dies (sessions of a dead SSH process end; what the ledger holds is kept, and the new one
+//!   adopts the running containers), and stops them in order.
+//!
+//! The SSH process tells the supervisor of every lease it meters and every order whose billing
+//! ended as JSON lines on its stdout; the settler takes them as hints only (they can make it
+//! claim sooner, nothing else), and the SSH process refreshes its meters from the chain's
+//! claim events itself.
+
+pub mod broker;
+pub mod ssh;
 
 use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use shale_contracts::{MarketEvent, Marketplace, OrderState};
-use shale_gateway::{Gateway, GatewayConfig, LeaseEvent};
-use shale_provisioner::{Provisioner, ProvisionerConfig};
+use shale_gateway::{GatewayConfig, LeaseEvent};
 use shale_settler::{Settler, SettlerConfig, SettlerTask};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::process::{Child, Command};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::spconfig::SpConfig;
@@ -26,51 +39,140 @@ use crate::spconfig::SpConfig;
 /// told how many it missed (and catches up its own way).
 const MARKET_EVENTS: usize = 1024;
 
-/// Loads the config (its `[sp]` section is the CLI's, the rest the gateway's), connects to the
-/// chain and containerd, and serves.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let sp = SpConfig::load(config_path)?;
-    let config = sp.gateway.clone();
-    let market = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
-        .await
-        .with_context(|| {
-            // The URL may carry the endpoint's API key: name its host only.
-            let endpoint = Marketplace::redact_url(&config.chain.rpc_url);
-            format!("connecting to the marketplace at {endpoint}")
-        })?;
-    // Containers and disks are keyed by chain and marketplace as well as by order id.
-    let containers = ProvisionerConfig {
-        scope: market
-            .scope()
+/// How long a child gets to stop after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// The longest line the SSH process may write on its event channel; a longer one is hostile.
+const MAX_EVENT_LINE: usize = 4096;
+
+/// Which of `shale gateway`'s processes this one is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Start the whole set (the default).
+    Supervisor,
+    /// The privileged broker (started by the supervisor).
+    Broker,
+    /// The unprivileged SSH process (started by the supervisor).
+    Ssh,
+}
+
+/// Runs `role` with the config at `config_path`.
+pub async fn run(config_path: &Path, role: Role) -> anyhow::Result<()> {
+    match role {
+        Role::Supervisor => supervise(config_path).await,
+        Role::Broker => broker::run(config_path).await,
+        Role::Ssh => ssh::run(config_path).await,
+    }
+}
+
+/// One child process of the set, started again when it dies.
+struct Member {
+    role: Role,
+    child: Child,
+    restarts: u32,
+}
+
+impl Member {
+    fn spawn(role: Role, config_path: &Path) -> anyhow::Result<Member> {
+        let me = std::env::current_exe().context("finding the shale binary")?;
+        let name = match role {
+            Role::Broker => "broker",
+            Role::Ssh => "ssh",
+            Role::Supervisor => unreachable!("the supervisor is not its own child"),
+        };
+        let mut cmd = Command::new(me);
+        cmd.arg("gateway")
+            .arg("--config")
+            .arg(config_path)
+            .args(["--role", name])
+            .env_clear()
+            .envs(crate::privsep::child_env())
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .stdout(if role == Role::Ssh {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting the gateway's {name} process"))?;
+        tracing::info!(role = name, pid = child.id(), "gateway process started");
+        Ok(Member {
+            role,
+            child,
+            restarts: 0,
+        })
+    }
+
+    /// Stops the child: SIGTERM, then SIGKILL after [`STOP_GRACE`].
+    async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(STOP_GRACE, self.child.wait())
             .await
-            .context("identifying the marketplace")?,
-        ..config.containers.clone()
-    };
-    let provisioner = Provisioner::connect(containers)
+            .is_err()
+        {
+            tracing::warn!(role = ?self.role, "did not stop after SIGTERM; killing it");
+            let _ = self.child.kill().await;
+        }
+    }
+
+    /// How long to wait before starting it again: doubling from 1 s up to 30 s.
+    fn backoff(&self) -> Duration {
+        Duration::from_secs(1u64 << self.restarts.min(5)).min(Duration::from_secs(30))
+    }
+}
+
+/// Starts the broker, then the SSH process, then the settler and the accept policy here, and
+/// keeps the set running until SIGINT or SIGTERM.
+async fn supervise(config_path: &Path) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "shale gateway starts as root: its broker drives containerd and the orders' network, \
+             and its SSH process drops to [privsep] user itself"
+        );
+    }
+    let config_path = std::fs::canonicalize(config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let sp = SpConfig::load(&config_path)?;
+    let config = sp.gateway.clone();
+    let user = crate::privsep::ensure_user(&config.privsep.user)?;
+    // The ledger is created here (the settler's pool) and then handed to the SSH process's user,
+    // which writes ticks into it; SQLite run as root gives its journal files the same owner.
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating {}", config.state_dir.display()))?;
+    let ledger = config
+        .meter
+        .open_ledger(&config.state_dir)
         .await
-        .context("connecting to containerd")?;
-    let watched = market
-        .clone()
-        .with_poll_interval(config.chain.poll_interval);
-    let mut gateway = Gateway::bind(config.clone(), market, provisioner).await?;
-    eprintln!(
-        "shale gateway on {} with host key {}",
-        gateway.local_addr(),
-        gateway.host_public_key()
-    );
-    // Every consumer subscribes before the follower starts, so none misses the first events.
+        .context("opening the ledger")?;
+    crate::privsep::hand_over(&config.state_dir, &user)?;
+
+    let mut broker = Member::spawn(Role::Broker, &config_path)?;
+    let mut ssh = Member::spawn(Role::Ssh, &config_path)?;
+    let (lease_events, _) = broadcast::channel(MARKET_EVENTS);
+    let mut reader = tokio::spawn(read_lease_events(
+        ssh.child.stdout.take().expect("piped"),
+        lease_events.clone(),
+    ));
+
     let (market_events, _) = broadcast::channel(MARKET_EVENTS);
-    gateway.follow_market(market_events.subscribe());
     let mut tasks = Vec::new();
     let mut settler_task = None;
     if sp.sp.settler.is_some() || sp.sp.accept.auto {
         let market = provider_market(&sp, &config).await?;
         if let Some(s) = &sp.sp.settler {
-            let (settler, task) = start_settler(market.clone(), &mut gateway, s).await?;
+            let (settler, task) = start_settler(market.clone(), ledger, s).await?;
             settler_task = Some(task);
             tasks.push(tokio::spawn(feed_leases(
                 settler.clone(),
-                gateway.lease_events(),
+                lease_events.subscribe(),
             )));
             tasks.push(tokio::spawn(feed_market(
                 settler,
@@ -84,17 +186,81 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 market_events.subscribe(),
             )));
         }
+        let watched = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
+            .await?
+            .with_poll_interval(config.chain.poll_interval);
+        tasks.push(tokio::spawn(follow_market(watched, market_events)));
     }
-    tasks.push(tokio::spawn(follow_market(watched, market_events)));
-    let result = gateway.run(shutdown_signal()).await;
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            exited = broker.child.wait() => {
+                tracing::error!(status = ?exited, "the gateway's broker exited; starting it again");
+                tokio::time::sleep(broker.backoff()).await;
+                let restarts = broker.restarts + 1;
+                broker = Member::spawn(Role::Broker, &config_path)?;
+                broker.restarts = restarts;
+            }
+            exited = ssh.child.wait() => {
+                tracing::error!(status = ?exited, "the gateway's SSH process exited; starting it again");
+                tokio::time::sleep(ssh.backoff()).await;
+                let restarts = ssh.restarts + 1;
+                ssh = Member::spawn(Role::Ssh, &config_path)?;
+                ssh.restarts = restarts;
+                reader.abort();
+                reader = tokio::spawn(read_lease_events(
+                    ssh.child.stdout.take().expect("piped"),
+                    lease_events.clone(),
+                ));
+            }
+        }
+    }
+    // The SSH process first (its sessions end and their last ticks are stored), then the broker.
+    ssh.stop().await;
+    broker.stop().await;
+    reader.abort();
     for task in tasks {
         task.abort();
     }
     if let Some(task) = settler_task {
         task.shutdown().await;
     }
-    result?;
     Ok(())
+}
+
+/// Reads the SSH process's lease events, one JSON line each; anything else is logged and
+/// skipped, never trusted.
+async fn read_lease_events(
+    stdout: tokio::process::ChildStdout,
+    events: broadcast::Sender<LeaseEvent>,
+) {
+    let mut lines = tokio::io::BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = (&mut lines)
+            .take(MAX_EVENT_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await;
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) if n > MAX_EVENT_LINE => {
+                tracing::warn!(
+                    "the SSH process sent an over-long event line; it is ignored from now on"
+                );
+                return;
+            }
+            Ok(_) => match serde_json::from_slice::<LeaseEvent>(&line) {
+                Ok(event) => drop(events.send(event)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "an unreadable lease event from the SSH process")
+                }
+            },
+        }
+    }
 }
 
 /// The marketplace with the provider's signing key.
@@ -120,22 +286,15 @@ async fn provider_market(sp: &SpConfig, config: &GatewayConfig) -> anyhow::Resul
     )
 }
 
-/// Starts the settler on the gateway's own ledger pool, with its metrics on the gateway's
-/// `/metrics`.
+/// Starts the settler on the supervisor's own pool of the ledger.
 async fn start_settler(
     market: Marketplace,
-    gateway: &mut Gateway,
+    ledger: shale_meter::Ledger,
     settler_config: &SettlerConfig,
 ) -> anyhow::Result<(Settler, SettlerTask)> {
-    let settler = Settler::new(settler_config, market, gateway.ledger().clone())
+    let settler = Settler::new(settler_config, market, ledger)
         .await
         .context("starting the settler")?;
-    match gateway.metrics_registry() {
-        Some(registry) => settler.metrics().register(registry),
-        None => tracing::warn!(
-            "the gateway's metrics are shared already; the settler's are not on /metrics"
-        ),
-    }
     eprintln!(
         "settler proving claims for batch capacities {:?}",
         settler.capacities()
@@ -146,7 +305,7 @@ async fn start_settler(
 
 /// The process's one follower of the marketplace's events: each consumer (the gateway's
 /// watcher, the settler, the accept policy) reads them from its own receiver of `events`.
-async fn follow_market(market: Marketplace, events: broadcast::Sender<MarketEvent>) {
+pub(crate) async fn follow_market(market: Marketplace, events: broadcast::Sender<MarketEvent>) {
     let mut stream = loop {
         match market.watch().await {
             Ok(stream) => break stream,

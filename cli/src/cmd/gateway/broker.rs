@@ -1,0 +1,64 @@
+//! `shale gateway`'s broker process: root, no wallet key, serving the provisioner to the SSH
+//! process on a local socket only that process's user may use.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use shale_broker::Broker;
+use shale_contracts::Marketplace;
+use shale_provisioner::{Provisioner, ProvisionerConfig};
+
+use crate::spconfig::SpConfig;
+
+/// Where the broker listens: beside the gateway's state, which the SSH process can reach.
+pub fn socket_path(sp: &SpConfig) -> PathBuf {
+    sp.gateway.state_dir.join("broker.sock")
+}
+
+/// Connects to containerd and serves it until SIGINT or SIGTERM.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let sp = SpConfig::load(config_path)?;
+    let config = &sp.gateway;
+    let user = crate::privsep::lookup(&config.privsep.user)?.with_context(|| {
+        format!(
+            "no user {}: start the set with `shale gateway`",
+            config.privsep.user
+        )
+    })?;
+    // Containers and disks are keyed by chain and marketplace as well as by order id.
+    let market = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the marketplace at {}",
+                Marketplace::redact_url(&config.chain.rpc_url)
+            )
+        })?;
+    let containers = ProvisionerConfig {
+        scope: market
+            .scope()
+            .await
+            .context("identifying the marketplace")?,
+        ..config.containers.clone()
+    };
+    let provisioner = Provisioner::connect(containers)
+        .await
+        .context("connecting to containerd")?;
+    let socket = socket_path(&sp);
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the old {}", socket.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding the broker socket {}", socket.display()))?;
+    // Only the SSH process's user (and root) may connect; the broker checks each peer's uid too.
+    nix::unistd::chown(&socket, Some(user.uid), Some(user.gid))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %socket.display(), user = %user.name, "broker serving the SSH process");
+    Broker::new(provisioner, vec![0, user.uid.as_raw()])
+        .serve(listener, super::shutdown_signal())
+        .await;
+    Ok(())
+}
