@@ -22,7 +22,9 @@ use crate::{ProvisionError, ProvisionerConfig};
 pub const RANGE_SIZE: u32 = 65536;
 
 /// The host ids an order's namespace maps its ids `0 ..size` to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct IdRange {
     /// The host uid (and gid) of the order's root.
     pub host_base: u32,

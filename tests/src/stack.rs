@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use shale_broker::{Broker, BrokerClient};
 use shale_contracts::devnet::Devnet;
 use shale_contracts::{Address, Dataset, Marketplace, NewOrder, Offer, U256};
 use shale_gateway::config::{AuthConfig, ChainConfig, SessionConfig};
 use shale_gateway::{Gateway, GatewayConfig, LeaseEvent};
 use shale_provisioner::daemon::LocalContainerd;
-use shale_broker::{Broker, BrokerClient};
 use shale_provisioner::{
     image_build, ImageRef, Machines, NetworkConfig, Provisioner, ProvisionerConfig,
 };
