@@ -10,6 +10,7 @@
 //! exactly that, in reverse order, and removes the folder.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -128,9 +129,11 @@ fn spawn_detached(
     env: &[(&str, &str)],
     log: &Path,
 ) -> anyhow::Result<u32> {
+    // Logs are the SP's: anvil's prints its keys, and none is for the gateway's SSH user.
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     let child = std::process::Command::new(program)
@@ -481,7 +484,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
         dir: dir.to_path_buf(),
         dev_keys: dev_keys.clone(),
     };
-    std::fs::write(dir.join("dev.json"), serde_json::to_vec_pretty(&state)?)?;
+    write_private(&dir.join("dev.json"), &serde_json::to_vec_pretty(&state)?)?;
     // Every command run inside the repository finds the dev chain through this file.
     std::fs::write(
         dir.join("client.toml"),
@@ -491,16 +494,32 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
         ),
     )?;
     for (name, index) in [("client.env", CLIENT), ("sp.env", SP)] {
-        std::fs::write(
-            dir.join(name),
+        write_private(
+            &dir.join(name),
             format!(
                 "# Dev-chain key (public anvil test key; never use it elsewhere).\nexport SHALE_PRIVATE_KEY={}\nexport SHALE_GATEWAY_CONFIG={}\n",
                 dev_keys[index],
                 config_path.display()
-            ),
+            )
+            .as_bytes(),
         )?;
     }
     Ok(state)
+}
+
+/// Writes a file only its owner can read: the stack's keys, even anvil's public test keys,
+/// stay out of the gateway's unprivileged SSH process's reach, as an SP's real key must.
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(contents)?;
+    Ok(())
 }
 
 /// Batch capacity of the dev stack's claims: small, so a debug build proves in seconds.

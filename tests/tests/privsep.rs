@@ -1,0 +1,260 @@
+//! `shale gateway` as an SP runs it, started by `shale dev up`: the SSH-facing process runs
+//! unprivileged and without the wallet key, and the supervisor starts it again when it dies.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use shale_tests::client::shale_exe;
+use tokio::io::AsyncReadExt;
+
+/// A `shale dev up` stack in a directory of its own, taken down on drop.
+struct DevStack {
+    dir: tempfile::TempDir,
+    exe: PathBuf,
+}
+
+impl DevStack {
+    fn up() -> anyhow::Result<DevStack> {
+        let exe = shale_exe()?;
+        let dir = tempfile::Builder::new()
+            .prefix("shale-privsep-")
+            .tempdir()?;
+        // The SSH process's user must reach its state under here.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        let stack = DevStack { dir, exe };
+        let out = stack.shale(&["dev", "up"]).output()?;
+        ensure!(
+            out.status.success(),
+            "shale dev up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stack)
+    }
+
+    fn shale(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(args)
+            .env("SHALE_DEV_DIR", self.dir.path().join("dev"))
+            .env("PATH", tools_path());
+        cmd
+    }
+
+    fn state(&self) -> anyhow::Result<serde_json::Value> {
+        let text = std::fs::read(self.dir.path().join("dev/dev.json"))?;
+        Ok(serde_json::from_slice(&text)?)
+    }
+}
+
+impl Drop for DevStack {
+    fn drop(&mut self) {
+        let _ = self.shale(&["dev", "down"]).output();
+    }
+}
+
+fn tools_path() -> String {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin");
+    format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// The children of `parent` whose command line has `--role ROLE`.
+fn children_with_role(parent: u32, role: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The field after the parenthesised name: state, then the parent's pid.
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(parent) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args
+            .windows(2)
+            .any(|w| w[0] == b"--role" && w[1] == role.as_bytes())
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn status_field(pid: u32, field: &str) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_string())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+fn env_value(pid: u32, name: &str) -> anyhow::Result<Option<String>> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    Ok(environ.split(|b| *b == 0).find_map(|kv| {
+        let kv = String::from_utf8_lossy(kv);
+        kv.strip_prefix(&format!("{name}=")).map(str::to_string)
+    }))
+}
+
+async fn wait_for_ssh_child(supervisor: u32, not: Option<u32>) -> anyhow::Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(pid) = children_with_role(supervisor, "ssh")
+            .into_iter()
+            .find(|p| Some(*p) != not)
+        {
+            return Ok(pid);
+        }
+        if Instant::now() > deadline {
+            bail!("no SSH process under the supervisor {supervisor}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads the gateway's SSH version line: the SSH process is up and accepting.
+async fn banner(addr: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Ok(mut tcp)) =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await
+        {
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await
+            {
+                if n > 0 {
+                    return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway at {addr} sends no SSH banner");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_ssh_process_is_unprivileged_keyless_and_restarted_when_it_dies() -> anyhow::Result<()>
+{
+    if !nix::unistd::geteuid().is_root() {
+        ensure!(std::env::var("CI").is_err(), "CI runs as root");
+        eprintln!("SKIPPED: shale gateway starts as root");
+        return Ok(());
+    }
+    let stack = tokio::task::spawn_blocking(DevStack::up).await??;
+    let state = stack.state()?;
+    let supervisor = state["gateway_pid"].as_u64().context("gateway_pid")? as u32;
+    let addr = state["gateway"].as_str().context("gateway")?.to_string();
+    let key = env_value(supervisor, "SHALE_PRIVATE_KEY")?
+        .context("the supervisor signs with SHALE_PRIVATE_KEY")?;
+    let key_hex = key.trim_start_matches("0x").to_lowercase();
+
+    let broker = children_with_role(supervisor, "broker");
+    ensure!(
+        broker.len() == 1,
+        "one broker under the supervisor: {broker:?}"
+    );
+    ensure!(
+        env_value(broker[0], "SHALE_PRIVATE_KEY")?.is_none(),
+        "the broker has no wallet key"
+    );
+
+    let ssh = wait_for_ssh_child(supervisor, None).await?;
+    banner(&addr).await?;
+    let uids = status_field(ssh, "Uid:")?;
+    ensure!(
+        uids.split_whitespace().all(|u| u != "0"),
+        "real, effective, saved and filesystem uid are not root: {uids}"
+    );
+    let gids = status_field(ssh, "Gid:")?;
+    ensure!(
+        gids.split_whitespace().all(|g| g != "0"),
+        "no root group: {gids}"
+    );
+    for caps in ["CapEff:", "CapPrm:", "CapAmb:"] {
+        ensure!(
+            status_field(ssh, caps)? == "0000000000000000",
+            "{caps} of the SSH process is {}",
+            status_field(ssh, caps)?
+        );
+    }
+    ensure!(
+        status_field(ssh, "NoNewPrivs:")? == "1",
+        "no_new_privs is set"
+    );
+    let environ = std::fs::read(format!("/proc/{ssh}/environ"))?;
+    let cmdline = std::fs::read(format!("/proc/{ssh}/cmdline"))?;
+    for (what, bytes) in [("environment", &environ), ("arguments", &cmdline)] {
+        let text = String::from_utf8_lossy(bytes).to_lowercase();
+        ensure!(
+            !text.contains(&key_hex),
+            "the wallet key is in the SSH process's {what}"
+        );
+        ensure!(
+            !text.contains("shale_private_key"),
+            "SHALE_PRIVATE_KEY in its {what}"
+        );
+    }
+
+    // What the SSH process's user can read: not the supervisor's environment, and no file of
+    // the stack (config, state, ledger, logs) holds the key.
+    let uid = uids.split_whitespace().next().unwrap().to_string();
+    let gid = gids.split_whitespace().next().unwrap().to_string();
+    let as_user = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid", &uid, "--regid", &gid, "--clear-groups", "--"])
+            .args(args)
+            .output()
+    };
+    let environ_read = as_user(&["cat", &format!("/proc/{supervisor}/environ")])?;
+    ensure!(
+        !environ_read.status.success(),
+        "the SSH process's user can read the supervisor's environment"
+    );
+    let dev_dir = stack.dir.path().join("dev");
+    let grep = as_user(&["grep", "-rlis", &key_hex, dev_dir.to_str().unwrap()])?;
+    ensure!(
+        grep.stdout.is_empty(),
+        "files the SSH process's user can read hold the wallet key: {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
+
+    // A crash of the SSH process: the supervisor starts another, which serves again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ssh as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let again = wait_for_ssh_child(supervisor, Some(ssh)).await?;
+    let line = banner(&addr).await?;
+    ensure!(
+        line.starts_with("SSH-2.0-"),
+        "a banner after the restart: {line}"
+    );
+    ensure!(
+        status_field(again, "Uid:")?
+            .split_whitespace()
+            .all(|u| u != "0"),
+        "the restarted SSH process is unprivileged too"
+    );
+    drop(stack);
+    Ok(())
+}
