@@ -135,6 +135,9 @@ fn fraction<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 pub struct MetricsConfig {
     /// Where `/metrics` and `/healthz` are served; none when unset.
     pub listen: Option<SocketAddr>,
+    /// Where the settler's `/metrics` are served: it runs in `shale gateway`'s supervisor, a
+    /// process of its own; none when unset.
+    pub settler_listen: Option<SocketAddr>,
 }
 
 fn default_listen() -> SocketAddr {

@@ -8,6 +8,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::shared::Shared;
@@ -37,20 +38,69 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// Serves `/metrics` from `registry` and `/healthz` until the task is dropped: the endpoint of
+/// a process of `shale gateway` other than the SSH process (the supervisor's settler).
+pub async fn serve_registry(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let registry = registry.clone();
+                async move {
+                    let page = (req.method() == Method::GET && req.uri().path() == "/metrics")
+                        .then(|| {
+                            let mut text = String::new();
+                            // Writing into a String cannot fail.
+                            let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+                            text
+                        });
+                    respond(req.method(), req.uri().path(), page)
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
 async fn answer(
     req: Request<Incoming>,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => {
-            shared.refresh_metrics().await;
-            (
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                shared.metrics.render(),
-            )
-        }
-        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+    let page = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        shared.refresh_metrics().await;
+        Some(shared.metrics.render())
+    } else {
+        None
+    };
+    respond(req.method(), req.uri().path(), page)
+}
+
+/// The response to `method path`, with `page` the rendered metrics when it asked for them.
+fn respond(
+    method: &Method,
+    path: &str,
+    page: Option<String>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match (method, path, page) {
+        (_, _, Some(page)) => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            page,
+        ),
+        (&Method::GET, "/healthz", None) => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -158,6 +158,7 @@ async fn shutdown_tells_users_ends_every_task_and_closes_the_listeners() {
         acknowledgments: Default::default(),
         metrics: MetricsConfig {
             listen: Some("127.0.0.1:0".parse().unwrap()),
+            settler_listen: None,
         },
         log: Default::default(),
         privsep: Default::default(),

@@ -266,6 +266,7 @@ impl Stack {
             acknowledgments: Default::default(),
             metrics: shale_gateway::config::MetricsConfig {
                 listen: Some("127.0.0.1:0".parse()?),
+                settler_listen: None,
             },
             log: Default::default(),
             privsep: Default::default(),
@@ -291,6 +292,7 @@ impl Stack {
             listen: gateway_addr,
             metrics: shale_gateway::config::MetricsConfig {
                 listen: Some(metrics),
+                settler_listen: None,
             },
             ..config
         };

@@ -378,6 +378,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     let sp_key = parse_key(&dev_keys, SP)?;
     let gateway_port = free_port()?;
     let metrics_port = free_port()?;
+    let settler_metrics_port = free_port()?;
     // One namespace per state folder, so a second stack (a test's) never touches this one's
     // containers when both use the system's containerd.
     let namespace = if dir == std::fs::canonicalize(state_dir()).unwrap_or_default() {
@@ -401,6 +402,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
             dir,
             gateway_port,
             metrics_port,
+            settler_metrics_port,
             &rpc_url,
             marketplace,
             sp_key.address(),
@@ -550,6 +552,7 @@ pub(crate) fn gateway_toml(
     dir: &Path,
     port: u16,
     metrics_port: u16,
+    settler_metrics_port: u16,
     rpc_url: &str,
     marketplace: Address,
     provider: Address,
@@ -597,6 +600,7 @@ price_per_gib = "0.01FIL"
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
+settler_listen = "127.0.0.1:{settler_metrics_port}"
 
 [meter]
 # One-second ticks: a batch of 16 ticks fills, and is claimed, 16 s into the demo's lease.

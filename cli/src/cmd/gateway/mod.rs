@@ -170,6 +170,9 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
         if let Some(s) = &sp.sp.settler {
             let (settler, task) = start_settler(market.clone(), ledger, s).await?;
             settler_task = Some(task);
+            if let Some(addr) = config.metrics.settler_listen {
+                tasks.push(serve_settler_metrics(&settler, addr).await?);
+            }
             tasks.push(tokio::spawn(feed_leases(
                 settler.clone(),
                 lease_events.subscribe(),
@@ -229,6 +232,24 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
         task.shutdown().await;
     }
     Ok(())
+}
+
+/// Serves the settler's metrics (`shale_gateway_settler_*`, the names they had when the
+/// settler shared the SSH process's `/metrics`) on their own address.
+async fn serve_settler_metrics(
+    settler: &Settler,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("shale_gateway");
+    settler.metrics().register(&mut registry);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the settler's metrics address {addr}"))?;
+    tracing::info!(%addr, "serving the settler's /metrics");
+    Ok(tokio::spawn(shale_gateway::metrics_http::serve_registry(
+        listener,
+        std::sync::Arc::new(registry),
+    )))
 }
 
 /// Reads the SSH process's lease events, one JSON line each; anything else is logged and
@@ -532,6 +553,7 @@ mod tests {
             dir.path(),
             2222,
             9100,
+            9101,
             devnet.rpc_url(),
             address,
             provider.address,
