@@ -19,6 +19,7 @@ mod policy;
 mod privsep;
 mod settings;
 mod spconfig;
+mod ssh_filter;
 mod sshcfg;
 mod view;
 mod wire;

@@ -33,6 +33,7 @@ pub mod policy;
 pub mod preauth;
 pub mod quality;
 pub mod ratelimit;
+pub mod repeated;
 pub mod session_channel;
 pub mod shared;
 pub mod tasks;

@@ -25,6 +25,7 @@ use crate::billing::EscrowVerdict;
 use crate::login::OrderId;
 use crate::metrics::{KindLabel, Metrics};
 use crate::quality::PROBE_EVERY;
+use crate::repeated::RepeatedFailure;
 use crate::shared::Shared;
 
 /// The orders' network is checked once every this many polls: its rules rarely change, and
@@ -164,6 +165,7 @@ async fn refresh_when_confirmed(
 async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut listing = RepeatedFailure::new("cannot list the orders' containers");
     loop {
         tick.tick().await;
         // Orders with sessions, orders still billed with nobody connected, and orders that hold
@@ -171,8 +173,13 @@ async fn recheck_live_orders(shared: Arc<Shared>, poll: Duration) {
         let mut live: Vec<OrderId> = shared.board.orders();
         live.extend(shared.billing.metered_orders());
         match shared.provisioner.orders().await {
-            Ok(held) => live.extend(held.into_iter().map(OrderId)),
-            Err(e) => tracing::warn!(error = %e, "cannot list the orders' containers"),
+            Ok(held) => {
+                listing.succeeded();
+                live.extend(held.into_iter().map(OrderId));
+            }
+            Err(e) => {
+                listing.failed(&e);
+            }
         }
         live.sort_unstable();
         live.dedup();
@@ -258,10 +265,11 @@ async fn end_order(shared: &Shared, id: OrderId, why: &Refusal) {
 async fn watch_network(shared: Arc<Shared>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconciling = RepeatedFailure::new("cannot reconcile the orders' network");
     loop {
         // The first tick is at once: after a restart, leftovers go before anything is counted.
         tick.tick().await;
-        repair_network(&shared).await;
+        repair_network(&shared, &mut reconciling).await;
         let held: Vec<OrderId> = match shared.provisioner.orders().await {
             Ok(held) => held.into_iter().map(OrderId).collect(),
             Err(e) => {
@@ -284,11 +292,14 @@ async fn watch_network(shared: Arc<Shared>, every: Duration) {
 
 /// One reconcile of the orders' network, logged and counted; an order the provisioner had to
 /// stop is ended like any other stopped order, its users told why.
-async fn repair_network(shared: &Shared) {
+async fn repair_network(shared: &Shared, failure: &mut RepeatedFailure) {
     let repaired = match shared.provisioner.reconcile_network().await {
-        Ok(repaired) => repaired,
+        Ok(repaired) => {
+            failure.succeeded();
+            repaired
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot reconcile the orders' network");
+            failure.failed(&e);
             return;
         }
     };

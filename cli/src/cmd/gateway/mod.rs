@@ -32,6 +32,8 @@ use shale_settler::{Settler, SettlerConfig, SettlerTask};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::spconfig::SpConfig;
 
@@ -157,13 +159,14 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
     let mut broker = Member::spawn(Role::Broker, &config_path)?;
     let mut ssh = Member::spawn(Role::Ssh, &config_path)?;
     let (lease_events, _) = broadcast::channel(MARKET_EVENTS);
-    let mut reader = tokio::spawn(read_lease_events(
+    let background = Background::default();
+    // Ends by itself when the SSH process's stdout closes (it exited).
+    background.spawn(read_lease_events(
         ssh.child.stdout.take().expect("piped"),
         lease_events.clone(),
     ));
 
     let (market_events, _) = broadcast::channel(MARKET_EVENTS);
-    let mut tasks = Vec::new();
     let mut settler_task = None;
     if sp.sp.settler.is_some() || sp.sp.accept.auto {
         let market = provider_market(&sp, &config).await?;
@@ -171,28 +174,18 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
             let (settler, task) = start_settler(market.clone(), ledger, s).await?;
             settler_task = Some(task);
             if let Some(addr) = config.metrics.settler_listen {
-                tasks.push(serve_settler_metrics(&settler, addr).await?);
+                background.spawn(serve_settler_metrics(&settler, addr).await?);
             }
-            tasks.push(tokio::spawn(feed_leases(
-                settler.clone(),
-                lease_events.subscribe(),
-            )));
-            tasks.push(tokio::spawn(feed_market(
-                settler,
-                market_events.subscribe(),
-            )));
+            background.spawn(feed_leases(settler.clone(), lease_events.subscribe()));
+            background.spawn(feed_market(settler, market_events.subscribe()));
         }
         if sp.sp.accept.auto {
-            tasks.push(tokio::spawn(accept_orders(
-                market,
-                sp.clone(),
-                market_events.subscribe(),
-            )));
+            background.spawn(accept_orders(market, sp.clone(), market_events.subscribe()));
         }
         let watched = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
             .await?
             .with_poll_interval(config.chain.poll_interval);
-        tasks.push(tokio::spawn(follow_market(watched, market_events)));
+        background.spawn(follow_market(watched, market_events));
     }
 
     let shutdown = shutdown_signal();
@@ -213,8 +206,7 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
                 let restarts = ssh.restarts + 1;
                 ssh = Member::spawn(Role::Ssh, &config_path)?;
                 ssh.restarts = restarts;
-                reader.abort();
-                reader = tokio::spawn(read_lease_events(
+                background.spawn(read_lease_events(
                     ssh.child.stdout.take().expect("piped"),
                     lease_events.clone(),
                 ));
@@ -224,14 +216,34 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
     // The SSH process first (its sessions end and their last ticks are stored), then the broker.
     ssh.stop().await;
     broker.stop().await;
-    reader.abort();
-    for task in tasks {
-        task.abort();
-    }
+    background.shutdown().await;
     if let Some(task) = settler_task {
         task.shutdown().await;
     }
     Ok(())
+}
+
+/// The supervisor's and the SSH process's own tasks (followers, feeders, the accept policy),
+/// stopped together by one token.
+#[derive(Default)]
+struct Background {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Background {
+    /// Runs `task` until it ends or [`Background::shutdown`].
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tracker
+            .spawn(self.stop.clone().run_until_cancelled_owned(task));
+    }
+
+    /// Stops every task and waits until each has.
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
 }
 
 /// Serves the settler's metrics (`shale_gateway_settler_*`, the names they had when the
@@ -239,17 +251,17 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
 async fn serve_settler_metrics(
     settler: &Settler,
     addr: std::net::SocketAddr,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut registry = prometheus_client::registry::Registry::with_prefix("shale_gateway");
     settler.metrics().register(&mut registry);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the settler's metrics address {addr}"))?;
     tracing::info!(%addr, "serving the settler's /metrics");
-    Ok(tokio::spawn(shale_gateway::metrics_http::serve_registry(
+    Ok(shale_gateway::metrics_http::serve_registry(
         listener,
         std::sync::Arc::new(registry),
-    )))
+    ))
 }
 
 /// Reads the SSH process's lease events, one JSON line each; anything else is logged and

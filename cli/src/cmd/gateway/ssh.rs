@@ -44,6 +44,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // As root: the host key, the listen and metrics sockets, the ledger.
     let mut gateway = Gateway::bind(config.clone(), market, Arc::new(machines)).await?;
     crate::privsep::drop_to(&user).context("dropping privileges")?;
+    crate::ssh_filter::apply().context("confining the SSH process")?;
     tracing::info!(user = %user.name, uid = user.uid.as_raw(), "the SSH process runs unprivileged");
     eprintln!(
         "shale gateway on {} with host key {}",
@@ -52,11 +53,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     );
     let (market_events, _) = broadcast::channel(super::MARKET_EVENTS);
     gateway.follow_market(market_events.subscribe());
-    let follower = tokio::spawn(super::follow_market(watched, market_events));
-    let reporter = tokio::spawn(report_leases(gateway.lease_events()));
+    let background = super::Background::default();
+    background.spawn(super::follow_market(watched, market_events));
+    background.spawn(report_leases(gateway.lease_events()));
     let result = gateway.run(super::shutdown_signal()).await;
-    follower.abort();
-    reporter.abort();
+    background.shutdown().await;
     Ok(result?)
 }
 
