@@ -365,6 +365,7 @@ impl russh::server::Handler for Connection {
                 paused: self.shared.metrics.order_transfers_paused.clone(),
             },
         ));
+        seat.meter(counter.clone());
         self.seat = Some(Arc::new(seat));
         self.counter = Some(counter);
         tracing::info!(

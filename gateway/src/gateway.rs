@@ -268,10 +268,12 @@ impl Gateway {
         } = self;
         let tasks = shared.tasks.clone();
         tracing::info!(addr = %listener.local_addr().map_err(GatewayError::Accept)?, "gateway listening");
+        close_interrupted_sessions(&shared).await;
         adopt_leases(&shared).await;
         tasks.spawn_until_stopped(watcher::run(
             shared.clone(),
             config.chain.poll_interval,
+            Duration::from_secs(config.meter.tick_interval_secs),
             market_events,
         ));
         if let Some(listener) = metrics_listener {
@@ -499,6 +501,29 @@ fn refuse_early(
         });
     }
 }
+
+/// Before anyone is served: the sessions a previous gateway process left open (it was killed,
+/// or crashed) are ended at their last checkpoint, with the bytes they had moved by then.
+async fn close_interrupted_sessions(shared: &Shared) {
+    match shared
+        .billing
+        .ledger()
+        .close_interrupted_sessions(SESSION_LOST)
+        .await
+    {
+        Ok(0) => {}
+        Ok(closed) => tracing::warn!(
+            closed,
+            "ended the sessions a previous gateway process left open, at their last checkpoint"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot end the sessions a previous gateway process left open")
+        }
+    }
+}
+
+/// The outcome recorded for a session whose gateway process died under it.
+pub const SESSION_LOST: &str = "gateway_lost";
 
 /// After a restart: keeps the containers of orders still leased on chain (and resumes billing
 /// them, continuing their tick chains), and releases the rest. An order the chain cannot confirm

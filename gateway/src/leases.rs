@@ -9,6 +9,9 @@ use russh::server::Handle;
 use russh::{ChannelId, Disconnect};
 use tokio_util::sync::CancellationToken;
 
+use shale_meter::ledger::SessionCheckpoint;
+use shale_meter::SessionCounter;
+
 use crate::admission::Refusal;
 use crate::login::OrderId;
 
@@ -47,6 +50,8 @@ struct LiveSession {
     closed: CancellationToken,
     /// Why the gateway cut it (a [`Refusal::reason`]), for the session's end record.
     cut_for: Arc<OnceLock<&'static str>>,
+    /// Its byte counters, once its lease is metered; checkpointed into the ledger.
+    counter: Arc<OnceLock<Arc<SessionCounter>>>,
 }
 
 #[derive(Default)]
@@ -70,9 +75,16 @@ pub struct SessionSeat {
     channels: Arc<Mutex<Vec<ChannelId>>>,
     closed: CancellationToken,
     cut_for: Arc<OnceLock<&'static str>>,
+    counter: Arc<OnceLock<Arc<SessionCounter>>>,
 }
 
 impl SessionSeat {
+    /// Gives the board the session's byte counters, whose totals
+    /// [`LeaseBoard::checkpoints`] reads; set once.
+    pub fn meter(&self, counter: Arc<SessionCounter>) {
+        let _ = self.counter.set(counter);
+    }
+
     /// Why the gateway cut the session (a [`Refusal::reason`]), if it did.
     pub fn cut_for(&self) -> Option<&'static str> {
         self.cut_for.get().copied()
@@ -143,6 +155,7 @@ impl LeaseBoard {
         let channels = Arc::new(Mutex::new(Vec::new()));
         let closed = CancellationToken::new();
         let cut_for = Arc::new(OnceLock::new());
+        let counter = Arc::new(OnceLock::new());
         sessions.insert(
             session,
             LiveSession {
@@ -150,6 +163,7 @@ impl LeaseBoard {
                 channels: channels.clone(),
                 closed: closed.clone(),
                 cut_for: cut_for.clone(),
+                counter: counter.clone(),
             },
         );
         Ok(SessionSeat {
@@ -159,7 +173,26 @@ impl LeaseBoard {
             channels,
             closed,
             cut_for,
+            counter,
         })
+    }
+
+    /// What every metered live session has moved so far, to checkpoint into the ledger.
+    pub fn checkpoints(&self) -> Vec<SessionCheckpoint> {
+        let inner = lock(&self.inner);
+        inner
+            .orders
+            .values()
+            .flat_map(|sessions| sessions.iter())
+            .filter_map(|(id, live)| {
+                let counter = live.counter.get()?;
+                Some(SessionCheckpoint {
+                    session_id: id.to_string(),
+                    bytes: counter.bytes(),
+                    channels: counter.channels_opened(),
+                })
+            })
+            .collect()
     }
 
     /// The orders that have at least one live session.

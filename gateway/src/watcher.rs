@@ -41,16 +41,42 @@ const CLAIM_CONFIRM_TRIES: u32 = 120;
 
 /// Runs until the gateway stops (under its `tasks`). With `market_events` (from a follower the process already runs), the
 /// watcher reads the marketplace's events from there rather than following the chain itself.
+/// Live sessions' bytes are checkpointed into the ledger every `checkpoint_every` (the meter's
+/// tick interval), so a gateway that dies loses no more of a session's record than of its ticks.
 pub async fn run(
     shared: Arc<Shared>,
     poll: Duration,
+    checkpoint_every: Duration,
     market_events: Option<broadcast::Receiver<MarketEvent>>,
 ) {
     tokio::join!(
         follow_events(shared.clone(), market_events),
         recheck_live_orders(shared.clone(), poll),
+        checkpoint_sessions(shared.clone(), checkpoint_every),
         watch_network(shared, poll * NETWORK_EVERY_POLLS)
     );
+}
+
+/// Writes every metered live session's bytes so far into the ledger, every `every`.
+async fn checkpoint_sessions(shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failure = RepeatedFailure::new("cannot checkpoint the live sessions");
+    loop {
+        tick.tick().await;
+        let live = shared.board.checkpoints();
+        match shared
+            .billing
+            .ledger()
+            .checkpoint_sessions(shale_meter::ledger::now_ms(), &live)
+            .await
+        {
+            Ok(()) => failure.succeeded(),
+            Err(e) => {
+                failure.failed(&e);
+            }
+        }
+    }
 }
 
 async fn follow_events(

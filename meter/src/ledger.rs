@@ -38,6 +38,17 @@ pub struct Ledger {
     backend: Backend,
 }
 
+/// What a live session has moved so far, for [`Ledger::checkpoint_sessions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCheckpoint {
+    /// The gateway's id for the session.
+    pub session_id: String,
+    /// Bytes both ways over its channels so far.
+    pub bytes: ByteCount,
+    /// Channels it has opened so far.
+    pub channels: u64,
+}
+
 /// One SSH session of an order, as recorded for receipts and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -560,6 +571,55 @@ impl Ledger {
             return Err(MeterError::UnknownSession(session_id.to_string()));
         }
         Ok(())
+    }
+
+    /// Writes what each live session has moved so far, and that it was alive at `now_ms`; after
+    /// a crash, [`Ledger::close_interrupted_sessions`] ends each at its last checkpoint.
+    #[tracing::instrument(level = "debug", skip_all, fields(sessions = live.len()), err)]
+    pub async fn checkpoint_sessions(
+        &self,
+        now_ms: u64,
+        live: &[SessionCheckpoint],
+    ) -> Result<(), MeterError> {
+        if live.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        for s in live {
+            sqlx::query(
+                "UPDATE sessions SET bytes_in = $2, bytes_out = $3, channels = $4, \
+                                     last_seen_ms = $5 \
+                 WHERE session_id = $1 AND ended_at_ms IS NULL",
+            )
+            .bind(s.session_id.clone())
+            .bind(int("bytes_in", s.bytes.bytes_in)?)
+            .bind(int("bytes_out", s.bytes.bytes_out)?)
+            .bind(int("channels", s.channels)?)
+            .bind(int("last_seen_ms", now_ms)?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends every session still open in the ledger: a gateway starting calls this before it
+    /// serves anyone, so these are the sessions of a gateway process that died without closing
+    /// them. Each ends at its last checkpoint (or its start) with the bytes it had then, and
+    /// `outcome`. Returns how many it closed.
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    pub async fn close_interrupted_sessions(&self, outcome: &str) -> Result<u64, MeterError> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE sessions SET ended_at_ms = COALESCE(last_seen_ms, started_at_ms), \
+                                 outcome = $1 \
+             WHERE ended_at_ms IS NULL",
+        )
+        .bind(outcome.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
     }
 
     /// The sessions of `order`, oldest first.

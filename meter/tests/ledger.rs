@@ -5,7 +5,7 @@ mod common;
 
 use alloy_primitives::U256;
 use common::{next_ticks, tariff, PgCluster, DEPLOYMENT};
-use shale_meter::ledger::{ClaimStatus, NewClaim, Receipt};
+use shale_meter::ledger::{ClaimStatus, NewClaim, Receipt, SessionCheckpoint};
 use shale_meter::probe::Reading;
 use shale_meter::{
     verify_receipts, ByteCount, ChainHead, Head, Ledger, MeterError, TickChain, Usage,
@@ -238,6 +238,74 @@ async fn unclaimed_ticks_and_usage_follow_confirmed_claims(ledger: Ledger) {
             .await,
         Err(MeterError::UnknownClaim(987_654))
     ));
+}
+
+async fn sessions_a_dead_gateway_left_open_end_at_their_last_checkpoint(ledger: Ledger) {
+    for (id, start) in [
+        ("live", 1_000),
+        ("never-checkpointed", 2_000),
+        ("closed", 3_000),
+    ] {
+        ledger
+            .record_session_start(id, 21, "10.0.0.9:1", start)
+            .await
+            .unwrap();
+    }
+    let moved = |bytes_in, bytes_out| ByteCount {
+        bytes_in,
+        bytes_out,
+    };
+    ledger
+        .record_session_end("closed", 4_000, moved(1, 2), 1, "closed")
+        .await
+        .unwrap();
+    let checkpoint = |session_id: &str, bytes| SessionCheckpoint {
+        session_id: session_id.into(),
+        bytes,
+        channels: 2,
+    };
+    ledger
+        .checkpoint_sessions(5_000, &[checkpoint("live", moved(10, 20))])
+        .await
+        .unwrap();
+    // A checkpoint never reopens or rewrites a session that ended.
+    ledger
+        .checkpoint_sessions(
+            6_000,
+            &[
+                checkpoint("live", moved(30, 40)),
+                checkpoint("closed", moved(9, 9)),
+            ],
+        )
+        .await
+        .unwrap();
+    // The gateway dies here; the next one starts by closing what it left.
+    assert_eq!(
+        ledger
+            .close_interrupted_sessions("gateway_lost")
+            .await
+            .unwrap(),
+        2
+    );
+    let sessions = ledger.sessions(21).await.unwrap();
+    let by_id = |id: &str| sessions.iter().find(|s| s.session_id == id).unwrap();
+    let live = by_id("live");
+    assert_eq!(live.ended_at_ms, Some(6_000));
+    assert_eq!((live.bytes_in, live.bytes_out, live.channels), (30, 40, 2));
+    assert_eq!(live.outcome.as_deref(), Some("gateway_lost"));
+    let never = by_id("never-checkpointed");
+    assert_eq!(never.ended_at_ms, Some(2_000), "ends where it started");
+    assert_eq!(never.outcome.as_deref(), Some("gateway_lost"));
+    let closed = by_id("closed");
+    assert_eq!((closed.ended_at_ms, closed.bytes_in), (Some(4_000), 1));
+    assert_eq!(closed.outcome.as_deref(), Some("closed"));
+    assert_eq!(
+        ledger
+            .close_interrupted_sessions("gateway_lost")
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 async fn sessions_are_recorded_with_their_usage(ledger: Ledger) {
@@ -513,6 +581,7 @@ ledger_checks!(
     concurrent_writers_of_one_order_store_each_seq_once,
     unclaimed_ticks_and_usage_follow_confirmed_claims,
     sessions_are_recorded_with_their_usage,
+    sessions_a_dead_gateway_left_open_end_at_their_last_checkpoint,
     probe_readings_round_trip,
     acknowledgments_only_grow_and_the_newest_is_served,
     concurrent_acknowledgments_beside_other_writers_all_land,
