@@ -238,6 +238,11 @@ async fn the_ssh_process_is_unprivileged_keyless_and_restarted_when_it_dies() ->
         String::from_utf8_lossy(&grep.stdout)
     );
 
+    // A client in the middle of a session when the SSH process is killed.
+    let session = open_session(&stack, &state).await?;
+    let ledger_path = dev_dir.join("gateway/ledger.db");
+    let checkpointed = wait_for_checkpoint(&ledger_path).await?;
+
     // A crash of the SSH process: the supervisor starts another, which serves again.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(ssh as i32),
@@ -255,6 +260,157 @@ async fn the_ssh_process_is_unprivileged_keyless_and_restarted_when_it_dies() ->
             .all(|u| u != "0"),
         "the restarted SSH process is unprivileged too"
     );
+    // The new SSH process ended the session the dead one left open, at its last checkpoint.
+    let ended = session_row(&ledger_path, &checkpointed.id).await?;
+    ensure!(
+        ended.outcome.as_deref() == Some("gateway_lost"),
+        "the interrupted session's outcome: {ended:?}"
+    );
+    ensure!(
+        ended.ended_at_ms.is_some() && ended.bytes_out >= checkpointed.bytes_out,
+        "ended at its checkpoint with its bytes: {ended:?} after {checkpointed:?}"
+    );
+    drop(session);
     drop(stack);
     Ok(())
+}
+
+/// A client's order on the dev stack (accepted by the dev SP), with an ssh session into it that
+/// printed something and then waits.
+async fn open_session(
+    stack: &DevStack,
+    state: &serde_json::Value,
+) -> anyhow::Result<tokio::process::Child> {
+    let dev = stack.dir.path().join("dev");
+    let key = stack.dir.path().join("id_ed25519");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(&key)
+        .status()?;
+    ensure!(made.success(), "ssh-keygen failed");
+    let keys = state["dev_keys"].as_array().context("dev_keys")?;
+    let (sp_key, client_key) = (
+        keys[1].as_str().context("the SP key")?,
+        keys[2].as_str().context("the client key")?,
+    );
+    let provider = state["provider"].as_str().context("provider")?;
+    let mut create = stack.shale(&["order", "create", "--provider", provider, "--key"]);
+    create
+        .arg(key.with_extension("pub"))
+        .args([
+            "--cpus", "1", "--memory", "512MiB", "--disk", "1GiB", "--hours", "1",
+        ])
+        .args(["--deposit", "0.1FIL"])
+        .env("SHALE_CONFIG", dev.join("client.toml"))
+        .env("SHALE_PRIVATE_KEY", client_key);
+    let create = tokio::process::Command::from(create).output();
+    // The SP accepts, as `shale sp accept` does, once the order is on chain (id 1, a fresh chain).
+    let accept = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut accept = stack.shale(&["sp", "accept", "1", "--config"]);
+            accept
+                .arg(dev.join("gateway.toml"))
+                .env("SHALE_PRIVATE_KEY", sp_key);
+            let out = tokio::process::Command::from(accept).output().await?;
+            if out.status.success() {
+                return Ok::<_, anyhow::Error>(());
+            }
+            if Instant::now() > deadline {
+                bail!("shale sp accept: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let (created, accepted) = tokio::join!(create, accept);
+    accepted?;
+    let created = created?;
+    ensure!(
+        created.status.success(),
+        "shale order create: {}{}",
+        String::from_utf8_lossy(&created.stdout),
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let session = tokio::process::Command::new("ssh")
+        .arg("-F")
+        .arg(dev.join("ssh/shale/config"))
+        .args(["-o", "BatchMode=yes", "shale-1", "echo seated; sleep 300"])
+        .env("SHALE_CONFIG", dev.join("client.toml"))
+        .env("SHALE_PRIVATE_KEY", client_key)
+        .env("PATH", tools_path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    Ok(session)
+}
+
+/// A session's record in the gateway's ledger.
+#[derive(Debug)]
+struct SessionRow {
+    id: String,
+    ended_at_ms: Option<i64>,
+    bytes_out: i64,
+    outcome: Option<String>,
+}
+
+async fn rows(ledger: &Path) -> anyhow::Result<Vec<(SessionRow, Option<i64>)>> {
+    use sqlx::Row;
+    let url = format!("sqlite://{}?mode=ro", ledger.display());
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await?;
+    let found = sqlx::query(
+        "SELECT session_id, ended_at_ms, bytes_out, outcome, last_seen_ms FROM sessions",
+    )
+    .fetch_all(&mut db)
+    .await?;
+    found
+        .iter()
+        .map(|r| {
+            Ok((
+                SessionRow {
+                    id: r.try_get("session_id")?,
+                    ended_at_ms: r.try_get("ended_at_ms")?,
+                    bytes_out: r.try_get("bytes_out")?,
+                    outcome: r.try_get("outcome")?,
+                },
+                r.try_get("last_seen_ms")?,
+            ))
+        })
+        .collect()
+}
+
+/// Waits until the open session's bytes have been checkpointed into the ledger.
+async fn wait_for_checkpoint(ledger: &Path) -> anyhow::Result<SessionRow> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(found) = rows(ledger).await {
+            if let Some((row, _)) = found
+                .into_iter()
+                .find(|(r, seen)| r.ended_at_ms.is_none() && seen.is_some() && r.bytes_out > 0)
+            {
+                return Ok(row);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no open session was checkpointed in {}", ledger.display());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn session_row(ledger: &Path, id: &str) -> anyhow::Result<SessionRow> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = rows(ledger).await?;
+        let row = found
+            .into_iter()
+            .map(|(r, _)| r)
+            .find(|r| r.id == id)
+            .with_context(|| format!("session {id} is not in the ledger"))?;
+        if row.ended_at_ms.is_some() || Instant::now() > deadline {
+            return Ok(row);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

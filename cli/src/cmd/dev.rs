@@ -546,6 +546,19 @@ async fn claim_keys(keys_dir: &Path) -> anyhow::Result<Vec<u8>> {
     .await?
 }
 
+/// The orders' subnet of a new dev stack: the provisioner's default, 10.89.0.0/16, unless an
+/// interface of this host is on it already (another stack's orders), then the next free 10.x.
+fn free_subnet() -> String {
+    let used = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    (89..=250)
+        .find(|x| !used.contains(&format!(" 10.{x}.")))
+        .map_or_else(|| "10.89.0.0/16".into(), |x| format!("10.{x}.0.0/16"))
+}
+
 /// The dev stack's gateway config with its `[sp]` section.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gateway_toml(
@@ -560,6 +573,7 @@ pub(crate) fn gateway_toml(
     namespace: &str,
     dataset: &Path,
 ) -> String {
+    let subnet = free_subnet();
     format!(
         r#"# Written by `shale dev up` for the local stack; see gateway/gateway.example.toml.
 listen = "127.0.0.1:{port}"
@@ -582,6 +596,10 @@ stop_grace = 2
 
 [containers.datasets]
 {DATASET} = "{dataset}"
+
+[containers.network]
+# A /16 no interface of this host uses yet (another stack's orders, a LAN).
+subnet = "{subnet}"
 
 [sp]
 endpoint = "127.0.0.1:{port}"
