@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use shale_broker::Broker;
-use shale_contracts::Marketplace;
 use shale_provisioner::{Provisioner, ProvisionerConfig};
 
 use crate::spconfig::SpConfig;
@@ -27,14 +26,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         )
     })?;
     // Containers and disks are keyed by chain and marketplace as well as by order id.
-    let market = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the marketplace at {}",
-                Marketplace::redact_url(&config.chain.rpc_url)
-            )
-        })?;
+    let market = super::read_market(config).await?;
     let containers = ProvisionerConfig {
         scope: market
             .scope()

@@ -296,6 +296,19 @@ async fn read_lease_events(
     }
 }
 
+/// The marketplace without a key, as the broker and the SSH process read it.
+async fn read_market(config: &GatewayConfig) -> anyhow::Result<Marketplace> {
+    Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
+        .await
+        .with_context(|| {
+            // The URL may carry the endpoint's API key: name its host only.
+            format!(
+                "connecting to the marketplace at {}",
+                Marketplace::redact_url(&config.chain.rpc_url)
+            )
+        })
+}
+
 /// The marketplace with the provider's signing key.
 async fn provider_market(sp: &SpConfig, config: &GatewayConfig) -> anyhow::Result<Marketplace> {
     let keystore = sp

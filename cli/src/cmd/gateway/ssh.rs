@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use shale_broker::BrokerClient;
-use shale_contracts::Marketplace;
 use shale_gateway::{Gateway, LeaseEvent};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -30,14 +29,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     })?;
     let socket = super::broker::socket_path(&sp);
     let machines = connect_broker(&socket).await?;
-    let market = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the marketplace at {}",
-                Marketplace::redact_url(&config.chain.rpc_url)
-            )
-        })?;
+    let market = super::read_market(&config).await?;
     let watched = market
         .clone()
         .with_poll_interval(config.chain.poll_interval);
