@@ -9,32 +9,20 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use std::future::Future;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::shared::Shared;
 
 /// Serves until the gateway stops (run under its `tasks`, as is each scrape's connection).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let stream = accept(&listener).await;
         let shared = shared.clone();
         let tasks = shared.tasks.clone();
-        tasks.spawn_until_stopped(async move {
-            let service = hyper::service::service_fn(move |req| answer(req, shared.clone()));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection ended");
-            }
-        });
+        tasks.spawn_until_stopped(serve_connection(stream, move |req| {
+            answer(req, shared.clone())
+        }));
     }
 }
 
@@ -42,36 +30,44 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 /// a process of `shale gateway` other than the SSH process (the supervisor's settler).
 pub async fn serve_registry(listener: TcpListener, registry: Arc<Registry>) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
+        let stream = accept(&listener).await;
+        let registry = registry.clone();
+        tokio::spawn(serve_connection(stream, move |req| {
+            let page = (req.method() == Method::GET && req.uri().path() == "/metrics").then(|| {
+                let mut text = String::new();
+                // Writing into a String cannot fail.
+                let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+                text
+            });
+            std::future::ready(respond(req.method(), req.uri().path(), page))
+        }));
+    }
+}
+
+/// The next scrape's connection; a failed accept (out of descriptors) is retried shortly.
+async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
             }
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let registry = registry.clone();
-                async move {
-                    let page = (req.method() == Method::GET && req.uri().path() == "/metrics")
-                        .then(|| {
-                            let mut text = String::new();
-                            // Writing into a String cannot fail.
-                            let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
-                            text
-                        });
-                    respond(req.method(), req.uri().path(), page)
-                }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection ended");
-            }
-        });
+        }
+    }
+}
+
+/// Serves one scrape connection, each request answered by `answer`.
+async fn serve_connection<F, Fut>(stream: TcpStream, answer: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer))
+        .await
+    {
+        tracing::debug!(error = %e, "metrics connection ended");
     }
 }
 

@@ -125,9 +125,16 @@ impl Member {
         }
     }
 
-    /// How long to wait before starting it again: doubling from 1 s up to 30 s.
-    fn backoff(&self) -> Duration {
-        Duration::from_secs(1u64 << self.restarts.min(5)).min(Duration::from_secs(30))
+    /// Starts the child again after it died, once its backoff has passed: doubling from 1 s
+    /// with every restart, up to 30 s.
+    async fn restart(&mut self, config_path: &Path) -> anyhow::Result<()> {
+        let backoff =
+            Duration::from_secs(1u64 << self.restarts.min(5)).min(Duration::from_secs(30));
+        tokio::time::sleep(backoff).await;
+        let restarts = self.restarts + 1;
+        *self = Member::spawn(self.role, config_path)?;
+        self.restarts = restarts;
+        Ok(())
     }
 }
 
@@ -182,7 +189,7 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
         if sp.sp.accept.auto {
             background.spawn(accept_orders(market, sp.clone(), market_events.subscribe()));
         }
-        let watched = Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, None)
+        let watched = read_market(&config)
             .await?
             .with_poll_interval(config.chain.poll_interval);
         background.spawn(follow_market(watched, market_events));
@@ -195,17 +202,11 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
             _ = &mut shutdown => break,
             exited = broker.child.wait() => {
                 tracing::error!(status = ?exited, "the gateway's broker exited; starting it again");
-                tokio::time::sleep(broker.backoff()).await;
-                let restarts = broker.restarts + 1;
-                broker = Member::spawn(Role::Broker, &config_path)?;
-                broker.restarts = restarts;
+                broker.restart(&config_path).await?;
             }
             exited = ssh.child.wait() => {
                 tracing::error!(status = ?exited, "the gateway's SSH process exited; starting it again");
-                tokio::time::sleep(ssh.backoff()).await;
-                let restarts = ssh.restarts + 1;
-                ssh = Member::spawn(Role::Ssh, &config_path)?;
-                ssh.restarts = restarts;
+                ssh.restart(&config_path).await?;
                 background.spawn(read_lease_events(
                     ssh.child.stdout.take().expect("piped"),
                     lease_events.clone(),
