@@ -1,7 +1,7 @@
 //! Compiles a generated verifier (or any single-file contract) to deployable creation bytecode with
 //! the project's pinned solc-js.
 //!
-//! The marketplace is compiled with solc-js from `<repo>/.tools/node_modules/solc` (installed by
+//! The marketplace is compiled with solc-js from `.tools/node_modules/solc` (installed by
 //! `scripts/setup.sh`, pinned in `tools/package.json`), for `paris` with the optimizer at 200 runs.
 //! Verifiers must be compiled with exactly the same compiler and settings so that their gas and
 //! behaviour match what the contracts' forge tests measured; this module is the one place that
@@ -90,8 +90,10 @@ impl SolcJs {
     }
 
     /// Finds node (`SHALE_NODE`, else `PATH`) and solc-js (`SHALE_SOLC_JS`, else
-    /// `.tools/node_modules/solc/solc.js` in the working directory or one of its parents, else in
-    /// the checkout this crate was built from).
+    /// `.tools/node_modules/solc/solc.js` in the running binary's folder or one above it (a
+    /// checkout's `target/…/shale`, or `PREFIX/bin/shale` beside `PREFIX/.tools`), else in the
+    /// working directory or one above it). Never through the folder this crate was built in: a
+    /// binary runs after its checkout is gone.
     pub fn find() -> Result<Self, SolcError> {
         let node = match std::env::var_os("SHALE_NODE") {
             Some(path) => PathBuf::from(path),
@@ -108,10 +110,15 @@ impl SolcJs {
         }
         let relative = Path::new(".tools/node_modules/solc/solc.js");
         let mut starts = Vec::new();
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        {
+            starts.push(dir);
+        }
         if let Ok(cwd) = std::env::current_dir() {
             starts.push(cwd);
         }
-        starts.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
         for start in &starts {
             for dir in start.ancestors() {
                 let candidate = dir.join(relative);

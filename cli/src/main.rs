@@ -242,7 +242,9 @@ enum SpCommand {
 
 #[derive(Subcommand)]
 enum DevCommand {
-    /// Start the local stack in the background (state under <repo>/.state/dev/).
+    /// Start the local stack in the background (state in SHALE_DEV_DIR, else SHALE_HOME/dev;
+    /// SHALE_HOME defaults to <checkout>/.state for a binary in a checkout's target/,
+    /// /var/lib/shale for root, else ~/.local/state/shale).
     Up,
     /// Stop everything `dev up` started and remove its state.
     Down,

@@ -2,7 +2,9 @@
 //!
 //! The config file is `--config`/`SHALE_CONFIG`, else `~/.config/shale/config.toml`, else the
 //! local stack's `.state/dev/client.toml` (written by `shale dev up`) found from the working
-//! directory upwards, so that right after `shale dev up` every command talks to the dev chain.
+//! directory upwards, else the `client.toml` of the local stack's own folder
+//! ([`crate::cmd::dev::state_dir`]), so that right after `shale dev up` every command talks to the
+//! dev chain.
 //!
 //! Signing keys never come from the command line (it ends up in shell history and `ps`): a
 //! keystore file (`--keystore`/`SHALE_KEYSTORE`/`keystore =` in the config; password from
@@ -78,11 +80,13 @@ pub fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
-/// The dev stack's client config, from the working directory upwards.
+/// The dev stack's client config, from the working directory upwards, else in the folder
+/// `shale dev up` uses from here.
 fn dev_client_config() -> Option<PathBuf> {
     let cwd = std::env::current_dir().ok()?;
     cwd.ancestors()
         .map(|d| d.join(".state/dev/client.toml"))
+        .chain([crate::cmd::dev::state_dir().join("client.toml")])
         .find(|p| p.is_file())
 }
 

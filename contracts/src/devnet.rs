@@ -5,7 +5,7 @@
 //! process is killed when the [`Devnet`] is dropped.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -315,7 +315,11 @@ fn read_banner(
     let _ = std::io::copy(&mut reader, &mut sink);
 }
 
-/// Where anvil is: `SHALE_ANVIL`, then PATH, then the repository's `.tools/bin/anvil`.
+/// Where anvil is: `SHALE_ANVIL`, then `PATH`, then `.tools/bin/anvil` (where
+/// `scripts/setup.sh` installs it) in the folder of the running binary or one above it (a
+/// checkout's `target/…/shale`, or an install laid out as `PREFIX/bin/shale` beside
+/// `PREFIX/.tools`), then in the working directory or one above it. Never through the folder
+/// this crate was built in: a binary runs after its checkout is gone.
 pub fn find_anvil() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("SHALE_ANVIL") {
         return Some(PathBuf::from(path));
@@ -328,13 +332,16 @@ pub fn find_anvil() -> Option<PathBuf> {
             }
         }
     }
-    // From the working directory upwards (a checkout run from any sub-folder), then from where
-    // this crate was built.
     let mut starts = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        starts.push(dir);
+    }
     if let Ok(cwd) = std::env::current_dir() {
         starts.push(cwd);
     }
-    starts.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     for start in starts {
         for dir in start.ancestors() {
             let candidate = dir.join(".tools/bin/anvil");

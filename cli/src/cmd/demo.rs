@@ -267,8 +267,9 @@ async fn story() -> anyhow::Result<DemoOutcome> {
     let o = client.order(id).await?;
     if o.paid.is_zero() {
         println!(
-            "No claim arrived: the settler did not claim (see .state/dev/gateway.log); the SP is \
-             paid nothing for usage and the whole escrow goes back to the client."
+            "No claim arrived: the settler did not claim (see {}); the SP is paid nothing for \
+             usage and the whole escrow goes back to the client.",
+            dev::state_dir().join("gateway.log").display()
         );
     } else {
         println!(

@@ -1,13 +1,14 @@
 //! `shale dev up|down|status`: the whole SP stack on one machine, as long-running processes.
 //!
 //! `up` does what the end-to-end harness (`tests/src/stack.rs`) does, but leaves it running:
-//! anvil (detached, log in `.state/dev/anvil.log`), the marketplace deployed, containerd (the
+//! anvil (detached, log in `DEV/anvil.log`), the marketplace deployed, containerd (the
 //! system's when one answers, else a project-local daemon kept by a detached
 //! `shale dev containerd`), the default image built or from cache and imported, a demo dataset
 //! (the handwritten digits that Debian's `python3-sklearn` ships), the gateway as
-//! `shale gateway --config .state/dev/gateway.toml` (log in `.state/dev/gateway.log`), and the
-//! demo SP registered. Everything it started is recorded in `.state/dev/dev.json`; `down` stops
-//! exactly that, in reverse order, and removes the folder.
+//! `shale gateway --config DEV/gateway.toml` (log in `DEV/gateway.log`), and the demo SP
+//! registered. Everything it started is recorded in `DEV/dev.json`; `down` stops exactly that, in
+//! reverse order, and removes the folder. `DEV` is [`state_dir`]: nothing here is found through
+//! the folder the binary was built in.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::OpenOptionsExt;
@@ -77,15 +78,14 @@ impl DevState {
     }
 }
 
-/// `<repo>/.state/dev`, or `SHALE_DEV_DIR`.
+/// The local stack's folder: `SHALE_DEV_DIR`, else `dev/` in Shale's home
+/// ([`image_build::shale_home`]: `SHALE_HOME`, `<checkout>/.state` for a binary in a checkout's
+/// `target/`, `/var/lib/shale` for root, else `~/.local/state/shale`).
 pub fn state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("SHALE_DEV_DIR") {
-        return PathBuf::from(d);
+    match std::env::var_os("SHALE_DEV_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => image_build::shale_home().join("dev"),
     }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the cli crate sits in the repository")
-        .join(".state/dev")
 }
 
 fn alive(pid: u32) -> bool {
@@ -217,9 +217,15 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
 
     // The chain.
     let s = step("starting anvil");
-    let anvil = devnet::find_anvil().context(
-        "anvil was not found: run scripts/setup.sh (it installs anvil into .tools/bin), or set SHALE_ANVIL",
-    )?;
+    let anvil = devnet::find_anvil().with_context(|| {
+        format!(
+            "anvil was not found (looked in SHALE_ANVIL, on PATH, and in .tools/bin in the \
+             folders above {} and above the working directory): run scripts/setup.sh (it \
+             installs anvil into a checkout's .tools/bin), put Foundry's anvil (npm \
+             @foundry-rs/anvil-linux-amd64) on PATH, or set SHALE_ANVIL to its path",
+            me.display()
+        )
+    })?;
     let port = free_port()?;
     let pid = spawn_detached(
         &anvil,
@@ -643,12 +649,9 @@ description = "UCI optical handwritten digits: 1797 8x8 images with labels (scik
 }
 
 /// The digits dataset: fetched once with `apt-get download python3-sklearn` + `dpkg -x` into
-/// `.state/datasets/`, then copied into the stack's dataset folder.
+/// `datasets/` in Shale's home, then copied into the stack's dataset folder.
 async fn ensure_dataset(dir: &Path) -> anyhow::Result<PathBuf> {
-    let cache = image_build::default_cache_dir()
-        .parent()
-        .context("the image cache has a parent")?
-        .join("datasets/digits");
+    let cache = image_build::shale_home().join("datasets/digits");
     let csv = cache.join("digits.csv");
     if !csv.is_file() {
         let work = tempfile::Builder::new()
