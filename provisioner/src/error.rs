@@ -69,6 +69,54 @@ pub enum ProvisionError {
     #[error("the container runtime failed to {action}: {status}")]
     Runtime { action: String, status: String },
 
+    /// An image reference that cannot be parsed (`REGISTRY/REPO:TAG` or `REGISTRY/REPO@DIGEST`).
+    #[error("{reference:?} is not an image reference ({reason}); write REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:DIGEST")]
+    ReferenceInvalid { reference: String, reason: String },
+
+    /// The registry refused the credentials configured for it (HTTP 401); not retried.
+    #[error("registry {registry} refused the credentials for {reference} (HTTP 401); check the registry's auth in the provider's config")]
+    RegistryUnauthorized { registry: String, reference: String },
+
+    /// The registry has no such repository, tag, manifest or blob (HTTP 404); not retried.
+    #[error("no such image or tag {reference} on registry {registry} ({reason})")]
+    ImageNotFound {
+        registry: String,
+        reference: String,
+        reason: String,
+    },
+
+    /// The registry stayed unreachable or kept failing (connection refused or reset, timeouts,
+    /// HTTP 429 or 5xx) for every try; the pull may succeed later.
+    #[error("registry {registry} failed to serve {reference} after {tries} tries: {reason}; try again later")]
+    RegistryUnavailable {
+        registry: String,
+        reference: String,
+        tries: usize,
+        reason: String,
+    },
+
+    /// The registry refused the pull for another reason (HTTP 403 or another 4xx).
+    #[error("registry {registry} refused to serve {reference}: {reason}")]
+    RegistryRefused {
+        registry: String,
+        reference: String,
+        reason: String,
+    },
+
+    /// The registry served bytes that do not hash to the digest they were asked for. Nothing of
+    /// the blob was committed.
+    #[error("the registry served content for {reference} that does not match its digest {expected} (it hashes to {actual}); nothing of it was stored")]
+    DigestMismatch {
+        reference: String,
+        expected: String,
+        actual: String,
+    },
+
+    /// The image's manifest, index or config is malformed or describes something that cannot
+    /// run here (no linux/amd64 image, foreign or unknown layer types, a non-image artifact).
+    #[error("image {reference} cannot be used: {reason}")]
+    ManifestInvalid { reference: String, reason: String },
+
     /// A local file or directory operation failed (volumes, FIFOs, state directory).
     #[error("{action} {path}: {source}")]
     Io {

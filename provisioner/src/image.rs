@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use containerd_client::services::v1::{
     images_client::ImagesClient, snapshots::CommitSnapshotRequest,
     snapshots::PrepareSnapshotRequest, snapshots::RemoveSnapshotRequest,
-    snapshots::StatSnapshotRequest, ApplyRequest, CreateImageRequest,
+    snapshots::StatSnapshotRequest, AbortRequest, ApplyRequest, CreateImageRequest,
     CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, GetImageRequest,
     Image, Info as ContentInfo, InfoRequest, ReadContentRequest, UpdateImageRequest,
     UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
@@ -25,53 +25,54 @@ use tracing::{debug, info};
 use crate::ctd::{is_already_exists, is_not_found, Ctd, SNAPSHOTTER};
 use crate::{ImageRef, ProvisionError};
 
-const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const MEDIA_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Blobs up to this size are kept in memory while importing (indexes, manifests, configs).
-const SMALL_BLOB: u64 = 4 << 20;
-const CHUNK: usize = 1 << 20;
+pub(crate) const SMALL_BLOB: u64 = 4 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 
 #[derive(Deserialize)]
-struct OciIndex {
-    manifests: Vec<OciDescriptor>,
+pub(crate) struct OciIndex {
+    pub(crate) manifests: Vec<OciDescriptor>,
 }
 
 #[derive(Deserialize, Clone)]
 #[serde(rename_all = "camelCase")]
-struct OciDescriptor {
+pub(crate) struct OciDescriptor {
     #[serde(default)]
-    media_type: String,
-    digest: String,
-    size: i64,
+    pub(crate) media_type: String,
+    pub(crate) digest: String,
+    pub(crate) size: i64,
     #[serde(default)]
-    annotations: HashMap<String, String>,
+    pub(crate) annotations: HashMap<String, String>,
     #[serde(default)]
-    platform: Option<OciPlatform>,
+    pub(crate) platform: Option<OciPlatform>,
 }
 
 #[derive(Deserialize, Clone)]
-struct OciPlatform {
-    architecture: String,
-    os: String,
+pub(crate) struct OciPlatform {
+    pub(crate) architecture: String,
+    pub(crate) os: String,
 }
 
 #[derive(Deserialize)]
-struct OciManifest {
-    config: OciDescriptor,
-    layers: Vec<OciDescriptor>,
+pub(crate) struct OciManifest {
+    pub(crate) config: OciDescriptor,
+    pub(crate) layers: Vec<OciDescriptor>,
 }
 
 #[derive(Deserialize)]
-struct OciConfig {
+pub(crate) struct OciConfig {
     #[serde(default)]
-    config: ImageRuntimeConfig,
-    rootfs: OciRootfs,
+    pub(crate) config: ImageRuntimeConfig,
+    pub(crate) rootfs: OciRootfs,
 }
 
 #[derive(Deserialize)]
-struct OciRootfs {
-    diff_ids: Vec<String>,
+pub(crate) struct OciRootfs {
+    pub(crate) diff_ids: Vec<String>,
 }
 
 /// What the image asks of the processes it runs (environment, user, working directory).
@@ -80,6 +81,19 @@ struct OciRootfs {
 pub(crate) struct ImageRuntimeConfig {
     #[serde(default)]
     pub env: Option<Vec<String>>,
+}
+
+/// An image whose blobs are all in the content store, ready for [`Ctd::install`].
+pub(crate) struct InstalledImage<'a> {
+    /// The name the image is recorded under.
+    pub name: &'a str,
+    /// What the name points at: the index or the manifest.
+    pub target: Descriptor,
+    /// The platform's manifest when `target` is an index.
+    pub index_child: Option<&'a str>,
+    pub manifest_digest: &'a str,
+    pub manifest: &'a OciManifest,
+    pub config: &'a OciConfig,
 }
 
 /// An image resolved down to the snapshot its containers start from.
@@ -106,7 +120,8 @@ fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-fn platform_matches(d: &OciDescriptor) -> bool {
+/// The one platform rule for indexes: linux/amd64, or an entry that names no platform.
+pub(crate) fn platform_matches(d: &OciDescriptor) -> bool {
     d.platform
         .as_ref()
         .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
@@ -234,7 +249,7 @@ fn read_archive(path: PathBuf, tx: mpsc::Sender<ArchiveItem>) -> Result<(), Stri
     Ok(())
 }
 
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -266,7 +281,7 @@ impl Ctd {
             .await;
     }
 
-    async fn content_exists(&self, digest: &str) -> Result<bool, ProvisionError> {
+    pub(crate) async fn content_exists(&self, digest: &str) -> Result<bool, ProvisionError> {
         match self
             .content()
             .info(self.req(InfoRequest {
@@ -281,7 +296,9 @@ impl Ctd {
     }
 
     /// Streams one blob into the content store; containerd verifies size and digest on commit.
-    async fn write_blob(
+    /// Every call ingests under a ref of its own, and a failed ingest is aborted, so nothing of
+    /// a broken upload stays behind (an error in `chunks` stops it before the commit).
+    pub(crate) async fn write_blob(
         &self,
         lease: &str,
         digest: &str,
@@ -348,7 +365,7 @@ impl Ctd {
         }
         .await;
         let fed = feeder.await.unwrap_or_else(|e| Err(e.to_string()));
-        match (result, fed) {
+        let outcome = match (result, fed) {
             (Ok(true), Ok(())) => Ok(()),
             (Err(e), _) => Err(e),
             (_, Err(reason)) => Err(ProvisionError::Runtime {
@@ -359,7 +376,16 @@ impl Ctd {
                 action: format!("store image blob {digest}"),
                 status: "containerd did not confirm the commit".into(),
             }),
+        };
+        if outcome.is_err() {
+            // An ingest that was never committed is not content: drop what it wrote rather
+            // than leave it for the lease's expiry. Best effort: it may never have started.
+            let _ = self
+                .content()
+                .abort(self.req(AbortRequest { r#ref: reference }))
+                .await;
         }
+        outcome
     }
 
     async fn set_content_labels(
@@ -484,6 +510,7 @@ impl Ctd {
         };
 
         let mut manifest_desc = top.clone();
+        let mut index_child = None;
         if top.media_type == MEDIA_INDEX || top.media_type == MEDIA_DOCKER_LIST {
             let nested: OciIndex = serde_json::from_slice(blob(&top.digest)?)
                 .map_err(|e| invalid(format!("image index: {e}")))?;
@@ -493,12 +520,7 @@ impl Ctd {
                 .find(|d| platform_matches(d))
                 .cloned()
                 .ok_or_else(|| invalid("image index lists no linux/amd64 manifest".into()))?;
-            let mut labels = HashMap::new();
-            labels.insert(
-                "containerd.io/gc.ref.content.m.0".to_string(),
-                m.digest.clone(),
-            );
-            self.set_content_labels(&top.digest, labels).await?;
+            index_child = Some(m.digest.clone());
             manifest_desc = m;
         }
         let manifest: OciManifest = serde_json::from_slice(blob(&manifest_desc.digest)?)
@@ -509,6 +531,48 @@ impl Ctd {
             return Err(invalid(
                 "the manifest's layers do not match the config's diff_ids".into(),
             ));
+        }
+        let target = Descriptor {
+            media_type: if top.media_type.is_empty() {
+                MEDIA_MANIFEST.to_string()
+            } else {
+                top.media_type.clone()
+            },
+            digest: top.digest.clone(),
+            size: top.size,
+            annotations: HashMap::new(),
+        };
+        let installed = InstalledImage {
+            name: &name,
+            target,
+            index_child: index_child.as_deref(),
+            manifest_digest: &manifest_desc.digest,
+            manifest: &manifest,
+            config: &config,
+        };
+        self.install(&installed, lease).await?;
+        info!(image = %name, digest = %top.digest, "image imported");
+        Ok(ImageRef(name))
+    }
+
+    /// Links an image's blobs (all already in the content store) for the garbage collector,
+    /// unpacks its layers and records the image under its name: the last steps of an archive
+    /// import and of a registry pull alike.
+    pub(crate) async fn install(
+        &self,
+        image: &InstalledImage<'_>,
+        lease: &str,
+    ) -> Result<(), ProvisionError> {
+        let manifest = image.manifest;
+        let config = image.config;
+        if let Some(child) = image.index_child {
+            let mut labels = HashMap::new();
+            labels.insert(
+                "containerd.io/gc.ref.content.m.0".to_string(),
+                child.to_string(),
+            );
+            self.set_content_labels(&image.target.digest, labels)
+                .await?;
         }
         let chains = chain_ids(&config.rootfs.diff_ids);
 
@@ -524,7 +588,7 @@ impl Ctd {
                 layer.digest.clone(),
             );
         }
-        self.set_content_labels(&manifest_desc.digest, labels)
+        self.set_content_labels(image.manifest_digest, labels)
             .await?;
         if let Some(top_chain) = chains.last() {
             let mut labels = HashMap::new();
@@ -544,26 +608,17 @@ impl Ctd {
         self.unpack(&manifest.layers, &config.rootfs.diff_ids, Some(lease))
             .await?;
 
-        let image = Image {
-            name: name.clone(),
+        let record = Image {
+            name: image.name.to_string(),
             labels: HashMap::new(),
-            target: Some(Descriptor {
-                media_type: if top.media_type.is_empty() {
-                    MEDIA_MANIFEST.to_string()
-                } else {
-                    top.media_type.clone()
-                },
-                digest: top.digest.clone(),
-                size: top.size,
-                annotations: HashMap::new(),
-            }),
+            target: Some(image.target.clone()),
             created_at: None,
             updated_at: None,
         };
         let mut images: ImagesClient<_> = self.images();
         match images
             .create(self.req(CreateImageRequest {
-                image: Some(image.clone()),
+                image: Some(record.clone()),
                 source_date_epoch: None,
             }))
             .await
@@ -572,7 +627,7 @@ impl Ctd {
             Err(s) if is_already_exists(&s) => {
                 images
                     .update(self.req(UpdateImageRequest {
-                        image: Some(image),
+                        image: Some(record),
                         update_mask: Some(prost_types::FieldMask {
                             paths: vec!["target".into()],
                         }),
@@ -583,8 +638,7 @@ impl Ctd {
             }
             Err(s) => return Err(self.status("record the image", s)),
         }
-        info!(image = %name, digest = %top.digest, "image imported");
-        Ok(ImageRef(name))
+        Ok(())
     }
 
     /// Applies each layer onto its parent snapshot, skipping the ones already unpacked.

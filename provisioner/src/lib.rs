@@ -10,7 +10,9 @@
 //! else (see [`NetworkConfig`]); [`Provisioner::reconcile_network`] restores what was deleted
 //! and removes what a crash left, and [`Provisioner::traffic`] reads each order's byte counts.
 //!
-//! Images come from local OCI archives ([`Provisioner::import_image`]); no registry is needed.
+//! Images come from OCI registries ([`Provisioner::pull_image`], with [`RegistryConfig`] for
+//! credentials) or from local OCI archives ([`Provisioner::import_image`]); both end the same
+//! way, unpacked for the overlayfs snapshotter and recorded by name.
 //! The default image is built from Debian packages by `provisioner/image/build-default.sh`
 //! (see [`image_build`]). [`daemon::LocalContainerd`] starts a project-local containerd for tests
 //! and `shale dev up`.
@@ -28,6 +30,7 @@ mod lease;
 mod machines;
 mod netns;
 mod network;
+mod registry;
 mod rootfs;
 mod seccomp;
 mod spec;
@@ -46,6 +49,7 @@ pub use machines::Machines;
 pub use network::{
     NetRule, NetworkConfig, OrderLink, Reconciled, Traffic, DENIED_RANGES, DENIED_TCP_PORTS,
 };
+pub use registry::{PullStats, PulledImage, RegistryAuth, RegistryConfig};
 pub use userns::IdRange;
 
 use std::collections::HashMap;
@@ -81,6 +85,8 @@ struct Inner {
     id_prefix: String,
     /// Serializes writes of the orders' nftables table.
     net_lock: tokio::sync::Mutex<()>,
+    /// Registry pulls: one at a time per image, and their counters.
+    puller: registry::Puller,
 }
 
 impl Provisioner {
@@ -128,6 +134,7 @@ impl Provisioner {
                 instance,
                 id_prefix,
                 net_lock: tokio::sync::Mutex::new(()),
+                puller: registry::Puller::default(),
             }),
         })
     }
@@ -148,6 +155,32 @@ impl Provisioner {
     /// again is cheap: blobs and snapshots already present are skipped.
     pub async fn import_image(&self, oci_archive: &Path) -> Result<ImageRef, ProvisionError> {
         self.inner.ctd.import(oci_archive).await
+    }
+
+    /// Pulls an image from an OCI registry by `REGISTRY/REPO:TAG` or `REGISTRY/REPO@sha256:…`
+    /// and installs it like [`Provisioner::import_image`] does, under the full reference as its
+    /// name. `registries` holds the credentials: the entry whose `host` is the reference's
+    /// registry is used, anonymous HTTPS if none is.
+    ///
+    /// Every blob is verified against its digest before it is committed; layers already
+    /// present are not fetched again, so pulling an installed image costs one manifest request
+    /// (none for a digest reference). Concurrent pulls of one reference share one transfer.
+    /// Transient registry failures (connection refused or reset, 429, 5xx) are retried with
+    /// backoff, four tries in all; 401 and 404 are not.
+    pub async fn pull_image(
+        &self,
+        reference: &str,
+        registries: &[RegistryConfig],
+    ) -> Result<PulledImage, ProvisionError> {
+        self.inner
+            .puller
+            .pull(&self.inner.ctd, reference, registries)
+            .await
+    }
+
+    /// Counters of every registry pull since this provisioner connected.
+    pub fn pull_stats(&self) -> PullStats {
+        self.inner.puller.stats()
     }
 
     /// Whether an image is installed (and unpacked, unpacking it if the content is there).

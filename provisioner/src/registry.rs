@@ -1,0 +1,960 @@
+//! Images from OCI registries, pulled into containerd's content store and unpacked like an
+//! archive import.
+//!
+//! containerd 1.6's gRPC API does not pull for us, so this module is the client: `oci-client`
+//! speaks the distribution protocol (auth challenges, tokens, manifests, blob streams) and we
+//! do the rest the way `ctr pull` does:
+//!
+//! 1. resolve the reference to a manifest (an index is narrowed to linux/amd64 with the same
+//!    rule as archive imports, [`platform_matches`]);
+//! 2. fetch every blob the manifest names, children first: layers are streamed in bounded
+//!    chunks straight into a containerd ingest whose expected digest is set, and config,
+//!    manifest and index are small documents checked in memory;
+//! 3. link, unpack and record the image with [`Ctd::install`], the same code as an import.
+//!
+//! Every blob is checked against its SHA-256 twice: `oci-client`'s verifying stream fails the
+//! last read of a blob whose bytes do not hash to its digest, which stops the ingest before its
+//! commit, and containerd refuses a commit whose bytes do not match the expected digest. A blob
+//! that fails either way is never committed.
+//!
+//! Layer contents are applied by containerd's diff service (the `walking` applier): it resolves
+//! every tar entry, hard link and symlink target inside the snapshot's root, so an entry that
+//! names `../x` or an absolute path outside lands inside the root instead of escaping it.
+//! Compression is containerd's business too: gzip and zstd layers, OCI and Docker media types.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use containerd_client::services::v1::{AddResourceRequest, Resource};
+use containerd_client::types::Descriptor;
+use futures::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth as OciAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::ctd::{error_chain, Ctd};
+use crate::image::{
+    platform_matches, InstalledImage, OciConfig, OciDescriptor, OciIndex, OciManifest, CHUNK,
+    MEDIA_DOCKER_LIST, MEDIA_INDEX, MEDIA_MANIFEST, SMALL_BLOB,
+};
+use crate::{ImageRef, ProvisionError};
+
+const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// What we ask a registry for: the two manifest kinds and the two index kinds we can use.
+const ACCEPTED_MANIFESTS: [&str; 4] = [
+    MEDIA_MANIFEST,
+    MEDIA_DOCKER_MANIFEST,
+    MEDIA_INDEX,
+    MEDIA_DOCKER_LIST,
+];
+const CONFIG_MEDIA_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+/// Layer media types containerd 1.6's applier unpacks. Foreign ("non-distributable") layers
+/// are refused: their bytes would come from URLs outside the registry the provider named.
+const LAYER_MEDIA_TYPES: [&str; 5] = [
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+];
+/// An image config is a small JSON document, but images with a long history carry big ones.
+const CONFIG_LIMIT: u64 = 16 << 20;
+/// Tries of one registry request before a transient failure becomes the pull's error.
+const TRIES: usize = 4;
+/// A progress line every this many bytes of one blob.
+const PROGRESS_EVERY: u64 = 64 << 20;
+
+/// How the provisioner authenticates to one registry.
+///
+/// In TOML: `auth = { type = "basic", username = "u", password = "p" }`,
+/// `auth = { type = "bearer", token = "t" }` or nothing (anonymous).
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RegistryAuth {
+    /// No credentials; the registry's anonymous token flow is still followed.
+    #[default]
+    Anonymous,
+    /// HTTP basic credentials, also used to ask the registry's token service for a token.
+    Basic { username: String, password: String },
+    /// A token sent as `Authorization: Bearer` as it is.
+    Bearer { token: String },
+}
+
+impl fmt::Debug for RegistryAuth {
+    /// Never prints a secret: configs end up in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistryAuth::Anonymous => f.write_str("Anonymous"),
+            RegistryAuth::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            RegistryAuth::Bearer { .. } => f
+                .debug_struct("Bearer")
+                .field("token", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+/// One registry the provider pulls from; the gateway's config embeds a list of these.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The registry as references name it: `host` or `host:port` (`registry.example:5000`).
+    pub host: String,
+    /// The credentials for this registry.
+    #[serde(default)]
+    pub auth: RegistryAuth,
+    /// Speak plain HTTP to this registry. Only for a registry on loopback or a network the
+    /// provider trusts: nothing then protects the credentials or the manifests in transit.
+    #[serde(default)]
+    pub insecure_http: bool,
+}
+
+impl RegistryConfig {
+    /// An anonymous HTTPS registry: what a reference's registry gets when no config names it.
+    pub fn anonymous(host: impl Into<String>) -> Self {
+        RegistryConfig {
+            host: host.into(),
+            auth: RegistryAuth::Anonymous,
+            insecure_http: false,
+        }
+    }
+}
+
+/// What [`crate::Provisioner::pull_image`] did.
+#[derive(Clone, Debug)]
+pub struct PulledImage {
+    /// The name the image is recorded under in containerd (the full reference, e.g.
+    /// `registry.example/team/cuda:12.4` or `…@sha256:…`): pass it to `has_image` and leases.
+    pub image: ImageRef,
+    /// The digest the reference resolved to (an index's digest for a multi-arch image): pin
+    /// the image to this, `REGISTRY/REPO@DIGEST` pulls exactly this again.
+    pub digest: String,
+    /// The digest of the linux/amd64 manifest whose layers were unpacked (equal to `digest`
+    /// for a single-platform image).
+    pub manifest_digest: String,
+    /// Bytes fetched from the registry by this pull (0 when everything was already present).
+    pub bytes: u64,
+    /// The image's size as its manifest states it: config plus compressed layers.
+    pub size: u64,
+    /// Wall time of the pull, waiting for a concurrent pull of the same reference included.
+    pub took: Duration,
+}
+
+/// Counters of every pull since the provisioner connected, for the gateway to export.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PullStats {
+    /// Pulls that ended with the image installed.
+    pub pulls_ok: u64,
+    /// Pulls that ended with an error.
+    pub pulls_failed: u64,
+    /// Pulls running now.
+    pub in_flight: u64,
+    /// Blobs fetched from registries and committed (skipped ones, already present, not counted).
+    pub blobs_fetched: u64,
+    /// Bytes received from registries, counted as they arrive (failed attempts included).
+    pub bytes: u64,
+    /// Seconds spent in finished pulls, successful or not.
+    pub seconds: f64,
+}
+
+/// The registry side of a [`crate::Provisioner`]: in-flight pulls and their counters.
+#[derive(Default)]
+pub(crate) struct Puller {
+    /// One lock per reference and per blob digest, so that concurrent pulls of one image
+    /// share its transfer: the first holder fetches, the others then find the content present.
+    locks: KeyedLocks,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    in_flight: AtomicU64,
+    blobs: AtomicU64,
+    bytes: AtomicU64,
+    micros: AtomicU64,
+}
+
+impl Puller {
+    pub(crate) fn stats(&self) -> PullStats {
+        PullStats {
+            pulls_ok: self.ok.load(Ordering::Relaxed),
+            pulls_failed: self.failed.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            blobs_fetched: self.blobs.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            seconds: self.micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+
+    /// Pulls `reference` with the credentials of the matching entry of `registries` (anonymous
+    /// HTTPS when none matches) and installs it for the overlayfs snapshotter.
+    pub(crate) async fn pull(
+        &self,
+        ctd: &Ctd,
+        reference: &str,
+        registries: &[RegistryConfig],
+    ) -> Result<PulledImage, ProvisionError> {
+        let started = Instant::now();
+        let parsed: Reference = reference
+            .trim()
+            .parse()
+            .map_err(
+                |e: oci_client::ParseError| ProvisionError::ReferenceInvalid {
+                    reference: reference.to_string(),
+                    reason: e.to_string(),
+                },
+            )?;
+        let config = registries
+            .iter()
+            .find(|r| r.host == parsed.registry())
+            .cloned()
+            .unwrap_or_else(|| RegistryConfig::anonymous(parsed.registry()));
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = async {
+            let _whole = self.locks.lock(&format!("ref:{}", parsed.whole())).await;
+            let pull = Pull::new(self, ctd, parsed, config);
+            let lease = ctd.temporary_lease("shale-pull").await?;
+            let result = pull.run(&lease).await;
+            ctd.drop_lease(lease).await;
+            result.map_err(|f| pull.error(f))
+        }
+        .await;
+        let took = started.elapsed();
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        match result {
+            Ok(mut pulled) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                pulled.took = took;
+                info!(image = %pulled.image, digest = %pulled.digest, bytes = pulled.bytes,
+                      size = pulled.size, took = ?took, "image pulled");
+                Ok(pulled)
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(reference, error = %e, took = ?took, "image pull failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Why one step of a pull failed, before it is named with the registry and the reference.
+#[derive(Debug)]
+enum Failure {
+    /// Worth another try: connection refused or reset, a timeout, HTTP 429 or 5xx.
+    Transient(String),
+    /// HTTP 401: the credentials (or their absence) were refused.
+    Unauthorized,
+    /// HTTP 404: no such repository, tag, manifest or blob.
+    NotFound(String),
+    /// Another refusal by the registry (403 and other 4xx).
+    Refused(String),
+    /// Bytes that do not hash to the digest they were asked for.
+    Mismatch { expected: String, actual: String },
+    /// A manifest, index or config we cannot use.
+    Invalid(String),
+    /// containerd failed.
+    Store(ProvisionError),
+}
+
+impl Failure {
+    fn is_transient(&self) -> bool {
+        matches!(self, Failure::Transient(_))
+    }
+}
+
+impl From<ProvisionError> for Failure {
+    fn from(e: ProvisionError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+/// Sorts `oci-client`'s errors into what the caller can act on.
+fn classify(e: OciDistributionError) -> Failure {
+    match e {
+        OciDistributionError::RequestError(re) => Failure::Transient(error_chain(&re)),
+        OciDistributionError::IoError(io) => classify_io(io),
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => Failure::Unauthorized,
+        OciDistributionError::ServerError { code, message, .. } => match code {
+            401 => Failure::Unauthorized,
+            404 => Failure::NotFound(format!("HTTP 404 {}", message.trim())),
+            429 | 500..=599 => Failure::Transient(format!("HTTP {code} {}", message.trim())),
+            _ => Failure::Refused(format!("HTTP {code} {}", message.trim())),
+        },
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let text = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}: {}", e.code, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            match envelope.errors.first().map(|e| &e.code) {
+                Some(
+                    OciErrorCode::ManifestUnknown
+                    | OciErrorCode::NameUnknown
+                    | OciErrorCode::BlobUnknown
+                    | OciErrorCode::NotFound,
+                ) => Failure::NotFound(format!("HTTP 404 {text}")),
+                Some(OciErrorCode::Unauthorized) => Failure::Unauthorized,
+                Some(OciErrorCode::Toomanyrequests) => {
+                    Failure::Transient(format!("HTTP 429 {text}"))
+                }
+                Some(OciErrorCode::Denied) => Failure::Refused(format!("HTTP 403 {text}")),
+                _ => Failure::Refused(text),
+            }
+        }
+        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+            Failure::Mismatch { expected, actual }
+        }
+        other => Failure::Invalid(other.to_string()),
+    }
+}
+
+/// A failed read of a blob's body: `oci-client`'s verifying stream reports a digest mismatch
+/// as an I/O error that carries the [`DigestError`]; anything else is the connection breaking.
+fn classify_io(io: std::io::Error) -> Failure {
+    if let Some(DigestError::VerificationError { expected, actual }) =
+        io.get_ref().and_then(|e| e.downcast_ref::<DigestError>())
+    {
+        return Failure::Mismatch {
+            expected: expected.clone(),
+            actual: actual.clone(),
+        };
+    }
+    Failure::Transient(error_chain(&io))
+}
+
+fn sha256_of(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}
+
+/// Digests name files and ingest refs in containerd: accept only the canonical SHA-256 form.
+fn check_digest(digest: &str) -> Result<(), Failure> {
+    let ok = digest.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::Invalid(format!(
+            "{digest:?} is not a sha256 digest"
+        )))
+    }
+}
+
+/// The fields that tell a manifest from an index.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Head {
+    schema_version: Option<i64>,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Option<serde_json::Value>,
+    #[serde(default)]
+    layers: Option<serde_json::Value>,
+}
+
+/// A document's kind, from its `mediaType` or, as OCI allows it to be absent, from its shape.
+fn kind_of(data: &[u8]) -> Result<(String, bool), Failure> {
+    let head: Head = serde_json::from_slice(data)
+        .map_err(|e| Failure::Invalid(format!("not a JSON manifest: {e}")))?;
+    if head.schema_version != Some(2) {
+        return Err(Failure::Invalid(format!(
+            "schemaVersion {:?}, only 2 is supported",
+            head.schema_version
+        )));
+    }
+    let media_type = match head.media_type {
+        Some(m) => m,
+        None if head.manifests.is_some() => MEDIA_INDEX.to_string(),
+        None if head.layers.is_some() => MEDIA_MANIFEST.to_string(),
+        None => return Err(Failure::Invalid("neither a manifest nor an index".into())),
+    };
+    let is_index = media_type == MEDIA_INDEX || media_type == MEDIA_DOCKER_LIST;
+    if !ACCEPTED_MANIFESTS.contains(&media_type.as_str()) {
+        return Err(Failure::Invalid(format!(
+            "media type {media_type} is not an image manifest or index"
+        )));
+    }
+    Ok((media_type, is_index))
+}
+
+/// Parses and checks an image manifest: media types we can unpack, sane digests and sizes.
+fn parse_manifest(data: &[u8]) -> Result<OciManifest, Failure> {
+    let manifest: OciManifest =
+        serde_json::from_slice(data).map_err(|e| Failure::Invalid(format!("manifest: {e}")))?;
+    if !CONFIG_MEDIA_TYPES.contains(&manifest.config.media_type.as_str()) {
+        return Err(Failure::Invalid(format!(
+            "config media type {:?} is not a container image's",
+            manifest.config.media_type
+        )));
+    }
+    check_digest(&manifest.config.digest)?;
+    if manifest.config.size < 0 || manifest.config.size as u64 > CONFIG_LIMIT {
+        return Err(Failure::Invalid(format!(
+            "config size {} is out of bounds",
+            manifest.config.size
+        )));
+    }
+    if manifest.layers.is_empty() {
+        return Err(Failure::Invalid("the manifest lists no layers".into()));
+    }
+    for layer in &manifest.layers {
+        check_digest(&layer.digest)?;
+        if !LAYER_MEDIA_TYPES.contains(&layer.media_type.as_str()) {
+            return Err(Failure::Invalid(format!(
+                "layer {} has media type {:?}, which cannot be unpacked here",
+                layer.digest, layer.media_type
+            )));
+        }
+        if layer.size < 0 {
+            return Err(Failure::Invalid(format!(
+                "layer {} has a negative size",
+                layer.digest
+            )));
+        }
+    }
+    Ok(manifest)
+}
+
+/// One pull of one reference.
+struct Pull<'a> {
+    puller: &'a Puller,
+    ctd: &'a Ctd,
+    client: Client,
+    auth: OciAuth,
+    reference: Reference,
+    registry: String,
+    /// Bytes this pull received.
+    fetched: AtomicU64,
+}
+
+impl<'a> Pull<'a> {
+    fn new(puller: &'a Puller, ctd: &'a Ctd, reference: Reference, config: RegistryConfig) -> Self {
+        let protocol = if config.insecure_http {
+            ClientProtocol::HttpsExcept(vec![reference.resolve_registry().to_string()])
+        } else {
+            ClientProtocol::Https
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            // We narrow indexes ourselves, with the rule archive imports use.
+            platform_resolver: None,
+            // A registry that stops answering becomes a transient error, then a retry.
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        });
+        let auth = match config.auth {
+            RegistryAuth::Anonymous => OciAuth::Anonymous,
+            RegistryAuth::Basic { username, password } => OciAuth::Basic(username, password),
+            RegistryAuth::Bearer { token } => OciAuth::Bearer(token),
+        };
+        Pull {
+            puller,
+            ctd,
+            client,
+            auth,
+            registry: reference.registry().to_string(),
+            reference,
+            fetched: AtomicU64::new(0),
+        }
+    }
+
+    /// Names a failure with the registry and the reference, as the provider reads it.
+    fn error(&self, f: Failure) -> ProvisionError {
+        let registry = self.registry.clone();
+        let reference = self.reference.whole();
+        match f {
+            Failure::Transient(reason) => ProvisionError::RegistryUnavailable {
+                registry,
+                reference,
+                tries: TRIES,
+                reason,
+            },
+            Failure::Unauthorized => ProvisionError::RegistryUnauthorized {
+                registry,
+                reference,
+            },
+            Failure::NotFound(reason) => ProvisionError::ImageNotFound {
+                registry,
+                reference,
+                reason,
+            },
+            Failure::Refused(reason) => ProvisionError::RegistryRefused {
+                registry,
+                reference,
+                reason,
+            },
+            Failure::Mismatch { expected, actual } => ProvisionError::DigestMismatch {
+                reference,
+                expected,
+                actual,
+            },
+            Failure::Invalid(reason) => ProvisionError::ManifestInvalid { reference, reason },
+            Failure::Store(e) => e,
+        }
+    }
+
+    /// Runs one registry request, again after a transient failure, with exponential backoff
+    /// (0.5 s, 1 s, 2 s: four tries); a refusal (401, 404, a digest mismatch) is final at once.
+    async fn retried<T, F, Fut>(&self, what: &str, f: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(4))
+            .with_max_times(TRIES - 1);
+        f.retry(backoff)
+            .when(Failure::is_transient)
+            .notify(|e, after| {
+                warn!(registry = %self.registry, reference = %self.reference, what, error = ?e,
+                      retry_in = ?after, "registry request failed; retrying");
+            })
+            .await
+    }
+
+    async fn run(&self, lease: &str) -> Result<PulledImage, Failure> {
+        // The top document: by digest it may already be here (no network needed); by tag the
+        // registry is asked every time, since a tag moves.
+        let (top, top_digest) = match self.reference.digest() {
+            Some(d) => {
+                check_digest(d)?;
+                let data = self.manifest(d).await?;
+                (data, d.to_string())
+            }
+            None => {
+                let data = self.manifest_by_reference(&self.reference).await?;
+                let digest = sha256_of(&data);
+                (data, digest)
+            }
+        };
+        let (top_type, is_index) = kind_of(&top)?;
+        let (manifest_bytes, manifest_digest, index_child) = if is_index {
+            let index: OciIndex = serde_json::from_slice(&top)
+                .map_err(|e| Failure::Invalid(format!("image index: {e}")))?;
+            let chosen = index
+                .manifests
+                .iter()
+                .find(|d| platform_matches(d))
+                .ok_or_else(|| Failure::Invalid("the index lists no linux/amd64 image".into()))?;
+            check_digest(&chosen.digest)?;
+            let data = self.manifest(&chosen.digest).await?;
+            let (_, nested) = kind_of(&data)?;
+            if nested {
+                return Err(Failure::Invalid("an index inside an index".into()));
+            }
+            (data, chosen.digest.clone(), Some(chosen.digest.clone()))
+        } else {
+            (top.clone(), top_digest.clone(), None)
+        };
+        let manifest = parse_manifest(&manifest_bytes)?;
+        let config_bytes = self.small_blob(&manifest.config, CONFIG_LIMIT).await?;
+        let config: OciConfig = serde_json::from_slice(&config_bytes)
+            .map_err(|e| Failure::Invalid(format!("image config: {e}")))?;
+        if config.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(Failure::Invalid(format!(
+                "the manifest lists {} layers but the config {} diff_ids",
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            )));
+        }
+        for diff_id in &config.rootfs.diff_ids {
+            check_digest(diff_id)?;
+        }
+        let size = manifest.config.size as u64
+            + manifest.layers.iter().map(|l| l.size as u64).sum::<u64>();
+        info!(reference = %self.reference, digest = %top_digest, layers = manifest.layers.len(),
+              size, "pulling image");
+
+        // Children before parents, as containerd's own pull does: a manifest in the store
+        // always has its layers there, whatever point a failure stops us at.
+        let count = manifest.layers.len();
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            self.layer(layer, i, count, lease).await?;
+        }
+        self.store_small(&manifest.config.digest, config_bytes, lease)
+            .await?;
+        self.store_small(&manifest_digest, manifest_bytes, lease)
+            .await?;
+        let top_size = top.len() as i64;
+        if is_index {
+            self.store_small(&top_digest, top, lease).await?;
+        }
+
+        let name = self.reference.whole();
+        let installed = InstalledImage {
+            name: &name,
+            target: Descriptor {
+                media_type: top_type,
+                digest: top_digest.clone(),
+                size: top_size,
+                annotations: HashMap::new(),
+            },
+            index_child: index_child.as_deref(),
+            manifest_digest: &manifest_digest,
+            manifest: &manifest,
+            config: &config,
+        };
+        self.ctd.install(&installed, lease).await?;
+        Ok(PulledImage {
+            image: ImageRef(name),
+            digest: top_digest,
+            manifest_digest,
+            bytes: self.fetched.load(Ordering::Relaxed),
+            size,
+            took: Duration::ZERO,
+        })
+    }
+
+    /// The document a tag (or digest) names, from the registry.
+    async fn manifest_by_reference(&self, reference: &Reference) -> Result<Vec<u8>, Failure> {
+        let data = self
+            .retried("manifest", || async {
+                let (data, _) = self
+                    .client
+                    .pull_manifest_raw(reference, &self.auth, &ACCEPTED_MANIFESTS)
+                    .await
+                    .map_err(classify)?;
+                Ok(data)
+            })
+            .await?;
+        if data.len() as u64 > SMALL_BLOB {
+            return Err(Failure::Invalid(format!(
+                "the manifest is {} bytes, more than the {SMALL_BLOB} allowed",
+                data.len()
+            )));
+        }
+        self.count(data.len() as u64);
+        Ok(data.to_vec())
+    }
+
+    /// A manifest or index by digest: from the content store when it is there (containerd
+    /// verified it when it was committed), else from the registry, checked here.
+    async fn manifest(&self, digest: &str) -> Result<Vec<u8>, Failure> {
+        if self.ctd.content_exists(digest).await? {
+            return Ok(self.ctd.read_content(digest).await?);
+        }
+        let data = self
+            .manifest_by_reference(&self.reference.clone_with_digest(digest.to_string()))
+            .await?;
+        let actual = sha256_of(&data);
+        if actual != digest {
+            return Err(Failure::Mismatch {
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        Ok(data)
+    }
+
+    /// A small blob (the config) into memory, from the content store or the registry.
+    async fn small_blob(&self, desc: &OciDescriptor, limit: u64) -> Result<Vec<u8>, Failure> {
+        if self.ctd.content_exists(&desc.digest).await? {
+            return Ok(self.ctd.read_content(&desc.digest).await?);
+        }
+        let data = self
+            .retried("config", || async {
+                let mut stream = self
+                    .client
+                    .pull_blob_stream(&self.reference, desc.digest.as_str())
+                    .await
+                    .map_err(classify)?;
+                let mut data = Vec::new();
+                while let Some(part) = stream.next().await {
+                    let part = part.map_err(classify_io)?;
+                    self.count(part.len() as u64);
+                    data.extend_from_slice(&part);
+                    if data.len() as u64 > limit {
+                        return Err(Failure::Invalid(format!(
+                            "blob {} is larger than {limit} bytes",
+                            desc.digest
+                        )));
+                    }
+                }
+                Ok(data)
+            })
+            .await?;
+        let actual = sha256_of(&data);
+        if actual != desc.digest {
+            return Err(Failure::Mismatch {
+                expected: desc.digest.clone(),
+                actual,
+            });
+        }
+        Ok(data)
+    }
+
+    /// Commits a verified small document unless it is already stored.
+    async fn store_small(&self, digest: &str, data: Vec<u8>, lease: &str) -> Result<(), Failure> {
+        if self.ctd.content_exists(digest).await? {
+            self.ctd.keep_under_lease(lease, digest).await?;
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let size = data.len() as u64;
+        let _ = tx.send(Ok(data)).await;
+        drop(tx);
+        self.ctd.write_blob(lease, digest, size, rx).await?;
+        Ok(())
+    }
+
+    /// Fetches one layer into the content store unless it is there already.
+    async fn layer(
+        &self,
+        layer: &OciDescriptor,
+        index: usize,
+        count: usize,
+        lease: &str,
+    ) -> Result<(), Failure> {
+        // Pulls of different references that share a layer fetch it once.
+        let _blob = self
+            .puller
+            .locks
+            .lock(&format!("blob:{}", layer.digest))
+            .await;
+        if self.ctd.content_exists(&layer.digest).await? {
+            // Present, perhaps left by an earlier pull that failed later on: keep it from the
+            // garbage collector until this pull has linked it to its manifest.
+            self.ctd.keep_under_lease(lease, &layer.digest).await?;
+            debug!(layer = %layer.digest, "layer already present");
+            return Ok(());
+        }
+        let started = Instant::now();
+        // An interrupted transfer starts the blob again from its first byte, under a fresh
+        // ingest ref, and the failed ingest is aborted (see `Ctd::write_blob`): resuming would
+        // need the ingested prefix hashed again to keep the digest check end to end, and a
+        // blob is restarted at most three times. Layers already committed by a failed pull are
+        // kept, so a second pull resumes at the first missing layer.
+        let fetched = self
+            .retried("layer", || self.layer_once(layer, lease))
+            .await?;
+        self.puller.blobs.fetch_add(1, Ordering::Relaxed);
+        info!(reference = %self.reference, layer = index + 1, of = count, digest = %layer.digest,
+              bytes = fetched, took = ?started.elapsed(), "layer fetched");
+        Ok(())
+    }
+
+    /// One attempt at one layer: the registry's body is cut into chunks of at most [`CHUNK`]
+    /// bytes and streamed into a containerd ingest, so memory stays bounded whatever its size.
+    async fn layer_once(&self, layer: &OciDescriptor, lease: &str) -> Result<u64, Failure> {
+        let size = layer.size as u64;
+        // A descriptor given as a bare digest: the layer's `urls` (foreign sources) are never
+        // followed, so bytes only ever come from the registry the provider configured.
+        let mut stream = self
+            .client
+            .pull_blob_stream(&self.reference, layer.digest.as_str())
+            .await
+            .map_err(classify)?;
+        let (tx, rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+        let pump = async move {
+            let mut done = 0u64;
+            let mut next_report = PROGRESS_EVERY;
+            let mut buf = Vec::with_capacity(CHUNK);
+            while let Some(part) = stream.next().await {
+                let part = match part {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Tell the writer to stop before its commit: an error in the stream.
+                        let _ = tx.send(Err(std::io::Error::other("fetch failed"))).await;
+                        return Err(classify_io(e));
+                    }
+                };
+                done += part.len() as u64;
+                self.count(part.len() as u64);
+                if done > size {
+                    let _ = tx.send(Err(std::io::Error::other("oversized"))).await;
+                    return Err(Failure::Invalid(format!(
+                        "layer {} is larger than the {size} bytes its manifest states",
+                        layer.digest
+                    )));
+                }
+                buf.extend_from_slice(&part);
+                if buf.len() >= CHUNK && tx.send(Ok(std::mem::take(&mut buf))).await.is_err() {
+                    // containerd hung up: the writer's error says why.
+                    return Ok(done);
+                }
+                if done >= next_report {
+                    info!(reference = %self.reference, digest = %layer.digest, done, size,
+                          "layer progress");
+                    next_report += PROGRESS_EVERY;
+                }
+            }
+            if !buf.is_empty() {
+                let _ = tx.send(Ok(buf)).await;
+            }
+            Ok(done)
+        };
+        let (fetched, stored) =
+            tokio::join!(pump, self.ctd.write_blob(lease, &layer.digest, size, rx));
+        let fetched = fetched?;
+        stored?;
+        Ok(fetched)
+    }
+
+    fn count(&self, n: u64) {
+        self.fetched.fetch_add(n, Ordering::Relaxed);
+        self.puller.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Ctd {
+    /// Adds content that is already stored to a lease, so the garbage collector keeps it until
+    /// the image that references it is recorded.
+    pub(crate) async fn keep_under_lease(
+        &self,
+        lease: &str,
+        digest: &str,
+    ) -> Result<(), ProvisionError> {
+        self.leases()
+            .add_resource(self.req(AddResourceRequest {
+                id: lease.to_string(),
+                resource: Some(Resource {
+                    id: digest.to_string(),
+                    r#type: "content".into(),
+                }),
+            }))
+            .await
+            .map_err(|s| self.status("hold image content under a lease", s))?;
+        Ok(())
+    }
+}
+
+/// Async locks by name, created on first use and dropped when nobody holds or waits for one.
+#[derive(Default)]
+struct KeyedLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+struct KeyedGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> KeyedGuard<'_> {
+        let lock = self
+            .0
+            .lock()
+            .expect("pull lock map poisoned")
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        KeyedGuard {
+            locks: self,
+            key: key.to_string(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.locks.0.lock().expect("pull lock map poisoned");
+        drop(self.guard.take());
+        // The map's reference is the last one: nobody else waits, forget the key.
+        if map
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_reads_from_toml_and_never_prints_secrets() {
+        let c: RegistryConfig = toml::from_str(
+            "host = \"r.example:5000\"\ninsecure_http = true\n\
+             auth = { type = \"basic\", username = \"sp\", password = \"hunter2\" }",
+        )
+        .unwrap();
+        assert_eq!(c.host, "r.example:5000");
+        assert!(c.insecure_http);
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let c: RegistryConfig =
+            toml::from_str("host = \"r\"\nauth = { type = \"bearer\", token = \"t0k\" }").unwrap();
+        assert_eq!(
+            c.auth,
+            RegistryAuth::Bearer {
+                token: "t0k".into()
+            }
+        );
+        assert!(!format!("{c:?}").contains("t0k"));
+        let c: RegistryConfig = toml::from_str("host = \"r\"").unwrap();
+        assert_eq!(c, RegistryConfig::anonymous("r"));
+    }
+
+    #[test]
+    fn only_canonical_sha256_digests_pass() {
+        assert!(check_digest(&format!("sha256:{}", "a".repeat(64))).is_ok());
+        assert!(check_digest(&format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(check_digest("sha256:../../etc").is_err());
+        assert!(check_digest(&format!("sha512:{}", "a".repeat(128))).is_err());
+    }
+
+    #[test]
+    fn malformed_manifests_are_refused_with_a_reason() {
+        let bad = |doc: &str| match kind_of(doc.as_bytes())
+            .and_then(|_| parse_manifest(doc.as_bytes()).map(|_| ()))
+        {
+            Err(Failure::Invalid(reason)) => reason,
+            other => panic!("{doc}: {other:?}"),
+        };
+        assert!(bad("not json").contains("JSON"));
+        assert!(bad(r#"{"schemaVersion":1,"layers":[]}"#).contains("schemaVersion"));
+        let d = format!("sha256:{}", "b".repeat(64));
+        let cfg = format!(
+            r#""config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{d}","size":2}}"#
+        );
+        assert!(bad(&format!(r#"{{"schemaVersion":2,{cfg},"layers":[]}}"#)).contains("no layers"));
+        let foreign = format!(
+            r#"{{"schemaVersion":2,{cfg},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"{d}","size":1}}]}}"#
+        );
+        assert!(bad(&foreign).contains("cannot be unpacked"));
+        let helm = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.cncf.helm.config.v1+json","digest":"{d}","size":2}},"layers":[]}}"#
+        );
+        assert!(bad(&helm).contains("not a container image"));
+        let good = format!(
+            r#"{{"schemaVersion":2,{cfg},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+zstd","digest":"{d}","size":1}}]}}"#
+        );
+        assert!(kind_of(good.as_bytes()).is_ok());
+        assert!(parse_manifest(good.as_bytes()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn keyed_locks_serialize_one_key_and_forget_it_afterwards() {
+        let locks = KeyedLocks::default();
+        let a = locks.lock("k").await;
+        let waiting = tokio::time::timeout(Duration::from_millis(50), locks.lock("k")).await;
+        assert!(waiting.is_err(), "a second holder of one key must wait");
+        let other = tokio::time::timeout(Duration::from_millis(50), locks.lock("j")).await;
+        assert!(other.is_ok(), "another key is free");
+        drop(other);
+        drop(a);
+        assert!(locks.0.lock().unwrap().is_empty());
+    }
+}
