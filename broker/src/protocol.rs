@@ -158,6 +158,11 @@ pub enum WireError {
     Refused {
         reason: String,
     },
+    /// The chain does not allow this request for the order (see [`crate::Admission`]).
+    NotAllowed {
+        order: u64,
+        reason: String,
+    },
 }
 
 impl From<&ProvisionError> for WireError {
@@ -207,6 +212,10 @@ impl From<&ProvisionError> for WireError {
             ProvisionError::Config(reason) => WireError::Config {
                 reason: reason.clone(),
             },
+            ProvisionError::NotAllowed { order, reason } => WireError::NotAllowed {
+                order: *order,
+                reason: reason.clone(),
+            },
             other => WireError::Other {
                 message: other.to_string(),
             },
@@ -251,6 +260,7 @@ impl WireError {
                 action: "serve the request".into(),
                 status: message,
             },
+            WireError::NotAllowed { order, reason } => ProvisionError::NotAllowed { order, reason },
             WireError::Refused { reason } => ProvisionError::DaemonUnreachable {
                 socket: broker.to_path_buf(),
                 reason: format!("the broker refused the request: {reason}"),

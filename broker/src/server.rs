@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Mutex, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::admission::{Admission, Admissions};
 use crate::frame::{read_frame, send_fds, write_frame};
 use crate::protocol::{Control, ControlEvent, Envelope, Reply, Request, WireError, VERSION};
 
@@ -29,21 +30,35 @@ const MAX_ENV: usize = 1024;
 /// DNS's limit on a name.
 const MAX_HOST: usize = 253;
 
+/// How long a live order the chain last confirmed keeps being served while the chain cannot be
+/// reached, unless the broker is told otherwise: the gateway's own default bound.
+pub const DEFAULT_STALE_MAX: Duration = Duration::from_secs(600);
+
 /// Serves a provisioner on a local socket to the uids it is told to trust.
 pub struct Broker {
     provisioner: Provisioner,
+    admissions: Admissions,
     peers: Vec<u32>,
     slots: Arc<Semaphore>,
 }
 
 impl Broker {
-    /// A broker for `provisioner` that serves connections whose peer runs as one of `peers`.
-    pub fn new(provisioner: Provisioner, peers: Vec<u32>) -> Self {
+    /// A broker for `provisioner` that serves connections whose peer runs as one of `peers`,
+    /// and only what `chain` allows for the orders they name.
+    pub fn new(provisioner: Provisioner, chain: impl Admission, peers: Vec<u32>) -> Self {
         Self {
             provisioner,
+            admissions: Admissions::new(Box::new(chain), DEFAULT_STALE_MAX),
             peers,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         }
+    }
+
+    /// Serves a live order the chain last confirmed for up to `stale_max` while the chain
+    /// cannot be reached (keep it at the gateway's `auth.stale_order_max`).
+    pub fn with_stale_max(mut self, stale_max: Duration) -> Self {
+        self.admissions.stale_max = stale_max;
+        self
     }
 
     /// Accepts and serves connections until `shutdown` resolves.
@@ -130,7 +145,31 @@ impl Broker {
         }
     }
 
+    /// Whether the chain allows `request`; orders are named by a process that may be lying.
+    async fn admit(&self, request: &Request) -> Result<(), (u64, String)> {
+        let a = &self.admissions;
+        match request {
+            Request::Ensure(spec) => a.ensure(spec).await.map_err(|e| (spec.order, e)),
+            Request::Exec { order, .. } | Request::Connect { order, .. } => {
+                a.enter(*order).await.map_err(|e| (*order, e))
+            }
+            Request::Release { order } => a.release(*order).await.map_err(|e| (*order, e)),
+            // Stopping a container keeps its disk, and the rest only read or tidy the host.
+            Request::Stop { .. }
+            | Request::Traffic { .. }
+            | Request::Scope
+            | Request::Orders
+            | Request::AdoptAll
+            | Request::ReconcileNetwork => Ok(()),
+        }
+    }
+
     async fn serve_request(&self, mut stream: UnixStream, request: Request) -> std::io::Result<()> {
+        if let Err((order, reason)) = self.admit(&request).await {
+            warn!(order, %reason, "broker: the chain does not allow this; refused");
+            let refusal = Reply::Failed(WireError::NotAllowed { order, reason });
+            return write_frame(&mut stream, &refusal).await;
+        }
         let p = &self.provisioner;
         let reply = match request {
             Request::Scope => Reply::Scope(p.config().scope.clone()),

@@ -17,6 +17,7 @@ pub mod ack_policy;
 pub mod admission;
 pub mod algorithms;
 pub mod billing;
+pub mod chain_standing;
 pub mod config;
 pub mod connection;
 pub mod forward;

@@ -132,6 +132,10 @@ pub enum ProvisionError {
 
     #[error("invalid provisioner configuration: {0}")]
     Config(String),
+
+    /// The privileged broker refused a request for this order: the chain does not allow it.
+    #[error("order {order}: {reason}")]
+    NotAllowed { order: u64, reason: String },
 }
 
 impl ProvisionError {

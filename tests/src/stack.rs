@@ -10,6 +10,7 @@ use anyhow::Context;
 use shale_broker::{Broker, BrokerClient};
 use shale_contracts::devnet::Devnet;
 use shale_contracts::{Address, Dataset, Marketplace, NewOrder, Offer, U256};
+use shale_gateway::chain_standing::ChainStanding;
 use shale_gateway::config::{AuthConfig, ChainConfig, SessionConfig};
 use shale_gateway::{Gateway, GatewayConfig, LeaseEvent};
 use shale_provisioner::daemon::LocalContainerd;
@@ -277,7 +278,8 @@ impl Stack {
             }),
         };
         let reader = Marketplace::connect(&gateway_rpc, marketplace, None).await?;
-        let (machines, broker) = start_broker(provisioner.clone(), dir.path()).await?;
+        let (machines, broker) =
+            start_broker(provisioner.clone(), dir.path(), &config, reader.clone()).await?;
         let mut gateway = Gateway::bind(config.clone(), reader, machines.clone()).await?;
         let settler = match &settler_config {
             Some(c) => Some(start_settler(&mut gateway, c, &sp).await?),
@@ -489,7 +491,13 @@ impl Stack {
             .context("connecting the new provisioner")?;
         let reader =
             Marketplace::connect(&self.config.chain.rpc_url, self.marketplace, None).await?;
-        let (machines, broker) = start_broker(provisioner.clone(), self.dir.path()).await?;
+        let (machines, broker) = start_broker(
+            provisioner.clone(),
+            self.dir.path(),
+            &self.config,
+            reader.clone(),
+        )
+        .await?;
         self.broker = Some(broker);
         // The old listeners are closed; their ports may take a moment to be free again.
         let mut tries = 0;
@@ -551,12 +559,17 @@ impl Stack {
 async fn start_broker(
     provisioner: Provisioner,
     dir: &std::path::Path,
+    config: &GatewayConfig,
+    chain: Marketplace,
 ) -> anyhow::Result<(Arc<dyn Machines>, (oneshot::Sender<()>, JoinHandle<()>))> {
     let socket = dir.join("broker.sock");
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket).context("binding the broker socket")?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let broker = Broker::new(provisioner, vec![nix::unistd::getuid().as_raw()]);
+    // It reads the chain through the gateway's RPC, so an outage the tests provoke hits both.
+    let chain = ChainStanding::new(chain, config.chain.provider);
+    let broker = Broker::new(provisioner, chain, vec![nix::unistd::getuid().as_raw()])
+        .with_stale_max(config.auth.stale_order_max);
     let task = tokio::spawn(broker.serve(listener, async {
         let _ = stopped.await;
     }));

@@ -6,6 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use shale_broker::BrokerClient;
+use shale_provisioner::{ExecRequest, LeaseSpec, Machines, ProvisionError};
 use shale_tests::client::shale_exe;
 use tokio::io::AsyncReadExt;
 
@@ -242,6 +244,8 @@ async fn the_ssh_process_is_unprivileged_keyless_and_restarted_when_it_dies() ->
     let session = open_session(&stack, &state).await?;
     let ledger_path = dev_dir.join("gateway/ledger.db");
     let checkpointed = wait_for_checkpoint(&ledger_path).await?;
+    a_lying_ssh_process_gets_only_what_the_chain_allows(&dev_dir.join("gateway/broker.sock"))
+        .await?;
 
     // A crash of the SSH process: the supervisor starts another, which serves again.
     nix::sys::signal::kill(
@@ -273,6 +277,62 @@ async fn the_ssh_process_is_unprivileged_keyless_and_restarted_when_it_dies() ->
     drop(session);
     drop(stack);
     Ok(())
+}
+
+/// Speaks to the real broker as a compromised SSH process would (the broker serves root too):
+/// order 1 is live with 1 CPU, 512 MiB and 1 GiB of disk; nothing else is.
+async fn a_lying_ssh_process_gets_only_what_the_chain_allows(socket: &Path) -> anyhow::Result<()> {
+    let broker = BrokerClient::connect(socket).await?;
+    let honest = broker
+        .orders()
+        .await?
+        .contains(&1)
+        .then_some(())
+        .context("order 1's container is up")?;
+    let terms = LeaseSpec {
+        order: 1,
+        cpus: 1,
+        memory_bytes: 512 << 20,
+        gpus: 0,
+        dataset: None,
+        expires_at: std::time::SystemTime::now() + Duration::from_secs(600),
+        pids_limit: None,
+        disk_bytes: 1 << 30,
+    };
+    let not_allowed = |e: ProvisionError, words: &str| match e {
+        ProvisionError::NotAllowed { reason, .. } if reason.contains(words) => Ok(()),
+        other => Err(anyhow::anyhow!(
+            "expected a refusal naming {words:?}: {other}"
+        )),
+    };
+    let greedy = LeaseSpec {
+        cpus: 2,
+        memory_bytes: 8 << 30,
+        ..terms.clone()
+    };
+    not_allowed(
+        broker.ensure(&greedy).await.unwrap_err(),
+        "2 CPUs (terms: 1)",
+    )?;
+    let invented = LeaseSpec {
+        order: 99,
+        ..terms.clone()
+    };
+    not_allowed(broker.ensure(&invented).await.unwrap_err(), "99")?;
+    let shell = ExecRequest {
+        argv: vec!["true".into()],
+        ..ExecRequest::default()
+    };
+    match broker.exec(99, shell).await {
+        Err(e) => not_allowed(e, "99")?,
+        Ok(_) => bail!("the broker ran a process for an order nobody placed"),
+    }
+    not_allowed(broker.release(1).await.unwrap_err(), "live on chain")?;
+    ensure!(
+        broker.orders().await?.contains(&1),
+        "order 1's container survived the release it was refused"
+    );
+    Ok(honest)
 }
 
 /// A client's order on the dev stack (accepted by the dev SP), with an ssh session into it that

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use shale_broker::Broker;
+use shale_gateway::chain_standing::ChainStanding;
 use shale_provisioner::{Provisioner, ProvisionerConfig};
 
 use crate::spconfig::SpConfig;
@@ -49,7 +50,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     nix::unistd::chown(&socket, Some(user.uid), Some(user.gid))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %socket.display(), user = %user.name, "broker serving the SSH process");
-    Broker::new(provisioner, vec![0, user.uid.as_raw()])
+    // The broker reads each order the SSH process names from the chain itself.
+    let chain = ChainStanding::new(market, config.chain.provider);
+    Broker::new(provisioner, chain, vec![0, user.uid.as_raw()])
+        .with_stale_max(config.auth.stale_order_max)
         .serve(listener, super::shutdown_signal())
         .await;
     Ok(())
