@@ -17,6 +17,7 @@ apt_packages=(
     nftables                   # the host-side rules of every order's network (nft)
     postgresql                 # the shared-ledger backend, tested in CI
     python3                    # the simulated internet's servers in the network tests
+    docker-registry skopeo     # a real local OCI registry for the pull tests, and pushing into it
     ca-certificates curl git
 )
 missing=()

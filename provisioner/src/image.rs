@@ -127,6 +127,15 @@ pub(crate) fn platform_matches(d: &OciDescriptor) -> bool {
         .is_none_or(|p| p.os == "linux" && p.architecture == "amd64")
 }
 
+/// How a blob upload ended on containerd's side.
+enum Written {
+    Committed,
+    /// The store already had the blob (another writer, or another namespace sharing it).
+    Exists,
+    /// The stream ended without a commit.
+    Unconfirmed,
+}
+
 /// One item the archive reader hands to the async writer.
 enum ArchiveItem {
     Small {
@@ -347,32 +356,34 @@ impl Ctd {
             // so theirs is ours.
             let mut responses = match self.content().write(req).await {
                 Ok(r) => r.into_inner(),
-                Err(s) if is_already_exists(&s) => return Ok(true),
+                Err(s) if is_already_exists(&s) => return Ok(Written::Exists),
                 Err(s) => return Err(self.status("store an image blob", s)),
             };
-            let mut committed = false;
+            let mut committed = Written::Unconfirmed;
             while let Some(resp) = responses.next().await {
                 let resp = match resp {
                     Ok(r) => r,
-                    Err(s) if is_already_exists(&s) => return Ok(true),
+                    Err(s) if is_already_exists(&s) => return Ok(Written::Exists),
                     Err(s) => return Err(self.status("store an image blob", s)),
                 };
                 if resp.action == WriteAction::Commit as i32 {
-                    committed = true;
+                    committed = Written::Committed;
                 }
             }
-            Ok::<bool, ProvisionError>(committed)
+            Ok::<Written, ProvisionError>(committed)
         }
         .await;
         let fed = feeder.await.unwrap_or_else(|e| Err(e.to_string()));
         let outcome = match (result, fed) {
-            (Ok(true), Ok(())) => Ok(()),
+            (Ok(Written::Committed), Ok(())) => Ok(()),
+            // containerd hung up on the feeder once it knew the blob: its error is no failure.
+            (Ok(Written::Exists), _) => Ok(()),
             (Err(e), _) => Err(e),
             (_, Err(reason)) => Err(ProvisionError::Runtime {
                 action: format!("store image blob {digest}"),
                 status: reason,
             }),
-            (Ok(false), Ok(())) => Err(ProvisionError::Runtime {
+            (Ok(Written::Unconfirmed), Ok(())) => Err(ProvisionError::Runtime {
                 action: format!("store image blob {digest}"),
                 status: "containerd did not confirm the commit".into(),
             }),

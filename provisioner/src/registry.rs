@@ -694,6 +694,7 @@ impl<'a> Pull<'a> {
                 Ok(data)
             })
             .await?;
+        self.puller.blobs.fetch_add(1, Ordering::Relaxed);
         let actual = sha256_of(&data);
         if actual != desc.digest {
             return Err(Failure::Mismatch {
