@@ -946,6 +946,30 @@ mod tests {
         assert!(parse_manifest(good.as_bytes()).is_ok());
     }
 
+    #[test]
+    fn http_statuses_sort_into_retried_and_final() {
+        let server = |code: u16| OciDistributionError::ServerError {
+            code,
+            url: "http://r/v2/x".into(),
+            message: "m".into(),
+        };
+        for code in [429, 500, 502, 503, 504] {
+            assert!(classify(server(code)).is_transient(), "{code}");
+        }
+        assert!(matches!(classify(server(401)), Failure::Unauthorized));
+        assert!(matches!(classify(server(404)), Failure::NotFound(_)));
+        assert!(matches!(classify(server(403)), Failure::Refused(_)));
+        let unauthorized = OciDistributionError::UnauthorizedError { url: "u".into() };
+        assert!(matches!(classify(unauthorized), Failure::Unauthorized));
+        let mismatch = std::io::Error::other(DigestError::VerificationError {
+            expected: "sha256:a".into(),
+            actual: "sha256:b".into(),
+        });
+        assert!(matches!(classify_io(mismatch), Failure::Mismatch { .. }));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(classify_io(reset).is_transient());
+    }
+
     #[tokio::test]
     async fn keyed_locks_serialize_one_key_and_forget_it_afterwards() {
         let locks = KeyedLocks::default();

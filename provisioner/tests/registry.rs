@@ -24,19 +24,23 @@ use shale_provisioner::{
 
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
-/// Whether the registry tools are installed; in CI their absence is a failure.
+/// Whether the registry tools and containerd are installed; in CI their absence is a failure.
 fn tools_present() -> bool {
-    let skopeo = Command::new("skopeo")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if Path::new(REGISTRY_BIN).exists() && skopeo {
+    let runs = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if Path::new(REGISTRY_BIN).exists() && runs("skopeo") && runs("containerd") && runs("ctr") {
         return true;
     }
-    eprintln!("SKIPPED: needs docker-registry and skopeo (scripts/setup.sh installs them)");
+    eprintln!(
+        "SKIPPED: needs docker-registry, skopeo and containerd (scripts/setup.sh installs them)"
+    );
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
-        "CI must run the registry tests: docker-registry and skopeo are required"
+        "CI must run the registry tests: docker-registry, skopeo and containerd are required"
     );
     false
 }
@@ -317,16 +321,18 @@ async fn busybox_archive() -> PathBuf {
         .expect("busybox image build")
 }
 
-/// An OCI layout with one uncompressed layer holding `files` (raw tar names, so a test can
-/// write names that `tar` refuses to create), tagged `tag`. Returns skopeo's `oci:DIR:TAG`.
-fn write_layout(dir: &Path, tag: &str, files: &[(&[u8], &[u8])]) -> String {
+/// Writes a blob into an OCI layout's `blobs/sha256`; returns its digest and size.
+fn put_blob(dir: &Path, data: &[u8]) -> (String, usize) {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).expect("layout dir");
-    let put = |data: &[u8]| -> (String, usize) {
-        let digest = sha256_hex(data);
-        std::fs::write(blobs.join(&digest[7..]), data).expect("blob");
-        (digest, data.len())
-    };
+    let digest = sha256_hex(data);
+    std::fs::write(blobs.join(&digest[7..]), data).expect("blob");
+    (digest, data.len())
+}
+
+/// One image of one uncompressed layer holding `files` (raw tar names, so a test can write
+/// names that `tar` refuses to create) into a layout; returns its manifest's digest and size.
+fn put_image(dir: &Path, arch: &str, files: &[(&[u8], &[u8])]) -> (String, usize) {
     let mut layer = Vec::new();
     {
         let mut tar = tar::Builder::new(&mut layer);
@@ -343,14 +349,14 @@ fn write_layout(dir: &Path, tag: &str, files: &[(&[u8], &[u8])]) -> String {
         }
         tar.finish().expect("tar");
     }
-    let (layer_digest, layer_size) = put(&layer);
+    let (layer_digest, layer_size) = put_blob(dir, &layer);
     let config = serde_json::json!({
-        "architecture": "amd64",
+        "architecture": arch,
         "os": "linux",
         "config": {"Env": ["PATH=/bin"]},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
-    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let (config_digest, config_size) = put_blob(dir, config.to_string().as_bytes());
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -359,16 +365,27 @@ fn write_layout(dir: &Path, tag: &str, files: &[(&[u8], &[u8])]) -> String {
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
                     "digest": layer_digest, "size": layer_size}],
     });
-    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": manifest_digest, "size": manifest_size,
-                       "annotations": {"org.opencontainers.image.ref.name": tag}}],
-    });
+    put_blob(dir, manifest.to_string().as_bytes())
+}
+
+/// Finishes a layout whose `tag` names `descriptor`; returns skopeo's `oci:DIR:TAG`.
+fn finish_layout(dir: &Path, tag: &str, mut descriptor: serde_json::Value) -> String {
+    descriptor["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]});
     std::fs::write(dir.join("index.json"), index.to_string()).expect("index.json");
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
     format!("oci:{}:{tag}", dir.display())
+}
+
+/// An OCI layout of one linux/amd64 image holding `files`, tagged `tag`.
+fn write_layout(dir: &Path, tag: &str, files: &[(&[u8], &[u8])]) -> String {
+    let (digest, size) = put_image(dir, "amd64", files);
+    finish_layout(
+        dir,
+        tag,
+        serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "digest": digest, "size": size}),
+    )
 }
 
 /// Incompressible bytes, cheaply: a layer this size really has to travel.
@@ -767,7 +784,99 @@ async fn a_layer_entry_naming_a_path_outside_the_root_lands_inside_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_arch_index_is_narrowed_to_linux_amd64_and_only_its_blobs_are_fetched() {
+    if !tools_present() {
+        return;
+    }
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().expect("layout dir");
+    // arm64 first: the choice is by platform, not by position.
+    let (arm, arm_size) = put_image(layout.path(), "arm64", &[(b"arch", b"arm64")]);
+    let (amd, amd_size) = put_image(layout.path(), "amd64", &[(b"arch", b"amd64")]);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm,
+             "size": arm_size, "platform": {"architecture": "arm64", "os": "linux"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd,
+             "size": amd_size, "platform": {"architecture": "amd64", "os": "linux"}},
+        ],
+    });
+    let (index_digest, index_size) = put_blob(layout.path(), index.to_string().as_bytes());
+    let source = finish_layout(
+        layout.path(),
+        "multi",
+        serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json",
+                           "digest": index_digest, "size": index_size}),
+    );
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--all",
+            "--dest-tls-verify=false",
+            &source,
+        ])
+        .arg(format!("docker://{}/multi:1", reg.host()))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the registry serves for the tag (skopeo re-encodes what it pushes).
+    let served: serde_json::Value = serde_json::from_slice(&reg.raw_manifest("multi:1")).unwrap();
+    let served_digest = sha256_hex(&reg.raw_manifest("multi:1"));
+    let entries = served["manifests"].as_array().expect("an index");
+    let platform_digest = |arch: &str| {
+        entries
+            .iter()
+            .find(|e| e["platform"]["architecture"] == arch)
+            .and_then(|e| e["digest"].as_str())
+            .expect("platform entry")
+            .to_string()
+    };
+    let (served_amd, served_arm) = (platform_digest("amd64"), platform_digest("arm64"));
+
+    let node = Node::start().await;
+    let reference = format!("{}/multi:1", reg.host());
+    let pulled = node
+        .prov
+        .pull_image(&reference, &[reg.config()])
+        .await
+        .expect("pull the index");
+    assert_eq!(
+        pulled.digest, served_digest,
+        "the image is pinned to the index"
+    );
+    assert_eq!(pulled.manifest_digest, served_amd);
+    assert!(node.prov.has_image(&pulled.image).await.unwrap());
+    assert_eq!(
+        node.prov.pull_stats().blobs_fetched,
+        2,
+        "amd64's layer and config only"
+    );
+    assert!(
+        !node.has_content(&served_arm),
+        "the arm64 manifest was not fetched"
+    );
+    // The digest pins it: pulling REPO@INDEX-DIGEST finds it all present.
+    let by_digest = format!("{}/multi@{served_digest}", reg.host());
+    let again = node
+        .prov
+        .pull_image(&by_digest, &[reg.config()])
+        .await
+        .expect("pull by the index digest");
+    assert_eq!((again.bytes, again.manifest_digest), (0, served_amd));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_reference_is_refused_before_any_request() {
+    if !tools_present() {
+        return;
+    }
     let node = Node::start().await;
     match node.prov.pull_image("127.0.0.1:1/Bad Name:tag", &[]).await {
         Err(e @ ProvisionError::ReferenceInvalid { .. }) => {
