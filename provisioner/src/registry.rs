@@ -22,10 +22,15 @@
 //! names `../x` or an absolute path outside lands inside the root instead of escaping it.
 //! Compression is containerd's business too: gzip and zstd layers, OCI and Docker media types.
 
+mod config;
+mod failure;
+mod locks;
+mod manifest;
+
+pub use config::{RegistryAuth, RegistryConfig};
+
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -33,108 +38,26 @@ use containerd_client::services::v1::{AddResourceRequest, Resource};
 use containerd_client::types::Descriptor;
 use futures::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth as OciAuth;
 use oci_client::{Client, Reference};
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::ctd::{error_chain, Ctd};
+use crate::ctd::Ctd;
 use crate::image::{
-    platform_matches, InstalledImage, OciConfig, OciDescriptor, OciIndex, OciManifest, CHUNK,
-    MEDIA_DOCKER_LIST, MEDIA_INDEX, MEDIA_MANIFEST, SMALL_BLOB,
+    platform_matches, InstalledImage, OciConfig, OciDescriptor, OciIndex, CHUNK, SMALL_BLOB,
 };
 use crate::{ImageRef, ProvisionError};
+use failure::{classify, classify_io, Failure};
+use locks::KeyedLocks;
+use manifest::{
+    check_digest, kind_of, parse_manifest, sha256_of, ACCEPTED_MANIFESTS, CONFIG_LIMIT,
+};
 
-const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// What we ask a registry for: the two manifest kinds and the two index kinds we can use.
-const ACCEPTED_MANIFESTS: [&str; 4] = [
-    MEDIA_MANIFEST,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_INDEX,
-    MEDIA_DOCKER_LIST,
-];
-const CONFIG_MEDIA_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.config.v1+json",
-    "application/vnd.docker.container.image.v1+json",
-];
-/// Layer media types containerd 1.6's applier unpacks. Foreign ("non-distributable") layers
-/// are refused: their bytes would come from URLs outside the registry the provider named.
-const LAYER_MEDIA_TYPES: [&str; 5] = [
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-];
-/// An image config is a small JSON document, but images with a long history carry big ones.
-const CONFIG_LIMIT: u64 = 16 << 20;
 /// Tries of one registry request before a transient failure becomes the pull's error.
 const TRIES: usize = 4;
 /// A progress line every this many bytes of one blob.
 const PROGRESS_EVERY: u64 = 64 << 20;
-
-/// How the provisioner authenticates to one registry.
-///
-/// In TOML: `auth = { type = "basic", username = "u", password = "p" }`,
-/// `auth = { type = "bearer", token = "t" }` or nothing (anonymous).
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum RegistryAuth {
-    /// No credentials; the registry's anonymous token flow is still followed.
-    #[default]
-    Anonymous,
-    /// HTTP basic credentials, also used to ask the registry's token service for a token.
-    Basic { username: String, password: String },
-    /// A token sent as `Authorization: Bearer` as it is.
-    Bearer { token: String },
-}
-
-impl fmt::Debug for RegistryAuth {
-    /// Never prints a secret: configs end up in logs.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RegistryAuth::Anonymous => f.write_str("Anonymous"),
-            RegistryAuth::Basic { username, .. } => f
-                .debug_struct("Basic")
-                .field("username", username)
-                .field("password", &"<redacted>")
-                .finish(),
-            RegistryAuth::Bearer { .. } => f
-                .debug_struct("Bearer")
-                .field("token", &"<redacted>")
-                .finish(),
-        }
-    }
-}
-
-/// One registry the provider pulls from; the gateway's config embeds a list of these.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    /// The registry as references name it: `host` or `host:port` (`registry.example:5000`).
-    pub host: String,
-    /// The credentials for this registry.
-    #[serde(default)]
-    pub auth: RegistryAuth,
-    /// Speak plain HTTP to this registry. Only for a registry on loopback or a network the
-    /// provider trusts: nothing then protects the credentials or the manifests in transit.
-    #[serde(default)]
-    pub insecure_http: bool,
-}
-
-impl RegistryConfig {
-    /// An anonymous HTTPS registry: what a reference's registry gets when no config names it.
-    pub fn anonymous(host: impl Into<String>) -> Self {
-        RegistryConfig {
-            host: host.into(),
-            auth: RegistryAuth::Anonymous,
-            insecure_http: false,
-        }
-    }
-}
 
 /// What [`crate::Provisioner::pull_image`] did.
 #[derive(Clone, Debug)]
@@ -251,187 +174,6 @@ impl Puller {
             }
         }
     }
-}
-
-/// Why one step of a pull failed, before it is named with the registry and the reference.
-#[derive(Debug)]
-enum Failure {
-    /// Worth another try: connection refused or reset, a timeout, HTTP 429 or 5xx.
-    Transient(String),
-    /// HTTP 401: the credentials (or their absence) were refused.
-    Unauthorized,
-    /// HTTP 404: no such repository, tag, manifest or blob.
-    NotFound(String),
-    /// Another refusal by the registry (403 and other 4xx).
-    Refused(String),
-    /// Bytes that do not hash to the digest they were asked for.
-    Mismatch { expected: String, actual: String },
-    /// A manifest, index or config we cannot use.
-    Invalid(String),
-    /// containerd failed.
-    Store(ProvisionError),
-}
-
-impl Failure {
-    fn is_transient(&self) -> bool {
-        matches!(self, Failure::Transient(_))
-    }
-}
-
-impl From<ProvisionError> for Failure {
-    fn from(e: ProvisionError) -> Self {
-        Failure::Store(e)
-    }
-}
-
-/// Sorts `oci-client`'s errors into what the caller can act on.
-fn classify(e: OciDistributionError) -> Failure {
-    match e {
-        OciDistributionError::RequestError(re) => Failure::Transient(error_chain(&re)),
-        OciDistributionError::IoError(io) => classify_io(io),
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => Failure::Unauthorized,
-        OciDistributionError::ServerError { code, message, .. } => match code {
-            401 => Failure::Unauthorized,
-            404 => Failure::NotFound(format!("HTTP 404 {}", message.trim())),
-            429 | 500..=599 => Failure::Transient(format!("HTTP {code} {}", message.trim())),
-            _ => Failure::Refused(format!("HTTP {code} {}", message.trim())),
-        },
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let text = envelope
-                .errors
-                .iter()
-                .map(|e| format!("{:?}: {}", e.code, e.message))
-                .collect::<Vec<_>>()
-                .join("; ");
-            match envelope.errors.first().map(|e| &e.code) {
-                Some(
-                    OciErrorCode::ManifestUnknown
-                    | OciErrorCode::NameUnknown
-                    | OciErrorCode::BlobUnknown
-                    | OciErrorCode::NotFound,
-                ) => Failure::NotFound(format!("HTTP 404 {text}")),
-                Some(OciErrorCode::Unauthorized) => Failure::Unauthorized,
-                Some(OciErrorCode::Toomanyrequests) => {
-                    Failure::Transient(format!("HTTP 429 {text}"))
-                }
-                Some(OciErrorCode::Denied) => Failure::Refused(format!("HTTP 403 {text}")),
-                _ => Failure::Refused(text),
-            }
-        }
-        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
-            Failure::Mismatch { expected, actual }
-        }
-        other => Failure::Invalid(other.to_string()),
-    }
-}
-
-/// A failed read of a blob's body: `oci-client`'s verifying stream reports a digest mismatch
-/// as an I/O error that carries the [`DigestError`]; anything else is the connection breaking.
-fn classify_io(io: std::io::Error) -> Failure {
-    if let Some(DigestError::VerificationError { expected, actual }) =
-        io.get_ref().and_then(|e| e.downcast_ref::<DigestError>())
-    {
-        return Failure::Mismatch {
-            expected: expected.clone(),
-            actual: actual.clone(),
-        };
-    }
-    Failure::Transient(error_chain(&io))
-}
-
-fn sha256_of(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
-
-/// Digests name files and ingest refs in containerd: accept only the canonical SHA-256 form.
-fn check_digest(digest: &str) -> Result<(), Failure> {
-    let ok = digest.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(Failure::Invalid(format!(
-            "{digest:?} is not a sha256 digest"
-        )))
-    }
-}
-
-/// The fields that tell a manifest from an index.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Head {
-    schema_version: Option<i64>,
-    #[serde(default)]
-    media_type: Option<String>,
-    #[serde(default)]
-    manifests: Option<serde_json::Value>,
-    #[serde(default)]
-    layers: Option<serde_json::Value>,
-}
-
-/// A document's kind, from its `mediaType` or, as OCI allows it to be absent, from its shape.
-fn kind_of(data: &[u8]) -> Result<(String, bool), Failure> {
-    let head: Head = serde_json::from_slice(data)
-        .map_err(|e| Failure::Invalid(format!("not a JSON manifest: {e}")))?;
-    if head.schema_version != Some(2) {
-        return Err(Failure::Invalid(format!(
-            "schemaVersion {:?}, only 2 is supported",
-            head.schema_version
-        )));
-    }
-    let media_type = match head.media_type {
-        Some(m) => m,
-        None if head.manifests.is_some() => MEDIA_INDEX.to_string(),
-        None if head.layers.is_some() => MEDIA_MANIFEST.to_string(),
-        None => return Err(Failure::Invalid("neither a manifest nor an index".into())),
-    };
-    let is_index = media_type == MEDIA_INDEX || media_type == MEDIA_DOCKER_LIST;
-    if !ACCEPTED_MANIFESTS.contains(&media_type.as_str()) {
-        return Err(Failure::Invalid(format!(
-            "media type {media_type} is not an image manifest or index"
-        )));
-    }
-    Ok((media_type, is_index))
-}
-
-/// Parses and checks an image manifest: media types we can unpack, sane digests and sizes.
-fn parse_manifest(data: &[u8]) -> Result<OciManifest, Failure> {
-    let manifest: OciManifest =
-        serde_json::from_slice(data).map_err(|e| Failure::Invalid(format!("manifest: {e}")))?;
-    if !CONFIG_MEDIA_TYPES.contains(&manifest.config.media_type.as_str()) {
-        return Err(Failure::Invalid(format!(
-            "config media type {:?} is not a container image's",
-            manifest.config.media_type
-        )));
-    }
-    check_digest(&manifest.config.digest)?;
-    if manifest.config.size < 0 || manifest.config.size as u64 > CONFIG_LIMIT {
-        return Err(Failure::Invalid(format!(
-            "config size {} is out of bounds",
-            manifest.config.size
-        )));
-    }
-    if manifest.layers.is_empty() {
-        return Err(Failure::Invalid("the manifest lists no layers".into()));
-    }
-    for layer in &manifest.layers {
-        check_digest(&layer.digest)?;
-        if !LAYER_MEDIA_TYPES.contains(&layer.media_type.as_str()) {
-            return Err(Failure::Invalid(format!(
-                "layer {} has media type {:?}, which cannot be unpacked here",
-                layer.digest, layer.media_type
-            )));
-        }
-        if layer.size < 0 {
-            return Err(Failure::Invalid(format!(
-                "layer {} has a negative size",
-                layer.digest
-            )));
-        }
-    }
-    Ok(manifest)
 }
 
 /// One pull of one reference.
@@ -837,149 +579,5 @@ impl Ctd {
             .await
             .map_err(|s| self.status("hold image content under a lease", s))?;
         Ok(())
-    }
-}
-
-/// Async locks by name, created on first use and dropped when nobody holds or waits for one.
-#[derive(Default)]
-struct KeyedLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-struct KeyedGuard<'a> {
-    locks: &'a KeyedLocks,
-    key: String,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl KeyedLocks {
-    async fn lock(&self, key: &str) -> KeyedGuard<'_> {
-        let lock = self
-            .0
-            .lock()
-            .expect("pull lock map poisoned")
-            .entry(key.to_string())
-            .or_default()
-            .clone();
-        KeyedGuard {
-            locks: self,
-            key: key.to_string(),
-            guard: Some(lock.lock_owned().await),
-        }
-    }
-}
-
-impl Drop for KeyedGuard<'_> {
-    fn drop(&mut self) {
-        let mut map = self.locks.0.lock().expect("pull lock map poisoned");
-        drop(self.guard.take());
-        // The map's reference is the last one: nobody else waits, forget the key.
-        if map
-            .get(&self.key)
-            .is_some_and(|l| Arc::strong_count(l) == 1)
-        {
-            map.remove(&self.key);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auth_reads_from_toml_and_never_prints_secrets() {
-        let c: RegistryConfig = toml::from_str(
-            "host = \"r.example:5000\"\ninsecure_http = true\n\
-             auth = { type = \"basic\", username = \"sp\", password = \"hunter2\" }",
-        )
-        .unwrap();
-        assert_eq!(c.host, "r.example:5000");
-        assert!(c.insecure_http);
-        assert!(!format!("{c:?}").contains("hunter2"));
-        let c: RegistryConfig =
-            toml::from_str("host = \"r\"\nauth = { type = \"bearer\", token = \"t0k\" }").unwrap();
-        assert_eq!(
-            c.auth,
-            RegistryAuth::Bearer {
-                token: "t0k".into()
-            }
-        );
-        assert!(!format!("{c:?}").contains("t0k"));
-        let c: RegistryConfig = toml::from_str("host = \"r\"").unwrap();
-        assert_eq!(c, RegistryConfig::anonymous("r"));
-    }
-
-    #[test]
-    fn only_canonical_sha256_digests_pass() {
-        assert!(check_digest(&format!("sha256:{}", "a".repeat(64))).is_ok());
-        assert!(check_digest(&format!("sha256:{}", "A".repeat(64))).is_err());
-        assert!(check_digest("sha256:../../etc").is_err());
-        assert!(check_digest(&format!("sha512:{}", "a".repeat(128))).is_err());
-    }
-
-    #[test]
-    fn malformed_manifests_are_refused_with_a_reason() {
-        let bad = |doc: &str| match kind_of(doc.as_bytes())
-            .and_then(|_| parse_manifest(doc.as_bytes()).map(|_| ()))
-        {
-            Err(Failure::Invalid(reason)) => reason,
-            other => panic!("{doc}: {other:?}"),
-        };
-        assert!(bad("not json").contains("JSON"));
-        assert!(bad(r#"{"schemaVersion":1,"layers":[]}"#).contains("schemaVersion"));
-        let d = format!("sha256:{}", "b".repeat(64));
-        let cfg = format!(
-            r#""config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{d}","size":2}}"#
-        );
-        assert!(bad(&format!(r#"{{"schemaVersion":2,{cfg},"layers":[]}}"#)).contains("no layers"));
-        let foreign = format!(
-            r#"{{"schemaVersion":2,{cfg},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"{d}","size":1}}]}}"#
-        );
-        assert!(bad(&foreign).contains("cannot be unpacked"));
-        let helm = format!(
-            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.cncf.helm.config.v1+json","digest":"{d}","size":2}},"layers":[]}}"#
-        );
-        assert!(bad(&helm).contains("not a container image"));
-        let good = format!(
-            r#"{{"schemaVersion":2,{cfg},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+zstd","digest":"{d}","size":1}}]}}"#
-        );
-        assert!(kind_of(good.as_bytes()).is_ok());
-        assert!(parse_manifest(good.as_bytes()).is_ok());
-    }
-
-    #[test]
-    fn http_statuses_sort_into_retried_and_final() {
-        let server = |code: u16| OciDistributionError::ServerError {
-            code,
-            url: "http://r/v2/x".into(),
-            message: "m".into(),
-        };
-        for code in [429, 500, 502, 503, 504] {
-            assert!(classify(server(code)).is_transient(), "{code}");
-        }
-        assert!(matches!(classify(server(401)), Failure::Unauthorized));
-        assert!(matches!(classify(server(404)), Failure::NotFound(_)));
-        assert!(matches!(classify(server(403)), Failure::Refused(_)));
-        let unauthorized = OciDistributionError::UnauthorizedError { url: "u".into() };
-        assert!(matches!(classify(unauthorized), Failure::Unauthorized));
-        let mismatch = std::io::Error::other(DigestError::VerificationError {
-            expected: "sha256:a".into(),
-            actual: "sha256:b".into(),
-        });
-        assert!(matches!(classify_io(mismatch), Failure::Mismatch { .. }));
-        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        assert!(classify_io(reset).is_transient());
-    }
-
-    #[tokio::test]
-    async fn keyed_locks_serialize_one_key_and_forget_it_afterwards() {
-        let locks = KeyedLocks::default();
-        let a = locks.lock("k").await;
-        let waiting = tokio::time::timeout(Duration::from_millis(50), locks.lock("k")).await;
-        assert!(waiting.is_err(), "a second holder of one key must wait");
-        let other = tokio::time::timeout(Duration::from_millis(50), locks.lock("j")).await;
-        assert!(other.is_ok(), "another key is free");
-        drop(other);
-        drop(a);
-        assert!(locks.0.lock().unwrap().is_empty());
     }
 }
