@@ -41,7 +41,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth as OciAuth;
 use oci_client::{Client, Reference};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::ctd::Ctd;
 use crate::image::{
@@ -145,7 +145,8 @@ impl Puller {
             .find(|r| r.host == parsed.registry())
             .cloned()
             .unwrap_or_else(|| RegistryConfig::anonymous(parsed.registry()));
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let in_flight = InFlight::enter(&self.in_flight);
+        let span = info_span!("pull", reference = %parsed.whole());
         let result = async {
             let _whole = self.locks.lock(&format!("ref:{}", parsed.whole())).await;
             let pull = Pull::new(self, ctd, parsed, config);
@@ -154,9 +155,10 @@ impl Puller {
             ctd.drop_lease(lease).await;
             result.map_err(|f| pull.error(f))
         }
+        .instrument(span)
         .await;
         let took = started.elapsed();
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(in_flight);
         self.micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         match result {
@@ -173,6 +175,22 @@ impl Puller {
                 Err(e)
             }
         }
+    }
+}
+
+/// Counts a pull as running until it ends, also when its caller drops it half way.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
