@@ -117,6 +117,11 @@ pub enum ProvisionError {
     #[error("image {reference} cannot be used: {reason}")]
     ManifestInvalid { reference: String, reason: String },
 
+    /// The disk under containerd's content store or snapshots filled up during a pull. What
+    /// the pull had written of the blob in flight was removed.
+    #[error("no space left for image {reference} in the container runtime's store ({reason}); free disk space or remove unused images, then pull again")]
+    ImageStoreFull { reference: String, reason: String },
+
     /// A local file or directory operation failed (volumes, FIFOs, state directory).
     #[error("{action} {path}: {source}")]
     Io {

@@ -269,6 +269,14 @@ impl<'a> Pull<'a> {
                 actual,
             },
             Failure::Invalid(reason) => ProvisionError::ManifestInvalid { reference, reason },
+            Failure::Store(ProvisionError::Runtime { action, status })
+                if status.contains("no space left on device") =>
+            {
+                ProvisionError::ImageStoreFull {
+                    reference,
+                    reason: format!("{action}: {status}"),
+                }
+            }
             Failure::Store(e) => e,
         }
     }

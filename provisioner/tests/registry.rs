@@ -218,20 +218,37 @@ fn sha256_hex(data: &[u8]) -> String {
 struct Node {
     prov: Provisioner,
     config: ProvisionerConfig,
-    daemon: LocalContainerd,
+    /// Taken on drop, so the daemon stops before what it has mounted is detached.
+    daemon: Option<LocalContainerd>,
     dir: tempfile::TempDir,
 }
 
 impl Node {
     async fn start() -> Node {
+        Self::start_with_store(None).await
+    }
+
+    /// With `limit`, containerd's root and state live on a tmpfs of that many bytes: a disk
+    /// that fills up.
+    async fn start_with_store(limit: Option<u64>) -> Node {
         init_tracing();
         let dir = tempfile::Builder::new()
             .prefix("shale-pull-")
             .tempdir()
             .expect("temp dir");
-        let daemon = LocalContainerd::spawn(&dir.path().join("ctd"))
-            .await
-            .expect("containerd");
+        let ctd = dir.path().join("ctd");
+        if let Some(bytes) = limit {
+            std::fs::create_dir_all(&ctd).expect("ctd dir");
+            nix::mount::mount(
+                Some("tmpfs"),
+                &ctd,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(format!("size={bytes}").as_str()),
+            )
+            .expect("mount a small tmpfs");
+        }
+        let daemon = LocalContainerd::spawn(&ctd).await.expect("containerd");
         let config = ProvisionerConfig {
             socket: daemon.socket().to_path_buf(),
             namespace: format!("shale-pull-{}", std::process::id()),
@@ -245,7 +262,7 @@ impl Node {
         Node {
             prov,
             config,
-            daemon,
+            daemon: Some(daemon),
             dir,
         }
     }
@@ -254,7 +271,7 @@ impl Node {
     fn ctr(&self, args: &[&str]) -> String {
         let out = Command::new("ctr")
             .arg("--address")
-            .arg(self.daemon.socket())
+            .arg(&self.config.socket)
             .args(["--namespace", &self.config.namespace])
             .args(args)
             .output()
@@ -284,8 +301,10 @@ impl Node {
 }
 
 impl Drop for Node {
-    /// Unmount whatever a failed test left mounted under the temp dir, deepest first.
+    /// Stops containerd first (it unmounts its own), then unmounts whatever a failed test left
+    /// mounted under the temp dir (the tmpfs of a small store too), deepest first.
     fn drop(&mut self) {
+        drop(self.daemon.take());
         let ours = self.dir.path().to_string_lossy().into_owned();
         let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
@@ -704,6 +723,47 @@ async fn a_registry_stopped_mid_pull_fails_cleanly_and_the_pull_succeeds_once_it
         "timing: 160 MiB layer pulled in {:?} after the registry came back",
         pulled.took
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_up_during_a_pull_is_reported_and_keeps_no_partial_blob() {
+    if !tools_present() {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI runs as root"
+        );
+        return;
+    }
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().expect("layout dir");
+    let source = write_layout(
+        layout.path(),
+        "large",
+        &[(b"data/noise.bin", &noise(48 << 20))],
+    );
+    reg.push(&source, "large:1");
+    let layer = reg.layers("large:1").remove(0);
+    let node = Node::start_with_store(Some(24 << 20)).await;
+    let reference = format!("{}/large:1", reg.host());
+    match node.prov.pull_image(&reference, &[reg.config()]).await {
+        Err(e @ ProvisionError::ImageStoreFull { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("no space left"), "{text}");
+            assert!(text.contains(&reference), "{text}");
+        }
+        other => panic!("expected ImageStoreFull, got {other:?}"),
+    }
+    assert!(!node.has_content(&layer), "a partial layer was committed");
+    assert_eq!(node.active_ingests(), Vec::<String>::new());
+    assert!(!node
+        .prov
+        .has_image(&ImageRef(reference))
+        .await
+        .expect("has_image"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
