@@ -50,8 +50,24 @@ struct Registry {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
-    creds: Option<(String, String)>,
+    auth: TestAuth,
 }
+
+/// What the test registry demands.
+enum TestAuth {
+    None,
+    /// htpasswd with one user.
+    Basic(String, String),
+    /// Token auth: JWTs signed by this RSA key, whose self-signed certificate the registry
+    /// trusts. No token service runs: the tests sign tokens themselves and hand them over.
+    Token {
+        keys: tempfile::TempDir,
+        cert_der: Vec<u8>,
+    },
+}
+
+const TOKEN_ISSUER: &str = "shale-test-issuer";
+const TOKEN_SERVICE: &str = "shale-test-registry";
 
 impl Registry {
     fn start() -> Registry {
@@ -60,6 +76,44 @@ impl Registry {
 
     /// With `creds`, the registry demands HTTP basic auth (htpasswd, bcrypt) for everything.
     fn start_with(creds: Option<(&str, &str)>) -> Registry {
+        Self::start_auth(match creds {
+            Some((u, p)) => TestAuth::Basic(u.into(), p.into()),
+            None => TestAuth::None,
+        })
+    }
+
+    /// A registry that accepts only bearer tokens signed by a key of the test's own.
+    fn start_with_tokens() -> Registry {
+        let keys = tempfile::tempdir().expect("key dir");
+        let (key, cert) = (keys.path().join("key.pem"), keys.path().join("cert.pem"));
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=shale-test-issuer", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
+            .output()
+            .expect("run openssl");
+        assert!(der.status.success());
+        Self::start_auth(TestAuth::Token {
+            keys,
+            cert_der: der.stdout,
+        })
+    }
+
+    fn start_auth(test_auth: TestAuth) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("shale-registry-")
             .tempdir()
@@ -68,16 +122,28 @@ impl Registry {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut auth = String::new();
-        if let Some((user, pass)) = creds {
-            let hash = bcrypt::hash(pass, 4).expect("bcrypt");
-            let htpasswd = dir.path().join("htpasswd");
-            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).expect("htpasswd");
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: shale-test\n    path: {}\n",
-                htpasswd.display()
-            );
-        }
+        let auth = match &test_auth {
+            TestAuth::None => String::new(),
+            TestAuth::Basic(user, pass) => {
+                let hash = bcrypt::hash(pass, 4).expect("bcrypt");
+                let htpasswd = dir.path().join("htpasswd");
+                std::fs::write(&htpasswd, format!("{user}:{hash}\n")).expect("htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: shale-test\n    path: {}\n",
+                    htpasswd.display()
+                )
+            }
+            TestAuth::Token { keys, .. } => {
+                // The realm is only advertised; nothing listens on port 1 of loopback.
+                let cert = keys.path().join("cert.pem");
+                format!(
+                    "auth:\n  token:\n    realm: http://127.0.0.1:1/token\n    \
+                     service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    \
+                     rootcertbundle: {}\n",
+                    cert.display()
+                )
+            }
+        };
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
              http:\n  addr: 127.0.0.1:{port}\n{auth}",
@@ -88,7 +154,7 @@ impl Registry {
             dir,
             port,
             child: None,
-            creds: creds.map(|(u, p)| (u.to_string(), p.to_string())),
+            auth: test_auth,
         };
         r.restart();
         r
@@ -129,17 +195,81 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn config(&self) -> RegistryConfig {
+    /// The provider's config for this registry, good for pulling `repo` (token auth grants
+    /// per repository).
+    fn config_for(&self, repo: &str) -> RegistryConfig {
         RegistryConfig {
             host: self.host(),
-            auth: match &self.creds {
-                Some((username, password)) => RegistryAuth::Basic {
+            auth: match &self.auth {
+                TestAuth::Basic(username, password) => RegistryAuth::Basic {
                     username: username.clone(),
                     password: password.clone(),
                 },
-                None => RegistryAuth::Anonymous,
+                TestAuth::Token { .. } => RegistryAuth::Bearer {
+                    token: self.token(repo, &["pull"]),
+                },
+                TestAuth::None => RegistryAuth::Anonymous,
             },
             insecure_http: true,
+        }
+    }
+
+    fn config(&self) -> RegistryConfig {
+        self.config_for("")
+    }
+
+    /// A JWT as a token service would issue it: RS256, the signing certificate in `x5c`, and
+    /// `actions` on repository `repo`.
+    fn token(&self, repo: &str, actions: &[&str]) -> String {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        let TestAuth::Token { keys, cert_der } = &self.auth else {
+            panic!("not a token registry");
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let header =
+            serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [STANDARD.encode(cert_der)]});
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER, "sub": "sp", "aud": TOKEN_SERVICE,
+            "exp": now + 3600, "nbf": now - 60, "iat": now - 60, "jti": format!("{now}-{repo}"),
+            "access": [{"type": "repository", "name": repo, "actions": actions}],
+        });
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut sign = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(keys.path().join("key.pem"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run openssl");
+        sign.stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let sig = sign.wait_with_output().expect("openssl dgst");
+        assert!(sig.status.success());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.stdout))
+    }
+
+    /// skopeo's flags for the credentials `repo_tag`'s repository needs.
+    fn skopeo_auth(&self, dest: bool, repo_tag: &str) -> Vec<String> {
+        let prefix = if dest { "--dest-" } else { "--" };
+        let repo = repo_tag.split(':').next().unwrap_or(repo_tag);
+        match &self.auth {
+            TestAuth::None => vec![],
+            TestAuth::Basic(u, p) => vec![format!("{prefix}creds={u}:{p}")],
+            TestAuth::Token { .. } => vec![format!(
+                "{prefix}registry-token={}",
+                self.token(repo, &["pull", "push"])
+            )],
         }
     }
 
@@ -149,9 +279,7 @@ impl Registry {
         let dest = format!("docker://{}/{repo_tag}", self.host());
         let mut cmd = Command::new("skopeo");
         cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
-        if let Some((u, p)) = &self.creds {
-            cmd.arg(format!("--dest-creds={u}:{p}"));
-        }
+        cmd.args(self.skopeo_auth(true, repo_tag));
         let out = cmd.arg(source).arg(&dest).output().expect("run skopeo");
         assert!(
             out.status.success(),
@@ -165,9 +293,7 @@ impl Registry {
     fn raw_manifest(&self, repo_tag: &str) -> Vec<u8> {
         let mut cmd = Command::new("skopeo");
         cmd.args(["inspect", "--raw", "--tls-verify=false"]);
-        if let Some((u, p)) = &self.creds {
-            cmd.arg(format!("--creds={u}:{p}"));
-        }
+        cmd.args(self.skopeo_auth(false, repo_tag));
         let out = cmd
             .arg(format!("docker://{}/{repo_tag}", self.host()))
             .output()
@@ -598,6 +724,41 @@ async fn basic_auth_admits_the_right_password_and_refuses_a_wrong_one_by_name() 
     assert!(node.prov.has_image(&pulled.image).await.unwrap());
     let stats = node.prov.pull_stats();
     assert_eq!((stats.pulls_ok, stats.pulls_failed), (1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_is_sent_as_it_is_and_a_forged_one_is_refused() {
+    if !tools_present() {
+        return;
+    }
+    let archive = busybox_archive().await;
+    let reg = Registry::start_with_tokens();
+    reg.push(
+        &format!("oci-archive:{}", archive.display()),
+        "team/busybox:1",
+    );
+    let node = Node::start().await;
+    let reference = format!("{}/team/busybox:1", reg.host());
+
+    // A token for another repository, and one whose signature is not the issuer's.
+    let other = reg.config_for("team/other");
+    let mut forged = reg.config_for("team/busybox");
+    if let RegistryAuth::Bearer { token } = &mut forged.auth {
+        let cut = token.rfind('.').unwrap() + 1;
+        token.replace_range(cut.., "AAAA");
+    }
+    for (label, config) in [("other repository", other), ("forged", forged)] {
+        match node.prov.pull_image(&reference, &[config]).await {
+            Err(ProvisionError::RegistryUnauthorized { .. }) => {}
+            other => panic!("{label}: expected RegistryUnauthorized, got {other:?}"),
+        }
+    }
+    let pulled = node
+        .prov
+        .pull_image(&reference, &[reg.config_for("team/busybox")])
+        .await
+        .expect("pull with a bearer token");
+    assert!(node.prov.has_image(&pulled.image).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
