@@ -71,6 +71,7 @@ impl ContainerSshd {
                 pids_limit: None,
                 // The disk the stack's orders get by default, like the gateway's side.
                 disk_bytes: shale_tests::stack::STACK_DISK_MIB << 20,
+                image: None,
             })
             .await
             .context("starting the sshd container")?;

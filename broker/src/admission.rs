@@ -175,6 +175,13 @@ fn differs(asked: &LeaseSpec, allowed: &LeaseSpec) -> Option<String> {
             asked.dataset, allowed.dataset
         ));
     }
+    if asked.image != allowed.image {
+        what.push(format!(
+            "image {} (terms: {})",
+            asked.image.as_deref().unwrap_or("the default"),
+            allowed.image.as_deref().unwrap_or("the default")
+        ));
+    }
     if asked.expires_at > allowed.expires_at {
         what.push("a lease past the order's end".into());
     }
@@ -210,6 +217,7 @@ mod tests {
             expires_at: SystemTime::now() + Duration::from_secs(3600),
             pids_limit: None,
             disk_bytes: 1 << 30,
+            image: Some(format!("sha256:{}", "ab".repeat(32))),
         }
     }
 
@@ -263,6 +271,17 @@ mod tests {
             ..asked.clone()
         };
         assert!(a.ensure(&other_data).await.unwrap_err().contains("dataset"));
+
+        // A default image is not the one the client paid for.
+        let other_image = LeaseSpec {
+            image: None,
+            ..asked.clone()
+        };
+        let refused = a.ensure(&other_image).await.unwrap_err();
+        assert!(
+            refused.contains("image the default (terms: sha256:abab"),
+            "{refused}"
+        );
 
         let forever = LeaseSpec {
             expires_at: SystemTime::now() + Duration::from_secs(86_400 * 365),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use alloy_primitives::Address;
 use serde::Deserialize;
-use shale_provisioner::ProvisionerConfig;
+use shale_provisioner::{Catalog, ProvisionerConfig, RegistryConfig};
 
 /// Everything the gateway needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,6 +23,13 @@ pub struct GatewayConfig {
     pub chain: ChainConfig,
     /// The containerd side: socket, namespace, image, datasets, GPUs.
     pub containers: ProvisionerConfig,
+    /// The SP's image catalog (`[images.NAME]`): what clients may choose to run, each pulled
+    /// from a registry or imported from an archive when the gateway starts.
+    #[serde(default)]
+    pub images: Catalog,
+    /// Registries the catalog pulls from, with their credentials (`[[registries]]`).
+    #[serde(default)]
+    pub registries: Vec<RegistryConfig>,
     /// Session policy.
     #[serde(default)]
     pub sessions: SessionConfig,
@@ -367,10 +374,15 @@ impl GatewayConfig {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             reason: e.to_string(),
-        })
+        })?;
+        shale_provisioner::check_catalog(&config.images).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(config)
     }
 }
 

@@ -87,6 +87,7 @@ pub fn lease_spec(order: &Order) -> LeaseSpec {
         cpus: order.cpus,
         memory_bytes: order.memory_mib.saturating_mul(1024 * 1024),
         disk_bytes: order.disk_mib.saturating_mul(1 << 20),
+        image: None,
         gpus: order.gpus,
         dataset: order.dataset.clone(),
         expires_at,

@@ -145,6 +145,8 @@ async fn shutdown_tells_users_ends_every_task_and_closes_the_listeners() {
             poll_interval: Duration::from_millis(200),
         },
         containers,
+        images: Default::default(),
+        registries: Vec::new(),
         sessions: SessionConfig {
             drain: Duration::from_secs(5),
             ..SessionConfig::default()

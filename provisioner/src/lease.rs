@@ -60,6 +60,10 @@ pub struct LeaseSpec {
     pub pids_limit: Option<u64>,
     /// The order's disk: everything it writes (root filesystem changes, `/work`) fits in it.
     pub disk_bytes: u64,
+    /// The digest (`sha256:…`) of the catalog image the order runs; `None` for the provider's
+    /// configured image (an order placed before the provider had a catalog).
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// A running order container.
@@ -166,7 +170,12 @@ impl Provisioner {
             Err(s) => return Err(ctd.status("look up the order's container", s)),
         }
 
-        let image = ctd.resolve_image(&self.inner.config.image).await?;
+        // Exactly the content the order names, never whatever a tag points at now.
+        let named = match &spec.image {
+            Some(digest) => ctd.image_with_digest(digest).await?,
+            None => self.inner.config.image.clone(),
+        };
+        let image = ctd.resolve_image(&named).await?;
         let _gpu_guard = if spec.gpus > 0 {
             Some(self.inner.gpu_lock.lock().await)
         } else {

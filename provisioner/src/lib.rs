@@ -17,6 +17,7 @@
 //! (see [`image_build`]). [`daemon::LocalContainerd`] starts a project-local containerd for tests
 //! and `shale dev up`.
 
+mod catalog;
 mod cdi;
 mod config;
 mod ctd;
@@ -36,6 +37,7 @@ mod seccomp;
 mod spec;
 mod userns;
 
+pub use catalog::{check_catalog, Catalog, CatalogImage, ImageSource, InstalledImage};
 pub use cdi::{CdiRegistry, ContainerEdits, DeviceNode, HookEdit, MountEdit};
 pub use config::{ImageRef, ProvisionerConfig};
 pub use disk::MIN_DISK_BYTES;

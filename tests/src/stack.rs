@@ -257,6 +257,8 @@ impl Stack {
                 poll_interval: Duration::from_millis(500),
             },
             containers,
+            images: Default::default(),
+            registries: Vec::new(),
             sessions: options.sessions,
             state_dir: dir.path().join("gateway"),
             meter: shale_meter::MeterConfig {

@@ -149,6 +149,7 @@ pub fn lease(order: u64) -> LeaseSpec {
         expires_at: SystemTime::now() + Duration::from_secs(3600),
         pids_limit: None,
         disk_bytes: 64 << 20,
+        image: None,
     }
 }
 

@@ -7,13 +7,46 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use shale_broker::Broker;
 use shale_gateway::chain_standing::ChainStanding;
-use shale_provisioner::{Provisioner, ProvisionerConfig};
+use shale_provisioner::{Catalog, Provisioner, ProvisionerConfig, RegistryConfig};
 
 use crate::spconfig::SpConfig;
 
 /// Where the broker listens: beside the gateway's state, which the SSH process can reach.
 pub fn socket_path(sp: &SpConfig) -> PathBuf {
     sp.gateway.state_dir.join("broker.sock")
+}
+
+/// Where the broker records the catalog as installed: each name with the digest it resolved
+/// to, which is what the SP publishes on chain (`shale sp update`).
+pub fn catalog_path(sp: &SpConfig) -> PathBuf {
+    sp.gateway.state_dir.join("catalog.json")
+}
+
+/// Installs every catalog image, then writes what was installed (and why the rest was not).
+async fn install_catalog(
+    provisioner: Provisioner,
+    catalog: Catalog,
+    registries: Vec<RegistryConfig>,
+    record: PathBuf,
+) {
+    if catalog.is_empty() {
+        return;
+    }
+    let mut installed = Vec::new();
+    let mut failed = serde_json::Map::new();
+    for outcome in provisioner.install_catalog(&catalog, &registries).await {
+        match outcome {
+            Ok(image) => installed.push(image),
+            Err((name, e)) => {
+                failed.insert(name, e.to_string().into());
+            }
+        }
+    }
+    let json = serde_json::json!({ "installed": installed, "failed": failed });
+    let text = serde_json::to_string_pretty(&json).expect("the catalog record serializes");
+    if let Err(e) = std::fs::write(&record, text) {
+        tracing::warn!(path = %record.display(), error = %e, "cannot record the installed catalog");
+    }
 }
 
 /// Connects to containerd and serves it until SIGINT or SIGTERM.
@@ -38,6 +71,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let provisioner = Provisioner::connect(containers)
         .await
         .context("connecting to containerd")?;
+    // Pull early: the catalog is installed while the broker already serves, so a login never
+    // waits for a registry it need not wait for.
+    tokio::spawn(install_catalog(
+        provisioner.clone(),
+        config.images.clone(),
+        config.registries.clone(),
+        catalog_path(&sp),
+    ));
     let socket = socket_path(&sp);
     match std::fs::remove_file(&socket) {
         Ok(()) => {}
