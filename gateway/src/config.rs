@@ -416,6 +416,8 @@ mod tests {
             .lines()
             .map(|l| match l.strip_prefix("# ") {
                 Some(rest) if rest.contains(" = ") && !rest.starts_with('"') => rest,
+                // The catalog's and registries' example tables.
+                Some(rest) if rest.starts_with('[') => rest,
                 _ => l,
             })
             .collect::<Vec<_>>()
@@ -431,6 +433,10 @@ mod tests {
             AuthConfig::default().stale_order_max
         );
         assert_eq!(full.containers.namespace, "shale");
+        assert!(config.images.is_empty() && config.registries.is_empty());
+        shale_provisioner::check_catalog(&full.images).unwrap();
+        assert!(full.images["cuda"].gpu_ready && full.images["default"].default);
+        assert_eq!(full.registries[0].host, "registry.example:5000");
         assert!(!config.log.audit_commands && !full.log.audit_commands);
         // The network section's commented values are the defaults, and its examples are real.
         let defaults = shale_provisioner::NetworkConfig::default();
