@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use shale_provisioner::{
     ExecRequest, ExitStatus, Lease, LeaseSpec, Machines, Process, ProcessControl, ProvisionError,
-    PtySize, Reconciled, Traffic,
+    PtySize, PullStats, Reconciled, Traffic,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UnixStream};
@@ -215,6 +215,13 @@ impl Machines for BrokerClient {
         Box::pin(async move {
             let reply = self.simple(Request::ReconcileNetwork).await?;
             expect_reply!(self, reply, Reply::Reconciled(r) => r)
+        })
+    }
+
+    fn pull_stats(&self) -> BoxFuture<'_, Result<PullStats, ProvisionError>> {
+        Box::pin(async move {
+            let reply = self.simple(Request::PullStats).await?;
+            expect_reply!(self, reply, Reply::PullStats(s) => s)
         })
     }
 }

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use shale_provisioner::{
-    ExecRequest, ExitStatus, Lease, LeaseSpec, ProvisionError, PtySize, Reconciled, Traffic,
+    ExecRequest, ExitStatus, Lease, LeaseSpec, ProvisionError, PtySize, PullStats, Reconciled,
+    Traffic,
 };
 
 /// This build's protocol version; a request of another version is refused.
@@ -54,6 +55,8 @@ pub enum Request {
     AdoptAll,
     /// Repair the orders' network.
     ReconcileNetwork,
+    /// The image pulls' counters.
+    PullStats,
 }
 
 /// The broker's answer to a [`Request`].
@@ -75,6 +78,8 @@ pub enum Reply {
     Traffic(Option<Traffic>),
     /// From `ReconcileNetwork`.
     Reconciled(Reconciled),
+    /// From `PullStats`.
+    PullStats(PullStats),
     /// Done, nothing to say (`Stop`, `Release`).
     Done,
     /// The operation failed.

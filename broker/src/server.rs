@@ -160,7 +160,8 @@ impl Broker {
             | Request::Scope
             | Request::Orders
             | Request::AdoptAll
-            | Request::ReconcileNetwork => Ok(()),
+            | Request::ReconcileNetwork
+            | Request::PullStats => Ok(()),
         }
     }
 
@@ -177,6 +178,7 @@ impl Broker {
                 .ensure(&spec)
                 .await
                 .map_or_else(failed, |l| Reply::Lease(Box::new(l))),
+            Request::PullStats => Reply::PullStats(p.pull_stats()),
             Request::Orders => p.orders().await.map_or_else(failed, Reply::Orders),
             Request::AdoptAll => p.adopt(|_| true).await.map_or_else(failed, Reply::Orders),
             Request::Traffic { order } => {
@@ -303,7 +305,11 @@ fn order_of(request: &Request) -> Option<u64> {
         | Request::Traffic { order }
         | Request::Stop { order }
         | Request::Release { order } => Some(*order),
-        Request::Scope | Request::Orders | Request::AdoptAll | Request::ReconcileNetwork => None,
+        Request::Scope
+        | Request::Orders
+        | Request::AdoptAll
+        | Request::ReconcileNetwork
+        | Request::PullStats => None,
     }
 }
 

@@ -112,6 +112,16 @@ pub struct Metrics {
     pub network_repairs: Family<KindLabel, Counter>,
     /// Orders stopped because their network could not be restored.
     pub network_stopped_orders: Counter,
+    /// Image pulls from registries, by outcome (`ok`, `failed`), mirrored from the broker.
+    pub image_pulls: Family<KindLabel, Counter>,
+    /// Bytes received from registries.
+    pub image_pull_bytes: Counter,
+    /// Seconds spent in finished pulls.
+    pub image_pull_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Pulls running now.
+    pub image_pulls_in_flight: Gauge,
+    /// The broker's counters as last mirrored: its own restart resets them.
+    pulls_seen: std::sync::Mutex<shale_provisioner::PullStats>,
 }
 
 /// A label set naming one order's GPU.
@@ -158,9 +168,34 @@ impl Default for Metrics {
             order_network_ingress_bytes: Family::default(),
             network_repairs: Family::default(),
             network_stopped_orders: Counter::default(),
+            image_pulls: Family::default(),
+            image_pull_bytes: Counter::default(),
+            image_pull_seconds: Counter::default(),
+            image_pulls_in_flight: Gauge::default(),
+            pulls_seen: Default::default(),
             registry: Registry::default(),
             network_registry: Registry::default(),
         };
+        registry.register(
+            "image_pulls",
+            "Image pulls from registries, by outcome",
+            m.image_pulls.clone(),
+        );
+        registry.register(
+            "image_pull_bytes",
+            "Bytes received from image registries",
+            m.image_pull_bytes.clone(),
+        );
+        registry.register(
+            "image_pull_seconds",
+            "Seconds spent in finished image pulls",
+            m.image_pull_seconds.clone(),
+        );
+        registry.register(
+            "image_pulls_in_flight",
+            "Image pulls running now",
+            m.image_pulls_in_flight.clone(),
+        );
         let mut network = Registry::with_prefix("shale");
         registry.register(
             "sessions_active",
@@ -341,6 +376,32 @@ impl Metrics {
             .inc();
     }
 
+    /// Mirrors the broker's pull counters: adds what they grew by since the last look (all of
+    /// them after the broker restarted and its counters began again).
+    pub fn observe_pulls(&self, now: shale_provisioner::PullStats) {
+        let mut seen = self.pulls_seen.lock().expect("pull counters");
+        let restarted = now.pulls_ok < seen.pulls_ok
+            || now.pulls_failed < seen.pulls_failed
+            || now.bytes < seen.bytes;
+        let before = if restarted {
+            shale_provisioner::PullStats::default()
+        } else {
+            *seen
+        };
+        let pulls = |kind: &str| {
+            self.image_pulls.get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+        };
+        pulls("ok").inc_by(now.pulls_ok - before.pulls_ok);
+        pulls("failed").inc_by(now.pulls_failed - before.pulls_failed);
+        self.image_pull_bytes.inc_by(now.bytes - before.bytes);
+        self.image_pull_seconds
+            .inc_by((now.seconds - before.seconds).max(0.0));
+        self.image_pulls_in_flight.set(now.in_flight as i64);
+        *seen = now;
+    }
+
     /// Adds one to `family`'s series for `reason`.
     pub fn count_reason(family: &Family<ReasonLabel, Counter>, reason: &str) {
         family
@@ -354,6 +415,28 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pull_counters_follow_the_broker_across_its_restart() {
+        let metrics = Metrics::default();
+        let stats = |ok, bytes| shale_provisioner::PullStats {
+            pulls_ok: ok,
+            bytes,
+            seconds: ok as f64,
+            ..Default::default()
+        };
+        metrics.observe_pulls(stats(2, 1000));
+        metrics.observe_pulls(stats(3, 1500));
+        // The broker restarted: its counters began again at 0 and it has pulled once since.
+        metrics.observe_pulls(stats(1, 200));
+        let page = metrics.render();
+        for line in [
+            "shale_gateway_image_pulls_total{kind=\"ok\"} 4",
+            "shale_gateway_image_pull_bytes_total 1700",
+        ] {
+            assert!(page.lines().any(|l| l == line), "{line} not in\n{page}");
+        }
+    }
 
     #[test]
     fn the_networks_series_are_named_shale_and_the_page_ends_once() {

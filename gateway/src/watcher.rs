@@ -296,6 +296,9 @@ async fn watch_network(shared: Arc<Shared>, every: Duration) {
         // The first tick is at once: after a restart, leftovers go before anything is counted.
         tick.tick().await;
         repair_network(&shared, &mut reconciling).await;
+        if let Ok(pulls) = shared.provisioner.pull_stats().await {
+            shared.metrics.observe_pulls(pulls);
+        }
         let held: Vec<OrderId> = match shared.provisioner.orders().await {
             Ok(held) => held.into_iter().map(OrderId).collect(),
             Err(e) => {

@@ -8,7 +8,8 @@ use futures::future::BoxFuture;
 use tokio::net::TcpStream;
 
 use crate::{
-    ExecRequest, Lease, LeaseSpec, Process, ProvisionError, Provisioner, Reconciled, Traffic,
+    ExecRequest, Lease, LeaseSpec, Process, ProvisionError, Provisioner, PullStats, Reconciled,
+    Traffic,
 };
 
 /// The operations on orders' containers that a gateway uses. Every method means what the
@@ -40,6 +41,8 @@ pub trait Machines: Send + Sync + 'static {
     fn adopt_all(&self) -> BoxFuture<'_, Result<Vec<u64>, ProvisionError>>;
     /// Restores the orders' network where it was changed, and removes what a crash left.
     fn reconcile_network(&self) -> BoxFuture<'_, Result<Reconciled, ProvisionError>>;
+    /// Counters of the image pulls since the provisioner connected.
+    fn pull_stats(&self) -> BoxFuture<'_, Result<PullStats, ProvisionError>>;
 }
 
 impl Machines for Provisioner {
@@ -86,5 +89,9 @@ impl Machines for Provisioner {
 
     fn reconcile_network(&self) -> BoxFuture<'_, Result<Reconciled, ProvisionError>> {
         Box::pin(Provisioner::reconcile_network(self))
+    }
+
+    fn pull_stats(&self) -> BoxFuture<'_, Result<PullStats, ProvisionError>> {
+        Box::pin(async move { Ok(Provisioner::pull_stats(self)) })
     }
 }

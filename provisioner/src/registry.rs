@@ -80,7 +80,7 @@ pub struct PulledImage {
 }
 
 /// Counters of every pull since the provisioner connected, for the gateway to export.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PullStats {
     /// Pulls that ended with the image installed.
     pub pulls_ok: u64,
