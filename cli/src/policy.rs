@@ -222,6 +222,7 @@ mod tests {
             active: true,
             registered_at: 0,
             datasets: vec![],
+            images: vec![],
             rating: Rating::default(),
         }
     }
@@ -237,6 +238,7 @@ mod tests {
             disk_mib: 1024,
             gpus,
             dataset: dataset.map(Into::into),
+            image_digest: None,
             price_per_second: U256::from(10u8),
             price_per_gib: U256::from(5u8),
             max_duration_secs: 60,

@@ -2,7 +2,7 @@
 pragma solidity ^0.8.24;
 
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
-import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {EIP712} from "./EIP712.sol";
 import {ITickVerifier} from "./ITickVerifier.sol";
 import {ProviderRegistry} from "./ProviderRegistry.sol";
 
@@ -88,6 +88,10 @@ contract Marketplace is ProviderRegistry, EIP712 {
         uint64 acceptTimeout;
         /// Dataset id of the provider's registry entry; empty for none.
         string datasetId;
+        /// SHA-256 of the OCI manifest or index of the image the order runs: one of the
+        /// provider's catalog digests (`getImages`), or 0 for the provider's built-in default
+        /// when its catalog is empty.
+        bytes32 imageDigest;
         uint256 pricePerSecond;
         uint256 pricePerGiB;
         /// Collateral the provider must post to accept (e.g. a fraction of the escrow).
@@ -174,6 +178,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         uint64 acceptTimeout;
         bytes32 keyFingerprint;
         uint256 collateral;
+        bytes32 imageDigest;
         string datasetId;
     }
 
@@ -191,23 +196,23 @@ contract Marketplace is ProviderRegistry, EIP712 {
 
     /// Longest lease and longest accept timeout an order may ask for. Bounding them keeps every
     /// `timestamp + duration` far inside uint64, so no order can be bricked by an overflow.
-    uint64 public constant MAX_DURATION_LIMIT = 10 * 365 days;
+    uint64 internal constant MAX_DURATION_LIMIT = 10 * 365 days;
     /// Time after the end of an order during which the provider may still claim usage; set at
     /// deployment (at least 1 second, at most `MAX_DURATION_LIMIT`).
     uint64 public immutable CLAIM_WINDOW;
     /// The largest price per second and per GiB an order may state: the meter's `MAX_PRICE`, so
     /// that every price the contract accepts is one the gateway can charge. Below it no charge
     /// can overflow: seconds < 2^64 and bytes < 2^66 keep every batch under 2^195 wei.
-    uint256 public constant MAX_PRICE = type(uint128).max;
+    uint256 internal constant MAX_PRICE = type(uint128).max;
     /// keccak256 of the EIP-712 type of an acknowledgment.
-    bytes32 public constant ACKNOWLEDGMENT_TYPEHASH =
+    bytes32 internal constant ACKNOWLEDGMENT_TYPEHASH =
         keccak256("Acknowledgment(uint256 orderId,bytes32 head,uint64 seconds,uint64 bytesIn,uint64 bytesOut)");
     /// The BN254 scalar field order: every public input of a tick proof must be below it.
-    uint256 public constant SNARK_SCALAR_FIELD =
+    uint256 internal constant SNARK_SCALAR_FIELD =
         21888242871839275222246405745257275088548364400416034343698204186575808495617;
     uint256 private constant GIB = 1 << 30;
     /// The longest reason (bytes of UTF-8) a provider may give when it declines an order.
-    uint256 public constant MAX_DECLINE_REASON = 200;
+    uint256 internal constant MAX_DECLINE_REASON = 200;
     /// Set in a stored head: the slot is never zero after `accept`, whatever the head.
     uint256 private constant MARK = 1 << 255;
 
@@ -305,6 +310,10 @@ contract Marketplace is ProviderRegistry, EIP712 {
     error TransferFailed(address to, uint256 amount);
     error Reentrancy();
 
+    function _eip712Strings() internal pure override returns (string memory, string memory) {
+        return ("Shale Marketplace", "1");
+    }
+
     // The guard's body is in functions, not inlined in every guarded function: runtime size.
     modifier nonReentrant() {
         _enter();
@@ -364,6 +373,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         t.maxDuration = o.maxDuration;
         t.acceptTimeout = o.acceptTimeout;
         t.datasetId = o.datasetId;
+        t.imageDigest = o.imageDigest;
         t.pricePerSecond = o.pricePerSecond;
         t.pricePerGiB = o.pricePerGiB;
         t.collateral = o.collateral;
@@ -387,16 +397,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         return uint256(keccak256(abi.encode(block.chainid, address(this), orderId))) % SNARK_SCALAR_FIELD;
     }
 
-    /// Seconds the provider may still claim right now: the lease's wall-clock time so far
-    /// (to now, or to the end) minus what was already claimed.
-    function claimableSeconds(uint256 orderId) external view returns (uint64) {
-        Record storage o = _order(orderId);
-        OrderState s = _stateOf(o);
-        if (s != OrderState.Active && s != OrderState.Ended) return 0;
-        return _leaseSecondsSoFar(o) - o.claimedSeconds;
-    }
-
-    // The order's derived figures (state, expiry, claimable bytes, a batch's price) are not views
+    // The order's derived figures (state, expiry, claimable seconds and bytes, a batch's price) are not views
     // of their own: they follow from `getOrder` (and the domain from `eip712Domain()`), and the
     // runtime size limit needs the bytes. shale-contracts computes them from `getOrder`.
 
@@ -428,6 +429,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         if (terms.diskMiB < MIN_DISK_MIB) revert DiskTooSmall(terms.diskMiB, MIN_DISK_MIB);
         if (terms.diskMiB > p.offer.maxDiskMiB) revert DiskTooLarge(terms.diskMiB, p.offer.maxDiskMiB);
         if (bytes(terms.datasetId).length != 0) _requireDataset(provider, terms.datasetId);
+        _requireImage(provider, terms.imageDigest);
 
         orderId = ++orderCount;
         Record storage o = _orders[orderId];
@@ -448,6 +450,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         o.keyFingerprint = terms.keyFingerprint;
         o.collateral = terms.collateral;
         o.datasetId = terms.datasetId;
+        o.imageDigest = terms.imageDigest;
         emit OrderCreated(orderId, msg.sender, provider, msg.value, terms.collateral, terms.datasetId);
     }
 

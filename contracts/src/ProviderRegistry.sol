@@ -37,6 +37,20 @@ abstract contract ProviderRegistry {
         string description;
     }
 
+    /// An OCI image the provider runs orders from, pinned by the digest of its manifest or index.
+    struct Image {
+        /// Provider-chosen name, unique per provider (e.g. `default`, `pytorch-cuda`); clients
+        /// pick an image by it and the order carries its digest.
+        string name;
+        /// SHA-256 of the image's OCI manifest or index: the hex of `sha256:<hex>` as 32 bytes.
+        bytes32 digest;
+        string description;
+        /// Built for the provider's GPUs (CUDA user space and the like).
+        bool gpuReady;
+        /// Approximate size on disk (0 when unknown).
+        uint64 sizeBytes;
+    }
+
     struct Provider {
         address owner;
         /// Gateway endpoint, `host:port`.
@@ -52,14 +66,17 @@ abstract contract ProviderRegistry {
         uint64 ratingSum;
         /// Wei the rated orders paid the provider (when rated), and the sum of stars times that
         /// wei: `rating()`'s average is their quotient, so a rating counts as much as its order
-        /// paid.
+        /// paid. The average in hundredths of a star is `ratingWeightedStars * 100 / ratingWeight`,
+        /// floored (0 with no ratings); there is no view of its own (runtime size).
         uint256 ratingWeight;
         uint256 ratingWeightedStars;
     }
 
-    uint256 public constant MAX_TEXT = 1024;
-    uint256 public constant MAX_REVIEW = 280;
-    uint256 public constant MAX_DATASETS = 256;
+    uint256 internal constant MAX_TEXT = 1024;
+    uint256 internal constant MAX_REVIEW = 280;
+    uint256 internal constant MAX_DATASETS = 256;
+    uint256 internal constant MAX_IMAGES = 64;
+    uint256 internal constant MAX_IMAGE_NAME = 128;
     /// The smallest disk an order may have: below it the provider's filesystem (ext4 with its
     /// journal) cannot hold the order's changes to the image. The provisioner's
     /// `MIN_DISK_BYTES` is the same size.
@@ -70,12 +87,19 @@ abstract contract ProviderRegistry {
     /// keccak256(dataset id) => index + 1 in `_datasets[provider]` (0 = absent).
     mapping(address => mapping(bytes32 => uint256)) private _datasetIndex;
     address[] private _providerList;
+    mapping(address => Image[]) private _images;
+    /// keccak256(image name) => index + 1 in `_images[provider]` (0 = absent).
+    mapping(address => mapping(bytes32 => uint256)) private _imageIndex;
+    /// digest => how many of the provider's image names pin it (0 = not in the catalog).
+    mapping(address => mapping(bytes32 => uint256)) private _imageDigestRefs;
 
     event ProviderRegistered(address indexed provider, string endpoint, string sshHostKey);
     event ProviderUpdated(address indexed provider, string endpoint, string sshHostKey);
     event ProviderWithdrawn(address indexed provider);
     event DatasetAdded(address indexed provider, string datasetId);
     event DatasetRemoved(address indexed provider, string datasetId);
+    event ImageAdded(address indexed provider, string name, bytes32 digest);
+    event ImageRemoved(address indexed provider, string name);
 
     error ProviderNotFound(address provider);
     error AlreadyRegistered(address provider);
@@ -85,6 +109,13 @@ abstract contract ProviderRegistry {
     error TooManyDatasets(uint256 max);
     error DatasetExists(address provider, string datasetId);
     error UnknownDataset(address provider, string datasetId);
+    error TooManyImages(uint256 max);
+    /// A name is pinned to one digest: remove the image before adding it again with another.
+    error ImageExists(address provider, string name);
+    error UnknownImage(address provider, string name);
+    /// The order names an image digest the provider's catalog does not list (or 0 while the
+    /// provider lists images: an order must then name one of them).
+    error UnknownImageDigest(address provider, bytes32 digest);
     /// An offer's default disk must be non-zero and at most its maximum per order.
     error InvalidOfferDisk(uint64 diskMiB, uint64 maxDiskMiB);
 
@@ -154,33 +185,68 @@ abstract contract ProviderRegistry {
         emit DatasetRemoved(msg.sender, datasetId);
     }
 
+    /// Adds an image to the caller's catalog. Names are unique: re-adding a name is refused
+    /// (`ImageExists`), remove it first to pin it to another digest. The catalog is kept when the
+    /// provider withdraws and registers again.
+    function addImage(Image calldata image) external {
+        _activeProvider(msg.sender);
+        bytes calldata name = bytes(image.name);
+        if (name.length == 0) revert EmptyField("image.name");
+        if (name.length > MAX_IMAGE_NAME) revert TooLong("image.name", name.length, MAX_IMAGE_NAME);
+        if (image.digest == bytes32(0)) revert EmptyField("image.digest");
+        _checkLength("image.description", image.description);
+        bytes32 key = keccak256(name);
+        if (_imageIndex[msg.sender][key] != 0) revert ImageExists(msg.sender, image.name);
+        Image[] storage list = _images[msg.sender];
+        if (list.length >= MAX_IMAGES) revert TooManyImages(MAX_IMAGES);
+        Image storage img = list.push();
+        img.name = image.name;
+        img.digest = image.digest;
+        img.description = image.description;
+        img.gpuReady = image.gpuReady;
+        img.sizeBytes = image.sizeBytes;
+        _imageIndex[msg.sender][key] = list.length;
+        _imageDigestRefs[msg.sender][image.digest] += 1;
+        emit ImageAdded(msg.sender, image.name, image.digest);
+    }
+
+    /// Removes an image from the caller's catalog; orders that already name its digest keep it.
+    function removeImage(string calldata name) external {
+        bytes32 key = keccak256(bytes(name));
+        uint256 index = _imageIndex[msg.sender][key];
+        if (index == 0) revert UnknownImage(msg.sender, name);
+        Image[] storage list = _images[msg.sender];
+        _imageDigestRefs[msg.sender][list[index - 1].digest] -= 1;
+        uint256 last = list.length;
+        if (index != last) {
+            Image storage to = list[index - 1];
+            Image storage from = list[last - 1];
+            to.name = from.name;
+            to.digest = from.digest;
+            to.description = from.description;
+            to.gpuReady = from.gpuReady;
+            to.sizeBytes = from.sizeBytes;
+            _imageIndex[msg.sender][keccak256(bytes(to.name))] = index;
+        }
+        list.pop();
+        delete _imageIndex[msg.sender][key];
+        emit ImageRemoved(msg.sender, name);
+    }
+
     /// Every address that ever registered, in registration order (withdrawn ones included:
     /// check `active`).
     function providerAddresses() external view returns (address[] memory) {
         return _providerList;
     }
 
-    function getProvider(address provider) external view returns (Provider memory) {
-        return _provider(provider);
-    }
-
-    function getDatasets(address provider) external view returns (Dataset[] memory) {
-        _provider(provider);
-        return _datasets[provider];
-    }
-
-    function getDataset(address provider, string calldata datasetId) external view returns (Dataset memory) {
-        _provider(provider);
-        return _datasets[provider][_requireDataset(provider, datasetId)];
-    }
-
-    /// Rating count and the average weighted by what each rated order paid, in hundredths of a
-    /// star, floored (e.g. 5 stars over 2 wei and 4 stars over 1 wei: 14 / 3 reads 466); the
-    /// average is 0 when nobody rated yet.
-    function rating(address provider) external view returns (uint64 count, uint256 averageCentiStars) {
-        Provider storage p = _provider(provider);
-        count = p.ratingCount;
-        averageCentiStars = p.ratingWeight == 0 ? 0 : (p.ratingWeightedStars * 100) / p.ratingWeight;
+    /// A provider's entry, its datasets and its image catalog (in no particular order: a removal
+    /// moves the last entry into the gap).
+    function getProvider(address provider)
+        external
+        view
+        returns (Provider memory, Dataset[] memory datasets, Image[] memory images)
+    {
+        return (_provider(provider), _datasets[provider], _images[provider]);
     }
 
     /// Adds a rating of `stars` from an order that paid the provider `weight` wei (> 0).
@@ -207,6 +273,14 @@ abstract contract ProviderRegistry {
         uint256 index = _datasetIndex[provider][keccak256(bytes(datasetId))];
         if (index == 0) revert UnknownDataset(provider, datasetId);
         return index - 1;
+    }
+
+    /// Reverts unless an order may name `digest`: one of the provider's catalog digests, or 0
+    /// (the provider's built-in default) when its catalog is empty.
+    function _requireImage(address provider, bytes32 digest) internal view {
+        if (_imageDigestRefs[provider][digest] == 0 && (digest != bytes32(0) || _images[provider].length != 0)) {
+            revert UnknownImageDigest(provider, digest);
+        }
     }
 
     function _addDataset(address provider, Dataset calldata dataset) private {

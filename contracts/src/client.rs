@@ -19,8 +19,8 @@ use crate::bindings::Marketplace as abi;
 use crate::error::ChainError;
 use crate::events::{EventStream, Watcher};
 use crate::types::{
-    u64_of, ClaimReceipt, ClaimRequest, Dataset, NewOrder, Offer, Order, Provider, SignedAck,
-    TxReceipt,
+    u64_of, ClaimReceipt, ClaimRequest, Dataset, Image, NewOrder, Offer, Order, Provider,
+    SignedAck, TxReceipt,
 };
 
 /// How long one RPC request may take before the endpoint counts as unreachable.
@@ -218,7 +218,7 @@ impl Marketplace {
         u64_of(n, "order count")
     }
 
-    /// A provider's entry with its datasets and rating.
+    /// A provider's entry with its datasets, image catalog and rating (one call).
     #[instrument(skip(self))]
     pub async fn provider(&self, address: Address) -> Result<Provider, ChainError> {
         let raw = self
@@ -227,15 +227,10 @@ impl Marketplace {
             .call()
             .await
             .map_err(|e| self.call_err(e))?;
-        let datasets = self
-            .contract
-            .getDatasets(address)
-            .call()
-            .await
-            .map_err(|e| self.call_err(e))?;
         Ok(Provider::from_abi(
-            raw,
-            datasets.into_iter().map(Dataset::from_abi).collect(),
+            raw._0,
+            raw.datasets.into_iter().map(Dataset::from_abi).collect(),
+            raw.images.into_iter().map(Image::from_abi).collect(),
         ))
     }
 
@@ -290,13 +285,12 @@ impl Marketplace {
         Ok(order.bytes_bound().saturating_sub(order.claimed_bytes))
     }
 
-    /// Seconds of lease time the provider may claim right now.
+    /// Seconds of lease time the provider may claim right now: from `getOrder` and the latest
+    /// block's time (the contract has no view of its own: its size limit).
     pub async fn claimable_seconds(&self, order_id: u64) -> Result<u64, ChainError> {
-        self.contract
-            .claimableSeconds(U256::from(order_id))
-            .call()
-            .await
-            .map_err(|e| self.call_err(e))
+        let order = self.order(order_id).await?;
+        let now = self.chain_time().await?;
+        Ok(order.claimable_seconds_at(now))
     }
 
     /// The order key the contract checks a claim's proof against (public input 0): the order id
@@ -384,6 +378,50 @@ impl Marketplace {
         self.submit(self.contract.removeDataset(dataset_id.to_string()))
             .await
             .map(tx_receipt)
+    }
+
+    /// Adds an image to the signer's catalog. A name already listed is refused: remove it first
+    /// to pin it to another digest.
+    pub async fn add_image(&self, image: &Image) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.addImage(image.to_abi()))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Removes an image from the signer's catalog; orders that already name it keep its digest.
+    pub async fn remove_image(&self, name: &str) -> Result<TxReceipt, ChainError> {
+        self.submit(self.contract.removeImage(name.to_string()))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Makes the signer's on-chain catalog list exactly `images`: removes entries missing from
+    /// it or pinned to another digest, then adds what is new. Entries already listed with the
+    /// same digest are left alone (a changed description alone is not republished). Returns the
+    /// receipts of the transactions sent, none when the chain already matches.
+    pub async fn sync_images(&self, images: &[Image]) -> Result<Vec<TxReceipt>, ChainError> {
+        let me = self
+            .sender()
+            .ok_or_else(|| ChainError::InvalidInput("syncing images needs a signer".into()))?;
+        let listed = self.provider(me).await?.images;
+        let mut receipts = Vec::new();
+        for old in &listed {
+            if !images
+                .iter()
+                .any(|i| i.name == old.name && i.digest == old.digest)
+            {
+                receipts.push(self.remove_image(&old.name).await?);
+            }
+        }
+        for new in images {
+            if !listed
+                .iter()
+                .any(|i| i.name == new.name && i.digest == new.digest)
+            {
+                receipts.push(self.add_image(new).await?);
+            }
+        }
+        Ok(receipts)
     }
 
     /// Accepts a pending order, posting the collateral it states.

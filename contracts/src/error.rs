@@ -266,9 +266,6 @@ pub fn describe(error: &E) -> String {
             e.orderId, e.ackBytes, e.recordedBytes
         ),
         E::NothingPaid(e) => format!("order {} paid its provider nothing, so it cannot be rated", e.orderId),
-        E::InvalidShortString(_) | E::StringTooLong(_) => {
-            "the contract's EIP-712 name is malformed".into()
-        }
         E::ProviderNotFound(e) => format!("no provider is registered at {}", e.provider),
         E::AlreadyRegistered(e) => format!("{} is already a registered provider", e.provider),
         E::ProviderInactive(e) => format!("provider {} has withdrawn its offer", e.provider),
@@ -287,6 +284,21 @@ pub fn describe(error: &E) -> String {
         E::UnknownDataset(e) => format!(
             "provider {} does not serve dataset {:?}",
             e.provider, e.datasetId
+        ),
+        E::TooManyImages(e) => format!("a provider may list at most {} images", e.max),
+        E::ImageExists(e) => format!(
+            "provider {} already lists image {:?} (remove it first to pin it to another digest)",
+            e.provider, e.name
+        ),
+        E::UnknownImage(e) => format!("provider {} lists no image {:?}", e.provider, e.name),
+        E::UnknownImageDigest(e) if e.digest.is_zero() => format!(
+            "provider {} lists images: the order must name one of their digests",
+            e.provider
+        ),
+        E::UnknownImageDigest(e) => format!(
+            "provider {} lists no image with digest {}",
+            e.provider,
+            crate::types::format_image_digest(&e.digest.0)
         ),
     }
 }

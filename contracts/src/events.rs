@@ -44,6 +44,16 @@ pub enum MarketEvent {
         provider: Address,
         dataset_id: String,
     },
+    /// An image entered the provider's catalog, pinned to `digest` (SHA-256 of its manifest).
+    ImageAdded {
+        provider: Address,
+        name: String,
+        digest: [u8; 32],
+    },
+    ImageRemoved {
+        provider: Address,
+        name: String,
+    },
     OrderCreated {
         order_id: u64,
         client: Address,
@@ -174,6 +184,15 @@ impl MarketEvent {
                 provider: e.provider,
                 dataset_id: e.datasetId,
             },
+            Raw::ImageAdded(e) => Self::ImageAdded {
+                provider: e.provider,
+                name: e.name,
+                digest: e.digest.0,
+            },
+            Raw::ImageRemoved(e) => Self::ImageRemoved {
+                provider: e.provider,
+                name: e.name,
+            },
             Raw::OrderCreated(e) => Self::OrderCreated {
                 order_id: id(e.orderId)?,
                 client: e.client,
@@ -254,10 +273,6 @@ impl MarketEvent {
                 proven_bytes: e.provenBytes.saturating_to(),
                 paid_bytes: e.paidBytes.saturating_to(),
             },
-            // OpenZeppelin's EIP-712 declares it; the marketplace never changes its domain.
-            Raw::EIP712DomainChanged(_) => {
-                return Err(ChainError::Decode("unexpected EIP712DomainChanged".into()))
-            }
         })
     }
 }

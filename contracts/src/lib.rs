@@ -22,7 +22,7 @@ pub use client::Marketplace;
 pub use error::{describe, ChainError};
 pub use events::{EventStream, MarketEvent};
 pub use types::{
-    format_fingerprint, key_fingerprint, key_fingerprint_openssh, ClaimReceipt, ClaimRequest,
-    Dataset, NewOrder, Offer, Order, OrderState, Provider, Rating, SignedAck, TxReceipt,
-    DEFAULT_BYTE_ALLOWANCE,
+    format_fingerprint, format_image_digest, key_fingerprint, key_fingerprint_openssh,
+    parse_image_digest, ClaimReceipt, ClaimRequest, Dataset, Image, NewOrder, Offer, Order,
+    OrderState, Provider, Rating, SignedAck, TxReceipt, DEFAULT_BYTE_ALLOWANCE, DEFAULT_IMAGE_NAME,
 };

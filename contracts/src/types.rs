@@ -66,6 +66,10 @@ pub struct Order {
     pub gpus: u32,
     /// Dataset id of the provider's registry entry, mounted read-only into the lease.
     pub dataset: Option<String>,
+    /// SHA-256 of the OCI manifest or index of the image the order runs (one of the provider's
+    /// catalog digests, see [`Image`]); `None`: the provider's built-in default (the contract
+    /// allows it only while the provider lists no images).
+    pub image_digest: Option<[u8; 32]>,
     pub price_per_second: U256,
     pub price_per_gib: U256,
     pub max_duration_secs: u64,
@@ -153,6 +157,7 @@ impl Order {
             disk_mib: terms.diskMiB,
             gpus: terms.gpus,
             dataset: (!terms.datasetId.is_empty()).then_some(terms.datasetId),
+            image_digest: (terms.imageDigest != B256::ZERO).then_some(terms.imageDigest.0),
             price_per_second: terms.pricePerSecond,
             price_per_gib: terms.pricePerGiB,
             max_duration_secs: terms.maxDuration,
@@ -190,6 +195,9 @@ pub struct NewOrder {
     pub disk_mib: u64,
     pub gpus: u32,
     pub dataset: Option<String>,
+    /// Digest of the provider's catalog image the order runs ([`Image::digest`]); `None` (0 on
+    /// chain) only for a provider that lists no images. See [`Provider::default_image`].
+    pub image_digest: Option<[u8; 32]>,
     pub price_per_second: U256,
     pub price_per_gib: U256,
     pub max_duration_secs: u64,
@@ -225,9 +233,9 @@ pub(crate) fn batch_price(
 }
 
 impl NewOrder {
-    /// An order for `provider`'s current offer and tariff (its default disk included), with the
-    /// given escrow and duration; collateral defaults to a tenth of the escrow and the accept
-    /// timeout to ten minutes.
+    /// An order for `provider`'s current offer and tariff (its default disk and default image
+    /// included), with the given escrow and duration; collateral defaults to a tenth of the
+    /// escrow and the accept timeout to ten minutes.
     pub fn for_offer(
         provider: &Provider,
         key_fingerprint: [u8; 32],
@@ -242,6 +250,7 @@ impl NewOrder {
             disk_mib: provider.offer.disk_mib,
             gpus: provider.offer.gpu_count,
             dataset: None,
+            image_digest: provider.default_image().map(|i| i.digest),
             price_per_second: provider.offer.price_per_second,
             price_per_gib: provider.offer.price_per_gib,
             max_duration_secs,
@@ -263,6 +272,7 @@ impl NewOrder {
             diskMiB: self.disk_mib,
             gpus: self.gpus,
             datasetId: self.dataset.clone().unwrap_or_default(),
+            imageDigest: B256::from(self.image_digest.unwrap_or_default()),
             pricePerSecond: self.price_per_second,
             pricePerGiB: self.price_per_gib,
             maxDuration: self.max_duration_secs,
@@ -351,7 +361,83 @@ impl Dataset {
     }
 }
 
-/// A provider's registry entry with its datasets and rating.
+/// An OCI image a provider runs orders from, pinned by the SHA-256 digest of its manifest or
+/// index (what a registry serves for `REPO@sha256:<hex>`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Image {
+    /// Provider-chosen name, unique per provider (at most 128 bytes); `default` is the one the
+    /// CLI picks when the client names none.
+    pub name: String,
+    pub digest: [u8; 32],
+    pub description: String,
+    /// Built for the provider's GPUs (CUDA user space and the like).
+    pub gpu_ready: bool,
+    /// Approximate size on disk; 0 when unknown.
+    pub size_bytes: u64,
+}
+
+/// The name [`Provider::default_image`] looks for first.
+pub const DEFAULT_IMAGE_NAME: &str = "default";
+
+impl Image {
+    /// The digest in OCI's text form, `sha256:<64 hex>`.
+    pub fn digest_text(&self) -> String {
+        format_image_digest(&self.digest)
+    }
+
+    pub(crate) fn to_abi(&self) -> reg_abi::Image {
+        reg_abi::Image {
+            name: self.name.clone(),
+            digest: B256::from(self.digest),
+            description: self.description.clone(),
+            gpuReady: self.gpu_ready,
+            sizeBytes: self.size_bytes,
+        }
+    }
+
+    pub(crate) fn from_abi(raw: reg_abi::Image) -> Self {
+        Self {
+            name: raw.name,
+            digest: raw.digest.0,
+            description: raw.description,
+            gpu_ready: raw.gpuReady,
+            size_bytes: raw.sizeBytes,
+        }
+    }
+}
+
+/// `sha256:<64 lowercase hex>`, OCI's text form of an image digest.
+pub fn format_image_digest(digest: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(71);
+    s.push_str("sha256:");
+    for b in digest {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Parses OCI's `sha256:<64 hex>` (upper or lower case hex) into the 32 bytes the contract
+/// stores. Other algorithms (`sha512:`) and malformed text are refused.
+pub fn parse_image_digest(text: &str) -> Result<[u8; 32], ChainError> {
+    let bad = |why: &str| ChainError::InvalidInput(format!("image digest {text:?}: {why}"));
+    let hex = text
+        .trim()
+        .strip_prefix("sha256:")
+        .ok_or_else(|| bad("expected sha256:<64 hex digits>"))?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("expected 64 hex digits after sha256:"));
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad("not hex"))?;
+    }
+    if out == [0u8; 32] {
+        return Err(bad("the zero digest names no image"));
+    }
+    Ok(out)
+}
+
+/// A provider's registry entry with its datasets, image catalog and rating.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {
     pub address: Address,
@@ -365,6 +451,8 @@ pub struct Provider {
     pub active: bool,
     pub registered_at: u64,
     pub datasets: Vec<Dataset>,
+    /// The images orders may run (in the contract's order, which a removal reshuffles).
+    pub images: Vec<Image>,
     pub rating: Rating,
 }
 
@@ -382,7 +470,7 @@ pub struct Rating {
 
 impl Rating {
     /// Average in hundredths of a star, weighted by what each rated order paid and floored
-    /// like the contract's `rating()` view (4.666... stars reads 466); `None` when nobody
+    /// like the contract's `ratingWeightedStars * 100 / ratingWeight` (4.666... stars reads 466); `None` when nobody
     /// rated yet.
     pub fn average_centistars(&self) -> Option<u64> {
         if self.count == 0 || self.weight.is_zero() {
@@ -394,7 +482,31 @@ impl Rating {
 }
 
 impl Provider {
-    pub(crate) fn from_abi(raw: reg_abi::Provider, datasets: Vec<Dataset>) -> Self {
+    /// The image an order runs when the client names none: the catalog entry named `default`,
+    /// else the first entry; `None` when the catalog is empty (the order then carries 0, the
+    /// provider's built-in default).
+    pub fn default_image(&self) -> Option<&Image> {
+        self.images
+            .iter()
+            .find(|i| i.name == DEFAULT_IMAGE_NAME)
+            .or_else(|| self.images.first())
+    }
+
+    /// The catalog entry named `name`.
+    pub fn image(&self, name: &str) -> Option<&Image> {
+        self.images.iter().find(|i| i.name == name)
+    }
+
+    /// The catalog entry whose digest is `digest`.
+    pub fn image_by_digest(&self, digest: &[u8; 32]) -> Option<&Image> {
+        self.images.iter().find(|i| &i.digest == digest)
+    }
+
+    pub(crate) fn from_abi(
+        raw: reg_abi::Provider,
+        datasets: Vec<Dataset>,
+        images: Vec<Image>,
+    ) -> Self {
         Self {
             address: raw.owner,
             endpoint: raw.endpoint,
@@ -403,6 +515,7 @@ impl Provider {
             active: raw.active,
             registered_at: raw.registeredAt,
             datasets,
+            images,
             rating: Rating {
                 count: raw.ratingCount,
                 sum: raw.ratingSum,
@@ -538,6 +651,7 @@ mod tests {
             disk_mib: 1024,
             gpus: 0,
             dataset: None,
+            image_digest: None,
             price_per_second: U256::from(1),
             price_per_gib: U256::ZERO,
             max_duration_secs: max,
@@ -628,4 +742,64 @@ mod tests {
     }
 
     const EXPECTED_FINGERPRINT: &str = "SHA256:9YvCCHXrldA++tbPkGp5YZXn0sVMbaYi42lnPtGI63Y";
+
+    #[test]
+    fn image_digests_round_trip_through_the_oci_text_form() {
+        let text = "sha256:0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789abcdef";
+        let digest = parse_image_digest(text).unwrap();
+        assert_eq!(digest[0], 0x01);
+        assert_eq!(digest[31], 0xef);
+        assert_eq!(format_image_digest(&digest), text.to_lowercase());
+        for bad in [
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "sha512:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "sha256:0123",
+            "sha256:zz23456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            assert!(parse_image_digest(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn the_default_image_is_the_one_named_default_else_the_first() {
+        let image = |name: &str, b: u8| Image {
+            name: name.into(),
+            digest: [b; 32],
+            description: String::new(),
+            gpu_ready: false,
+            size_bytes: 0,
+        };
+        let mut provider = Provider {
+            address: Address::ZERO,
+            endpoint: "sp:22".into(),
+            ssh_host_key: "ssh-ed25519 AAAA".into(),
+            offer: Offer {
+                cpus: 1,
+                memory_mib: 1,
+                disk_mib: 32,
+                max_disk_mib: 32,
+                gpu_model: String::new(),
+                gpu_count: 0,
+                price_per_second: U256::ZERO,
+                price_per_gib: U256::ZERO,
+            },
+            active: true,
+            registered_at: 0,
+            datasets: vec![],
+            images: vec![],
+            rating: Rating::default(),
+        };
+        assert!(provider.default_image().is_none());
+        let order = NewOrder::for_offer(&provider, [1; 32], U256::from(1), 60);
+        assert_eq!(order.image_digest, None);
+        assert_eq!(order.terms().imageDigest, B256::ZERO);
+        provider.images = vec![image("pytorch", 1), image("default", 2)];
+        assert_eq!(provider.default_image().unwrap().name, "default");
+        let order = NewOrder::for_offer(&provider, [1; 32], U256::from(1), 60);
+        assert_eq!(order.image_digest, Some([2; 32]));
+        provider.images.pop();
+        assert_eq!(provider.default_image().unwrap().name, "pytorch");
+        assert_eq!(provider.image_by_digest(&[1; 32]).unwrap().name, "pytorch");
+    }
 }

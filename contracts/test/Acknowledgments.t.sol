@@ -26,13 +26,9 @@ contract AcknowledgmentsTest is MarketplaceBase {
         vm.chainId(31337);
         vm.etch(pinnedAt, address(m).code);
         Marketplace pinned = Marketplace(pinnedAt);
+        // The type hash is internal (runtime size); the digest below pins the contract's use of it.
         assertEq(
-            pinned.ACKNOWLEDGMENT_TYPEHASH(),
             keccak256("Acknowledgment(uint256 orderId,bytes32 head,uint64 seconds,uint64 bytesIn,uint64 bytesOut)"),
-            "type hash"
-        );
-        assertEq(
-            pinned.ACKNOWLEDGMENT_TYPEHASH(),
             0x603b8206bdf0c5e034b5c10b98e7a97ed94f4d6349cfb45adbdc9cc1a8989b78,
             "pinned type hash"
         );

@@ -36,7 +36,7 @@ contract ClaimsTest is MarketplaceBase {
         assertEq(o.head, _head(1), "head stored");
         assertEq(o.claimedSeconds, 60, "seconds");
         assertEq(o.claimedBytes, GIB / 2 + 5, "bytes");
-        assertEq(m.claimableSeconds(id), 0, "nothing more to claim now");
+        assertEq(_claimableSeconds(id), 0, "nothing more to claim now");
     }
 
     function test_claim_chainsBatchesFromTheStoredHead() public {
@@ -97,7 +97,7 @@ contract ClaimsTest is MarketplaceBase {
     /// of the first contract anvil's first account deploys, on anvil's chain.
     function test_orderKeyMatchesTheRustVector() public {
         assertEq(
-            m.SNARK_SCALAR_FIELD(),
+            SNARK_SCALAR_FIELD,
             0x30644e72e131a029b85045b68181585d2833e84879b9709143e1f593f0000001,
             "the BN254 scalar field order r"
         );
@@ -117,8 +117,8 @@ contract ClaimsTest is MarketplaceBase {
         bytes32 prev = m.getOrder(id).head;
         // The inputs another marketplace (same order id) or another chain would check.
         uint256[2] memory foreign = [
-            uint256(keccak256(abi.encode(block.chainid, address(0xbeef), id))) % m.SNARK_SCALAR_FIELD(),
-            uint256(keccak256(abi.encode(block.chainid + 1, address(m), id))) % m.SNARK_SCALAR_FIELD()
+            uint256(keccak256(abi.encode(block.chainid, address(0xbeef), id))) % SNARK_SCALAR_FIELD,
+            uint256(keccak256(abi.encode(block.chainid + 1, address(m), id))) % SNARK_SCALAR_FIELD
         ];
         for (uint256 i = 0; i < foreign.length; i++) {
             uint256[6] memory input = [foreign[i], uint256(prev), uint256(_head(1)), 10, 0, 0];
@@ -129,7 +129,7 @@ contract ClaimsTest is MarketplaceBase {
         }
         assertEq(
             m.orderKey(id),
-            uint256(keccak256(abi.encode(block.chainid, address(m), id))) % m.SNARK_SCALAR_FIELD(),
+            uint256(keccak256(abi.encode(block.chainid, address(m), id))) % SNARK_SCALAR_FIELD,
             "this deployment's key"
         );
     }
@@ -158,7 +158,7 @@ contract ClaimsTest is MarketplaceBase {
         vm.prank(client);
         m.terminate(id);
         vm.warp(T0 + 500);
-        assertEq(m.claimableSeconds(id), 50, "50 s claimable after the end");
+        assertEq(_claimableSeconds(id), 50, "50 s claimable after the end");
         // The last batch ran 1 s past the end (its tick closed after the termination landed):
         // it is paid up to the end, not refused.
         vm.expectEmit(true, false, false, true);
@@ -168,7 +168,7 @@ contract ClaimsTest is MarketplaceBase {
         _claim(id, _head(1), 51, 7, 0);
         assertEq(m.getOrder(id).claimedSeconds, 50, "paid up to the end");
         assertEq(m.getOrder(id).paid, 50 * PPS + (7 * PPG) / GIB, "50 s and the bytes");
-        assertEq(m.claimableSeconds(id), 0, "nothing more");
+        assertEq(_claimableSeconds(id), 0, "nothing more");
         // A later batch gets no more seconds but still its bytes.
         _claim(id, _head(2), 30, 3, 0);
         assertEq(m.getOrder(id).claimedSeconds, 50, "still the end");
@@ -229,7 +229,7 @@ contract ClaimsTest is MarketplaceBase {
         vm.prank(sp);
         m.claim(id, 32, _head(1), 10, 0, 0, proof);
 
-        bytes32 big = bytes32(m.SNARK_SCALAR_FIELD());
+        bytes32 big = bytes32(SNARK_SCALAR_FIELD);
         vm.expectRevert(abi.encodeWithSelector(Marketplace.HeadOutOfField.selector, big));
         vm.prank(sp);
         m.claim(id, CAP, big, 10, 0, 0, proof);

@@ -136,6 +136,7 @@ contract Handler is Test {
             maxDuration: uint64(bound(duration, 1, 2 hours)),
             acceptTimeout: 1 hours,
             datasetId: "",
+            imageDigest: bytes32(0),
             pricePerSecond: bound(pps, 0, 1e12),
             pricePerGiB: bound(ppg, 0, 1e15),
             collateral: bound(collateral, 0, 10 ether)

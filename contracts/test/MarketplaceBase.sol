@@ -95,6 +95,7 @@ abstract contract MarketplaceBase is Test {
             diskMiB: 10_240,
             gpus: 0,
             datasetId: "era5",
+            imageDigest: bytes32(0),
             pricePerSecond: PPS,
             pricePerGiB: PPG,
             maxDuration: MAX_DURATION,
@@ -182,6 +183,51 @@ abstract contract MarketplaceBase is Test {
 
     /// Bytes the order may still be paid for: max(acknowledged, allowance) minus claimed (paid or
     /// forfeited), from getOrder; 0 once the claims went past the bound.
+    // Constants and views the contract keeps internal or leaves out (runtime size, EIP-170):
+    // the values it uses, and the figures shale-contracts derives from `getOrder`/`getProvider`.
+    uint64 internal constant MAX_DURATION_LIMIT = 10 * 365 days;
+    uint256 internal constant MAX_PRICE = type(uint128).max;
+    uint256 internal constant SNARK_SCALAR_FIELD =
+        21888242871839275222246405745257275088548364400416034343698204186575808495617;
+
+    function _provider(address who) internal view returns (ProviderRegistry.Provider memory p) {
+        (p,,) = m.getProvider(who);
+    }
+
+    function _datasets(address who) internal view returns (ProviderRegistry.Dataset[] memory ds) {
+        (, ds,) = m.getProvider(who);
+    }
+
+    function _images(address who) internal view returns (ProviderRegistry.Image[] memory images) {
+        (,, images) = m.getProvider(who);
+    }
+
+    /// The provider's dataset `id`; fails the test when it has none.
+    function _findDataset(address who, string memory id) internal view returns (ProviderRegistry.Dataset memory) {
+        ProviderRegistry.Dataset[] memory ds = _datasets(who);
+        for (uint256 i = 0; i < ds.length; i++) {
+            if (keccak256(bytes(ds[i].id)) == keccak256(bytes(id))) return ds[i];
+        }
+        revert(string.concat("no dataset ", id));
+    }
+
+    /// Rating count and weighted average in hundredths of a star, floored (0 with no ratings).
+    function _rating(address who) internal view returns (uint64 count, uint256 average) {
+        ProviderRegistry.Provider memory p = _provider(who);
+        count = p.ratingCount;
+        average = p.ratingWeight == 0 ? 0 : (p.ratingWeightedStars * 100) / p.ratingWeight;
+    }
+
+    /// Seconds the provider may still claim now: the lease's chain time so far less what it claimed.
+    function _claimableSeconds(uint256 id) internal view returns (uint64) {
+        Marketplace.Order memory o = m.getOrder(id);
+        if (o.state != Marketplace.OrderState.Active && o.state != Marketplace.OrderState.Ended) return 0;
+        uint64 end = o.state == Marketplace.OrderState.Ended ? o.endedAt : uint64(block.timestamp);
+        uint64 expiry = o.acceptedAt + o.terms.maxDuration;
+        if (end > expiry) end = expiry;
+        return end - o.acceptedAt - o.claimedSeconds;
+    }
+
     function _claimableBytes(uint256 id) internal view returns (uint256) {
         Marketplace.Order memory o = m.getOrder(id);
         uint256 allowed = o.ackedBytes > o.terms.byteAllowance ? o.ackedBytes : o.terms.byteAllowance;

@@ -30,13 +30,13 @@ contract RatingsTest is MarketplaceBase {
         m.rate(b, 4, "");
         vm.prank(client);
         m.rate(c, 5, "again");
-        (uint64 count, uint256 average) = m.rating(sp);
+        (uint64 count, uint256 average) = _rating(sp);
         assertEq(count, 3, "count");
         assertEq(average, 466, "14 / 3 stars = 4.666... reads 466");
         assertTrue(m.getOrder(a).rated, "marked rated");
-        assertEq(m.getProvider(sp).ratingSum, 14, "sum");
-        assertEq(m.getProvider(sp).ratingWeight, 30 * PPS, "weight: what the three orders paid");
-        assertEq(m.getProvider(sp).ratingWeightedStars, 140 * PPS, "stars times wei");
+        assertEq(_provider(sp).ratingSum, 14, "sum");
+        assertEq(_provider(sp).ratingWeight, 30 * PPS, "weight: what the three orders paid");
+        assertEq(_provider(sp).ratingWeightedStars, 140 * PPS, "stars times wei");
     }
 
     function test_rate_weighsEachRatingByWhatItsOrderPaid() public {
@@ -51,11 +51,11 @@ contract RatingsTest is MarketplaceBase {
         m.rate(a, 5, "");
         vm.prank(client);
         m.rate(b, 1, "");
-        (uint64 count, uint256 average) = m.rating(sp);
+        (uint64 count, uint256 average) = _rating(sp);
         assertEq(count, 2, "count");
         assertEq(average, 140, "(5 * 10 + 1 * 90) / 100 = 1.40 stars");
-        assertEq(m.getProvider(sp).ratingSum, 6, "the plain sum is kept too");
-        assertEq(m.getProvider(sp).ratingWeight, 100 * PPS, "weight");
+        assertEq(_provider(sp).ratingSum, 6, "the plain sum is kept too");
+        assertEq(_provider(sp).ratingWeight, 100 * PPS, "weight");
     }
 
     function test_rate_refusesAnOrderThatPaidNothing() public {
@@ -69,7 +69,7 @@ contract RatingsTest is MarketplaceBase {
     }
 
     function test_rate_withoutRatingsReadsZero() public view {
-        (uint64 count, uint256 average) = m.rating(sp);
+        (uint64 count, uint256 average) = _rating(sp);
         assertEq(count, 0, "count");
         assertEq(average, 0, "average");
     }
@@ -80,7 +80,7 @@ contract RatingsTest is MarketplaceBase {
         _claim(id, _head(1), 1, 0, 0);
         vm.prank(client);
         m.rate(id, 3, "ok");
-        (uint64 count,) = m.rating(sp);
+        (uint64 count,) = _rating(sp);
         assertEq(count, 1, "counted");
     }
 

@@ -15,7 +15,7 @@ contract RegistryTest is MarketplaceBase {
     event DatasetRemoved(address indexed provider, string datasetId);
 
     function test_registerProvider_storesTheEntryAndListsIt() public view {
-        ProviderRegistry.Provider memory p = m.getProvider(sp);
+        ProviderRegistry.Provider memory p = _provider(sp);
         assertEq(p.owner, sp, "owner");
         assertEq(p.endpoint, "sp.example:2222", "endpoint");
         assertEq(p.sshHostKey, HOST_KEY, "host key");
@@ -32,11 +32,11 @@ contract RegistryTest is MarketplaceBase {
         address[] memory all = m.providerAddresses();
         assertEq(all.length, 1, "one provider");
         assertEq(all[0], sp, "listed");
-        ProviderRegistry.Dataset[] memory ds = m.getDatasets(sp);
+        ProviderRegistry.Dataset[] memory ds = _datasets(sp);
         assertEq(ds.length, 1, "one dataset");
         assertEq(ds[0].id, "era5", "dataset id");
         assertEq(ds[0].dealId, 7_654_321, "deal id");
-        assertEq(m.getDataset(sp, "era5").sizeBytes, 34_359_738_368, "size");
+        assertEq(_findDataset(sp, "era5").sizeBytes, 34_359_738_368, "size");
     }
 
     function test_registerProvider_emitsRegisteredAndDatasetAdded() public {
@@ -105,7 +105,7 @@ contract RegistryTest is MarketplaceBase {
         offer.diskMiB = MAX_DISK;
         vm.prank(sp2);
         m.registerProvider("b:22", HOST_KEY, offer, none);
-        assertEq(m.getProvider(sp2).offer.diskMiB, MAX_DISK, "disk");
+        assertEq(_provider(sp2).offer.diskMiB, MAX_DISK, "disk");
     }
 
     function test_registerProvider_refusesDuplicateDatasetIds() public {
@@ -124,7 +124,7 @@ contract RegistryTest is MarketplaceBase {
         emit ProviderUpdated(sp, "new.example:2200", "ssh-rsa AAAAB3 sp");
         vm.prank(sp);
         m.updateProvider("new.example:2200", "ssh-rsa AAAAB3 sp", offer);
-        ProviderRegistry.Provider memory p = m.getProvider(sp);
+        ProviderRegistry.Provider memory p = _provider(sp);
         assertEq(p.endpoint, "new.example:2200", "endpoint");
         assertEq(p.sshHostKey, "ssh-rsa AAAAB3 sp", "key");
         assertEq(p.offer.pricePerSecond, 5, "price");
@@ -142,7 +142,7 @@ contract RegistryTest is MarketplaceBase {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, MAX_DISK));
         vm.prank(sp);
         m.updateProvider("sp.example:2222", HOST_KEY, offer);
-        assertEq(m.getProvider(sp).offer.diskMiB, DISK, "the old offer stands");
+        assertEq(_provider(sp).offer.diskMiB, DISK, "the old offer stands");
     }
 
     function test_updateProvider_refusesUnknownAndWithdrawnProviders() public {
@@ -163,7 +163,7 @@ contract RegistryTest is MarketplaceBase {
         emit ProviderWithdrawn(sp);
         vm.prank(sp);
         m.withdrawProvider();
-        assertFalse(m.getProvider(sp).active, "inactive");
+        assertFalse(_provider(sp).active, "inactive");
 
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderInactive.selector, sp));
         vm.prank(client);
@@ -201,15 +201,13 @@ contract RegistryTest is MarketplaceBase {
         vm.prank(sp);
         m.registerProvider("again:22", HOST_KEY, _offer(), ds);
 
-        ProviderRegistry.Provider memory p = m.getProvider(sp);
+        ProviderRegistry.Provider memory p = _provider(sp);
         assertTrue(p.active, "active again");
         assertEq(p.endpoint, "again:22", "endpoint");
         assertEq(p.ratingCount, 1, "rating kept");
-        assertEq(m.getDatasets(sp).length, 1, "datasets replaced");
-        assertEq(m.getDatasets(sp)[0].id, "cmip6", "new dataset");
+        assertEq(_datasets(sp).length, 1, "datasets replaced");
+        assertEq(_datasets(sp)[0].id, "cmip6", "new dataset");
         assertEq(m.providerAddresses().length, 1, "listed once");
-        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.UnknownDataset.selector, sp, "era5"));
-        m.getDataset(sp, "era5");
     }
 
     function test_datasets_addAndRemoveKeepTheIndexConsistent() public {
@@ -221,14 +219,14 @@ contract RegistryTest is MarketplaceBase {
         m.removeDataset("era5");
         vm.stopPrank();
         // "c" moved into era5's slot; every remaining id still resolves to itself.
-        ProviderRegistry.Dataset[] memory ds = m.getDatasets(sp);
+        ProviderRegistry.Dataset[] memory ds = _datasets(sp);
         assertEq(ds.length, 2, "two left");
-        assertEq(m.getDataset(sp, "b").id, "b", "b");
-        assertEq(m.getDataset(sp, "c").id, "c", "c");
+        assertEq(_findDataset(sp, "b").id, "b", "b");
+        assertEq(_findDataset(sp, "c").id, "c", "c");
         vm.prank(sp);
         m.removeDataset("c");
-        assertEq(m.getDataset(sp, "b").id, "b", "b after second removal");
-        assertEq(m.getDatasets(sp).length, 1, "one left");
+        assertEq(_findDataset(sp, "b").id, "b", "b after second removal");
+        assertEq(_datasets(sp).length, 1, "one left");
     }
 
     function test_datasets_refuseUnknownDuplicateAndEmptyIds() public {
@@ -248,10 +246,6 @@ contract RegistryTest is MarketplaceBase {
     function test_views_refuseUnknownProviders() public {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
         m.getProvider(stranger);
-        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
-        m.getDatasets(stranger);
-        vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
-        m.rating(stranger);
     }
 
     function test_constructor_fixesOneVerifierPerCapacity() public view {

@@ -54,3 +54,22 @@ fn test_only_verifier_is_not_among_the_production_artifacts() {
         .expect("test-only verifier artifact");
     assert!(artifact.contains("\"testOnly\": true"));
 }
+
+/// EIP-170: a contract's runtime code may be at most 24,576 bytes, or its deployment fails.
+/// Marketplace sits close to it (`optimizer_runs` is kept low for room; see contracts/README.md).
+#[test]
+fn marketplace_runtime_code_fits_eip_170() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let artifact: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("artifacts/Marketplace.json")).expect("artifact"),
+    )
+    .expect("artifact is JSON");
+    let code = artifact["deployedBytecode"]["object"]
+        .as_str()
+        .expect("deployed bytecode");
+    let size = code.trim_start_matches("0x").len() / 2;
+    assert!(
+        size <= 24_576,
+        "Marketplace runtime code is {size} bytes, over EIP-170's 24,576"
+    );
+}

@@ -33,6 +33,7 @@ fn order() -> Order {
         disk_mib: 1024,
         gpus: 0,
         dataset: None,
+        image_digest: None,
         price_per_second: U256::from(1),
         price_per_gib: U256::ZERO,
         max_duration_secs: 3600,

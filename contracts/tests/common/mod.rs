@@ -83,6 +83,7 @@ impl World {
             disk_mib: 10_240,
             gpus: 0,
             dataset: Some("era5".into()),
+            image_digest: None,
             price_per_second: U256::from(1_000_003u64),
             price_per_gib: U256::from(7_000_000_001u64),
             max_duration_secs: 3_600,
