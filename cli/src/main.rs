@@ -60,6 +60,11 @@ enum Command {
         /// Only datasets whose id or description contains this text.
         filter: Option<String>,
     },
+    /// The images providers run orders from (their on-chain catalogs, pinned by digest).
+    Images {
+        /// Only this provider's catalog.
+        provider: Option<Address>,
+    },
     /// Place and manage orders (client side).
     #[command(subcommand)]
     Order(OrderCommand),
@@ -169,6 +174,10 @@ enum OrderCommand {
         /// A dataset of the provider, mounted read-only at /data/<id>.
         #[arg(long)]
         dataset: Option<String>,
+        /// An image of the provider's catalog (`shale images PROVIDER`), by name (default: the
+        /// one named `default`, else its first; none when it lists no images).
+        #[arg(long)]
+        image: Option<String>,
         /// Longest lease, in hours.
         #[arg(long, default_value_t = 1)]
         hours: u64,
@@ -267,6 +276,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Datasets { filter } => {
             cmd::market::datasets(&cli.chain.resolve()?, filter.as_deref(), json).await
         }
+        Command::Images { provider } => {
+            cmd::market::images(&cli.chain.resolve()?, provider, json).await
+        }
         Command::Order(o) => {
             let s = cli.chain.resolve()?;
             match o {
@@ -278,6 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     disk,
                     gpus,
                     dataset,
+                    image,
                     hours,
                     deposit,
                     wait,
@@ -291,6 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         disk_mib: disk,
                         gpus,
                         dataset,
+                        image,
                         hours,
                         deposit,
                         wait: Duration::from_secs(wait),

@@ -50,9 +50,43 @@ pub struct ProviderView {
     pub price_per_gib_wei: String,
     pub price_per_gib_fil: String,
     pub datasets: Vec<shale_contracts::Dataset>,
+    /// The image catalog (empty: orders run the provider's built-in default image).
+    pub images: Vec<ImageView>,
     pub rating_count: u64,
     /// Average stars with two decimals, `null` when unrated.
     pub rating: Option<String>,
+}
+
+/// One image of a provider's catalog as scripts see it.
+#[derive(Debug, Serialize)]
+pub struct ImageView {
+    pub name: String,
+    /// `sha256:<64 hex>`: what the order's terms carry and the gateway runs.
+    pub digest: String,
+    /// `sha256:` and the first 12 hex digits.
+    pub digest_short: String,
+    pub gpu_ready: bool,
+    /// 0 when the provider did not say.
+    pub size_bytes: u64,
+    pub description: String,
+    /// The image `shale order create` picks without `--image`.
+    pub default: bool,
+    pub provider: String,
+}
+
+impl ImageView {
+    pub fn new(p: &Provider, i: &shale_contracts::Image, default: bool) -> Self {
+        Self {
+            name: i.name.clone(),
+            digest: i.digest_text(),
+            digest_short: crate::cmd::order::short_digest(&i.digest),
+            gpu_ready: i.gpu_ready,
+            size_bytes: i.size_bytes,
+            description: i.description.clone(),
+            default,
+            provider: format!("{:#x}", p.address),
+        }
+    }
 }
 
 /// The average rating as `4.67 (3)`, or `unrated`.
@@ -81,6 +115,13 @@ impl From<&Provider> for ProviderView {
             price_per_gib_wei: p.offer.price_per_gib.to_string(),
             price_per_gib_fil: format_fil(p.offer.price_per_gib),
             datasets: p.datasets.clone(),
+            images: {
+                let default = p.default_image().map(|i| i.name.clone());
+                p.images
+                    .iter()
+                    .map(|i| ImageView::new(p, i, default.as_deref() == Some(i.name.as_str())))
+                    .collect()
+            },
             rating_count: p.rating.count,
             rating: p
                 .rating
@@ -103,6 +144,8 @@ pub struct OrderView {
     pub disk_mib: u64,
     pub gpus: u32,
     pub dataset: Option<String>,
+    /// `sha256:<64 hex>` of the image the order runs; `null`: the provider's built-in default.
+    pub image_digest: Option<String>,
     pub price_per_second_wei: String,
     pub price_per_gib_wei: String,
     pub max_duration_secs: u64,
@@ -135,6 +178,10 @@ impl From<&Order> for OrderView {
             disk_mib: o.disk_mib,
             gpus: o.gpus,
             dataset: o.dataset.clone(),
+            image_digest: o
+                .image_digest
+                .as_ref()
+                .map(shale_contracts::format_image_digest),
             price_per_second_wei: o.price_per_second.to_string(),
             price_per_gib_wei: o.price_per_gib.to_string(),
             max_duration_secs: o.max_duration_secs,

@@ -136,6 +136,7 @@ async fn story() -> anyhow::Result<DemoOutcome> {
         disk_mib: Some(2048),
         gpus: Some(0),
         dataset: Some(DATASET.into()),
+        image: None,
         hours: 1,
         deposit: crate::money::parse_amount("0.5FIL")?,
         wait: Duration::from_secs(60),

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::money::format_fil;
 use crate::settings::Settings;
-use crate::view::{per_hour, print_json, rating_text, size, table, ProviderView};
+use crate::view::{per_hour, print_json, rating_text, size, table, ImageView, ProviderView};
 
 /// Lists the providers, active ones first.
 pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Result<()> {
@@ -22,7 +22,7 @@ pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Re
     }
     let mut t = table([
         "provider", "endpoint", "cpus", "memory", "disk", "gpus", "FIL/hour", "FIL/GiB",
-        "datasets", "rating",
+        "datasets", "images", "rating",
     ]);
     for p in &providers {
         let gpus = if p.offer.gpu_count == 0 {
@@ -31,6 +31,7 @@ pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Re
             format!("{} × {}", p.offer.gpu_count, p.offer.gpu_model)
         };
         let datasets: Vec<&str> = p.datasets.iter().map(|d| d.id.as_str()).collect();
+        let images: Vec<&str> = p.images.iter().map(|i| i.name.as_str()).collect();
         t.add_row(vec![
             format!(
                 "{:#x}{}",
@@ -49,6 +50,11 @@ pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Re
             format_fil(per_hour(p.offer.price_per_second)),
             format_fil(p.offer.price_per_gib),
             datasets.join(", "),
+            if images.is_empty() {
+                "built-in".to_string()
+            } else {
+                images.join(", ")
+            },
             rating_text(p),
         ]);
     }
@@ -108,6 +114,75 @@ pub async fn datasets(settings: &Settings, filter: Option<&str>, json: bool) -> 
             r.id,
             bytes(r.size_bytes),
             r.piece_cid.unwrap_or_else(|| "-".into()),
+            r.provider,
+            r.description,
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// Lists the image catalogs of active providers (or of one provider, withdrawn or not).
+pub async fn images(
+    settings: &Settings,
+    provider: Option<shale_contracts::Address>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let market = settings.reader().await?;
+    let providers = match provider {
+        Some(address) => vec![market.provider(address).await?],
+        None => market
+            .providers()
+            .await?
+            .into_iter()
+            .filter(|p| p.active)
+            .collect(),
+    };
+    let mut rows = Vec::new();
+    for p in &providers {
+        let default = p.default_image().map(|i| i.name.clone());
+        for i in &p.images {
+            rows.push(ImageView::new(
+                p,
+                i,
+                default.as_deref() == Some(i.name.as_str()),
+            ));
+        }
+    }
+    if json {
+        return print_json(&rows);
+    }
+    if rows.is_empty() {
+        match provider {
+            Some(a) => println!(
+                "Provider {a:#x} lists no images: its orders run its built-in default image."
+            ),
+            None => println!("No provider lists images: orders run each one's built-in default."),
+        }
+        return Ok(());
+    }
+    let mut t = table([
+        "image",
+        "digest",
+        "GPU-ready",
+        "size",
+        "provider",
+        "description",
+    ]);
+    for r in rows {
+        t.add_row(vec![
+            if r.default {
+                format!("{} (default)", r.name)
+            } else {
+                r.name
+            },
+            r.digest_short,
+            if r.gpu_ready { "yes" } else { "no" }.to_string(),
+            if r.size_bytes == 0 {
+                "-".into()
+            } else {
+                bytes(r.size_bytes)
+            },
             r.provider,
             r.description,
         ]);

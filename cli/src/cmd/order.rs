@@ -8,8 +8,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use shale_contracts::{
-    format_fingerprint, key_fingerprint_openssh, Address, Marketplace, NewOrder, Order, OrderState,
-    U256,
+    format_fingerprint, key_fingerprint_openssh, Address, Image, Marketplace, NewOrder, Order,
+    OrderState, Provider, U256,
 };
 
 use crate::ack::AckKey;
@@ -31,6 +31,9 @@ pub struct CreateRequest {
     pub disk_mib: Option<u64>,
     pub gpus: Option<u32>,
     pub dataset: Option<String>,
+    /// A name from the provider's image catalog; `None`: its default (see
+    /// [`shale_contracts::Provider::default_image`]).
+    pub image: Option<String>,
     pub hours: u64,
     pub deposit: U256,
     /// How long to wait for the provider to accept (also the on-chain accept timeout).
@@ -126,6 +129,7 @@ pub async fn create_with(
             );
         }
     }
+    let image = resolve_image(&provider, req.image.as_deref())?;
     let (key_line, identity) = read_public_key(&req.key)?;
     let fingerprint = key_fingerprint_openssh(&key_line)?;
     let max_duration = req
@@ -134,6 +138,7 @@ pub async fn create_with(
         .context("--hours is too large")?;
     let mut order = NewOrder::for_offer(&provider, fingerprint, req.deposit, max_duration);
     order.dataset = req.dataset.clone();
+    order.image_digest = image.map(|i| i.digest);
     if let Some(c) = req.cpus {
         order.cpus = c;
     }
@@ -174,7 +179,7 @@ pub async fn create_with(
             .price_per_second
             .saturating_mul(U256::from(3600u32));
         eprintln!(
-            "Ordering {} CPUs, {} of memory, {} of disk, {} GPUs{} from {:#x} for up to {}h at {} \
+            "Ordering {} CPUs, {} of memory, {} of disk, {} GPUs{}{} from {:#x} for up to {}h at {} \
              per hour + {} per GiB.",
             order.cpus,
             size(order.memory_mib),
@@ -184,6 +189,9 @@ pub async fn create_with(
                 .dataset
                 .as_ref()
                 .map(|d| format!(", dataset {d}"))
+                .unwrap_or_default(),
+            image
+                .map(|i| format!(", image {} ({})", i.name, short_digest(&i.digest)))
                 .unwrap_or_default(),
             req.provider,
             req.hours,
@@ -440,6 +448,11 @@ pub async fn show(settings: &Settings, id: u64, json: bool) -> anyhow::Result<()
         ("resources", resources(&o)),
         ("dataset", v.dataset.unwrap_or_else(|| "-".into())),
         (
+            "image",
+            v.image_digest
+                .unwrap_or_else(|| "the provider's built-in default".into()),
+        ),
+        (
             "tariff",
             format!(
                 "{} per hour, {} per GiB",
@@ -587,4 +600,99 @@ fn size_bytes(n: u64) -> String {
         }
     }
     format!("{n} B")
+}
+
+/// The catalog image an order runs: `name` from the provider's catalog, or without a name its
+/// default (the entry named `default`, else the first); `None` when the catalog is empty and no
+/// name was given (the order carries 0: the provider's built-in image).
+pub fn resolve_image<'p>(
+    provider: &'p Provider,
+    name: Option<&str>,
+) -> anyhow::Result<Option<&'p Image>> {
+    let Some(name) = name else {
+        return Ok(provider.default_image());
+    };
+    match provider.image(name) {
+        Some(image) => Ok(Some(image)),
+        None => {
+            let names: Vec<&str> = provider.images.iter().map(|i| i.name.as_str()).collect();
+            bail!(
+                "provider {:#x} has no image {name:?}; it offers: {}",
+                provider.address,
+                if names.is_empty() {
+                    "none (its orders run its built-in default image)".into()
+                } else {
+                    names.join(", ")
+                }
+            )
+        }
+    }
+}
+
+/// `sha256:` and the first 12 hex digits of an image digest, as `docker images` shortens them.
+pub fn short_digest(digest: &[u8; 32]) -> String {
+    let full = shale_contracts::format_image_digest(digest);
+    full[..7 + 12].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shale_contracts::{Offer, Rating};
+
+    fn provider(images: &[&str]) -> Provider {
+        Provider {
+            address: Address::ZERO,
+            endpoint: "sp:22".into(),
+            ssh_host_key: String::new(),
+            offer: Offer {
+                cpus: 1,
+                memory_mib: 1024,
+                disk_mib: 1024,
+                max_disk_mib: 1024,
+                gpu_model: String::new(),
+                gpu_count: 0,
+                price_per_second: U256::ZERO,
+                price_per_gib: U256::ZERO,
+            },
+            active: true,
+            registered_at: 0,
+            datasets: vec![],
+            images: images
+                .iter()
+                .enumerate()
+                .map(|(n, name)| Image {
+                    name: name.to_string(),
+                    digest: [n as u8 + 1; 32],
+                    description: String::new(),
+                    gpu_ready: false,
+                    size_bytes: 0,
+                })
+                .collect(),
+            rating: Rating::default(),
+        }
+    }
+
+    #[test]
+    fn an_image_is_picked_by_name_or_the_default() {
+        let none = provider(&[]);
+        assert!(resolve_image(&none, None).unwrap().is_none());
+        let err = resolve_image(&none, Some("cuda")).unwrap_err().to_string();
+        assert!(
+            err.contains("no image \"cuda\"") && err.contains("built-in"),
+            "{err}"
+        );
+
+        let p = provider(&["cuda", "default", "tiny"]);
+        assert_eq!(resolve_image(&p, None).unwrap().unwrap().name, "default");
+        assert_eq!(
+            resolve_image(&p, Some("tiny")).unwrap().unwrap().digest,
+            [3; 32]
+        );
+        let err = resolve_image(&p, Some("nope")).unwrap_err().to_string();
+        assert!(err.contains("it offers: cuda, default, tiny"), "{err}");
+        let first = provider(&["cuda", "tiny"]);
+        assert_eq!(resolve_image(&first, None).unwrap().unwrap().name, "cuda");
+        assert_eq!(short_digest(&[0xab; 32]), "sha256:abababababab");
+    }
 }
