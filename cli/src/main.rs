@@ -221,12 +221,13 @@ enum SpCommand {
         #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
         config: PathBuf,
     },
-    /// Register the endpoint, host key, offer and datasets of the config.
+    /// Register the endpoint, host key, offer, datasets and image catalog of the config.
     Register {
         #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
         config: PathBuf,
     },
-    /// Update the registered endpoint, host key, offer and datasets from the config.
+    /// Update the registered endpoint, host key, offer, datasets and image catalog from the
+    /// config (images are published once the broker installed them and knows their digests).
     Update {
         #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
         config: PathBuf,

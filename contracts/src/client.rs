@@ -395,10 +395,14 @@ impl Marketplace {
             .map(tx_receipt)
     }
 
-    /// Makes the signer's on-chain catalog list exactly `images`: removes entries missing from
-    /// it or pinned to another digest, then adds what is new. Entries already listed with the
-    /// same digest are left alone (a changed description alone is not republished). Returns the
-    /// receipts of the transactions sent, none when the chain already matches.
+    /// Makes the signer's on-chain catalog list exactly `images`, with `images[0]` as the
+    /// catalog's default ([`Provider::default_image`]: the entry named `default`, else the first).
+    /// Entries missing from `images` or pinned to another digest are removed, new ones added;
+    /// those already listed with the same digest are left alone (a changed description alone is
+    /// not republished). When the default would come out wrong (the chain has no notion of one:
+    /// it is the first entry, and a removal moves the last entry into the gap), the catalog is
+    /// cleared and added again in order. Returns the receipts of the transactions sent, none when
+    /// the chain already matches.
     pub async fn sync_images(&self, images: &[Image]) -> Result<Vec<TxReceipt>, ChainError> {
         let me = self
             .sender()
@@ -418,6 +422,18 @@ impl Marketplace {
                 .iter()
                 .any(|i| i.name == new.name && i.digest == new.digest)
             {
+                receipts.push(self.add_image(new).await?);
+            }
+        }
+        let Some(wanted) = images.first() else {
+            return Ok(receipts);
+        };
+        let now = self.provider(me).await?;
+        if now.default_image().map(|i| &i.name) != Some(&wanted.name) {
+            for old in &now.images {
+                receipts.push(self.remove_image(&old.name).await?);
+            }
+            for new in images {
                 receipts.push(self.add_image(new).await?);
             }
         }

@@ -116,7 +116,16 @@ async fn sync_images_makes_the_catalog_match_the_config() {
     );
     let mut listed = world.reader.provider(sp).await.unwrap().images;
     listed.sort_by(|x, y| x.name.cmp(&y.name));
-    assert_eq!(listed, vec![b2, c]);
+    assert_eq!(listed, vec![b2.clone(), c.clone()]);
+    // The first entry given is the default: c first means the catalog is laid out again.
+    world
+        .sp
+        .sync_images(&[c.clone(), b2.clone()])
+        .await
+        .unwrap();
+    let provider = world.reader.provider(sp).await.unwrap();
+    assert_eq!(provider.default_image(), Some(&c));
+    assert_eq!(provider.images, vec![c, b2]);
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context};
 use serde::Serialize;
-use shale_contracts::{Marketplace, OrderState, U256};
+use shale_contracts::{parse_image_digest, Image, Marketplace, OrderState, U256};
 
 use crate::cmd::order::{orders_of, orders_table};
 use crate::money::Fil;
@@ -56,6 +56,99 @@ pub async fn register(config: &SpConfig) -> anyhow::Result<()> {
         tx.tx_hash,
         Fil(tx.fee)
     );
+    publish_images(config, &market).await
+}
+
+/// The catalog as it goes on chain: every `[images.NAME]` whose digest is known, the one marked
+/// `default` first (clients without `--image` take the first entry unless one is named
+/// `default`). A digest is known once the broker installed the image (`catalog.json` beside the
+/// gateway's state records what each name resolved to) or when the reference pins it
+/// (`REPO@sha256:…`). `record` is that `catalog.json`. Returns the images and the names still
+/// without a digest.
+pub fn catalog_images(
+    catalog: &shale_provisioner::Catalog,
+    record: &std::path::Path,
+) -> anyhow::Result<(Vec<Image>, Vec<String>)> {
+    #[derive(serde::Deserialize)]
+    struct Installed {
+        name: String,
+        digest: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Record {
+        #[serde(default)]
+        installed: Vec<Installed>,
+    }
+    if catalog.is_empty() {
+        return Ok((vec![], vec![]));
+    }
+    let path = record;
+    let record: Record = match std::fs::read_to_string(path) {
+        Ok(text) => {
+            serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Record { installed: vec![] },
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut images = Vec::new();
+    let mut pending = Vec::new();
+    for (name, entry) in catalog {
+        let installed = record.installed.iter().find(|i| &i.name == name);
+        let pinned = entry
+            .reference
+            .as_deref()
+            .and_then(|r| r.rsplit_once('@'))
+            .map(|(_, d)| d);
+        let Some(text) = installed.map(|i| i.digest.as_str()).or(pinned) else {
+            pending.push(name.clone());
+            continue;
+        };
+        let digest = parse_image_digest(text).with_context(|| format!("image {name}"))?;
+        let image = Image {
+            name: name.clone(),
+            digest,
+            description: entry.description.clone(),
+            gpu_ready: entry.gpu_ready,
+            size_bytes: entry.size_bytes.unwrap_or(0),
+        };
+        if entry.default {
+            images.insert(0, image);
+        } else {
+            images.push(image);
+        }
+    }
+    Ok((images, pending))
+}
+
+/// Publishes the config's image catalog on chain (see [`catalog_images`]).
+async fn publish_images(config: &SpConfig, market: &Marketplace) -> anyhow::Result<()> {
+    let record = config.gateway.state_dir.join("catalog.json");
+    let (images, pending) = catalog_images(&config.gateway.images, &record)?;
+    if images.is_empty() && pending.is_empty() {
+        // No [images]: whatever the chain lists is left alone (none: orders carry 0).
+        return Ok(());
+    }
+    let sent = market
+        .sync_images(&images)
+        .await
+        .context("publishing the image catalog")?;
+    let names: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
+    println!(
+        "Image catalog on chain: {} ({} transaction(s)).",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        },
+        sent.len()
+    );
+    if !pending.is_empty() {
+        eprintln!(
+            "Not published yet (no digest until the gateway's broker installs them): {}. Run \
+             `shale sp update` once `shale gateway` has started.",
+            pending.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -88,7 +181,7 @@ pub async fn update(config: &SpConfig) -> anyhow::Result<()> {
             println!("Added dataset {}.", d.id);
         }
     }
-    Ok(())
+    publish_images(config, &market).await
 }
 
 /// `shale sp withdraw`: no new orders; live ones continue.
@@ -188,4 +281,55 @@ pub async fn accept_with(
         Fil(tx.fee)
     );
     Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalog_goes_on_chain_with_its_installed_digests_default_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("catalog.json");
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let catalog: shale_provisioner::Catalog = toml::from_str(&format!(
+            r#"
+            [base]
+            archive = "/srv/base.oci"
+            description = "Debian"
+            [cuda]
+            reference = "registry.local/cuda:12"
+            gpu_ready = true
+            size_bytes = 9000
+            default = true
+            [pinned]
+            reference = "registry.local/tiny@{b}"
+            "#
+        ))
+        .unwrap();
+        // Before the broker installed anything only the pinned reference has a digest.
+        let (images, pending) = catalog_images(&catalog, &record).unwrap();
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0].digest_text(), b);
+        assert_eq!(pending, vec!["base".to_string(), "cuda".to_string()]);
+
+        std::fs::write(
+            &record,
+            format!(
+                r#"{{"installed": [{{"name": "cuda", "image": "registry.local/cuda:12", "digest": "{a}"}},
+                                  {{"name": "base", "image": "base", "digest": "{b}"}}],
+                    "failed": {{}}}}"#
+            ),
+        )
+        .unwrap();
+        let (images, pending) = catalog_images(&catalog, &record).unwrap();
+        assert!(pending.is_empty());
+        let names: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["cuda", "base", "pinned"], "the default first");
+        assert_eq!(images[0].digest_text(), a);
+        assert!(images[0].gpu_ready);
+        assert_eq!(images[0].size_bytes, 9000);
+        assert_eq!(images[1].description, "Debian");
+    }
 }
