@@ -14,6 +14,7 @@ use shale_contracts::{Address, U256};
 mod ack;
 mod cmd;
 mod exit;
+mod installed;
 mod money;
 mod policy;
 mod privsep;

@@ -87,7 +87,11 @@ pub fn lease_spec(order: &Order) -> LeaseSpec {
         cpus: order.cpus,
         memory_bytes: order.memory_mib.saturating_mul(1024 * 1024),
         disk_bytes: order.disk_mib.saturating_mul(1 << 20),
-        image: None,
+        // The image the client paid for, by content; never the provider's current default.
+        image: order
+            .image_digest
+            .as_ref()
+            .map(shale_contracts::format_image_digest),
         gpus: order.gpus,
         dataset: order.dataset.clone(),
         expires_at,

@@ -9,6 +9,7 @@ use shale_broker::Broker;
 use shale_gateway::chain_standing::ChainStanding;
 use shale_provisioner::{Catalog, Provisioner, ProvisionerConfig, RegistryConfig};
 
+use crate::installed::InstalledCatalog;
 use crate::spconfig::SpConfig;
 
 /// Where the broker listens: beside the gateway's state, which the SSH process can reach.
@@ -16,13 +17,7 @@ pub fn socket_path(sp: &SpConfig) -> PathBuf {
     sp.gateway.state_dir.join("broker.sock")
 }
 
-/// Where the broker records the catalog as installed: each name with the digest it resolved
-/// to, which is what the SP publishes on chain (`shale sp update`).
-pub fn catalog_path(sp: &SpConfig) -> PathBuf {
-    sp.gateway.state_dir.join("catalog.json")
-}
-
-/// Installs every catalog image, then writes what was installed (and why the rest was not).
+/// Installs every catalog image, then records what was installed (and why the rest was not).
 async fn install_catalog(
     provisioner: Provisioner,
     catalog: Catalog,
@@ -32,20 +27,17 @@ async fn install_catalog(
     if catalog.is_empty() {
         return;
     }
-    let mut installed = Vec::new();
-    let mut failed = serde_json::Map::new();
+    let mut done = InstalledCatalog::default();
     for outcome in provisioner.install_catalog(&catalog, &registries).await {
         match outcome {
-            Ok(image) => installed.push(image),
+            Ok(image) => done.installed.push(image),
             Err((name, e)) => {
-                failed.insert(name, e.to_string().into());
+                done.failed.insert(name, e.to_string());
             }
         }
     }
-    let json = serde_json::json!({ "installed": installed, "failed": failed });
-    let text = serde_json::to_string_pretty(&json).expect("the catalog record serializes");
-    if let Err(e) = std::fs::write(&record, text) {
-        tracing::warn!(path = %record.display(), error = %e, "cannot record the installed catalog");
+    if let Err(e) = done.write(&record) {
+        tracing::warn!(error = %e, "cannot record the installed catalog");
     }
 }
 
@@ -77,7 +69,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         provisioner.clone(),
         config.images.clone(),
         config.registries.clone(),
-        catalog_path(&sp),
+        InstalledCatalog::path(&sp),
     ));
     let socket = socket_path(&sp);
     match std::fs::remove_file(&socket) {

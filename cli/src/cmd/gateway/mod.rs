@@ -35,6 +35,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::installed::InstalledCatalog;
 use crate::spconfig::SpConfig;
 
 /// Marketplace events buffered for each of their consumers; one that falls further behind is
@@ -468,7 +469,11 @@ async fn apply_policy(market: &Marketplace, sp: &SpConfig, id: u64) -> anyhow::R
     let free = crate::policy::free_capacity(&me, &live, host_disk);
     let datasets = &sp.gateway.containers.datasets;
     let limits = sp.sp.accept.limits()?;
-    match crate::policy::decide(&order, &me, free, &limits, |d| datasets.contains_key(d)) {
+    let decision = match image_ready(sp, &order).await {
+        Ok(()) => crate::policy::decide(&order, &me, free, &limits, |d| datasets.contains_key(d)),
+        Err(reason) => Err(reason),
+    };
+    match decision {
         Ok(()) => {
             market.accept(id).await?;
             tracing::info!(order = id, "accepted by the auto-accept policy");
@@ -480,6 +485,26 @@ async fn apply_policy(market: &Marketplace, sp: &SpConfig, id: u64) -> anyhow::R
     }
     Ok(())
 }
+
+/// Whether the image the order names is installed here, as the broker recorded it: an order is
+/// accepted only when its container can start at once. Right after the gateway starts, the
+/// broker may still be installing the catalog; that is waited for, within a bound.
+async fn image_ready(sp: &SpConfig, order: &shale_contracts::Order) -> Result<(), String> {
+    let Some(digest) = order.image_digest.as_ref() else {
+        return Ok(());
+    };
+    let digest = shale_contracts::format_image_digest(digest);
+    let path = InstalledCatalog::path(sp);
+    let deadline = std::time::Instant::now() + CATALOG_WAIT;
+    while !sp.gateway.images.is_empty() && !path.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    let installed = InstalledCatalog::read(&path).map_err(|e| format!("{e:#}"))?;
+    installed.serves(&digest)
+}
+
+/// How long the accept policy waits for the broker's first installation of the catalog.
+const CATALOG_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The policy's reason as it goes on chain: at most the contract's cap, cut at a character.
 fn decline_text(reason: &str) -> String {
