@@ -207,9 +207,13 @@ impl OrderDirectory {
         }
     }
 
-    /// Forgets what is cached for `id`, so the next lookup reads the chain.
+    /// Forgets what is cached for `id`, so the next lookup reads the chain. An event naming
+    /// `id` also proves the order count reached it: a new order is not refused as above it.
     pub async fn invalidate(&self, id: OrderId) {
         self.found.invalidate(&id.0).await;
         self.missing.invalidate(&id.0).await;
+        if let Some(c) = self.count.lock().await.as_mut() {
+            c.count = c.count.max(id.0);
+        }
     }
 }

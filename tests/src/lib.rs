@@ -17,6 +17,7 @@ pub mod dishonest;
 pub mod internet;
 pub mod keys;
 pub mod outage;
+pub mod registry;
 pub mod ssh;
 pub mod stack;
 

@@ -69,27 +69,10 @@ pub fn catalog_images(
     catalog: &shale_provisioner::Catalog,
     record: &std::path::Path,
 ) -> anyhow::Result<(Vec<Image>, Vec<String>)> {
-    #[derive(serde::Deserialize)]
-    struct Installed {
-        name: String,
-        digest: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Record {
-        #[serde(default)]
-        installed: Vec<Installed>,
-    }
     if catalog.is_empty() {
         return Ok((vec![], vec![]));
     }
-    let path = record;
-    let record: Record = match std::fs::read_to_string(path) {
-        Ok(text) => {
-            serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Record { installed: vec![] },
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
+    let record = crate::installed::InstalledCatalog::read(record)?;
     let mut images = Vec::new();
     let mut pending = Vec::new();
     for (name, entry) in catalog {
@@ -122,7 +105,7 @@ pub fn catalog_images(
 
 /// Publishes the config's image catalog on chain (see [`catalog_images`]).
 async fn publish_images(config: &SpConfig, market: &Marketplace) -> anyhow::Result<()> {
-    let record = config.gateway.state_dir.join("catalog.json");
+    let record = crate::installed::InstalledCatalog::path(config);
     let (images, pending) = catalog_images(&config.gateway.images, &record)?;
     if images.is_empty() && pending.is_empty() {
         // No [images]: whatever the chain lists is left alone (none: orders carry 0).
