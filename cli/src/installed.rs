@@ -45,6 +45,15 @@ impl InstalledCatalog {
             .with_context(|| format!("writing {}", path.display()))
     }
 
+    /// The digest `image`'s name had in this record, when the name now resolves to another
+    /// (its tag moved on the registry).
+    pub fn moved(&self, image: &InstalledImage) -> Option<&str> {
+        self.installed
+            .iter()
+            .find(|i| i.name == image.name && i.digest != image.digest)
+            .map(|i| i.digest.as_str())
+    }
+
     /// Whether an order naming `digest` can start here now, or why not in words a client reads.
     pub fn serves(&self, digest: &str) -> Result<(), String> {
         if self.installed.iter().any(|i| i.digest == digest) {
@@ -90,5 +99,11 @@ mod tests {
             .serves(&other)
             .unwrap_err()
             .contains("cuda failed: HTTP 401"));
+        let retagged = InstalledImage {
+            digest: other.clone(),
+            ..read.installed[0].clone()
+        };
+        assert_eq!(read.moved(&retagged), Some(digest.as_str()));
+        assert_eq!(read.moved(&read.installed[0]), None);
     }
 }

@@ -105,9 +105,17 @@ impl Provisioner {
         let installed = match image.source(name)? {
             ImageSource::Registry(reference) => {
                 let pulled = self.pull_image(reference, registries).await?;
+                // Recorded under REPO@DIGEST as well: when the tag moves and is pulled again,
+                // orders placed against this digest still find their image.
+                let pinned = pinned_reference(reference, &pulled.digest)?;
+                let image = if pinned == pulled.image.as_str() {
+                    pulled.image
+                } else {
+                    self.pull_image(&pinned, registries).await?.image
+                };
                 InstalledImage {
                     name: name.to_string(),
-                    image: pulled.image,
+                    image,
                     digest: pulled.digest,
                 }
             }
@@ -149,6 +157,23 @@ impl Provisioner {
     }
 }
 
+/// `reference` pinned to `digest`: `REGISTRY/REPO@DIGEST`, whatever tag it named.
+fn pinned_reference(reference: &str, digest: &str) -> Result<String, ProvisionError> {
+    let parsed: oci_client::Reference =
+        reference.parse().map_err(|e: oci_client::ParseError| {
+            ProvisionError::ReferenceInvalid {
+                reference: reference.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+    Ok(oci_client::Reference::with_digest(
+        parsed.registry().to_string(),
+        parsed.repository().to_string(),
+        digest.to_string(),
+    )
+    .whole())
+}
+
 impl Ctd {
     /// The digest an image's record points at.
     pub(crate) async fn image_digest(&self, image: &ImageRef) -> Result<String, ProvisionError> {
@@ -173,7 +198,8 @@ impl Ctd {
         }
     }
 
-    /// An image record pointing at `digest`; several names may: the first by name serves.
+    /// An image record pointing at `digest`; several names may: the one pinned to it serves,
+    /// else the first by name.
     pub(crate) async fn image_with_digest(&self, digest: &str) -> Result<ImageRef, ProvisionError> {
         let well_formed = digest
             .strip_prefix("sha256:")
@@ -198,7 +224,8 @@ impl Ctd {
             .filter(|i| i.target.as_ref().is_some_and(|t| t.digest == digest))
             .map(|i| i.name)
             .collect();
-        names.sort();
+        // The record pinned to the digest first: it never moves, a tag's record may.
+        names.sort_by_key(|n| (!n.ends_with(&format!("@{digest}")), n.clone()));
         names.into_iter().next().map(ImageRef).ok_or_else(missing)
     }
 }
@@ -206,6 +233,16 @@ impl Ctd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tag_is_pinned_to_its_digest() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            pinned_reference("127.0.0.1:5000/ml/cuda:12.4", &d).unwrap(),
+            format!("127.0.0.1:5000/ml/cuda@{d}")
+        );
+        assert!(pinned_reference("UPPER/Case:x", &d).is_err());
+    }
 
     #[test]
     fn a_catalog_reads_from_toml_and_each_image_has_one_source() {

@@ -1106,3 +1106,58 @@ async fn a_malformed_reference_is_refused_before_any_request() {
         other => panic!("expected ReferenceInvalid, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_tag_installs_the_new_image_and_orders_of_the_old_digest_still_find_theirs() {
+    if !tools_present() {
+        return;
+    }
+    let reg = Registry::start();
+    let node = Node::start().await;
+    let entry = shale_provisioner::CatalogImage {
+        reference: Some(format!("{}/team/tool:stable", reg.host())),
+        archive: None,
+        description: String::new(),
+        gpu_ready: false,
+        size_bytes: None,
+        default: false,
+    };
+    let first = tempfile::tempdir().expect("layout dir");
+    reg.push(
+        &write_layout(first.path(), "v1", &[(b"etc/version", b"1\n")]),
+        "team/tool:stable",
+    );
+    let old = node
+        .prov
+        .install_image("tool", &entry, &[reg.config()])
+        .await
+        .expect("installed");
+    assert!(
+        old.image
+            .as_str()
+            .ends_with(&format!("team/tool@{}", old.digest)),
+        "{old:?}"
+    );
+
+    // The SP's registry now serves another image under the same tag.
+    let second = tempfile::tempdir().expect("layout dir");
+    reg.push(
+        &write_layout(second.path(), "v2", &[(b"etc/version", b"2\n")]),
+        "team/tool:stable",
+    );
+    let new = node
+        .prov
+        .install_image("tool", &entry, &[reg.config()])
+        .await
+        .expect("installed again");
+    assert_ne!(new.digest, old.digest, "the tag moved");
+    // Orders placed against either digest find exactly their own image.
+    assert_eq!(
+        node.prov.image_with_digest(&old.digest).await.unwrap(),
+        old.image
+    );
+    assert_eq!(
+        node.prov.image_with_digest(&new.digest).await.unwrap(),
+        new.image
+    );
+}

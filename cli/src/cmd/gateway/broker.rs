@@ -27,10 +27,22 @@ async fn install_catalog(
     if catalog.is_empty() {
         return;
     }
+    let before = InstalledCatalog::read(&record).unwrap_or_default();
     let mut done = InstalledCatalog::default();
     for outcome in provisioner.install_catalog(&catalog, &registries).await {
         match outcome {
-            Ok(image) => done.installed.push(image),
+            Ok(image) => {
+                if let Some(old) = before.moved(&image) {
+                    tracing::warn!(
+                        name = %image.name,
+                        was = %old,
+                        now = %image.digest,
+                        "the image's tag moved: orders placed against the old digest keep running \
+                         it; `shale sp update` publishes the new one"
+                    );
+                }
+                done.installed.push(image)
+            }
             Err((name, e)) => {
                 done.failed.insert(name, e.to_string());
             }
