@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use alloy_primitives::Address;
 use serde::Deserialize;
-use shale_provisioner::{Catalog, ProvisionerConfig, RegistryConfig};
+use shale_provisioner::{Catalog, ImageGcPolicy, ProvisionerConfig, RegistryConfig};
 
 /// Everything the gateway needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,6 +30,9 @@ pub struct GatewayConfig {
     /// Registries the catalog pulls from, with their credentials (`[[registries]]`).
     #[serde(default)]
     pub registries: Vec<RegistryConfig>,
+    /// Which images no order uses are removed after the catalog is installed.
+    #[serde(default)]
+    pub image_gc: ImageGcPolicy,
     /// Session policy.
     #[serde(default)]
     pub sessions: SessionConfig,
@@ -437,6 +440,7 @@ mod tests {
         shale_provisioner::check_catalog(&full.images).unwrap();
         assert!(full.images["cuda"].gpu_ready && full.images["default"].default);
         assert_eq!(full.registries[0].host, "registry.example:5000");
+        assert_eq!(full.image_gc, ImageGcPolicy::default());
         assert!(!config.log.audit_commands && !full.log.audit_commands);
         // The network section's commented values are the defaults, and its examples are real.
         let defaults = shale_provisioner::NetworkConfig::default();

@@ -147,6 +147,7 @@ async fn shutdown_tells_users_ends_every_task_and_closes_the_listeners() {
         containers,
         images: Default::default(),
         registries: Vec::new(),
+        image_gc: Default::default(),
         sessions: SessionConfig {
             drain: Duration::from_secs(5),
             ..SessionConfig::default()

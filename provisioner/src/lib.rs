@@ -27,6 +27,7 @@ mod error;
 mod exec;
 mod image;
 pub mod image_build;
+mod image_gc;
 mod lease;
 mod machines;
 mod netns;
@@ -46,6 +47,7 @@ pub use exec::{
     ExecRequest, ExitStatus, Process, ProcessControl, ProcessHandle, ProcessOutput, ProcessStdin,
     PtySize,
 };
+pub use image_gc::ImageGcPolicy;
 pub use lease::{Lease, LeaseSpec};
 pub use machines::Machines;
 pub use network::{

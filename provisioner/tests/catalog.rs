@@ -62,5 +62,20 @@ async fn an_order_runs_the_catalog_image_its_digest_names_and_no_other() {
             "{err:?}"
         );
     }
+    // The catalog no longer offers it, and nothing unused is kept: the order's container still
+    // holds it, so it stays.
+    let policy = shale_provisioner::ImageGcPolicy { keep_unused: 0 };
+    let removed = prov
+        .collect_images(&std::collections::HashSet::new(), &policy)
+        .await
+        .unwrap();
+    assert!(
+        removed.is_empty(),
+        "an image an order uses was removed: {removed:?}"
+    );
+    assert_eq!(
+        prov.image_with_digest(&tiny.digest).await.unwrap(),
+        tiny.image
+    );
     prov.release(31).await.unwrap();
 }

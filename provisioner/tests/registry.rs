@@ -1161,3 +1161,53 @@ async fn a_moved_tag_installs_the_new_image_and_orders_of_the_old_digest_still_f
         new.image
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_images_are_collected_but_the_offered_and_the_most_recent_stay() {
+    if !tools_present() {
+        return;
+    }
+    let reg = Registry::start();
+    let node = Node::start().await;
+    let mut installed = Vec::new();
+    for v in 1..=4u8 {
+        let layout = tempfile::tempdir().expect("layout dir");
+        let tag = format!("v{v}");
+        reg.push(
+            &write_layout(layout.path(), &tag, &[(b"etc/version", &[b'0' + v])]),
+            &format!("team/tool:{tag}"),
+        );
+        let entry = shale_provisioner::CatalogImage {
+            reference: Some(format!("{}/team/tool:{tag}", reg.host())),
+            archive: None,
+            description: String::new(),
+            gpu_ready: false,
+            size_bytes: None,
+            default: false,
+        };
+        let image = node
+            .prov
+            .install_image(&tag, &entry, &[reg.config()])
+            .await
+            .expect("installed");
+        installed.push(image);
+        // containerd orders images by their update time, in whole seconds at worst.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // The catalog offers only v1 now; one unused image (the newest, v4) is kept.
+    let offered = std::collections::HashSet::from([installed[0].digest.clone()]);
+    let policy = shale_provisioner::ImageGcPolicy { keep_unused: 1 };
+    let removed = node
+        .prov
+        .collect_images(&offered, &policy)
+        .await
+        .expect("collected");
+    // v2 and v3 go, each under its tag and its pinned name.
+    assert_eq!(removed.len(), 4, "{removed:?}");
+    for (v, kept) in [(0, true), (1, false), (2, false), (3, true)] {
+        let found = node.prov.image_with_digest(&installed[v].digest).await;
+        assert_eq!(found.is_ok(), kept, "v{}: {found:?}", v + 1);
+    }
+    // Their content is gone from the store too.
+    assert!(!node.has_content(&installed[1].digest));
+}

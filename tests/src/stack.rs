@@ -259,6 +259,7 @@ impl Stack {
             containers,
             images: Default::default(),
             registries: Vec::new(),
+            image_gc: Default::default(),
             sessions: options.sessions,
             state_dir: dir.path().join("gateway"),
             meter: shale_meter::MeterConfig {

@@ -1,13 +1,14 @@
 //! `shale gateway`'s broker process: root, no wallet key, serving the provisioner to the SSH
 //! process on a local socket only that process's user may use.
 
+use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use shale_broker::Broker;
 use shale_gateway::chain_standing::ChainStanding;
-use shale_provisioner::{Catalog, Provisioner, ProvisionerConfig, RegistryConfig};
+use shale_provisioner::{Catalog, ImageGcPolicy, Provisioner, ProvisionerConfig, RegistryConfig};
 
 use crate::installed::InstalledCatalog;
 use crate::spconfig::SpConfig;
@@ -17,11 +18,13 @@ pub fn socket_path(sp: &SpConfig) -> PathBuf {
     sp.gateway.state_dir.join("broker.sock")
 }
 
-/// Installs every catalog image, then records what was installed (and why the rest was not).
+/// Installs every catalog image, records what was installed (and why the rest was not), then
+/// removes the images the policy does not keep.
 async fn install_catalog(
     provisioner: Provisioner,
     catalog: Catalog,
     registries: Vec<RegistryConfig>,
+    gc: ImageGcPolicy,
     record: PathBuf,
 ) {
     if catalog.is_empty() {
@@ -50,6 +53,21 @@ async fn install_catalog(
     }
     if let Err(e) = done.write(&record) {
         tracing::warn!(error = %e, "cannot record the installed catalog");
+    }
+    // What this and the last installation offered stays: the chain may still name a digest
+    // that a failed or moved image had.
+    let offered: HashSet<String> = done
+        .installed
+        .iter()
+        .chain(&before.installed)
+        .map(|i| i.digest.clone())
+        .collect();
+    match provisioner.collect_images(&offered, &gc).await {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(removed = removed.len(), "removed images no order uses")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot collect unused images"),
     }
 }
 
@@ -81,6 +99,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         provisioner.clone(),
         config.images.clone(),
         config.registries.clone(),
+        config.image_gc.clone(),
         InstalledCatalog::path(&sp),
     ));
     let socket = socket_path(&sp);
