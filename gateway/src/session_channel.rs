@@ -28,6 +28,51 @@ use crate::policy::{EnvBudget, EnvPolicy, Subsystem, SFTP_SERVER};
 /// enough for what the pipes already hold, short enough that the user is not left hanging.
 const LOST_PROCESS_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a container start may take before the client is told it is under way.
+const START_NOTICE_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often a slow start tells the client how it goes.
+const START_NOTICE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits for the order's container; a start that takes long (an image still being pulled, a
+/// large disk being made) is told on the channel's stderr, with the bytes the provider's image
+/// pulls fetched meanwhile, so the client never stares at a silent hang.
+async fn machine_ready(
+    ctx: &ChannelContext,
+    id: russh::ChannelId,
+) -> Result<(), Arc<ProvisionError>> {
+    let ready = ctx.lease.ready();
+    tokio::pin!(ready);
+    let mut notices = tokio::time::interval_at(
+        tokio::time::Instant::now() + START_NOTICE_AFTER,
+        START_NOTICE_EVERY,
+    );
+    // Read only once a start is slow: a quick one costs no broker call.
+    let mut first: Option<u64> = None;
+    loop {
+        tokio::select! {
+            result = &mut ready => return result,
+            _ = notices.tick() => {
+                let pulled = match ctx.provisioner.pull_stats().await {
+                    Ok(now) if now.in_flight > 0 => {
+                        let before = *first.get_or_insert(now.bytes);
+                        format!(
+                            " (the provider is pulling its image: {} MiB so far)",
+                            now.bytes.saturating_sub(before) >> 20
+                        )
+                    }
+                    _ => String::new(),
+                };
+                let line = format!("shale: starting your machine{pulled}...");
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    ctx.handle.extended_data(id, 1, stderr_line(&line)),
+                )
+                .await;
+            }
+        }
+    }
+}
+
 /// What a session channel needs from its connection.
 pub struct ChannelContext {
     /// The order whose container runs the process.
@@ -167,7 +212,7 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
     }
 
     let started = async {
-        ctx.lease.ready().await.map_err(|e| e.to_string())?;
+        machine_ready(ctx, id).await.map_err(|e| e.to_string())?;
         let _timer = ExecTimer::start(&ctx.exec_seconds);
         match ctx.provisioner.exec(ctx.order.0, request.clone()).await {
             // The container died under the lease (OOM, host restart): start it again, once.

@@ -140,6 +140,8 @@ impl Provisioner {
         catalog: &Catalog,
         registries: &[RegistryConfig],
     ) -> Vec<Result<InstalledImage, (String, ProvisionError)>> {
+        self.inner.installs.send_modify(|n| *n += 1);
+        let _done = InstallGuard(&self.inner.installs);
         let mut out = Vec::with_capacity(catalog.len());
         for (name, image) in catalog {
             let installed = self.install_image(name, image, registries).await;
@@ -154,6 +156,38 @@ impl Provisioner {
     /// The installed image whose digest is `digest` (`sha256:…`).
     pub async fn image_with_digest(&self, digest: &str) -> Result<ImageRef, ProvisionError> {
         self.inner.ctd.image_with_digest(digest).await
+    }
+
+    /// The image an order's container starts from: the one of `digest`, waiting (up to
+    /// [`INSTALL_WAIT`]) for a catalog installation under way to bring it.
+    pub(crate) async fn image_for_order(&self, digest: &str) -> Result<ImageRef, ProvisionError> {
+        let mut installs = self.inner.installs.subscribe();
+        let deadline = tokio::time::Instant::now() + INSTALL_WAIT;
+        loop {
+            installs.borrow_and_update();
+            match self.image_with_digest(digest).await {
+                Err(ProvisionError::ImageMissing { .. }) if *installs.borrow() > 0 => {
+                    tracing::info!(%digest, "the order's image is not installed yet: waiting for the catalog's installation");
+                    let ended = tokio::time::timeout_at(deadline, installs.wait_for(|n| *n == 0));
+                    if ended.await.is_err() {
+                        return self.image_with_digest(digest).await;
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// How long an order's start waits for the catalog's installation to bring its image.
+pub const INSTALL_WAIT: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// Counts an installation as ended, however it ends.
+struct InstallGuard<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl Drop for InstallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 

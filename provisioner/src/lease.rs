@@ -172,7 +172,7 @@ impl Provisioner {
 
         // Exactly the content the order names, never whatever a tag points at now.
         let named = match &spec.image {
-            Some(digest) => ctd.image_with_digest(digest).await?,
+            Some(digest) => self.image_for_order(digest).await?,
             None => self.inner.config.image.clone(),
         };
         let image = ctd.resolve_image(&named).await?;

@@ -91,6 +91,9 @@ struct Inner {
     net_lock: tokio::sync::Mutex<()>,
     /// Registry pulls: one at a time per image, and their counters.
     puller: registry::Puller,
+    /// How many catalog installations run now: a start of an order whose image is not there yet
+    /// waits for them instead of failing.
+    installs: tokio::sync::watch::Sender<usize>,
 }
 
 impl Provisioner {
@@ -139,6 +142,7 @@ impl Provisioner {
                 id_prefix,
                 net_lock: tokio::sync::Mutex::new(()),
                 puller: registry::Puller::default(),
+                installs: tokio::sync::watch::Sender::new(0),
             }),
         })
     }

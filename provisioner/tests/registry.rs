@@ -1211,3 +1211,77 @@ async fn unused_images_are_collected_but_the_offered_and_the_most_recent_stay() 
     // Their content is gone from the store too.
     assert!(!node.has_content(&installed[1].digest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_started_while_the_catalog_installs_waits_for_its_image() {
+    if !tools_present() {
+        return;
+    }
+    let archive = busybox_archive().await;
+    let reg = Registry::start();
+    let digest = reg.push(
+        &format!("oci-archive:{}", archive.display()),
+        "shale/tiny:1",
+    );
+    // A large image the installation fetches first, so the order's start finds nothing yet.
+    let layout = tempfile::tempdir().expect("layout dir");
+    let big = noise(96 << 20);
+    reg.push(
+        &write_layout(layout.path(), "big", &[(b"data/noise.bin", &big)]),
+        "big:1",
+    );
+    drop(big);
+    let node = Node::start().await;
+    let mut config = node.config.clone();
+    config.network.subnet = free_subnet().parse().unwrap();
+    let prov = Provisioner::connect(config).await.expect("connect");
+    let entry = |reference: String| shale_provisioner::CatalogImage {
+        reference: Some(reference),
+        archive: None,
+        description: String::new(),
+        gpu_ready: false,
+        size_bytes: None,
+        default: false,
+    };
+    let catalog = std::collections::BTreeMap::from([
+        ("a-big".to_string(), entry(format!("{}/big:1", reg.host()))),
+        (
+            "tiny".to_string(),
+            entry(format!("{}/shale/tiny:1", reg.host())),
+        ),
+    ]);
+    let installing = {
+        let prov = prov.clone();
+        let registries = [reg.config()];
+        tokio::spawn(async move { prov.install_catalog(&catalog, &registries).await })
+    };
+    while prov.pull_stats().in_flight == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        prov.image_with_digest(&digest).await.is_err(),
+        "not there yet"
+    );
+    let spec = shale_provisioner::LeaseSpec {
+        image: Some(digest.clone()),
+        ..lease(62)
+    };
+    prov.ensure(&spec)
+        .await
+        .expect("the start waited for the installation");
+    let (out, _, st) = run(&prov, 62, &["/bin/busybox", "echo", "waited"]).await;
+    assert_eq!((out.as_str(), st), ("waited\n", ExitStatus::Code(0)));
+    assert!(installing.await.unwrap().iter().all(Result::is_ok));
+    prov.release(62).await.expect("release");
+
+    // With no installation under way, an image that is not there is refused at once.
+    let unknown = shale_provisioner::LeaseSpec {
+        image: Some(format!("sha256:{}", "e".repeat(64))),
+        ..lease(63)
+    };
+    let refused = prov.ensure(&unknown).await.expect_err("no such image");
+    assert!(
+        matches!(refused, ProvisionError::ImageMissing { .. }),
+        "{refused:?}"
+    );
+}
