@@ -92,6 +92,11 @@ pub struct ProvisionerConfig {
     pub tmp_size_bytes: u64,
     /// Each order's way out to the internet, and what it may not reach.
     pub network: NetworkConfig,
+    /// A directory on the filesystem containerd keeps images on (its root): a pull that would
+    /// leave less than `image_store_reserve_bytes` free there is refused before it writes.
+    pub image_store: PathBuf,
+    /// Bytes every pull leaves free on the image store's filesystem.
+    pub image_store_reserve_bytes: u64,
 }
 
 impl Default for ProvisionerConfig {
@@ -115,6 +120,8 @@ impl Default for ProvisionerConfig {
             default_pids_limit: 1024,
             tmp_size_bytes: 256 << 20,
             network: NetworkConfig::default(),
+            image_store: PathBuf::from("/var/lib/containerd"),
+            image_store_reserve_bytes: 2 << 30,
         }
     }
 }

@@ -36,6 +36,7 @@ mod registry;
 mod rootfs;
 mod seccomp;
 mod spec;
+mod store_room;
 mod userns;
 
 pub use catalog::{check_catalog, Catalog, CatalogImage, ImageSource, InstalledImage};
@@ -130,6 +131,10 @@ impl Provisioner {
         );
         let id_prefix = format!("o{}", short_hash(config.scope.as_bytes(), 8));
         info!(socket = %config.socket.display(), namespace = %config.namespace, "connected to containerd");
+        let room = store_room::StoreRoom {
+            path: config.image_store.clone(),
+            reserve: config.image_store_reserve_bytes,
+        };
         Ok(Provisioner {
             inner: Arc::new(Inner {
                 ctd,
@@ -141,7 +146,7 @@ impl Provisioner {
                 instance,
                 id_prefix,
                 net_lock: tokio::sync::Mutex::new(()),
-                puller: registry::Puller::default(),
+                puller: registry::Puller::new(room),
                 installs: tokio::sync::watch::Sender::new(0),
             }),
         })

@@ -40,6 +40,8 @@ use futures::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth as OciAuth;
 use oci_client::{Client, Reference};
+
+use crate::store_room::StoreRoom;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -97,8 +99,9 @@ pub struct PullStats {
 }
 
 /// The registry side of a [`crate::Provisioner`]: in-flight pulls and their counters.
-#[derive(Default)]
 pub(crate) struct Puller {
+    /// What every pull must leave free on the image store's disk.
+    room: StoreRoom,
     /// One lock per reference and per blob digest, so that concurrent pulls of one image
     /// share its transfer: the first holder fetches, the others then find the content present.
     locks: KeyedLocks,
@@ -111,6 +114,19 @@ pub(crate) struct Puller {
 }
 
 impl Puller {
+    pub(crate) fn new(room: StoreRoom) -> Self {
+        Puller {
+            room,
+            locks: KeyedLocks::default(),
+            ok: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            in_flight: AtomicU64::default(),
+            blobs: AtomicU64::default(),
+            bytes: AtomicU64::default(),
+            micros: AtomicU64::default(),
+        }
+    }
+
     pub(crate) fn stats(&self) -> PullStats {
         PullStats {
             pulls_ok: self.ok.load(Ordering::Relaxed),
@@ -353,6 +369,13 @@ impl<'a> Pull<'a> {
             + manifest.layers.iter().map(|l| l.size as u64).sum::<u64>();
         info!(reference = %self.reference, digest = %top_digest, layers = manifest.layers.len(),
               size, "pulling image");
+        // Refused before a layer is written, not when the disk is already full.
+        self.puller.room.check(size).map_err(|reason| {
+            Failure::Store(ProvisionError::ImageStoreFull {
+                reference: self.reference.whole(),
+                reason,
+            })
+        })?;
 
         // Children before parents, as containerd's own pull does: a manifest in the store
         // always has its layers there, whatever point a failure stops us at.

@@ -1285,3 +1285,44 @@ async fn an_order_started_while_the_catalog_installs_waits_for_its_image() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_that_would_eat_the_disk_reserve_is_refused_before_it_writes() {
+    if !tools_present() {
+        return;
+    }
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().expect("layout dir");
+    let source = write_layout(
+        layout.path(),
+        "large",
+        &[(b"data/noise.bin", &noise(8 << 20))],
+    );
+    reg.push(&source, "large:1");
+    let layer = reg.layers("large:1").remove(0);
+    let node = Node::start().await;
+    // The store's disk has far less free than this reserve.
+    let mut config = node.config.clone();
+    config.image_store = node.dir.path().to_path_buf();
+    config.image_store_reserve_bytes = 1 << 60;
+    let prov = Provisioner::connect(config).await.expect("connect");
+    let reference = format!("{}/large:1", reg.host());
+    match prov.pull_image(&reference, &[reg.config()]).await {
+        Err(e @ ProvisionError::ImageStoreFull { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("MiB free") && text.contains(&reference),
+                "{text}"
+            );
+        }
+        other => panic!("expected ImageStoreFull, got {other:?}"),
+    }
+    assert!(
+        !node.has_content(&layer),
+        "nothing of the layer was written"
+    );
+    assert!(
+        prov.pull_stats().bytes < 64 << 10,
+        "only the manifest and config travelled"
+    );
+}
