@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use containerd_client::services::v1::{GetImageRequest, ListImagesRequest};
+use containerd_client::services::v1::ListImagesRequest;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use crate::ctd::{is_not_found, Ctd};
+use crate::ctd::Ctd;
 use crate::{ImageRef, ProvisionError, Provisioner, RegistryConfig};
 
 /// One image of the catalog, as the SP's config names it (`[images.NAME]`).
@@ -211,25 +211,7 @@ fn pinned_reference(reference: &str, digest: &str) -> Result<String, ProvisionEr
 impl Ctd {
     /// The digest an image's record points at.
     pub(crate) async fn image_digest(&self, image: &ImageRef) -> Result<String, ProvisionError> {
-        let missing = || ProvisionError::ImageMissing {
-            image: image.to_string(),
-        };
-        match self
-            .images()
-            .get(self.req(GetImageRequest {
-                name: image.to_string(),
-            }))
-            .await
-        {
-            Ok(resp) => resp
-                .into_inner()
-                .image
-                .and_then(|i| i.target)
-                .map(|t| t.digest)
-                .ok_or_else(missing),
-            Err(s) if is_not_found(&s) => Err(missing()),
-            Err(s) => Err(self.status("look up the image", s)),
-        }
+        Ok(self.image_target(image).await?.digest)
     }
 
     /// An image record pointing at `digest`; several names may: the one pinned to it serves,

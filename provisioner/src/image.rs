@@ -766,15 +766,15 @@ impl Ctd {
         }
     }
 
-    /// Finds an image by name and makes sure its layers are unpacked.
-    pub(crate) async fn resolve_image(
+    /// The descriptor an image's record points at (a manifest or an index).
+    pub(crate) async fn image_target(
         &self,
         image: &ImageRef,
-    ) -> Result<ResolvedImage, ProvisionError> {
+    ) -> Result<containerd_client::types::Descriptor, ProvisionError> {
         let missing = || ProvisionError::ImageMissing {
             image: image.to_string(),
         };
-        let target = match self
+        match self
             .images()
             .get(self.req(GetImageRequest {
                 name: image.to_string(),
@@ -785,10 +785,21 @@ impl Ctd {
                 .into_inner()
                 .image
                 .and_then(|i| i.target)
-                .ok_or_else(missing)?,
-            Err(s) if is_not_found(&s) => return Err(missing()),
-            Err(s) => return Err(self.status("look up the image", s)),
+                .ok_or_else(missing),
+            Err(s) if is_not_found(&s) => Err(missing()),
+            Err(s) => Err(self.status("look up the image", s)),
+        }
+    }
+
+    /// Finds an image by name and makes sure its layers are unpacked.
+    pub(crate) async fn resolve_image(
+        &self,
+        image: &ImageRef,
+    ) -> Result<ResolvedImage, ProvisionError> {
+        let missing = || ProvisionError::ImageMissing {
+            image: image.to_string(),
         };
+        let target = self.image_target(image).await?;
         let read = |digest: String| async move {
             self.read_content(&digest).await.map_err(|e| match e {
                 ProvisionError::Runtime { .. } => missing(),
