@@ -431,17 +431,7 @@ impl Drop for Node {
     /// mounted under the temp dir (the tmpfs of a small store too), deepest first.
     fn drop(&mut self) {
         drop(self.daemon.take());
-        let ours = self.dir.path().to_string_lossy().into_owned();
-        let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-            .filter(|p| p.starts_with(&ours))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        unmount_under(self.dir.path());
     }
 }
 

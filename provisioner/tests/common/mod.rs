@@ -125,17 +125,23 @@ impl Drop for Harness {
     /// A test that panicked before releasing its orders leaves their disks and root filesystems
     /// mounted under the temp dir: detach them, deepest first, so the dir can be removed.
     fn drop(&mut self) {
-        let ours = self.dir.path().to_string_lossy().into_owned();
-        let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-            .filter(|p| p.starts_with(&ours))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Detaches every mount under `dir` (what a failed test left), deepest first, so `dir` can be
+/// removed.
+pub fn unmount_under(dir: &std::path::Path) {
+    let ours = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|p| p.starts_with(&ours))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
