@@ -5,6 +5,7 @@
 //!   transactions of clients and providers, [`Marketplace::watch`] its events.
 //! - [`devnet`]: a real local `anvil` with funded dev accounts, and deployment.
 //! - [`ChainError`]: an outage, a refusal by the contract (in words), or a missing order.
+//! - [`filecoin_address`]: the `0x…` and `f410f…`/`t410f…` spellings of one account.
 //!
 //! Money is integer wei ([`U256`]) throughout; the contract documents its rounding rules.
 
@@ -14,6 +15,7 @@ mod client;
 pub mod devnet;
 mod error;
 mod events;
+pub mod filecoin_address;
 mod types;
 
 pub use alloy::primitives::{Address, Bytes, B256, U256};
@@ -21,6 +23,7 @@ pub use alloy::signers::local::PrivateKeySigner;
 pub use client::Marketplace;
 pub use error::{describe, ChainError};
 pub use events::{EventStream, MarketEvent};
+pub use filecoin_address::{AddressError, AnyAddress, Network};
 pub use types::{
     format_fingerprint, format_image_digest, key_fingerprint, key_fingerprint_openssh,
     parse_image_digest, ClaimReceipt, ClaimRequest, Dataset, Image, NewOrder, Offer, Order,
