@@ -63,7 +63,8 @@ enum Command {
     },
     /// The images providers run orders from (their on-chain catalogs, pinned by digest).
     Images {
-        /// Only this provider's catalog.
+        /// Only this provider's catalog (0x…, f410f… or t410f…).
+        #[arg(value_parser = settings::address_arg)]
         provider: Option<Address>,
     },
     /// Place and manage orders (client side).
@@ -117,8 +118,8 @@ enum Command {
         /// The chain RPC the acknowledgments are checked against.
         #[arg(long = "ack-rpc-url")]
         rpc_url_for_acks: Option<String>,
-        /// The marketplace of the order.
-        #[arg(long = "ack-marketplace")]
+        /// The marketplace of the order (0x…, f410f… or t410f…).
+        #[arg(long = "ack-marketplace", value_parser = settings::address_arg)]
         marketplace_for_acks: Option<Address>,
         /// The Shale ssh config with the order's Host entry.
         #[arg(long)]
@@ -153,8 +154,8 @@ enum Command {
 enum OrderCommand {
     /// Order a container from a provider, pay the escrow, and wait until it is accepted.
     Create {
-        /// The provider's address.
-        #[arg(long)]
+        /// The provider's address (0x…, f410f… or t410f…).
+        #[arg(long, value_parser = settings::address_arg)]
         provider: Address,
         /// Your SSH public key (its private half logs in).
         #[arg(long, default_value = "~/.ssh/id_ed25519.pub")]
@@ -195,8 +196,8 @@ enum OrderCommand {
     },
     /// Your orders (as client or provider).
     List {
-        /// Whose orders (default: the signing key's address).
-        #[arg(long)]
+        /// Whose orders (0x…, f410f… or t410f…; default: the signing key's address).
+        #[arg(long, value_parser = settings::address_arg)]
         client: Option<Address>,
     },
     /// One order in detail.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use shale_contracts::{Address, Marketplace, PrivateKeySigner};
+use shale_contracts::{Address, AddressError, AnyAddress, Marketplace, PrivateKeySigner};
 
 /// Chain and key options shared by every command that talks to the marketplace.
 #[derive(Debug, Clone, Args)]
@@ -24,8 +24,8 @@ pub struct ChainArgs {
     /// Ethereum JSON-RPC endpoint of the chain (anvil, a Filecoin FEVM node).
     #[arg(long, env = "SHALE_RPC_URL", global = true)]
     pub rpc_url: Option<String>,
-    /// Address of the Marketplace contract.
-    #[arg(long, env = "SHALE_MARKETPLACE", global = true)]
+    /// Address of the Marketplace contract (0x…, f410f… or t410f…).
+    #[arg(long, env = "SHALE_MARKETPLACE", global = true, value_parser = address_arg)]
     pub marketplace: Option<Address>,
     /// Client config file (TOML: rpc_url, marketplace, keystore, ssh_dir).
     #[arg(long = "client-config", env = "SHALE_CONFIG", global = true)]
@@ -46,8 +46,8 @@ pub struct ChainArgs {
 pub struct ClientConfig {
     /// JSON-RPC endpoint.
     pub rpc_url: Option<String>,
-    /// Marketplace contract.
-    pub marketplace: Option<Address>,
+    /// Marketplace contract, in any of its spellings (0x…, f410f…, t410f…).
+    pub marketplace: Option<AnyAddress>,
     /// Keystore file of the signing key.
     pub keystore: Option<PathBuf>,
     /// Where SSH entries are written (default `~/.ssh`).
@@ -71,6 +71,12 @@ pub struct Settings {
     pub marketplace: Address,
     pub keystore: Option<PathBuf>,
     pub ssh_dir: PathBuf,
+}
+
+/// Parses an address argument in any of its spellings; clap shows the error, which names the
+/// rule that failed (EIP-55 case, Filecoin checksum, network letter, …).
+pub fn address_arg(text: &str) -> Result<Address, AddressError> {
+    text.parse::<AnyAddress>().map(Address::from)
 }
 
 /// The user's home directory.
@@ -111,7 +117,7 @@ impl ChainArgs {
                  ~/.config/shale/config.toml, or start the local stack with `shale dev up`"
             );
         };
-        let Some(marketplace) = self.marketplace.or(file.marketplace) else {
+        let Some(marketplace) = self.marketplace.or(file.marketplace.map(Address::from)) else {
             bail!(
                 "no marketplace contract: pass --marketplace, set SHALE_MARKETPLACE, or put \
                  marketplace in ~/.config/shale/config.toml"
@@ -206,6 +212,41 @@ mod tests {
     }
 
     #[test]
+    fn the_marketplace_flag_takes_every_spelling_and_says_which_rule_failed() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            chain: ChainArgs,
+        }
+        let hex = "0x5fbdb2315678afecb367f032d93f642f64180aa3";
+        for text in [
+            hex,
+            "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+            "t410fl663emkwpcx6zm3h6aznsp3ef5sbqcvdf5mfrna",
+            "f410fl663emkwpcx6zm3h6aznsp3ef5sbqcvdf5mfrna",
+        ] {
+            let cli = Cli::try_parse_from(["shale", "--marketplace", text]).unwrap();
+            assert_eq!(
+                format!("{:#x}", cli.chain.marketplace.unwrap()),
+                hex,
+                "{text}"
+            );
+        }
+        for (text, rule) in [
+            ("0x5FbDB2315678afecb367f032d93F642f64180aA3", "EIP-55"),
+            ("t410fl663emkwpcx6zm3h6aznsp3ef5sbqcvdf5mfrnb", "checksum"),
+            ("t1abjxfbp274xpdqcpuaykwkfb43omjotacm2p3za", "protocol-1"),
+        ] {
+            let err = Cli::try_parse_from(["shale", "--marketplace", text])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(rule), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn flags_win_over_the_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
@@ -225,6 +266,16 @@ mod tests {
         assert_eq!(s.rpc_url, "http://flag:8545");
         assert_eq!(
             format!("{:#x}", s.marketplace),
+            "0x5fbdb2315678afecb367f032d93f642f64180aa3"
+        );
+        // The same contract in its Filecoin spelling.
+        std::fs::write(
+            &file,
+            "rpc_url = \"x\"\nmarketplace = \"t410fl663emkwpcx6zm3h6aznsp3ef5sbqcvdf5mfrna\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            format!("{:#x}", args.resolve().unwrap().marketplace),
             "0x5fbdb2315678afecb367f032d93f642f64180aa3"
         );
         std::fs::write(&file, "rpc_url = \"x\"\nbogus = 1\n").unwrap();

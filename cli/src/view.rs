@@ -2,7 +2,8 @@
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, ContentArrangement, Table};
 use serde::Serialize;
-use shale_contracts::{format_fingerprint, Order, Provider, U256};
+use shale_contracts::filecoin_address::{display_both, to_filecoin};
+use shale_contracts::{format_fingerprint, Address, Marketplace, Network, Order, Provider, U256};
 
 use crate::money::format_fil;
 
@@ -25,6 +26,16 @@ pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which Filecoin spelling this chain's addresses are shown in (`f` on mainnet, else `t`).
+pub async fn network(market: &Marketplace) -> anyhow::Result<Network> {
+    Ok(Network::of_chain(market.chain_id().await?))
+}
+
+/// An address as people read it: `0x…` and its Filecoin spelling, `0xab… (t410f…)`.
+pub fn address(a: Address, network: Network) -> String {
+    display_both(a, network)
+}
+
 /// Wei per hour from wei per second.
 pub fn per_hour(per_second: U256) -> U256 {
     per_second.saturating_mul(U256::from(3600u32))
@@ -34,6 +45,8 @@ pub fn per_hour(per_second: U256) -> U256 {
 #[derive(Debug, Serialize)]
 pub struct ProviderView {
     pub address: String,
+    /// The same account's Filecoin spelling (`f410f…` on mainnet, `t410f…` elsewhere).
+    pub address_filecoin: String,
     pub endpoint: String,
     pub ssh_host_key: String,
     pub active: bool,
@@ -72,10 +85,12 @@ pub struct ImageView {
     /// The image `shale order create` picks without `--image`.
     pub default: bool,
     pub provider: String,
+    /// The provider's Filecoin spelling.
+    pub provider_filecoin: String,
 }
 
 impl ImageView {
-    pub fn new(p: &Provider, i: &shale_contracts::Image, default: bool) -> Self {
+    pub fn new(p: &Provider, i: &shale_contracts::Image, default: bool, network: Network) -> Self {
         Self {
             name: i.name.clone(),
             digest: i.digest_text(),
@@ -85,6 +100,7 @@ impl ImageView {
             description: i.description.clone(),
             default,
             provider: format!("{:#x}", p.address),
+            provider_filecoin: to_filecoin(p.address, network),
         }
     }
 }
@@ -97,10 +113,12 @@ pub fn rating_text(p: &Provider) -> String {
     }
 }
 
-impl From<&Provider> for ProviderView {
-    fn from(p: &Provider) -> Self {
+impl ProviderView {
+    /// The view of `p`, with Filecoin spellings for `network`.
+    pub fn new(p: &Provider, network: Network) -> Self {
         Self {
             address: format!("{:#x}", p.address),
+            address_filecoin: to_filecoin(p.address, network),
             endpoint: p.endpoint.clone(),
             ssh_host_key: p.ssh_host_key.clone(),
             active: p.active,
@@ -119,7 +137,10 @@ impl From<&Provider> for ProviderView {
                 let default = p.default_image().map(|i| i.name.clone());
                 p.images
                     .iter()
-                    .map(|i| ImageView::new(p, i, default.as_deref() == Some(i.name.as_str())))
+                    .map(|i| {
+                        let is_default = default.as_deref() == Some(i.name.as_str());
+                        ImageView::new(p, i, is_default, network)
+                    })
                     .collect()
             },
             rating_count: p.rating.count,
@@ -138,6 +159,12 @@ pub struct OrderView {
     pub state: String,
     pub client: String,
     pub provider: String,
+    /// The client's Filecoin spelling; absent where the chain's network was not asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_filecoin: Option<String>,
+    /// The provider's Filecoin spelling; absent like `client_filecoin`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_filecoin: Option<String>,
     pub key_fingerprint: String,
     pub cpus: u32,
     pub memory_mib: u64,
@@ -165,6 +192,18 @@ pub struct OrderView {
     pub rated: bool,
 }
 
+impl OrderView {
+    /// The view of `o` with the Filecoin spellings of its parties for `network`.
+    pub fn new(o: &Order, network: Network) -> Self {
+        Self {
+            client_filecoin: Some(to_filecoin(o.client, network)),
+            provider_filecoin: Some(to_filecoin(o.provider, network)),
+            ..Self::from(o)
+        }
+    }
+}
+
+/// Without the chain's network: no Filecoin spellings (`shale sp orders` still builds it so).
 impl From<&Order> for OrderView {
     fn from(o: &Order) -> Self {
         Self {
@@ -172,6 +211,8 @@ impl From<&Order> for OrderView {
             state: o.state.to_string(),
             client: format!("{:#x}", o.client),
             provider: format!("{:#x}", o.provider),
+            client_filecoin: None,
+            provider_filecoin: None,
             key_fingerprint: format_fingerprint(&o.key_fingerprint),
             cpus: o.cpus,
             memory_mib: o.memory_mib,

@@ -4,16 +4,20 @@ use serde::Serialize;
 
 use crate::money::format_fil;
 use crate::settings::Settings;
-use crate::view::{per_hour, print_json, rating_text, size, table, ImageView, ProviderView};
+use crate::view::{self, per_hour, print_json, rating_text, size, table, ImageView, ProviderView};
 
 /// Lists the providers, active ones first.
 pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Result<()> {
     let market = settings.reader().await?;
+    let network = view::network(&market).await?;
     let mut providers = market.providers().await?;
     providers.retain(|p| all || p.active);
     providers.sort_by_key(|p| (!p.active, p.offer.price_per_second));
     if json {
-        let views: Vec<ProviderView> = providers.iter().map(ProviderView::from).collect();
+        let views: Vec<ProviderView> = providers
+            .iter()
+            .map(|p| ProviderView::new(p, network))
+            .collect();
         return print_json(&views);
     }
     if providers.is_empty() {
@@ -34,8 +38,8 @@ pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Re
         let images: Vec<&str> = p.images.iter().map(|i| i.name.as_str()).collect();
         t.add_row(vec![
             format!(
-                "{:#x}{}",
-                p.address,
+                "{}{}",
+                view::address(p.address, network),
                 if p.active { "" } else { " (withdrawn)" }
             ),
             p.endpoint.clone(),
@@ -67,6 +71,8 @@ pub async fn providers(settings: &Settings, all: bool, json: bool) -> anyhow::Re
 struct DatasetRow {
     id: String,
     provider: String,
+    /// The provider's Filecoin spelling.
+    provider_filecoin: String,
     endpoint: String,
     size_bytes: u64,
     piece_cid: Option<String>,
@@ -78,6 +84,7 @@ struct DatasetRow {
 /// contains `filter` (case-insensitive).
 pub async fn datasets(settings: &Settings, filter: Option<&str>, json: bool) -> anyhow::Result<()> {
     let market = settings.reader().await?;
+    let network = view::network(&market).await?;
     let needle = filter.map(str::to_lowercase);
     let mut rows = Vec::new();
     for p in market.providers().await? {
@@ -92,6 +99,9 @@ pub async fn datasets(settings: &Settings, filter: Option<&str>, json: bool) -> 
                 rows.push(DatasetRow {
                     id: d.id.clone(),
                     provider: format!("{:#x}", p.address),
+                    provider_filecoin: shale_contracts::filecoin_address::to_filecoin(
+                        p.address, network,
+                    ),
                     endpoint: p.endpoint.clone(),
                     size_bytes: d.size_bytes,
                     piece_cid: d.piece_cid.clone(),
@@ -114,7 +124,7 @@ pub async fn datasets(settings: &Settings, filter: Option<&str>, json: bool) -> 
             r.id,
             bytes(r.size_bytes),
             r.piece_cid.unwrap_or_else(|| "-".into()),
-            r.provider,
+            format!("{} ({})", r.provider, r.provider_filecoin),
             r.description,
         ]);
     }
@@ -129,6 +139,7 @@ pub async fn images(
     json: bool,
 ) -> anyhow::Result<()> {
     let market = settings.reader().await?;
+    let network = view::network(&market).await?;
     let providers = match provider {
         Some(address) => vec![market.provider(address).await?],
         None => market
@@ -146,6 +157,7 @@ pub async fn images(
                 p,
                 i,
                 default.as_deref() == Some(i.name.as_str()),
+                network,
             ));
         }
     }
@@ -155,7 +167,8 @@ pub async fn images(
     if rows.is_empty() {
         match provider {
             Some(a) => println!(
-                "Provider {a:#x} lists no images: its orders run its built-in default image."
+                "Provider {} lists no images: its orders run its built-in default image.",
+                view::address(a, network)
             ),
             None => println!("No provider lists images: orders run each one's built-in default."),
         }
@@ -183,7 +196,7 @@ pub async fn images(
             } else {
                 bytes(r.size_bytes)
             },
-            r.provider,
+            format!("{} ({})", r.provider, r.provider_filecoin),
             r.description,
         ]);
     }

@@ -8,8 +8,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use shale_contracts::{
-    format_fingerprint, key_fingerprint_openssh, Address, Image, Marketplace, NewOrder, Order,
-    OrderState, Provider, U256,
+    format_fingerprint, key_fingerprint_openssh, Address, Image, Marketplace, Network, NewOrder,
+    Order, OrderState, Provider, U256,
 };
 
 use crate::ack::AckKey;
@@ -17,7 +17,7 @@ use crate::exit::Failure;
 use crate::money::{format_fil, Fil};
 use crate::settings::Settings;
 use crate::sshcfg::{split_endpoint, OrderHost, SshFiles, Tunnel, TunnelAcks};
-use crate::view::{duration, print_json, size, table, OrderView};
+use crate::view::{self, duration, print_json, size, table, OrderView};
 use crate::wire::WireCounts;
 
 /// What `shale order create` asks for.
@@ -112,15 +112,15 @@ pub async fn create_with(
         .provider(req.provider)
         .await
         .context("reading the provider's offer")?;
+    let shown = view::address(req.provider, view::network(market).await?);
     if !provider.active {
-        bail!("provider {:#x} has withdrawn its offer", req.provider);
+        bail!("provider {shown} has withdrawn its offer");
     }
     if let Some(d) = &req.dataset {
         if !provider.datasets.iter().any(|x| &x.id == d) {
             let ids: Vec<&str> = provider.datasets.iter().map(|x| x.id.as_str()).collect();
             bail!(
-                "provider {:#x} has no dataset {d:?}; it offers: {}",
-                req.provider,
+                "provider {shown} has no dataset {d:?}; it offers: {}",
                 if ids.is_empty() {
                     "none".into()
                 } else {
@@ -156,8 +156,7 @@ pub async fn create_with(
     }
     if order.disk_mib > provider.offer.max_disk_mib {
         bail!(
-            "provider {:#x} sells at most {} of disk per order; {} is more",
-            req.provider,
+            "provider {shown} sells at most {} of disk per order; {} is more",
             size(provider.offer.max_disk_mib),
             size(order.disk_mib)
         );
@@ -179,7 +178,7 @@ pub async fn create_with(
             .price_per_second
             .saturating_mul(U256::from(3600u32));
         eprintln!(
-            "Ordering {} CPUs, {} of memory, {} of disk, {} GPUs{}{} from {:#x} for up to {}h at {} \
+            "Ordering {} CPUs, {} of memory, {} of disk, {} GPUs{}{} from {shown} for up to {}h at {} \
              per hour + {} per GiB.",
             order.cpus,
             size(order.memory_mib),
@@ -193,7 +192,6 @@ pub async fn create_with(
             image
                 .map(|i| format!(", image {} ({})", i.name, short_digest(&i.digest)))
                 .unwrap_or_default(),
-            req.provider,
             req.hours,
             Fil(hourly),
             Fil(provider.offer.price_per_gib),
@@ -370,22 +368,28 @@ pub async fn list(settings: &Settings, who: Option<Address>, json: bool) -> anyh
             .address(),
     };
     let market = settings.reader().await?;
+    let network = view::network(&market).await?;
     let orders = orders_of(&market, who).await?;
     if json {
-        let v: Vec<OrderView> = orders.iter().map(OrderView::from).collect();
+        let v: Vec<OrderView> = orders.iter().map(|o| OrderView::new(o, network)).collect();
         return print_json(&v);
     }
     if orders.is_empty() {
-        println!("No orders for {who:#x}.");
+        println!("No orders for {}.", view::address(who, network));
         return Ok(());
     }
     let now = crate::cmd::watch::display_now(&market).await?;
-    println!("{}", orders_table(&orders, now));
+    println!("{}", orders_table_on(&orders, now, Some(network)));
     Ok(())
 }
 
-/// A table of orders.
+/// A table of orders, their providers in `0x` only.
 pub fn orders_table(orders: &[Order], now: u64) -> comfy_table::Table {
+    orders_table_on(orders, now, None)
+}
+
+/// A table of orders; with a `network` their providers are shown in both spellings.
+pub fn orders_table_on(orders: &[Order], now: u64, network: Option<Network>) -> comfy_table::Table {
     let mut t = table([
         "order",
         "state",
@@ -409,7 +413,10 @@ pub fn orders_table(orders: &[Order], now: u64) -> comfy_table::Table {
         t.add_row(vec![
             o.id.to_string(),
             o.state.to_string(),
-            format!("{:#x}", o.provider),
+            match network {
+                Some(n) => view::address(o.provider, n),
+                None => format!("{:#x}", o.provider),
+            },
             resources(o),
             o.dataset.clone().unwrap_or_else(|| "-".into()),
             format_fil(o.escrow),
@@ -435,15 +442,16 @@ fn resources(o: &Order) -> String {
 pub async fn show(settings: &Settings, id: u64, json: bool) -> anyhow::Result<()> {
     let market = settings.reader().await?;
     let o = market.order(id).await?;
-    let v = OrderView::from(&o);
+    let network = view::network(&market).await?;
+    let v = OrderView::new(&o, network);
     if json {
         return print_json(&v);
     }
     let mut t = table(["order".to_string(), id.to_string()]);
     let rows: Vec<(&str, String)> = vec![
         ("state", v.state),
-        ("client", v.client),
-        ("provider", v.provider),
+        ("client", view::address(o.client, network)),
+        ("provider", view::address(o.provider, network)),
         ("key", v.key_fingerprint),
         ("resources", resources(&o)),
         ("dataset", v.dataset.unwrap_or_else(|| "-".into())),
