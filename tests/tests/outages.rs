@@ -53,6 +53,39 @@ fn metric(page: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The `/metrics` page once no session and no connection is live any more, polled for up to
+/// 20 s: a client's exit can reach the test before the gateway has counted the session down.
+async fn page_once_idle(stack: &Stack) -> anyhow::Result<String> {
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = stack.scrape().await?;
+        if metric(&page, "shale_gateway_sessions_active") == 0.0
+            && metric(&page, "shale_gateway_connections_active") == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(page)
+}
+
+/// The order's session records once every one is closed, polled for up to 20 s (closing a
+/// record follows the client's exit).
+async fn sessions_once_closed(
+    ledger: &shale_meter::Ledger,
+    order: u64,
+) -> anyhow::Result<Vec<shale_meter::ledger::SessionRecord>> {
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = ledger.sessions(order).await?;
+        if records.iter().all(|r| r.ended_at_ms.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(records)
+}
+
 /// Runs `ssh … command` to completion.
 async fn ssh(target: &Target, command: &str) -> anyhow::Result<SshOutput> {
     let mut cmd = target.ssh();
@@ -339,16 +372,7 @@ async fn containerd_killed_under_a_session_is_a_clear_error_leaks_nothing_and_se
 
     // Nothing of the failed session is left: no live session or connection on the gauges,
     // its ledger record closed with an outcome.
-    let mut page = String::new();
-    for _ in 0..100 {
-        page = stack.scrape().await?;
-        if metric(&page, "shale_gateway_sessions_active") == 0.0
-            && metric(&page, "shale_gateway_connections_active") == 0.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let page = page_once_idle(&stack).await?;
     assert_eq!(
         metric(&page, "shale_gateway_sessions_active"),
         0.0,
@@ -360,14 +384,7 @@ async fn containerd_killed_under_a_session_is_a_clear_error_leaks_nothing_and_se
         "{page}"
     );
     let ledger = stack.ledger().await?;
-    let mut records = Vec::new();
-    for _ in 0..100 {
-        records = ledger.sessions(order).await?;
-        if records.iter().all(|r| r.ended_at_ms.is_some()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let records = sessions_once_closed(&ledger, order).await?;
     assert_eq!(records.len(), 1, "{records:?}");
     assert!(
         records[0].ended_at_ms.is_some() && records[0].outcome.is_some(),
@@ -394,13 +411,13 @@ async fn containerd_killed_under_a_session_is_a_clear_error_leaks_nothing_and_se
     let other = stack.order(&key, OrderOptions::default()).await?;
     logs_in_within(&stack.target(other.to_string(), &key), 10).await?;
 
-    let page = stack.scrape().await?;
+    let page = page_once_idle(&stack).await?;
     assert_eq!(
         metric(&page, "shale_gateway_sessions_active"),
         0.0,
         "{page}"
     );
-    let records = ledger.sessions(order).await?;
+    let records = sessions_once_closed(&ledger, order).await?;
     assert!(
         records.iter().all(|r| r.ended_at_ms.is_some()),
         "{records:?}"
