@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use shale_provisioner::{
-    ExecRequest, ExitStatus, Lease, LeaseSpec, Machines, Process, ProcessControl, ProvisionError,
-    PtySize, PullStats, Reconciled, Traffic,
+    DatasetStatus, ExecRequest, ExitStatus, Lease, LeaseSpec, Machines, Process, ProcessControl,
+    ProvisionError, PtySize, PullStats, Reconciled, Traffic,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UnixStream};
@@ -222,6 +222,13 @@ impl Machines for BrokerClient {
         Box::pin(async move {
             let reply = self.simple(Request::PullStats).await?;
             expect_reply!(self, reply, Reply::PullStats(s) => s)
+        })
+    }
+
+    fn datasets(&self) -> BoxFuture<'_, Result<Vec<DatasetStatus>, ProvisionError>> {
+        Box::pin(async move {
+            let reply = self.simple(Request::Datasets).await?;
+            expect_reply!(self, reply, Reply::Datasets(d) => d)
         })
     }
 }

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use shale_provisioner::{
-    ExecRequest, ExitStatus, Lease, LeaseSpec, ProvisionError, PtySize, PullStats, Reconciled,
-    Traffic,
+    DatasetStatus, ExecRequest, ExitStatus, Lease, LeaseSpec, ProvisionError, PtySize, PullStats,
+    Reconciled, Traffic,
 };
 
 /// This build's protocol version; a request of another version is refused.
@@ -57,6 +57,8 @@ pub enum Request {
     ReconcileNetwork,
     /// The image pulls' counters.
     PullStats,
+    /// The datasets and their last checks.
+    Datasets,
 }
 
 /// The broker's answer to a [`Request`].
@@ -80,6 +82,8 @@ pub enum Reply {
     Reconciled(Reconciled),
     /// From `PullStats`.
     PullStats(PullStats),
+    /// From `Datasets`.
+    Datasets(Vec<DatasetStatus>),
     /// Done, nothing to say (`Stop`, `Release`).
     Done,
     /// The operation failed.
@@ -123,6 +127,15 @@ pub enum WireError {
     },
     DatasetMissing {
         dataset: String,
+    },
+    DatasetMismatch {
+        dataset: String,
+        expected: String,
+        found: String,
+    },
+    DatasetUnavailable {
+        dataset: String,
+        reason: String,
     },
     GpusUnavailable {
         wanted: u32,
@@ -183,6 +196,21 @@ impl From<&ProvisionError> for WireError {
             ProvisionError::DatasetMissing { dataset } => WireError::DatasetMissing {
                 dataset: dataset.clone(),
             },
+            ProvisionError::DatasetMismatch {
+                dataset,
+                expected,
+                found,
+            } => WireError::DatasetMismatch {
+                dataset: dataset.clone(),
+                expected: expected.clone(),
+                found: found.clone(),
+            },
+            ProvisionError::DatasetUnavailable { dataset, reason } => {
+                WireError::DatasetUnavailable {
+                    dataset: dataset.clone(),
+                    reason: reason.clone(),
+                }
+            }
             ProvisionError::GpusUnavailable { wanted, available } => WireError::GpusUnavailable {
                 wanted: *wanted,
                 available: *available,
@@ -238,6 +266,18 @@ impl WireError {
             }
             WireError::ImageMissing { image } => ProvisionError::ImageMissing { image },
             WireError::DatasetMissing { dataset } => ProvisionError::DatasetMissing { dataset },
+            WireError::DatasetMismatch {
+                dataset,
+                expected,
+                found,
+            } => ProvisionError::DatasetMismatch {
+                dataset,
+                expected,
+                found,
+            },
+            WireError::DatasetUnavailable { dataset, reason } => {
+                ProvisionError::DatasetUnavailable { dataset, reason }
+            }
             WireError::GpusUnavailable { wanted, available } => {
                 ProvisionError::GpusUnavailable { wanted, available }
             }

@@ -161,7 +161,8 @@ impl Broker {
             | Request::Orders
             | Request::AdoptAll
             | Request::ReconcileNetwork
-            | Request::PullStats => Ok(()),
+            | Request::PullStats
+            | Request::Datasets => Ok(()),
         }
     }
 
@@ -179,6 +180,7 @@ impl Broker {
                 .await
                 .map_or_else(failed, |l| Reply::Lease(Box::new(l))),
             Request::PullStats => Reply::PullStats(p.pull_stats()),
+            Request::Datasets => Reply::Datasets(p.dataset_statuses()),
             Request::Orders => p.orders().await.map_or_else(failed, Reply::Orders),
             Request::AdoptAll => p.adopt(|_| true).await.map_or_else(failed, Reply::Orders),
             Request::Traffic { order } => {
@@ -309,7 +311,8 @@ fn order_of(request: &Request) -> Option<u64> {
         | Request::Orders
         | Request::AdoptAll
         | Request::ReconcileNetwork
-        | Request::PullStats => None,
+        | Request::PullStats
+        | Request::Datasets => None,
     }
 }
 

@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use shale_contracts::{Dataset, Offer, U256};
 use shale_gateway::GatewayConfig;
+use shale_provisioner::DatasetSource;
 
 /// The `[sp]` section.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -240,13 +241,28 @@ impl SpConfig {
     /// with their size measured on disk.
     pub fn datasets(&self) -> anyhow::Result<Vec<Dataset>> {
         let mut out = Vec::new();
-        for (id, path) in &self.gateway.containers.datasets {
+        for (id, source) in &self.gateway.containers.datasets {
             let meta = self.sp.datasets.get(id).cloned().unwrap_or_default();
+            let (piece_cid, path) = match source {
+                DatasetSource::Directory(path) => (meta.piece_cid.clone(), path),
+                DatasetSource::Piece(p) => {
+                    // The piece CID the gateway verifies is the one published: one place to
+                    // write it, and a second spelling that disagrees is a config error.
+                    let cid = p.piece_cid.to_string();
+                    if let Some(other) = meta.piece_cid.as_ref().filter(|c| **c != cid) {
+                        bail!(
+                            "dataset {id}: [sp.datasets.{id}] piece_cid {other} is not the \
+                             [containers.datasets] piece_cid {cid}; drop the first"
+                        );
+                    }
+                    (Some(cid), &p.source)
+                }
+            };
             let size_bytes = dir_size(path)
                 .with_context(|| format!("measuring dataset {id} at {}", path.display()))?;
             out.push(Dataset {
                 id: id.clone(),
-                piece_cid: meta.piece_cid,
+                piece_cid,
                 deal_id: meta.deal_id,
                 size_bytes,
                 description: meta.description,

@@ -33,6 +33,13 @@ pub struct OrderLabel {
     pub order: String,
 }
 
+/// A label set naming one dataset.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatasetLabel {
+    /// The dataset id.
+    pub dataset: String,
+}
+
 /// A label set naming one order and a direction.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OrderDirectionLabel {
@@ -120,6 +127,11 @@ pub struct Metrics {
     pub image_pull_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Pulls running now.
     pub image_pulls_in_flight: Gauge,
+    /// 1 while a piece dataset's last hash found bytes that are not its piece (orders for it
+    /// are refused): the alert.
+    pub dataset_mismatch: Family<DatasetLabel, Gauge>,
+    /// When each piece dataset was last hashed, in Unix seconds.
+    pub dataset_verified_timestamp_seconds: Family<DatasetLabel, Gauge>,
     /// The broker's counters as last mirrored: its own restart resets them.
     pulls_seen: std::sync::Mutex<shale_provisioner::PullStats>,
 }
@@ -172,6 +184,8 @@ impl Default for Metrics {
             image_pull_bytes: Counter::default(),
             image_pull_seconds: Counter::default(),
             image_pulls_in_flight: Gauge::default(),
+            dataset_mismatch: Family::default(),
+            dataset_verified_timestamp_seconds: Family::default(),
             pulls_seen: Default::default(),
             registry: Registry::default(),
             network_registry: Registry::default(),
@@ -195,6 +209,16 @@ impl Default for Metrics {
             "image_pulls_in_flight",
             "Image pulls running now",
             m.image_pulls_in_flight.clone(),
+        );
+        registry.register(
+            "dataset_mismatch",
+            "1 while a piece dataset's bytes are not its piece CID (orders for it are refused)",
+            m.dataset_mismatch.clone(),
+        );
+        registry.register(
+            "dataset_verified_timestamp_seconds",
+            "When each piece dataset was last hashed against its piece CID (Unix seconds)",
+            m.dataset_verified_timestamp_seconds.clone(),
         );
         let mut network = Registry::with_prefix("shale");
         registry.register(
@@ -400,6 +424,22 @@ impl Metrics {
             .inc_by((now.seconds - before.seconds).max(0.0));
         self.image_pulls_in_flight.set(now.in_flight as i64);
         *seen = now;
+    }
+
+    /// Mirrors the broker's datasets: a series for every piece dataset hashed so far.
+    pub fn observe_datasets(&self, datasets: &[shale_provisioner::DatasetStatus]) {
+        for d in datasets {
+            let Some(last) = &d.last else { continue };
+            let label = DatasetLabel {
+                dataset: d.id.clone(),
+            };
+            self.dataset_mismatch
+                .get_or_create(&label)
+                .set(i64::from(!last.matches()));
+            self.dataset_verified_timestamp_seconds
+                .get_or_create(&label)
+                .set(last.checked_at as i64);
+        }
     }
 
     /// Adds one to `family`'s series for `reason`.

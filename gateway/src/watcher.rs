@@ -287,7 +287,8 @@ async fn end_order(shared: &Shared, id: OrderId, why: &Refusal) {
 }
 
 /// Every `every`: reconciles the orders' network, then reads each held order's interface
-/// counters (recorded in its session-quality readings once per [`PROBE_EVERY`]).
+/// counters (recorded in its session-quality readings once per [`PROBE_EVERY`]), and mirrors
+/// the broker's image pulls and dataset checks onto `/metrics`.
 async fn watch_network(shared: Arc<Shared>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -298,6 +299,9 @@ async fn watch_network(shared: Arc<Shared>, every: Duration) {
         repair_network(&shared, &mut reconciling).await;
         if let Ok(pulls) = shared.provisioner.pull_stats().await {
             shared.metrics.observe_pulls(pulls);
+        }
+        if let Ok(datasets) = shared.provisioner.datasets().await {
+            shared.metrics.observe_datasets(&datasets);
         }
         let held: Vec<OrderId> = match shared.provisioner.orders().await {
             Ok(held) => held.into_iter().map(OrderId).collect(),

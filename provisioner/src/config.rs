@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::DatasetSource;
 use crate::network::NetworkConfig;
 
 /// The name of an image in containerd's image store, e.g. `shale/default:latest`.
@@ -59,8 +60,14 @@ pub struct ProvisionerConfig {
     pub state_dir: PathBuf,
     /// The image every order's container runs.
     pub image: ImageRef,
-    /// Dataset id (piece CID or deal id) to the local path of its unsealed data.
-    pub datasets: BTreeMap<String, PathBuf>,
+    /// Dataset id to its local bytes: a directory (`ID = "/srv/dir"`, not verified), or a
+    /// Filecoin piece's payload and its piece CID (`ID = { piece_cid = "baga…", source =
+    /// "/srv/piece.car" }`), mounted only once its CommP matches.
+    pub datasets: BTreeMap<String, DatasetSource>,
+    /// How often every piece dataset is hashed again, even when its file looks unchanged (bytes
+    /// changed in place keep size and, with care, mtime).
+    #[serde(with = "duration_secs")]
+    pub dataset_recheck: Duration,
     /// Directories searched for CDI spec files (`*.yaml`, `*.json`), e.g. from `nvidia-ctk cdi generate`.
     pub cdi_dirs: Vec<PathBuf>,
     /// The fully qualified CDI device kind handed out as GPUs.
@@ -107,6 +114,7 @@ impl Default for ProvisionerConfig {
             state_dir: PathBuf::from("/var/lib/shale/provisioner"),
             image: ImageRef::default(),
             datasets: BTreeMap::new(),
+            dataset_recheck: Duration::from_secs(7 * 24 * 3600),
             cdi_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
             gpu_kind: "nvidia.com/gpu".to_string(),
             provider: "local".to_string(),
@@ -138,7 +146,7 @@ mod duration_secs {
         let secs = f64::deserialize(d)?;
         if !(secs.is_finite() && secs >= 0.0) {
             return Err(serde::de::Error::custom(
-                "stop_grace must be a non-negative number of seconds",
+                "a duration must be a non-negative number of seconds",
             ));
         }
         Ok(Duration::from_secs_f64(secs))
@@ -158,7 +166,10 @@ mod tests {
         assert_eq!(cfg.socket, PathBuf::from("/tmp/c.sock"));
         assert_eq!(cfg.stop_grace, Duration::from_millis(2500));
         assert_eq!(cfg.namespace, "shale");
-        assert_eq!(cfg.datasets["bafy1"], PathBuf::from("/srv/d1"));
+        assert_eq!(
+            cfg.datasets["bafy1"],
+            DatasetSource::Directory(PathBuf::from("/srv/d1"))
+        );
         assert_eq!(cfg.image.as_str(), ImageRef::DEFAULT);
     }
 
@@ -167,7 +178,7 @@ mod tests {
         let text = include_str!("../config.example.toml");
         let cfg: ProvisionerConfig = toml::from_str(text).expect("example config parses");
         let defaults = ProvisionerConfig::default();
-        assert_eq!(cfg.datasets.len(), 1);
+        assert_eq!(cfg.datasets.len(), 2);
         let without_datasets = ProvisionerConfig {
             datasets: BTreeMap::new(),
             ..cfg

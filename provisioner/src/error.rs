@@ -28,6 +28,21 @@ pub enum ProvisionError {
     #[error("dataset {dataset} is not available on this provider")]
     DatasetMissing { dataset: String },
 
+    /// A piece dataset's bytes are not the piece its CID names: it is never mounted.
+    #[error(
+        "dataset {dataset} failed its check: its bytes are piece {found}, not {expected}; the \
+         provider has been alerted and no order gets it until they match"
+    )]
+    DatasetMismatch {
+        dataset: String,
+        expected: String,
+        found: String,
+    },
+
+    /// A piece dataset's payload cannot be read or checked now.
+    #[error("dataset {dataset} cannot be checked on this provider now: {reason}")]
+    DatasetUnavailable { dataset: String, reason: String },
+
     /// The order asks for GPUs the provider cannot supply (no CDI devices, or too few).
     #[error("{wanted} GPU(s) requested but only {available} available on this provider")]
     GpusUnavailable { wanted: u32, available: u32 },

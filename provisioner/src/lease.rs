@@ -18,6 +18,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::cdi::{CdiRegistry, ContainerEdits};
 use crate::ctd::{is_already_exists, is_not_found, SNAPSHOTTER};
+use crate::dataset::DatasetMount;
 use crate::disk::MIN_DISK_BYTES;
 use crate::image::ResolvedImage;
 use crate::rootfs::{image_layers, IdmappedLayers};
@@ -129,21 +130,13 @@ impl Provisioner {
                 ),
             });
         }
-        let dataset = match &spec.dataset {
-            None => None,
-            Some(id) => {
-                let path = self
-                    .inner
-                    .config
-                    .datasets
-                    .get(id)
-                    .filter(|p| p.exists())
-                    .ok_or_else(|| ProvisionError::DatasetMissing {
-                        dataset: id.clone(),
-                    })?;
-                Some((id.clone(), path.clone()))
+        if let Some(id) = &spec.dataset {
+            if !self.inner.datasets.holds(id) {
+                return Err(ProvisionError::DatasetMissing {
+                    dataset: id.clone(),
+                });
             }
-        };
+        }
         let lock = self.order_lock(order);
         let _guard = lock.lock().await;
         let ctd = &self.inner.ctd;
@@ -176,6 +169,12 @@ impl Provisioner {
             None => self.inner.config.image.clone(),
         };
         let image = ctd.resolve_image(&named).await?;
+        // A piece is hashed here if its file is not the one last found to be the piece: before
+        // anything is allocated, and never mounted unless it matches.
+        let dataset = match &spec.dataset {
+            Some(id) => Some(self.inner.datasets.mount(id).await?),
+            None => None,
+        };
         let _gpu_guard = if spec.gpus > 0 {
             Some(self.inner.gpu_lock.lock().await)
         } else {
@@ -215,7 +214,7 @@ impl Provisioner {
         image: &ResolvedImage,
         gpus: Vec<String>,
         edits: &ContainerEdits,
-        dataset: Option<(String, PathBuf)>,
+        dataset: Option<DatasetMount>,
         ids: IdRange,
         gc_lease: &str,
     ) -> Result<Container, ProvisionError> {
@@ -254,6 +253,10 @@ impl Provisioner {
         env.retain(|e| !e.starts_with("HOME=") && !e.starts_with("SHALE_ORDER="));
         env.push(format!("HOME={}", self.inner.config.work_dir));
         env.push(format!("SHALE_ORDER={order}"));
+        if let Some(d) = &dataset {
+            env.retain(|e| !e.starts_with("SHALE_DATASET"));
+            env.extend(d.env.iter().cloned());
+        }
         let shape = ContainerShape {
             order,
             hostname: id.clone(),
@@ -267,7 +270,7 @@ impl Provisioner {
                 .unwrap_or(self.inner.config.default_pids_limit),
             home: &home,
             etc_dir: &etc,
-            dataset: dataset.as_ref().map(|(id, p)| (id.as_str(), p.as_path())),
+            dataset: dataset.as_ref(),
             edits,
         };
         let oci = spec::container(&self.inner.config, &shape)?;
@@ -288,8 +291,8 @@ impl Provisioner {
         if !gpus.is_empty() {
             labels.insert(LABEL_GPUS.to_string(), gpus.join(","));
         }
-        if let Some((ds, _)) = &dataset {
-            labels.insert(LABEL_DATASET.to_string(), ds.clone());
+        if let Some(d) = &dataset {
+            labels.insert(LABEL_DATASET.to_string(), d.id.clone());
         }
         let runc_root = self.inner.config.state_dir.join("runc");
         let container = Container {

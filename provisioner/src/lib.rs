@@ -22,6 +22,7 @@ mod cdi;
 mod config;
 mod ctd;
 pub mod daemon;
+mod dataset;
 mod disk;
 mod error;
 mod exec;
@@ -32,6 +33,7 @@ mod lease;
 mod machines;
 mod netns;
 mod network;
+pub mod piece;
 mod registry;
 mod rootfs;
 mod seccomp;
@@ -42,6 +44,9 @@ mod userns;
 pub use catalog::{check_catalog, Catalog, CatalogImage, ImageSource, InstalledImage};
 pub use cdi::{CdiRegistry, ContainerEdits, DeviceNode, HookEdit, MountEdit};
 pub use config::{ImageRef, ProvisionerConfig};
+pub use dataset::{
+    DatasetSource, DatasetStatus, FileIdentity, PieceSource, Verification, PIECE_FILE,
+};
 pub use disk::MIN_DISK_BYTES;
 pub use error::ProvisionError;
 pub use exec::{
@@ -95,6 +100,8 @@ struct Inner {
     /// How many catalog installations run now: a start of an order whose image is not there yet
     /// waits for them instead of failing.
     installs: tokio::sync::watch::Sender<usize>,
+    /// The datasets and what their last hashes found.
+    datasets: dataset::Datasets,
 }
 
 impl Provisioner {
@@ -135,8 +142,14 @@ impl Provisioner {
             path: config.image_store.clone(),
             reserve: config.image_store_reserve_bytes,
         };
+        let datasets = dataset::Datasets::new(
+            config.datasets.clone(),
+            config.data_dir.clone(),
+            &config.state_dir,
+        );
         Ok(Provisioner {
             inner: Arc::new(Inner {
+                datasets,
                 ctd,
                 config,
                 order_locks: Mutex::new(HashMap::new()),
@@ -189,6 +202,18 @@ impl Provisioner {
             .puller
             .pull(&self.inner.ctd, reference, registries)
             .await
+    }
+
+    /// Every dataset and what its last hash found.
+    pub fn dataset_statuses(&self) -> Vec<DatasetStatus> {
+        self.inner.datasets.statuses()
+    }
+
+    /// Hashes every piece dataset not hashed within `dataset_recheck`; run it at start and on
+    /// a schedule. A dataset found changed is refused to new orders from then on.
+    pub async fn recheck_datasets(&self) {
+        let every = self.inner.config.dataset_recheck;
+        self.inner.datasets.recheck(every).await
     }
 
     /// Counters of every registry pull since this provisioner connected.

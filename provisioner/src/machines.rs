@@ -8,8 +8,8 @@ use futures::future::BoxFuture;
 use tokio::net::TcpStream;
 
 use crate::{
-    ExecRequest, Lease, LeaseSpec, Process, ProvisionError, Provisioner, PullStats, Reconciled,
-    Traffic,
+    DatasetStatus, ExecRequest, Lease, LeaseSpec, Process, ProvisionError, Provisioner, PullStats,
+    Reconciled, Traffic,
 };
 
 /// The operations on orders' containers that a gateway uses. Every method means what the
@@ -43,6 +43,8 @@ pub trait Machines: Send + Sync + 'static {
     fn reconcile_network(&self) -> BoxFuture<'_, Result<Reconciled, ProvisionError>>;
     /// Counters of the image pulls since the provisioner connected.
     fn pull_stats(&self) -> BoxFuture<'_, Result<PullStats, ProvisionError>>;
+    /// Every dataset and what its last hash found.
+    fn datasets(&self) -> BoxFuture<'_, Result<Vec<DatasetStatus>, ProvisionError>>;
 }
 
 impl Machines for Provisioner {
@@ -93,5 +95,9 @@ impl Machines for Provisioner {
 
     fn pull_stats(&self) -> BoxFuture<'_, Result<PullStats, ProvisionError>> {
         Box::pin(async move { Ok(Provisioner::pull_stats(self)) })
+    }
+
+    fn datasets(&self) -> BoxFuture<'_, Result<Vec<DatasetStatus>, ProvisionError>> {
+        Box::pin(async move { Ok(Provisioner::dataset_statuses(self)) })
     }
 }

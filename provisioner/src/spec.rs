@@ -30,6 +30,7 @@ use oci_spec::runtime::{
 };
 
 use crate::cdi::ContainerEdits;
+use crate::dataset::DatasetMount;
 use crate::userns::IdRange;
 use crate::{ProvisionError, ProvisionerConfig};
 
@@ -71,7 +72,7 @@ pub(crate) struct ContainerShape<'a> {
     pub ids: IdRange,
     pub home: &'a Path,
     pub etc_dir: &'a Path,
-    pub dataset: Option<(&'a str, &'a Path)>,
+    pub dataset: Option<&'a DatasetMount>,
     pub edits: &'a ContainerEdits,
 }
 
@@ -250,14 +251,18 @@ fn mounts(
             &["rbind", "ro", "nosuid", "nodev", "noexec"],
         )?,
     ];
-    if let Some((id, path)) = shape.dataset {
+    if let Some(dataset) = shape.dataset {
         // `rro`: read-only all the way down, submounts of the dataset included (runc ≥ 1.1).
-        mounts.push(mount(
-            format!("{}/{id}", config.data_dir),
-            "bind",
-            path,
-            &["rbind", "rro", "nosuid", "nodev"],
-        )?);
+        // A piece is its directory first, then its payload file bound onto the mount point
+        // inside it; runc mounts in this order.
+        for (target, host) in &dataset.binds {
+            mounts.push(mount(
+                target,
+                "bind",
+                host,
+                &["rbind", "rro", "nosuid", "nodev"],
+            )?);
+        }
     }
     for m in &shape.edits.mounts {
         let kind = m.r#type.as_deref().unwrap_or("bind");
@@ -481,7 +486,12 @@ mod tests {
             },
             home: Path::new("/state/disks/o-7/home"),
             etc_dir: Path::new("/state/orders/o-7"),
-            dataset: Some(("mnist", Path::new("/srv/mnist"))),
+            // Leaked: a test's shape lives as long as the test.
+            dataset: Some(Box::leak(Box::new(DatasetMount {
+                id: "mnist".into(),
+                binds: vec![("/data/mnist".into(), "/srv/mnist".into())],
+                env: vec![],
+            }))),
             edits,
         }
     }

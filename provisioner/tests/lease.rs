@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use shale_provisioner::{ExitStatus, ImageRef, ProvisionError, Provisioner};
+use shale_provisioner::piece::commp_file;
+use shale_provisioner::{
+    DatasetSource, ExitStatus, ImageRef, PieceSource, ProvisionError, Provisioner,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensure_is_idempotent_and_safe_under_concurrent_calls() {
@@ -129,8 +132,14 @@ async fn datasets_are_mounted_read_only_and_a_missing_one_is_refused() {
     let data_path = data.path().to_path_buf();
     let h = Harness::start(TestImage::Busybox, |c| {
         c.datasets = BTreeMap::from([
-            ("bafy-present".to_string(), data_path),
-            ("bafy-gone".to_string(), "/nonexistent/shale/dataset".into()),
+            (
+                "bafy-present".to_string(),
+                DatasetSource::Directory(data_path),
+            ),
+            (
+                "bafy-gone".to_string(),
+                DatasetSource::Directory("/nonexistent/shale/dataset".into()),
+            ),
         ]);
     })
     .await;
@@ -163,6 +172,82 @@ async fn datasets_are_mounted_read_only_and_a_missing_one_is_refused() {
             "nothing was created"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_is_served_once_verified_and_one_changed_byte_refuses_it() {
+    let data = tempfile::tempdir().unwrap();
+    let payload = data.path().join("digits.csv");
+    let bytes: Vec<u8> = (0..300_000u32)
+        .flat_map(|i| (i % 97).to_le_bytes())
+        .collect();
+    std::fs::write(&payload, &bytes).unwrap();
+    let piece = commp_file(&payload).unwrap();
+    let source = payload.clone();
+    let h = Harness::start(TestImage::Busybox, move |c| {
+        c.datasets = BTreeMap::from([(
+            "digits".to_string(),
+            DatasetSource::Piece(PieceSource {
+                piece_cid: piece.cid(),
+                source,
+            }),
+        )]);
+    })
+    .await;
+    let mut spec = lease(18);
+    spec.dataset = Some("digits".into());
+    h.prov.ensure(&spec).await.expect("ensure");
+    // The payload, byte for byte, under its own name; the piece's record beside it.
+    let (out, _, st) = sh(&h.prov, 18, "wc -c < /data/digits/digits.csv").await;
+    assert_eq!(
+        (out.trim(), st),
+        (bytes.len().to_string().as_str(), ExitStatus::Code(0))
+    );
+    let (out, _, _) = sh(&h.prov, 18, "cat /data/digits/.piece").await;
+    let record: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(record["piece_cid"], piece.cid().to_string());
+    assert_eq!(record["payload_size"], bytes.len());
+    assert_eq!(record["piece_size"], piece.piece_size);
+    let (out, _, _) = sh(&h.prov, 18, "echo $SHALE_DATASET_PIECE_CID").await;
+    assert_eq!(out.trim(), piece.cid().to_string());
+    let (_, _, st) = sh(&h.prov, 18, "echo x >> /data/digits/digits.csv").await;
+    assert_ne!(st, ExitStatus::Code(0), "the payload is read-only");
+    let (_, _, st) = sh(&h.prov, 18, "echo x > /data/digits/.piece").await;
+    assert_ne!(st, ExitStatus::Code(0), "the record is read-only");
+    h.prov.release(18).await.expect("release");
+    assert_eq!(std::fs::read(&payload).unwrap(), bytes);
+
+    // One byte changed on disk: the next order is refused with both CIDs, nothing created.
+    let mut tampered = bytes.clone();
+    tampered[123_456] ^= 0x01;
+    std::fs::write(&payload, &tampered).unwrap();
+    let mut spec = lease(19);
+    spec.dataset = Some("digits".into());
+    let err = h.prov.ensure(&spec).await.expect_err("tampered dataset");
+    match &err {
+        ProvisionError::DatasetMismatch {
+            dataset,
+            expected,
+            found,
+        } => {
+            assert_eq!(dataset, "digits");
+            assert_eq!(expected, &piece.cid().to_string());
+            assert_eq!(found, &commp_file(&payload).unwrap().cid().to_string());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("failed its check"), "{err}");
+    assert!(matches!(
+        h.prov.stop(19).await,
+        Err(ProvisionError::NotProvisioned { .. })
+    ));
+    let status = &h.prov.dataset_statuses()[0];
+    assert!(!status.last.as_ref().unwrap().matches(), "{status:?}");
+
+    // Put back: served again, after one more hash.
+    std::fs::write(&payload, &bytes).unwrap();
+    h.prov.ensure(&spec).await.expect("ensure after repair");
+    h.prov.release(19).await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,4 +22,4 @@ pub mod ssh;
 pub mod stack;
 
 pub use ssh::{ClientKey, SshOutput};
-pub use stack::{OrderOptions, Stack, StackOptions};
+pub use stack::{OrderOptions, Stack, StackOptions, DATASET, DATASET_TEXT};

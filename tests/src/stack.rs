@@ -15,7 +15,8 @@ use shale_gateway::config::{AuthConfig, ChainConfig, SessionConfig};
 use shale_gateway::{Gateway, GatewayConfig, LeaseEvent};
 use shale_provisioner::daemon::LocalContainerd;
 use shale_provisioner::{
-    image_build, ImageRef, Machines, NetworkConfig, Provisioner, ProvisionerConfig,
+    image_build, DatasetSource, ImageRef, Machines, NetworkConfig, PieceSource, Provisioner,
+    ProvisionerConfig,
 };
 use shale_settler::{Settler, SettlerConfig, SettlerTask};
 use tempfile::TempDir;
@@ -25,8 +26,13 @@ use tokio::task::JoinHandle;
 use crate::outage::RpcRelay;
 use crate::ssh::{ClientKey, Target};
 
-/// The dataset every test stack serves, mounted at `/data/demo` in order containers.
+/// The dataset every test stack serves, mounted at `/data/demo` in order containers: a
+/// Filecoin piece whose payload is one file, `README`, checked against its piece CID before
+/// any container sees it.
 pub const DATASET: &str = "demo";
+/// The payload of the demo dataset's piece (at least 65 bytes: the smallest piece).
+pub const DATASET_TEXT: &str =
+    "the demo dataset: one Filecoin piece, mounted once its CommP is its piece CID\n";
 
 /// Account indexes of the dev chain.
 const SP_ACCOUNT: usize = 1;
@@ -216,7 +222,9 @@ impl Stack {
 
         let dataset_dir = dir.path().join("dataset");
         std::fs::create_dir_all(&dataset_dir)?;
-        std::fs::write(dataset_dir.join("README"), "the demo dataset\n")?;
+        let payload = dataset_dir.join("README");
+        std::fs::write(&payload, DATASET_TEXT)?;
+        let piece = shale_provisioner::piece::commp_file(&payload)?;
         // A namespace per stack: order ids restart at 1 on every fresh chain.
         let namespace = format!(
             "shale-test-{}",
@@ -232,7 +240,13 @@ impl Stack {
             namespace,
             state_dir: dir.path().join("state"),
             image: ImageRef::default(),
-            datasets: BTreeMap::from([(DATASET.to_string(), dataset_dir)]),
+            datasets: BTreeMap::from([(
+                DATASET.to_string(),
+                DatasetSource::Piece(PieceSource {
+                    piece_cid: piece.cid(),
+                    source: payload,
+                }),
+            )]),
             provider: format!("{:#x}", devnet.signer(SP_ACCOUNT).address()),
             stop_grace: Duration::from_secs(2),
             scope: sp.scope().await?,
@@ -318,9 +332,9 @@ impl Stack {
             },
             &[Dataset {
                 id: DATASET.into(),
-                piece_cid: Some("baga6ea4seaqdemo".into()),
+                piece_cid: Some(piece.cid().to_string()),
                 deal_id: None,
-                size_bytes: 17,
+                size_bytes: piece.payload_size,
                 description: "the demo dataset".into(),
             }],
         )

@@ -1,7 +1,7 @@
 //! `ssh ORDER@gateway CMD` with the stock client: output, exit codes, stdin, signals, refusals.
 
 use shale_tests::ssh::run;
-use shale_tests::{OrderOptions, Stack};
+use shale_tests::{OrderOptions, Stack, DATASET_TEXT};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_runs_in_the_orders_container_with_exit_code_and_separate_stderr() -> anyhow::Result<()>
@@ -15,7 +15,7 @@ async fn exec_runs_in_the_orders_container_with_exit_code_and_separate_stderr() 
     cmd.arg("echo out; echo err >&2; cat /data/demo/README; exit 7");
     let out = tokio::task::spawn_blocking(move || run(cmd)).await??;
     assert_eq!(out.code, Some(7), "{out:?}");
-    assert_eq!(out.stdout, "out\nthe demo dataset\n");
+    assert_eq!(out.stdout, format!("out\n{DATASET_TEXT}"));
     assert_eq!(out.stderr, "err\n");
 
     // The dataset is read-only and the work volume is writable and persists across sessions.

@@ -21,7 +21,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use shale_contracts::{devnet, Address, Marketplace, PrivateKeySigner};
-use shale_provisioner::{daemon, image_build, Provisioner};
+use shale_provisioner::{daemon, image_build, PieceSource, Provisioner};
 
 use crate::spconfig::SpConfig;
 use crate::view::print_json;
@@ -373,7 +373,23 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     // The demo dataset and the image.
     let s = step("fetching the demo dataset (digits, from Debian's python3-sklearn)");
     let dataset_dir = ensure_dataset(dir).await?;
-    done(s, format!("dataset {DATASET} in {}", dataset_dir.display()));
+    // What an SP does with `shale sp commp`: the piece CID its deal for the file names, which
+    // the gateway checks the bytes against before any order's container sees them.
+    let source = dataset_dir.join("digits.csv");
+    let piece = shale_provisioner::piece::commp_file(&source)
+        .with_context(|| format!("computing the piece CID of {}", source.display()))?;
+    let dataset = PieceSource {
+        piece_cid: piece.cid(),
+        source,
+    };
+    done(
+        s,
+        format!(
+            "dataset {DATASET}: piece {} in {}",
+            dataset.piece_cid,
+            dataset_dir.display()
+        ),
+    );
     let s = step("building the default image (first time: a few minutes; then cached)");
     let archive = image_build::build_default_image(&image_build::default_cache_dir())
         .await
@@ -414,7 +430,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
             sp_key.address(),
             &socket,
             &namespace,
-            &dataset_dir,
+            &dataset,
         ),
     )?;
     started.gateway_config = Some(config_path.clone());
@@ -577,7 +593,7 @@ pub(crate) fn gateway_toml(
     provider: Address,
     socket: &Path,
     namespace: &str,
-    dataset: &Path,
+    dataset: &PieceSource,
 ) -> String {
     let subnet = free_subnet();
     format!(
@@ -601,7 +617,8 @@ provider = "{provider:#x}"
 stop_grace = 2
 
 [containers.datasets]
-{DATASET} = "{dataset}"
+# A Filecoin piece: mounted as /data/{DATASET}/digits.csv only once its CommP is this CID.
+{DATASET} = {{ piece_cid = "{piece_cid}", source = "{source}" }}
 
 [containers.network]
 # A /16 no interface of this host uses yet (another stack's orders, a LAN).
@@ -644,7 +661,8 @@ description = "UCI optical handwritten digits: 1797 8x8 images with labels (scik
 "#,
         dir = dir.display(),
         socket = socket.display(),
-        dataset = dataset.display(),
+        piece_cid = dataset.piece_cid,
+        source = dataset.source.display(),
     )
 }
 

@@ -71,6 +71,19 @@ async fn install_catalog(
     }
 }
 
+/// Hashes every piece dataset at start (those whose kept hash is older than `dataset_recheck`)
+/// and looks again hourly, so a dataset changed on disk is caught without an order asking.
+async fn check_datasets(provisioner: Provisioner) {
+    let every = provisioner.config().dataset_recheck.clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(3600),
+    );
+    loop {
+        provisioner.recheck_datasets().await;
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Connects to containerd and serves it until SIGINT or SIGTERM.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let sp = SpConfig::load(config_path)?;
@@ -102,6 +115,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         config.image_gc.clone(),
         InstalledCatalog::path(&sp),
     ));
+    tokio::spawn(check_datasets(provisioner.clone()));
     let socket = socket_path(&sp);
     match std::fs::remove_file(&socket) {
         Ok(()) => {}

@@ -610,7 +610,12 @@ mod tests {
             provider.address,
             &dir.path().join("containerd.sock"),
             "shale-test",
-            dir.path(),
+            &shale_provisioner::PieceSource {
+                piece_cid: "baga6ea4seaqdomn3tgwgrh3g532zopskstnbrd2n3sxfqbze7rxt7vqn7veigmy"
+                    .parse()
+                    .unwrap(),
+                source: dir.path().join("digits.csv"),
+            },
         );
         text.push_str("\n[sp.accept]\nauto = true\nmax_hours = 2\nmin_escrow_hours = 1\n");
         let path = dir.path().join("gw.toml");
