@@ -250,6 +250,14 @@ enum SpCommand {
         #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
         config: PathBuf,
     },
+    /// Print the v1 piece CID (CommP), piece size and payload size of a file: what a Filecoin
+    /// deal for it names, and what `[containers.datasets]` takes as `piece_cid`.
+    Commp { file: PathBuf },
+    /// The config's datasets and what the gateway's last check of each piece found.
+    Datasets {
+        #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -402,6 +410,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             SpCommand::Update { config } => cmd::sp::update(&SpConfig::load(&config)?).await,
             SpCommand::Withdraw { config } => cmd::sp::withdraw(&SpConfig::load(&config)?).await,
             SpCommand::Orders { config } => cmd::sp::orders(&SpConfig::load(&config)?, json).await,
+            SpCommand::Commp { file } => cmd::piece::commp(&file, json),
+            SpCommand::Datasets { config } => cmd::piece::datasets(&SpConfig::load(&config)?, json),
             SpCommand::Accept { order, config } => {
                 cmd::sp::accept(&SpConfig::load(&config)?, order).await
             }

@@ -6,6 +6,7 @@ pub mod dev;
 pub mod gateway;
 pub mod market;
 pub mod order;
+pub mod piece;
 pub mod receipts;
 pub mod sp;
 pub mod tunnel;
