@@ -203,7 +203,7 @@ impl OrderView {
     }
 }
 
-/// Without the chain's network: no Filecoin spellings (`shale sp orders` still builds it so).
+/// Without the chain's network: no Filecoin spellings (what [`OrderView::new`] adds to).
 impl From<&Order> for OrderView {
     fn from(o: &Order) -> Self {
         Self {

@@ -150,6 +150,12 @@ pub struct MetricsConfig {
     pub settler_listen: Option<SocketAddr>,
 }
 
+/// An address in any spelling the CLI takes: `0x…` (EIP-55 checked when mixed-case) or
+/// Filecoin's delegated `f410f…`/`t410f…`.
+fn any_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Address, D::Error> {
+    shale_contracts::AnyAddress::deserialize(d).map(|a| a.0)
+}
+
 fn default_listen() -> SocketAddr {
     "0.0.0.0:2222".parse().expect("literal address")
 }
@@ -160,9 +166,11 @@ fn default_listen() -> SocketAddr {
 pub struct ChainConfig {
     /// An Ethereum JSON-RPC endpoint (anvil locally, a Filecoin FEVM node in production).
     pub rpc_url: String,
-    /// The marketplace contract.
+    /// The marketplace contract, as `0x…` or Filecoin `f410f…`/`t410f…`.
+    #[serde(deserialize_with = "any_address")]
     pub marketplace: Address,
-    /// This SP's provider address: orders placed with anyone else are refused.
+    /// This SP's provider address (either spelling): orders placed with anyone else are refused.
+    #[serde(deserialize_with = "any_address")]
     pub provider: Address,
     /// How often to poll for marketplace events (termination, top-ups, claims).
     #[serde(default = "default_poll", with = "secs")]
@@ -453,6 +461,24 @@ mod tests {
         assert_eq!(network.allow[0].ports, vec![80, 443]);
         assert_eq!(network.deny.len(), 2);
         assert_eq!(network.egress_bytes_per_sec, Some(12_500_000));
+    }
+
+    #[test]
+    fn chain_addresses_take_the_filecoin_spelling_and_check_eip55() {
+        use shale_contracts::filecoin_address::{to_f4, Network};
+        let text = include_str!("../gateway.example.toml");
+        let hex: GatewayConfig = toml::from_str(text).unwrap();
+        let f4 = to_f4(hex.chain.marketplace, Network::Testnet);
+        let config: GatewayConfig =
+            toml::from_str(&text.replace("0x5FbDB2315678afecb367f032d93F642f64180aa3", &f4))
+                .unwrap();
+        assert_eq!(config.chain.marketplace, hex.chain.marketplace);
+        // One case flipped breaks the EIP-55 checksum: a typo, not another account.
+        let typo = text.replace(
+            "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+            "0x5fbDB2315678afecb367f032d93F642f64180aa3",
+        );
+        assert!(toml::from_str::<GatewayConfig>(&typo).is_err());
     }
 
     #[test]

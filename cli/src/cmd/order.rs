@@ -383,11 +383,6 @@ pub async fn list(settings: &Settings, who: Option<Address>, json: bool) -> anyh
     Ok(())
 }
 
-/// A table of orders, their providers in `0x` only.
-pub fn orders_table(orders: &[Order], now: u64) -> comfy_table::Table {
-    orders_table_on(orders, now, None)
-}
-
 /// A table of orders; with a `network` their providers are shown in both spellings.
 pub fn orders_table_on(orders: &[Order], now: u64, network: Option<Network>) -> comfy_table::Table {
     let mut t = table([

@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use shale_contracts::{parse_image_digest, Image, Marketplace, OrderState, U256};
 
-use crate::cmd::order::{orders_of, orders_table};
+use crate::cmd::order::{orders_of, orders_table_on};
 use crate::money::Fil;
 use crate::spconfig::SpConfig;
 use crate::view::{print_json, OrderView};
@@ -196,6 +196,7 @@ pub async fn orders(config: &SpConfig, json: bool) -> anyhow::Result<()> {
     let earned = list
         .iter()
         .fold(U256::ZERO, |a, o| a.saturating_add(o.paid));
+    let network = crate::view::network(&market).await?;
     let count = |s| list.iter().filter(|o| o.state == s).count();
     let (pending, active, ended) = (
         count(OrderState::Pending),
@@ -204,7 +205,7 @@ pub async fn orders(config: &SpConfig, json: bool) -> anyhow::Result<()> {
     );
     if json {
         return print_json(&SpOrders {
-            orders: list.iter().map(OrderView::from).collect(),
+            orders: list.iter().map(|o| OrderView::new(o, network)).collect(),
             earned_wei: earned.to_string(),
             pending,
             active,
@@ -217,7 +218,11 @@ pub async fn orders(config: &SpConfig, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        orders_table(&list, crate::cmd::watch::display_now(&market).await?)
+        orders_table_on(
+            &list,
+            crate::cmd::watch::display_now(&market).await?,
+            Some(network)
+        )
     );
     println!(
         "{pending} pending, {active} active, {ended} ended; earned {} in claims.",
