@@ -73,4 +73,5 @@ fi
 run metering cargo bench --locked -p shale-bench --bench metering -- "${criterion[@]}"
 run auth cargo bench --locked -p shale-bench --bench auth -- "${criterion[@]}"
 run prover cargo bench --locked -p shale-bench --bench prover -- "${criterion[@]}"
+run commp cargo bench --locked -p shale-bench --bench commp -- "${criterion[@]}"
 echo "results: $out (criterion's own reports: $CARGO_TARGET_DIR/criterion)" >&2
