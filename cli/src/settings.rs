@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use shale_contracts::{Address, AddressError, AnyAddress, Marketplace, PrivateKeySigner};
+use shale_contracts::{
+    Address, AddressError, AnyAddress, FeePolicy, Marketplace, PrivateKeySigner,
+};
 
 /// Chain and key options shared by every command that talks to the marketplace.
 #[derive(Debug, Clone, Args)]
@@ -52,6 +54,9 @@ pub struct ClientConfig {
     pub keystore: Option<PathBuf>,
     /// Where SSH entries are written (default `~/.ssh`).
     pub ssh_dir: Option<PathBuf>,
+    /// Gas and fee headroom on the client's transactions (`[fees]`).
+    #[serde(default)]
+    pub fees: FeePolicy,
 }
 
 impl ClientConfig {
@@ -71,6 +76,7 @@ pub struct Settings {
     pub marketplace: Address,
     pub keystore: Option<PathBuf>,
     pub ssh_dir: PathBuf,
+    pub fees: FeePolicy,
 }
 
 /// Parses an address argument in any of its spellings; clap shows the error, which names the
@@ -132,6 +138,7 @@ impl ChainArgs {
                 .clone()
                 .or(file.ssh_dir)
                 .unwrap_or_else(|| home().join(".ssh")),
+            fees: file.fees,
         })
     }
 }
@@ -147,7 +154,7 @@ impl Settings {
     /// A marketplace client that signs with the configured key.
     pub async fn signer(&self) -> anyhow::Result<Marketplace> {
         let key = load_signer(self.keystore.as_deref())?;
-        Marketplace::connect(&self.rpc_url, self.marketplace, Some(key))
+        Marketplace::connect_with_fees(&self.rpc_url, self.marketplace, Some(key), self.fees)
             .await
             .with_context(|| format!("connecting to the marketplace on {}", self.rpc_url))
     }

@@ -18,6 +18,7 @@ use tracing::{debug, instrument};
 use crate::bindings::Marketplace as abi;
 use crate::error::ChainError;
 use crate::events::{EventStream, Watcher};
+use crate::fees::{FeePolicy, PolicyGasFiller};
 use crate::types::{
     u64_of, ClaimReceipt, ClaimRequest, Dataset, Image, NewOrder, Offer, Order, Provider,
     SignedAck, TxReceipt,
@@ -71,6 +72,17 @@ impl Marketplace {
         address: Address,
         signer: Option<PrivateKeySigner>,
     ) -> Result<Self, ChainError> {
+        Self::connect_with_fees(rpc_url, address, signer, FeePolicy::default()).await
+    }
+
+    /// Like [`Marketplace::connect`], with the gas and fee headroom of `fees` on every
+    /// transaction this client sends.
+    pub async fn connect_with_fees(
+        rpc_url: &str,
+        address: Address,
+        signer: Option<PrivateKeySigner>,
+        fees: FeePolicy,
+    ) -> Result<Self, ChainError> {
         let url: reqwest::Url = rpc_url.parse().map_err(|e| {
             // Not even an unparseable URL is repeated: it may still hold a key.
             ChainError::InvalidInput(format!("the RPC URL is not a URL ({e}); check rpc_url"))
@@ -82,7 +94,7 @@ impl Marketplace {
             .map_err(|e| ChainError::Rpc(format!("cannot build an HTTP client: {e}")))?;
         let sender = signer.as_ref().map(|s| s.address());
         let provider = match signer {
-            Some(signer) => signing_provider(signer, http, url),
+            Some(signer) => signing_provider(signer, http, url, fees),
             None => ProviderBuilder::new().connect_reqwest(http, url).erased(),
         };
         let code = provider
@@ -479,17 +491,8 @@ impl Marketplace {
                 )
                 .clear_decoder(),
         };
-        // A pairing check starved of gas makes the verifier return false, not revert, so the
-        // claim would revert as "invalid proof" after paying for most of the verification.
-        // Give it a quarter more than the estimate, which was taken against slightly older state.
-        let call = match self.sender {
-            Some(from) => {
-                let call = call.from(from);
-                let estimate = call.estimate_gas().await.map_err(|e| self.call_err(e))?;
-                call.gas(estimate + estimate / 4)
-            }
-            None => call,
-        };
+        // The fee policy's gas headroom keeps the verifier's pairing check from being starved
+        // (see `fees`).
         let receipt = self.submit(call).await?;
         let paid = receipt
             .inner
@@ -814,8 +817,8 @@ fn redact_urls_in(text: &str) -> String {
     out
 }
 
-/// A provider builder that signs with `signer`, estimates gas and fees, and reads each nonce from
-/// the node's pending transaction count.
+/// A provider builder that signs with `signer`, estimates gas and fees with `fees`' headroom, and
+/// reads each nonce from the node's pending transaction count.
 ///
 /// Not alloy's default cached nonce manager: it reserves a nonce before gas estimation, so a call
 /// that the contract refuses (estimation fails, nothing is sent) would leave a nonce gap and
@@ -824,10 +827,11 @@ pub(crate) fn signing_provider(
     signer: PrivateKeySigner,
     http: reqwest::Client,
     url: reqwest::Url,
+    fees: FeePolicy,
 ) -> DynProvider {
     ProviderBuilder::new()
         .disable_recommended_fillers()
-        .with_gas_estimation()
+        .filler(PolicyGasFiller::new(fees))
         .with_simple_nonce_management()
         .fetch_chain_id()
         .wallet(EthereumWallet::from(signer))

@@ -458,5 +458,6 @@ fn signing_provider(
         signer,
         alloy::transports::http::reqwest::Client::new(),
         url,
+        crate::FeePolicy::default(),
     ))
 }

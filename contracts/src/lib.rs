@@ -15,6 +15,7 @@ mod client;
 pub mod devnet;
 mod error;
 mod events;
+pub mod fees;
 pub mod filecoin_address;
 mod types;
 
@@ -23,6 +24,7 @@ pub use alloy::signers::local::PrivateKeySigner;
 pub use client::Marketplace;
 pub use error::{describe, ChainError};
 pub use events::{EventStream, MarketEvent};
+pub use fees::FeePolicy;
 pub use filecoin_address::{AddressError, AnyAddress, Network};
 pub use types::{
     format_fingerprint, format_image_digest, key_fingerprint, key_fingerprint_openssh,

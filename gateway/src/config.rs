@@ -175,6 +175,10 @@ pub struct ChainConfig {
     /// How often to poll for marketplace events (termination, top-ups, claims).
     #[serde(default = "default_poll", with = "secs")]
     pub poll_interval: Duration,
+    /// Headroom on the node's gas and fee estimates for the SP's transactions (claims,
+    /// accepts, registration): `[chain.fees]`.
+    #[serde(default)]
+    pub fees: shale_contracts::FeePolicy,
 }
 
 impl std::fmt::Debug for ChainConfig {

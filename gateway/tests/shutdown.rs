@@ -143,6 +143,7 @@ async fn shutdown_tells_users_ends_every_task_and_closes_the_listeners() {
             marketplace,
             provider,
             poll_interval: Duration::from_millis(200),
+            fees: Default::default(),
         },
         containers,
         images: Default::default(),

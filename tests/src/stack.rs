@@ -269,6 +269,7 @@ impl Stack {
                 marketplace,
                 provider: devnet.signer(SP_ACCOUNT).address(),
                 poll_interval: Duration::from_millis(500),
+                fees: Default::default(),
             },
             containers,
             images: Default::default(),

@@ -91,6 +91,7 @@ async fn story() -> anyhow::Result<DemoOutcome> {
         marketplace: state.marketplace,
         keystore: None,
         ssh_dir: demo_dir.join("ssh"),
+        fees: Default::default(),
     };
     let parties = [state.client, state.provider, state.marketplace];
     let before = balances(&client, &parties).await?;

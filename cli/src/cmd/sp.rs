@@ -28,7 +28,7 @@ pub async fn signer(config: &SpConfig) -> anyhow::Result<Marketplace> {
         );
     }
     let chain = &config.gateway.chain;
-    Marketplace::connect(&chain.rpc_url, chain.marketplace, Some(key))
+    Marketplace::connect_with_fees(&chain.rpc_url, chain.marketplace, Some(key), chain.fees)
         .await
         .with_context(|| format!("connecting to the marketplace on {}", chain.rpc_url))
 }

@@ -327,11 +327,14 @@ async fn provider_market(sp: &SpConfig, config: &GatewayConfig) -> anyhow::Resul
             config.chain.provider
         );
     }
-    Ok(
-        Marketplace::connect(&config.chain.rpc_url, config.chain.marketplace, Some(key))
-            .await?
-            .with_poll_interval(config.chain.poll_interval),
+    Ok(Marketplace::connect_with_fees(
+        &config.chain.rpc_url,
+        config.chain.marketplace,
+        Some(key),
+        config.chain.fees,
     )
+    .await?
+    .with_poll_interval(config.chain.poll_interval))
 }
 
 /// Starts the settler on the supervisor's own pool of the ledger.
