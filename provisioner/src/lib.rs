@@ -17,6 +17,7 @@
 //! (see [`image_build`]). [`daemon::LocalContainerd`] starts a project-local containerd for tests
 //! and `shale dev up`.
 
+pub mod car;
 mod catalog;
 mod cdi;
 mod config;
