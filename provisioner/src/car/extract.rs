@@ -99,8 +99,15 @@ pub fn extract_with_limits(
     };
     let node = walker.node(&root)?;
     match &node {
-        Node::Pb { kind, .. } if matches!(kind, Kind::Directory | Kind::HamtShard) => {}
-        _ => return Err(CarError::RootNotDirectory { cid: root }),
+        Node::Pb {
+            kind: Kind::Directory | Kind::HamtShard,
+            ..
+        } => {}
+        _ => {
+            return Err(CarError::RootNotDirectory {
+                cid: Box::new(root),
+            })
+        }
     }
     walker.directories += 1;
     walker.directory_entries(&root, node, &staging.path, 0)?;
@@ -232,10 +239,9 @@ impl Walker<'_> {
             // An identity CID holds its block.
             return Ok(cid.hash().digest().to_vec());
         }
-        let place = self
-            .index
-            .get(cid)
-            .ok_or(CarError::MissingBlock { cid: *cid })?;
+        let place = self.index.get(cid).ok_or(CarError::MissingBlock {
+            cid: Box::new(*cid),
+        })?;
         let mut bytes = vec![0; place.len as usize];
         self.car
             .read_exact_at(&mut bytes, place.offset)
@@ -249,7 +255,10 @@ impl Walker<'_> {
         match cid.codec() {
             RAW => Ok(Node::Raw(bytes)),
             DAG_PB => {
-                let bad = |reason: String| CarError::BadNode { cid: *cid, reason };
+                let bad = |reason: String| CarError::BadNode {
+                    cid: Box::new(*cid),
+                    reason,
+                };
                 let pb = PbNode::decode(&bytes[..]).map_err(|e| bad(e.to_string()))?;
                 let data = pb
                     .data
@@ -261,7 +270,10 @@ impl Walker<'_> {
                     Kind::from_i32(code).ok_or_else(|| bad(format!("UnixFS type {code}")))?;
                 Ok(Node::Pb { kind, pb, data })
             }
-            codec => Err(CarError::UnsupportedCodec { cid: *cid, codec }),
+            codec => Err(CarError::UnsupportedCodec {
+                cid: Box::new(*cid),
+                codec,
+            }),
         }
     }
 
@@ -285,12 +297,14 @@ impl Walker<'_> {
     ) -> Result<(), CarError> {
         if depth > MAX_DIR_DEPTH {
             return Err(CarError::TooDeep {
-                cid: *cid,
+                cid: Box::new(*cid),
                 max: MAX_DIR_DEPTH,
             });
         }
         let Node::Pb { kind, pb, data } = node else {
-            return Err(CarError::RootNotDirectory { cid: *cid });
+            return Err(CarError::RootNotDirectory {
+                cid: Box::new(*cid),
+            });
         };
         // A HAMT shard prefixes each name with its bucket in hex; a link that is only a
         // prefix is a sub-shard of the same directory. Bucket placement is not checked: it
@@ -313,7 +327,7 @@ impl Walker<'_> {
                     }
                 ) {
                     return Err(CarError::BadNode {
-                        cid: *cid,
+                        cid: Box::new(*cid),
                         reason: format!("the link {full:?} is not a HAMT shard"),
                     });
                 }
@@ -340,7 +354,7 @@ impl Walker<'_> {
         let duplicate = |e: std::io::Error, op| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 CarError::DuplicateName {
-                    cid: *parent,
+                    cid: Box::new(*parent),
                     name: name.to_string(),
                 }
             } else {
@@ -379,7 +393,7 @@ impl Walker<'_> {
                 file.sync_all().map_err(|e| CarError::io("write", path, e))
             }
             Kind::Symlink | Kind::Metadata => Err(CarError::UnsupportedNode {
-                cid: *child,
+                cid: Box::new(*child),
                 path: path.to_path_buf(),
                 kind: kind.name(),
             }),
@@ -397,7 +411,7 @@ impl Walker<'_> {
     ) -> Result<u64, CarError> {
         if depth > MAX_FILE_DEPTH {
             return Err(CarError::TooDeep {
-                cid: *cid,
+                cid: Box::new(*cid),
                 max: MAX_FILE_DEPTH,
             });
         }
@@ -410,7 +424,7 @@ impl Walker<'_> {
             } => (pb, data),
             Node::Pb { kind, .. } => {
                 return Err(CarError::BadNode {
-                    cid: *cid,
+                    cid: Box::new(*cid),
                     reason: format!("a {} inside a file", kind.name()),
                 })
             }
@@ -427,7 +441,7 @@ impl Walker<'_> {
             let n = self.file_content(&child, node, out, path, depth + 1)?;
             if sizes_given && data.blocksizes[i] != n {
                 return Err(CarError::SizeMismatch {
-                    cid: child,
+                    cid: Box::new(child),
                     declared: data.blocksizes[i],
                     actual: n,
                 });
@@ -437,7 +451,7 @@ impl Walker<'_> {
         if let Some(declared) = data.filesize {
             if declared != written {
                 return Err(CarError::SizeMismatch {
-                    cid: *cid,
+                    cid: Box::new(*cid),
                     declared,
                     actual: written,
                 });
@@ -463,7 +477,7 @@ impl Walker<'_> {
 
 fn link_cid(parent: &Cid, hash: Option<&[u8]>) -> Result<Cid, CarError> {
     let bad = |reason: String| CarError::BadNode {
-        cid: *parent,
+        cid: Box::new(*parent),
         reason,
     };
     let bytes = hash.ok_or_else(|| bad("a link without a CID".into()))?;
@@ -477,7 +491,7 @@ fn hamt_prefix(cid: &Cid, data: &UnixfsData) -> Result<usize, CarError> {
             Ok(format!("{:X}", f - 1).len())
         }
         f => Err(CarError::BadNode {
-            cid: *cid,
+            cid: Box::new(*cid),
             reason: format!("a HAMT fanout of {f:?}"),
         }),
     }
@@ -493,7 +507,7 @@ fn check_name(dir: &Cid, name: &str) -> Result<(), CarError> {
         || name.len() > 255
     {
         return Err(CarError::BadName {
-            cid: *dir,
+            cid: Box::new(*dir),
             name: name.to_string(),
         });
     }

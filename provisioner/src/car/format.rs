@@ -36,10 +36,17 @@ pub(crate) fn verify(cid: &Cid, bytes: &[u8]) -> Result<(), CarError> {
     let hash = cid.hash();
     match hash.code() {
         SHA2_256 if hash.digest() == Sha256::digest(bytes).as_slice() => Ok(()),
-        SHA2_256 => Err(CarError::HashMismatch { cid: *cid }),
+        SHA2_256 => Err(CarError::HashMismatch {
+            cid: Box::new(*cid),
+        }),
         IDENTITY if hash.digest() == bytes => Ok(()),
-        IDENTITY => Err(CarError::HashMismatch { cid: *cid }),
-        code => Err(CarError::UnsupportedHash { cid: *cid, code }),
+        IDENTITY => Err(CarError::HashMismatch {
+            cid: Box::new(*cid),
+        }),
+        code => Err(CarError::UnsupportedHash {
+            cid: Box::new(*cid),
+            code,
+        }),
     }
 }
 

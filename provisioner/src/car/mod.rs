@@ -30,7 +30,8 @@ pub const MAX_BLOCK_BYTES: usize = 2 << 20;
 /// [`Cid`]: a longer CID does not parse and its section is refused as malformed.
 pub const MAX_IDENTITY_BYTES: usize = 64;
 
-/// Why a directory could not be packed or a CAR could not be extracted.
+/// Why a directory could not be packed or a CAR could not be extracted. CIDs are boxed to keep
+/// the error small on the `Ok` path.
 #[derive(Debug, thiserror::Error)]
 pub enum CarError {
     /// Reading or writing a local file failed.
@@ -69,48 +70,48 @@ pub enum CarError {
     BlockTooLarge { offset: u64, len: u64 },
     /// A block's bytes do not hash to its CID: the CAR is corrupt or forged.
     #[error("block {cid}: its bytes do not match its CID")]
-    HashMismatch { cid: Cid },
+    HashMismatch { cid: Box<Cid> },
     /// Only sha2-256 (and small identity) multihashes are checked.
     #[error("block {cid}: multihash code {code:#x} is not supported (only sha2-256)")]
-    UnsupportedHash { cid: Cid, code: u64 },
+    UnsupportedHash { cid: Box<Cid>, code: u64 },
     /// The DAG links to a block the CAR does not hold.
     #[error("block {cid} is missing from the CAR")]
-    MissingBlock { cid: Cid },
+    MissingBlock { cid: Box<Cid> },
     /// A block of a codec that is neither dag-pb nor raw.
     #[error("block {cid}: codec {codec:#x} is not UnixFS (dag-pb or raw)")]
-    UnsupportedCodec { cid: Cid, codec: u64 },
+    UnsupportedCodec { cid: Box<Cid>, codec: u64 },
     /// A dag-pb block that is not a well-formed UnixFS node.
     #[error("block {cid} is not a well-formed UnixFS node: {reason}")]
-    BadNode { cid: Cid, reason: String },
+    BadNode { cid: Box<Cid>, reason: String },
     /// A UnixFS node kind that a dataset cannot hold.
     #[error("{path}: UnixFS {kind} (block {cid}) is not supported; only files and directories")]
     UnsupportedNode {
-        cid: Cid,
+        cid: Box<Cid>,
         path: PathBuf,
         kind: &'static str,
     },
     /// A directory entry whose name is not a single path component.
     #[error("directory {cid} has an entry named {name:?}, which is not a plain file name")]
-    BadName { cid: Cid, name: String },
+    BadName { cid: Box<Cid>, name: String },
     /// Two entries of one directory with the same name.
     #[error("directory {cid} has two entries named {name:?}")]
-    DuplicateName { cid: Cid, name: String },
+    DuplicateName { cid: Box<Cid>, name: String },
     /// A file node whose declared size disagrees with the bytes under it.
     #[error("file block {cid} declares {declared} bytes but holds {actual}")]
     SizeMismatch {
-        cid: Cid,
+        cid: Box<Cid>,
         declared: u64,
         actual: u64,
     },
     /// Deeper than any tree that [`pack_dir`] or `ipfs-car` writes.
     #[error("block {cid} is nested more than {max} levels deep")]
-    TooDeep { cid: Cid, max: usize },
+    TooDeep { cid: Box<Cid>, max: usize },
     /// A DAG can link one block many times, so its tree can be far larger than the CAR.
     #[error("the tree exceeds the limit of {limit} {what}")]
     LimitExceeded { what: &'static str, limit: u64 },
     /// The CAR's root is not a directory.
     #[error("the CAR's root {cid} is not a UnixFS directory")]
-    RootNotDirectory { cid: Cid },
+    RootNotDirectory { cid: Box<Cid> },
     /// Extraction never replaces an existing path.
     #[error("{path} exists already; extract into a new path")]
     DestinationExists { path: PathBuf },

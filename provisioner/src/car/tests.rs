@@ -190,7 +190,7 @@ fn a_block_whose_bytes_do_not_match_its_cid_is_refused() {
     let forged = (leaf.0, b"forged".to_vec());
     let err = extract_bytes(work.path(), &car_of(&root, &[forged, (root, dir)])).unwrap_err();
     assert!(
-        matches!(err, CarError::HashMismatch { cid } if cid == leaf.0),
+        matches!(&err, CarError::HashMismatch { cid } if **cid == leaf.0),
         "{err}"
     );
 }
@@ -241,7 +241,7 @@ fn a_missing_block_is_named() {
     let (root, dir) = block(DAG_PB, dir_node(&[("f", absent)]));
     let err = extract_bytes(work.path(), &car_of(&root, &[(root, dir)])).unwrap_err();
     assert!(
-        matches!(err, CarError::MissingBlock { cid } if cid == absent),
+        matches!(&err, CarError::MissingBlock { cid } if **cid == absent),
         "{err}"
     );
     assert!(err.to_string().contains(&absent.to_string()));
@@ -318,8 +318,8 @@ fn a_file_whose_size_lies_is_refused() {
 #[test]
 fn a_root_that_is_a_file_is_refused() {
     let work = tempfile::tempdir().unwrap();
-    let leaf = block(RAW, b"just a file".to_vec());
-    let err = extract_bytes(work.path(), &car_of(&leaf.0, &[leaf.clone()])).unwrap_err();
+    let (cid, bytes) = block(RAW, b"just a file".to_vec());
+    let err = extract_bytes(work.path(), &car_of(&cid, &[(cid, bytes)])).unwrap_err();
     assert!(matches!(err, CarError::RootNotDirectory { .. }), "{err}");
 }
 
