@@ -41,6 +41,21 @@ pub struct PieceSource {
     pub piece_cid: PieceCid,
     /// The unsealed payload: a CAR file or any file.
     pub source: PathBuf,
+    /// How the container sees it.
+    #[serde(default)]
+    pub present: Presentation,
+}
+
+/// How a piece's payload appears at `<data_dir>/<id>`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presentation {
+    /// The payload file itself, as `<data_dir>/<id>/<file name>`.
+    #[default]
+    File,
+    /// The directory tree the payload (a UnixFS CAR) holds, extracted once with every block
+    /// checked against its CID, kept under `<state_dir>/datasets/trees/<piece CID>`.
+    Tree,
 }
 
 /// What a file was when it was hashed: a change in any of these means hashing again.
@@ -172,6 +187,18 @@ impl Datasets {
                         dataset: id.to_string(),
                         expected: v.piece_cid.to_string(),
                         found: v.found.to_string(),
+                    });
+                }
+                if piece.present == Presentation::Tree {
+                    let (tree, root) = self.tree(id, piece, &v).await?;
+                    return Ok(DatasetMount {
+                        id: id.to_string(),
+                        binds: vec![(target, tree)],
+                        env: vec![
+                            format!("SHALE_DATASET={id}"),
+                            format!("SHALE_DATASET_PIECE_CID={}", v.piece_cid),
+                            format!("SHALE_DATASET_ROOT_CID={root}"),
+                        ],
                     });
                 }
                 let name = file_name(&piece.source);
@@ -313,6 +340,80 @@ impl Datasets {
         std::fs::rename(&tmp, &path).map_err(|e| ProvisionError::io("rename", &path, e))
     }
 
+    /// The extracted tree of a verified CAR piece and its root CID: extracted on first use
+    /// (one extract at a time per dataset), kept by piece CID, since the bytes that hash to
+    /// the piece are the only bytes the tree can come from.
+    async fn tree(
+        &self,
+        id: &str,
+        piece: &PieceSource,
+        v: &Verification,
+    ) -> Result<(PathBuf, String), ProvisionError> {
+        let gate = self
+            .hashing
+            .lock()
+            .expect("datasets lock")
+            .entry(format!("tree:{id}"))
+            .or_default()
+            .clone();
+        let _one = gate.lock().await;
+        let trees = self.dir.join("trees");
+        let tree = trees.join(v.piece_cid.to_string());
+        let record = tree.join(PIECE_FILE);
+        let root_of = |bytes: Vec<u8>| -> Option<String> {
+            let r: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            r["root_cid"].as_str().map(str::to_string)
+        };
+        if let Some(root) = std::fs::read(&record).ok().and_then(root_of) {
+            return Ok((tree, root));
+        }
+        let unavailable = |reason: String| ProvisionError::DatasetUnavailable {
+            dataset: id.to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(&trees).map_err(|e| ProvisionError::io("create", &trees, e))?;
+        // Extracted beside, completed with its record, then renamed: a tree is either whole
+        // with its record or not there.
+        let staging = trees.join(format!(".{}.new", v.piece_cid));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .map_err(|e| ProvisionError::io("remove", &staging, e))?;
+        }
+        if tree.exists() {
+            std::fs::remove_dir_all(&tree).map_err(|e| ProvisionError::io("remove", &tree, e))?;
+        }
+        tracing::info!(dataset = %id, piece = %v.piece_cid, "extracting the dataset's CAR");
+        let (car, to) = (piece.source.clone(), staging.clone());
+        let summary = tokio::task::spawn_blocking(move || crate::car::extract(&car, &to))
+            .await
+            .map_err(|e| unavailable(format!("the extract stopped: {e}")))?
+            .map_err(|e| unavailable(format!("its CAR cannot be extracted: {e}")))?;
+        let inside = staging.join(PIECE_FILE);
+        if inside.exists() {
+            std::fs::remove_dir_all(&staging).ok();
+            return Err(unavailable(format!(
+                "its tree holds a {PIECE_FILE} of its own, the name Shale gives the piece's record"
+            )));
+        }
+        let root = summary.root.to_string();
+        let json = serde_json::json!({
+            "dataset": id,
+            "piece_cid": v.piece_cid.to_string(),
+            "root_cid": root,
+            "piece_size": v.piece_size,
+            "payload_size": v.payload_size,
+            "files": summary.files,
+            "bytes": summary.bytes,
+            "verified_at": v.checked_at,
+        });
+        std::fs::write(&inside, format!("{json:#}\n"))
+            .map_err(|e| ProvisionError::io("write", &inside, e))?;
+        std::fs::rename(&staging, &tree).map_err(|e| ProvisionError::io("rename", &tree, e))?;
+        tracing::info!(dataset = %id, root = %root, files = summary.files, bytes = summary.bytes,
+            "dataset tree extracted");
+        Ok((tree, root))
+    }
+
     /// The directory mounted at `<data_dir>/<id>`: the piece's `.piece` record and an empty
     /// file the payload is bound onto (the directory is read-only in the container, so the
     /// mount point must already be there).
@@ -366,7 +467,11 @@ mod tests {
     fn datasets(state: &Path, source: PathBuf, piece_cid: PieceCid) -> Datasets {
         let sources = BTreeMap::from([(
             "digits".to_string(),
-            DatasetSource::Piece(PieceSource { piece_cid, source }),
+            DatasetSource::Piece(PieceSource {
+                piece_cid,
+                source,
+                present: Presentation::File,
+            }),
         )]);
         Datasets::new(sources, "/data".into(), state)
     }
@@ -425,6 +530,42 @@ mod tests {
         assert_eq!(expected, &cid.to_string());
         assert_ne!(found, expected);
         assert!(!ds.statuses()[0].last.as_ref().unwrap().matches());
+    }
+
+    #[tokio::test]
+    async fn a_car_piece_is_presented_as_its_tree_extracted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("train")).unwrap();
+        std::fs::write(tree.join("train/labels.csv"), "7,2,1\n").unwrap();
+        std::fs::write(tree.join("README"), "digits\n").unwrap();
+        let car = dir.path().join("digits.car");
+        let root = crate::car::pack_dir(&tree, &car).unwrap();
+        let cid = piece::commp_file(&car).unwrap().cid();
+        let sources = BTreeMap::from([(
+            "digits".to_string(),
+            DatasetSource::Piece(PieceSource {
+                piece_cid: cid,
+                source: car,
+                present: Presentation::Tree,
+            }),
+        )]);
+        let ds = Datasets::new(sources, "/data".into(), &dir.path().join("state"));
+        let m = ds.mount("digits").await.unwrap();
+        assert_eq!(m.binds.len(), 1);
+        let (target, host) = &m.binds[0];
+        assert_eq!(target, "/data/digits");
+        assert_eq!(
+            std::fs::read_to_string(host.join("train/labels.csv")).unwrap(),
+            "7,2,1\n"
+        );
+        let record = std::fs::read_to_string(host.join(PIECE_FILE)).unwrap();
+        assert!(record.contains(&root.to_string()), "{record}");
+        assert!(m.env.contains(&format!("SHALE_DATASET_ROOT_CID={root}")));
+        // Kept: a second mount does not extract again.
+        std::fs::write(host.join("marker"), "kept").unwrap();
+        let again = ds.mount("digits").await.unwrap();
+        assert!(again.binds[0].1.join("marker").exists());
     }
 
     #[tokio::test]

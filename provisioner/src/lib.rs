@@ -46,7 +46,7 @@ pub use catalog::{check_catalog, Catalog, CatalogImage, ImageSource, InstalledIm
 pub use cdi::{CdiRegistry, ContainerEdits, DeviceNode, HookEdit, MountEdit};
 pub use config::{ImageRef, ProvisionerConfig};
 pub use dataset::{
-    DatasetSource, DatasetStatus, FileIdentity, PieceSource, Verification, PIECE_FILE,
+    DatasetSource, DatasetStatus, FileIdentity, PieceSource, Presentation, Verification, PIECE_FILE,
 };
 pub use disk::MIN_DISK_BYTES;
 pub use error::ProvisionError;

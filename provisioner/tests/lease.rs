@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use shale_provisioner::piece::commp_file;
 use shale_provisioner::{
-    DatasetSource, ExitStatus, ImageRef, PieceSource, ProvisionError, Provisioner,
+    DatasetSource, ExitStatus, ImageRef, PieceSource, Presentation, ProvisionError, Provisioner,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,6 +190,7 @@ async fn a_piece_is_served_once_verified_and_one_changed_byte_refuses_it() {
             DatasetSource::Piece(PieceSource {
                 piece_cid: piece.cid(),
                 source,
+                present: Default::default(),
             }),
         )]);
     })
@@ -248,6 +249,53 @@ async fn a_piece_is_served_once_verified_and_one_changed_byte_refuses_it() {
     std::fs::write(&payload, &bytes).unwrap();
     h.prov.ensure(&spec).await.expect("ensure after repair");
     h.prov.release(19).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_car_piece_is_served_as_its_directory_tree() {
+    let data = tempfile::tempdir().unwrap();
+    let tree = data.path().join("tree");
+    std::fs::create_dir_all(tree.join("train")).unwrap();
+    std::fs::write(tree.join("train/labels.csv"), "7,2,1\n").unwrap();
+    std::fs::write(tree.join("README"), "the digits, as a CAR\n").unwrap();
+    let car = data.path().join("digits.car");
+    let root = shale_provisioner::car::pack_dir(&tree, &car).unwrap();
+    let piece = commp_file(&car).unwrap();
+    let h = Harness::start(TestImage::Busybox, move |c| {
+        c.datasets = BTreeMap::from([(
+            "digits".to_string(),
+            DatasetSource::Piece(PieceSource {
+                piece_cid: piece.cid(),
+                source: car,
+                present: Presentation::Tree,
+            }),
+        )]);
+    })
+    .await;
+    let mut spec = lease(20);
+    spec.dataset = Some("digits".into());
+    h.prov.ensure(&spec).await.expect("ensure");
+    let (out, _, st) = sh(
+        &h.prov,
+        20,
+        "cat /data/digits/train/labels.csv /data/digits/README",
+    )
+    .await;
+    assert_eq!(
+        (out.as_str(), st),
+        ("7,2,1\nthe digits, as a CAR\n", ExitStatus::Code(0))
+    );
+    let (out, _, _) = sh(
+        &h.prov,
+        20,
+        "echo $SHALE_DATASET_ROOT_CID; cat /data/digits/.piece",
+    )
+    .await;
+    assert!(out.starts_with(&format!("{root}\n")), "{out}");
+    assert!(out.contains(&piece.cid().to_string()), "{out}");
+    let (_, _, st) = sh(&h.prov, 20, "echo x > /data/digits/train/new").await;
+    assert_ne!(st, ExitStatus::Code(0), "the tree is read-only");
+    h.prov.release(20).await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

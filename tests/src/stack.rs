@@ -100,6 +100,9 @@ pub struct StackOptions {
     /// Start a containerd of the stack's own even when `SHALE_CONTAINERD_SOCKET` names a shared
     /// one, for tests that kill and restart it ([`Stack::kill_containerd`]).
     pub own_containerd: bool,
+    /// The chain's shape (chain id, block time); anvil's defaults (31337, a block per
+    /// transaction) when `None`.
+    pub devnet: Option<shale_contracts::devnet::DevnetOptions>,
 }
 
 /// A running stack. Dropping it stops the gateway, the chain and (if it started one) containerd.
@@ -175,7 +178,9 @@ impl Stack {
         init_tracing();
         let dir = tempfile::Builder::new().prefix("shale-e2e-").tempdir()?;
 
-        let devnet = Devnet::start().await.context("starting anvil")?;
+        let devnet = Devnet::start_with(options.devnet.clone().unwrap_or_default())
+            .await
+            .context("starting anvil")?;
         let relay = if options.chain_relay {
             Some(RpcRelay::start(devnet.rpc_url()).await?)
         } else {
@@ -245,6 +250,7 @@ impl Stack {
                 DatasetSource::Piece(PieceSource {
                     piece_cid: piece.cid(),
                     source: payload,
+                    present: Default::default(),
                 }),
             )]),
             provider: format!("{:#x}", devnet.signer(SP_ACCOUNT).address()),

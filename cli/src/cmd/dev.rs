@@ -381,6 +381,7 @@ async fn start(dir: &Path) -> anyhow::Result<DevState> {
     let dataset = PieceSource {
         piece_cid: piece.cid(),
         source,
+        present: Default::default(),
     };
     done(
         s,

@@ -618,6 +618,7 @@ mod tests {
                     .parse()
                     .unwrap(),
                 source: dir.path().join("digits.csv"),
+                present: Default::default(),
             },
         );
         text.push_str("\n[sp.accept]\nauto = true\nmax_hours = 2\nmin_escrow_hours = 1\n");
