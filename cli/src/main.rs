@@ -148,6 +148,10 @@ enum Command {
     Dev(DevCommand),
     /// The whole story on the local stack: order, ssh, train a model, scp, pay, verify, rate.
     Demo,
+    /// Deploy the marketplace and its claim verifiers with the deployer's key (--keystore or
+    /// SHALE_KEYSTORE, or SHALE_PRIVATE_KEY) on the chain at --rpc-url, and write client.toml,
+    /// gateway.toml (an SP skeleton) and deployment.json.
+    Deploy(cmd::deploy::DeployArgs),
 }
 
 #[derive(Subcommand)]
@@ -423,6 +427,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             DevCommand::Containerd { dir } => cmd::dev::containerd(&dir).await,
         },
         Command::Demo => cmd::demo::run().await,
+        Command::Deploy(args) => cmd::deploy::run(&args.request(&cli.chain)?, json).await,
     }
 }
 

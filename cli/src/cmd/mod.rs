@@ -2,6 +2,7 @@
 
 pub mod ack;
 pub mod demo;
+pub mod deploy;
 pub mod dev;
 pub mod gateway;
 pub mod market;
