@@ -262,6 +262,21 @@ enum SpCommand {
         #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
         config: PathBuf,
     },
+    /// Datasets as Filecoin pieces.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Pack a directory as a UnixFS CAR (what ipfs-car makes, same root CID) and print the
+    /// piece CID a deal for the CAR names.
+    Pack {
+        dir: PathBuf,
+        /// The CAR to write (default: DIR.car beside the directory).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -416,6 +431,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             SpCommand::Orders { config } => cmd::sp::orders(&SpConfig::load(&config)?, json).await,
             SpCommand::Commp { file } => cmd::piece::commp(&file, json),
             SpCommand::Datasets { config } => cmd::piece::datasets(&SpConfig::load(&config)?, json),
+            SpCommand::Dataset(DatasetCommand::Pack { dir, out }) => {
+                let out = out.unwrap_or_else(|| dir.with_extension("car"));
+                cmd::piece::pack(&dir, &out, json)
+            }
             SpCommand::Accept { order, config } => {
                 cmd::sp::accept(&SpConfig::load(&config)?, order).await
             }

@@ -157,3 +157,53 @@ fn ago(at: u64) -> String {
         _ => format!("{}d ago", secs / 86_400),
     }
 }
+
+/// What `shale sp dataset pack` prints.
+#[derive(Serialize)]
+struct PackView {
+    car: String,
+    root_cid: String,
+    piece_cid: String,
+    piece_size: u64,
+    payload_size: u64,
+}
+
+/// Packs `dir` as a UnixFS CAR at `out` and prints its root CID and the piece CID a deal for
+/// the CAR names, with the config line that serves it as a tree.
+pub fn pack(dir: &Path, out: &Path, json: bool) -> anyhow::Result<()> {
+    let spinner = ProgressBar::new_spinner().with_message(format!("packing {}", dir.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let root = shale_provisioner::car::pack_dir(dir, out)
+        .with_context(|| format!("cannot pack {}", dir.display()))?;
+    spinner.set_message(format!("computing the piece CID of {}", out.display()));
+    let piece = shale_provisioner::piece::commp_file(out)
+        .with_context(|| format!("{} has no piece", out.display()))?;
+    spinner.finish_and_clear();
+    let view = PackView {
+        car: out.display().to_string(),
+        root_cid: root.to_string(),
+        piece_cid: piece.cid().to_string(),
+        piece_size: piece.piece_size,
+        payload_size: piece.payload_size,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    println!("CAR           {}", view.car);
+    println!("root CID      {}", view.root_cid);
+    println!("piece CID     {}", view.piece_cid);
+    println!("piece size    {} bytes (padded)", view.piece_size);
+    println!("payload size  {} bytes", view.payload_size);
+    let id = dir
+        .file_name()
+        .map_or("dataset".into(), |n| n.to_string_lossy().into_owned());
+    println!();
+    println!("Serve it as its directory tree, once a deal for the piece is made:");
+    println!("  [containers.datasets]");
+    println!(
+        "  {id} = {{ piece_cid = \"{}\", source = \"{}\", present = \"tree\" }}",
+        view.piece_cid, view.car
+    );
+    Ok(())
+}
