@@ -21,7 +21,7 @@ use crate::piece::{self, PieceCid};
 pub const PIECE_FILE: &str = ".piece";
 
 /// Where a dataset's bytes come from, in `[containers.datasets]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum DatasetSource {
     /// A local directory (`ID = "/srv/dir"`), mounted as it is. It is not a Filecoin piece, so
@@ -31,6 +31,34 @@ pub enum DatasetSource {
     /// "baga…", source = "/srv/piece.car" }`), mounted as `<data_dir>/<id>/<file name>` only
     /// once its CommP is the piece CID.
     Piece(PieceSource),
+}
+
+/// A string is a directory, a table a piece; by hand rather than `untagged`, so a bad piece CID
+/// or an unknown field is reported as itself, not as "did not match any variant".
+impl<'de> Deserialize<'de> for DatasetSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Source;
+        impl<'de> serde::de::Visitor<'de> for Source {
+            type Value = DatasetSource;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a directory path, or { piece_cid, source, present }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, path: &str) -> Result<Self::Value, E> {
+                Ok(DatasetSource::Directory(PathBuf::from(path)))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                PieceSource::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(DatasetSource::Piece)
+            }
+        }
+        d.deserialize_any(Source)
+    }
 }
 
 /// A piece dataset's local payload and the piece it must be.
@@ -488,10 +516,22 @@ mod tests {
             panic!("{t:?}")
         };
         assert_eq!(p.piece_cid.to_string(), cid);
-        assert!(toml::from_str::<BTreeMap<String, DatasetSource>>(
-            "bad = { piece_cid = \"bafkqaaa\", source = \"/x\" }"
+        let err = toml::from_str::<BTreeMap<String, DatasetSource>>(
+            "bad = { piece_cid = \"bafkqaaa\", source = \"/x\" }",
         )
-        .is_err());
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not a v1 piece CID"), "{err}");
+        let err = toml::from_str::<BTreeMap<String, DatasetSource>>(&format!(
+            "bad = {{ piece_cid = \"{cid}\", source = \"/x\", presnt = \"tree\" }}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("presnt"), "{err}");
+        // JSON, as the broker's config travels, reads the same.
+        let json: BTreeMap<String, DatasetSource> =
+            serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(json, t);
     }
 
     #[tokio::test]
