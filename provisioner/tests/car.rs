@@ -5,49 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
+mod reference;
+
+use reference::{node_modules, noise};
 use shale_provisioner::car::{extract, pack_dir};
 use shale_provisioner::piece::commp_file;
 
-/// Where `scripts/setup.sh` installs the npm packages.
-fn node_modules() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/node_modules")
-}
-
 fn ipfs_car() -> PathBuf {
     node_modules().join(".bin/ipfs-car")
-}
-
-/// Whether node and ipfs-car are there; under `CI=true` their absence is a failure.
-fn reference_available() -> bool {
-    let node = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if node && ipfs_car().exists() {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "CI needs node and ipfs-car (scripts/setup.sh installs them)"
-    );
-    eprintln!("SKIPPED: needs node and ipfs-car (scripts/setup.sh)");
-    false
-}
-
-/// Deterministic bytes that look random: SHA-256 in counter mode.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 32);
-    let mut i = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(&Sha256::digest(
-            [seed.to_le_bytes(), i.to_le_bytes()].concat(),
-        ));
-        i += 1;
-    }
-    out.truncate(len);
-    out
 }
 
 /// A tree both tools pack alike. `ipfs-car` drops empty directories and names starting with
@@ -111,7 +76,7 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn a_car_packed_by_ipfs_car_extracts_to_the_same_tree_and_root() {
-    if !reference_available() {
+    if !reference::available(".bin/ipfs-car") {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -143,7 +108,7 @@ fn a_car_packed_by_ipfs_car_extracts_to_the_same_tree_and_root() {
 
 #[test]
 fn a_car_packed_by_shale_unpacks_with_ipfs_car_to_the_same_tree() {
-    if !reference_available() {
+    if !reference::available(".bin/ipfs-car") {
         return;
     }
     let work = tempfile::tempdir().unwrap();

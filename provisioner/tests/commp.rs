@@ -1,48 +1,13 @@
 //! Shale's CommP against an independent implementation: `@web3-storage/data-segment`
 //! (FRC-0058), run by node over the same files, at sizes around every padding boundary.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
+mod reference;
+
+use reference::{node_modules, noise};
 use shale_provisioner::piece::{commp_file, PieceCid};
-
-/// Where `scripts/setup.sh` installs the npm packages.
-fn node_modules() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/node_modules")
-}
-
-/// Whether node and data-segment are there; under `CI=true` their absence is a failure.
-fn reference_available() -> bool {
-    let node = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if node && node_modules().join("@web3-storage/data-segment").exists() {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "CI needs node and @web3-storage/data-segment (scripts/setup.sh installs them)"
-    );
-    eprintln!("SKIPPED: needs node and @web3-storage/data-segment (scripts/setup.sh)");
-    false
-}
-
-/// Deterministic bytes that look random: SHA-256 in counter mode.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 32);
-    let mut i = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(&Sha256::digest(
-            [seed.to_le_bytes(), i.to_le_bytes()].concat(),
-        ));
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
 
 /// The sizes to check: just below, at and above every Fr32 and power-of-two boundary up to
 /// `max`, across the hasher's 1 MiB chunks, plus the smallest payload.
@@ -71,7 +36,7 @@ fn sizes(max: u64) -> Vec<u64> {
 
 #[test]
 fn commp_agrees_with_data_segment_around_every_padding_boundary() {
-    if !reference_available() {
+    if !reference::available("@web3-storage/data-segment") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
