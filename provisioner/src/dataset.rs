@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -298,13 +298,7 @@ impl Datasets {
         piece: &PieceSource,
         fresh: bool,
     ) -> Result<Verification, ProvisionError> {
-        let gate = self
-            .hashing
-            .lock()
-            .expect("datasets lock")
-            .entry(id.to_string())
-            .or_default()
-            .clone();
+        let gate = self.gate(id.to_string());
         let started = now_secs();
         let _one = gate.lock().await;
         let unavailable = |reason: String| ProvisionError::DatasetUnavailable {
@@ -353,6 +347,16 @@ impl Datasets {
         Ok(v)
     }
 
+    /// The lock that lets one hash (or extract) of a dataset run at a time.
+    fn gate(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
+        self.hashing
+            .lock()
+            .expect("datasets lock")
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
     /// Keeps a verification, on disk too.
     fn record(&self, id: &str, v: &Verification) -> Result<(), ProvisionError> {
         let all = {
@@ -377,13 +381,7 @@ impl Datasets {
         piece: &PieceSource,
         v: &Verification,
     ) -> Result<(PathBuf, String), ProvisionError> {
-        let gate = self
-            .hashing
-            .lock()
-            .expect("datasets lock")
-            .entry(format!("tree:{id}"))
-            .or_default()
-            .clone();
+        let gate = self.gate(format!("tree:{id}"));
         let _one = gate.lock().await;
         let trees = self.dir.join("trees");
         let tree = trees.join(v.piece_cid.to_string());
@@ -477,9 +475,7 @@ fn file_name(source: &Path) -> String {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::lease::unix_secs(SystemTime::now())
 }
 
 #[cfg(test)]

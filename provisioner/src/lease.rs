@@ -101,7 +101,8 @@ struct RuncOptions {
     root: String,
 }
 
-fn unix_secs(t: SystemTime) -> u64 {
+/// Whole seconds since the Unix epoch (0 before it).
+pub(crate) fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
