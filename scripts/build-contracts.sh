@@ -17,7 +17,7 @@ cd "$root/contracts"
 
 # Production sources, and the test-only verifier that the Rust integration tests deploy.
 sources=(src/*.sol)
-test_only=(test/TestTickVerifier.sol)
+test_only=(test/TestTickVerifier.sol test/FilecoinActorsDouble.sol)
 mkdir -p artifacts artifacts/test-only
 
 SOLC_DIR="$solc_dir" node - "${sources[@]}" -- "${test_only[@]}" <<'JS'
@@ -74,8 +74,12 @@ for (const [file, contracts] of Object.entries(output.contracts)) {
       bytecode: { object: '0x' + c.evm.bytecode.object },
       deployedBytecode: { object: '0x' + c.evm.deployedBytecode.object },
     };
-    // Test helpers that are not the verifier itself are not exported.
-    if (testOnly.includes(file) && name !== 'TestTickVerifier') continue;
+    // Of the test helpers, only what the Rust tests deploy is exported: the verifier and the
+    // Filecoin actor doubles.
+    const exported = ['TestTickVerifier', 'CallActorByIdDouble', 'FilecoinActorDouble'];
+    if (testOnly.includes(file) && !exported.includes(name)) continue;
+    // A library of internal functions (FilecoinDeals) is compiled into its users.
+    if (!testOnly.includes(file) && !c.abi.some((item) => item.type === 'function')) continue;
     fs.writeFileSync(path.join(dir, `${name}.json`), JSON.stringify(artifact, null, 2) + '\n');
     written++;
   }

@@ -261,6 +261,17 @@ enum SpCommand {
     Datasets {
         #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
         config: PathBuf,
+        /// Also record on chain when each dataset that matched its piece was last verified
+        /// (clients see it in `shale datasets`).
+        #[arg(long)]
+        publish: bool,
+    },
+    /// Set the Filecoin miner (f01234) whose deals the datasets' `deal_id`s name; on FEVM the
+    /// miner must list this provider's f410 address as a control address.
+    Miner {
+        miner: String,
+        #[arg(long, short, env = "SHALE_GATEWAY_CONFIG")]
+        config: PathBuf,
     },
     /// Datasets as Filecoin pieces.
     #[command(subcommand)]
@@ -430,7 +441,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             SpCommand::Withdraw { config } => cmd::sp::withdraw(&SpConfig::load(&config)?).await,
             SpCommand::Orders { config } => cmd::sp::orders(&SpConfig::load(&config)?, json).await,
             SpCommand::Commp { file } => cmd::piece::commp(&file, json),
-            SpCommand::Datasets { config } => cmd::piece::datasets(&SpConfig::load(&config)?, json),
+            SpCommand::Datasets { config, publish } => {
+                let config = SpConfig::load(&config)?;
+                cmd::piece::datasets(&config, json)?;
+                if publish {
+                    cmd::sp::publish_verified(&config).await?;
+                }
+                Ok(())
+            }
+            SpCommand::Miner { miner, config } => {
+                cmd::sp::set_miner(&SpConfig::load(&config)?, &miner).await
+            }
             SpCommand::Dataset(DatasetCommand::Pack { dir, out }) => {
                 let out = out.unwrap_or_else(|| dir.with_extension("car"));
                 cmd::piece::pack(&dir, &out, json)

@@ -222,6 +222,7 @@ mod tests {
             active: true,
             registered_at: 0,
             datasets: vec![],
+            miner_id: None,
             images: vec![],
             rating: Rating::default(),
         }

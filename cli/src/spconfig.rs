@@ -266,6 +266,7 @@ impl SpConfig {
                 deal_id: meta.deal_id,
                 size_bytes,
                 description: meta.description,
+                verified_at: None,
             });
         }
         Ok(out)

@@ -51,7 +51,7 @@ import {ProviderRegistry} from "./ProviderRegistry.sol";
 ///   data. A receiver that refuses it, burns the stipend or answers with a "return bomb" is not
 ///   paid then and cannot block the other party: the amount is credited to `owed[address]` and
 ///   pulled with `withdraw()`, which forwards all the caller's gas.
-contract Marketplace is ProviderRegistry, EIP712 {
+contract Marketplace is EIP712 {
     /// Lifecycle of an order. `Ended` covers termination by either side and natural expiry
     /// (an Active order past `acceptedAt + maxDuration` reads as Ended from every view).
     enum OrderState {
@@ -200,6 +200,12 @@ contract Marketplace is ProviderRegistry, EIP712 {
     /// Time after the end of an order during which the provider may still claim usage; set at
     /// deployment (at least 1 second, at most `MAX_DURATION_LIMIT`).
     uint64 public immutable CLAIM_WINDOW;
+    /// Providers, their offers, datasets and images: what orders are checked against.
+    ProviderRegistry public immutable registry;
+    /// The smallest disk an order may have: the registry's `MIN_DISK_MIB`.
+    uint64 public constant MIN_DISK_MIB = 32;
+    /// The longest review a rating may carry.
+    uint256 internal constant MAX_REVIEW = 280;
     /// The largest price per second and per GiB an order may state: the meter's `MAX_PRICE`, so
     /// that every price the contract accepts is one the gateway can charge. Below it no charge
     /// can overflow: seconds < 2^64 and bytes < 2^66 keep every batch under 2^195 wei.
@@ -309,6 +315,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
     error NothingOwed(address account);
     error TransferFailed(address to, uint256 amount);
     error Reentrancy();
+    error TooLong(string field, uint256 length, uint256 max);
 
     function _eip712Strings() internal pure override returns (string memory, string memory) {
         return ("Shale Marketplace", "1");
@@ -322,9 +329,11 @@ contract Marketplace is ProviderRegistry, EIP712 {
     }
 
     /// `claimWindow`: seconds after an order's end during which its provider may still claim.
+    /// Deploys the provider registry this marketplace orders from (`registry`).
     constructor(uint32[] memory batchCapacities, ITickVerifier[] memory verifiers, uint64 claimWindow)
         EIP712("Shale Marketplace", "1")
     {
+        registry = new ProviderRegistry();
         if (claimWindow == 0 || claimWindow > MAX_DURATION_LIMIT) revert InvalidClaimWindow(claimWindow);
         CLAIM_WINDOW = claimWindow;
         if (batchCapacities.length != verifiers.length) {
@@ -424,12 +433,10 @@ contract Marketplace is ProviderRegistry, EIP712 {
         if (terms.pricePerSecond > MAX_PRICE) revert PriceTooHigh(terms.pricePerSecond, MAX_PRICE);
         if (terms.pricePerGiB > MAX_PRICE) revert PriceTooHigh(terms.pricePerGiB, MAX_PRICE);
         if (provider == msg.sender) revert SelfOrder(provider);
-        Provider storage p = _provider(provider);
-        if (!p.active) revert ProviderInactive(provider);
+        // Reverts with the registry's own error for an unknown or withdrawn provider, dataset or image.
+        uint64 maxDiskMiB = registry.orderable(provider, terms.datasetId, terms.imageDigest);
         if (terms.diskMiB < MIN_DISK_MIB) revert DiskTooSmall(terms.diskMiB, MIN_DISK_MIB);
-        if (terms.diskMiB > p.offer.maxDiskMiB) revert DiskTooLarge(terms.diskMiB, p.offer.maxDiskMiB);
-        if (bytes(terms.datasetId).length != 0) _requireDataset(provider, terms.datasetId);
-        _requireImage(provider, terms.imageDigest);
+        if (terms.diskMiB > maxDiskMiB) revert DiskTooLarge(terms.diskMiB, maxDiskMiB);
 
         orderId = ++orderCount;
         Record storage o = _orders[orderId];
@@ -498,7 +505,7 @@ contract Marketplace is ProviderRegistry, EIP712 {
         if (stars < 1 || stars > 5) revert InvalidStars(stars);
         if (bytes(review).length > MAX_REVIEW) revert TooLong("review", bytes(review).length, MAX_REVIEW);
         o.rated = true;
-        _addRating(o.provider, stars, o.paid);
+        registry.addRating(o.provider, stars, o.paid);
         emit Rated(orderId, o.provider, stars, review);
     }
 

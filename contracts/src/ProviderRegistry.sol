@@ -1,14 +1,26 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
+import {FilecoinDeals} from "./FilecoinDeals.sol";
+
 /// @title Registry of storage providers that rent out compute next to their data.
 ///
 /// A provider is keyed by the address that registered it. Its entry holds what a client needs to
 /// order and connect: the gateway endpoint (`host:port`), the gateway's SSH host public key in
 /// OpenSSH format (clients write `known_hosts` from it and never trust on first use), the offer,
-/// and the datasets it serves. Ratings are written by the marketplace when clients rate orders
-/// that paid the provider something, each weighted by what its order paid.
-abstract contract ProviderRegistry {
+/// the datasets it serves and its image catalog. Ratings are written by the marketplace when
+/// clients rate orders that paid the provider something, each weighted by what its order paid.
+///
+/// Its own contract, deployed by the `Marketplace` it serves (`marketplace`), so that neither
+/// outgrows EIP-170's runtime size limit.
+///
+/// Datasets and Filecoin deals: a dataset that names a deal id is checked against the chain's
+/// storage market when it is added (FEVM only, see `FilecoinDeals`): the deal's piece CID must be
+/// the dataset's (or fills it in when the dataset names none) and the deal must be stored with the
+/// miner the provider set with `setMiner`, which checks that the provider's address controls that
+/// miner. A dataset without a deal id is the provider's word alone. `markVerified` records when the
+/// provider last checked that the bytes it serves hash to the piece CID.
+contract ProviderRegistry {
     /// Resources and tariff a provider offers. Prices are integer wei.
     struct Offer {
         // cpus, memoryMiB, diskMiB and maxDiskMiB share one storage slot (4 + 8 + 8 + 8 bytes).
@@ -73,7 +85,6 @@ abstract contract ProviderRegistry {
     }
 
     uint256 internal constant MAX_TEXT = 1024;
-    uint256 internal constant MAX_REVIEW = 280;
     uint256 internal constant MAX_DATASETS = 256;
     uint256 internal constant MAX_IMAGES = 64;
     uint256 internal constant MAX_IMAGE_NAME = 128;
@@ -81,6 +92,9 @@ abstract contract ProviderRegistry {
     /// journal) cannot hold the order's changes to the image. The provisioner's
     /// `MIN_DISK_BYTES` is the same size.
     uint64 public constant MIN_DISK_MIB = 32;
+
+    /// The marketplace that deployed this registry: the only writer of ratings.
+    address public immutable marketplace;
 
     mapping(address => Provider) private _providers;
     mapping(address => Dataset[]) private _datasets;
@@ -92,6 +106,10 @@ abstract contract ProviderRegistry {
     mapping(address => mapping(bytes32 => uint256)) private _imageIndex;
     /// digest => how many of the provider's image names pin it (0 = not in the catalog).
     mapping(address => mapping(bytes32 => uint256)) private _imageDigestRefs;
+    /// The Filecoin miner actor id a provider's deals must be stored with (0 = none set).
+    mapping(address => uint64) public minerOf;
+    /// keccak256(dataset id) => when the provider last verified the dataset's bytes (0 = never).
+    mapping(address => mapping(bytes32 => uint64)) private _verifiedAt;
 
     event ProviderRegistered(address indexed provider, string endpoint, string sshHostKey);
     event ProviderUpdated(address indexed provider, string endpoint, string sshHostKey);
@@ -100,6 +118,11 @@ abstract contract ProviderRegistry {
     event DatasetRemoved(address indexed provider, string datasetId);
     event ImageAdded(address indexed provider, string name, bytes32 digest);
     event ImageRemoved(address indexed provider, string name);
+    event MinerSet(address indexed provider, uint64 minerId);
+    /// A dataset's deal was found in the storage market with the dataset's piece, stored with
+    /// the provider's miner.
+    event DealChecked(address indexed provider, string datasetId, uint64 dealId, uint64 minerId, uint64 paddedSize);
+    event DatasetVerified(address indexed provider, string datasetId, uint64 verifiedAt);
 
     error ProviderNotFound(address provider);
     error AlreadyRegistered(address provider);
@@ -118,6 +141,24 @@ abstract contract ProviderRegistry {
     error UnknownImageDigest(address provider, bytes32 digest);
     /// An offer's default disk must be non-zero and at most its maximum per order.
     error InvalidOfferDisk(uint64 diskMiB, uint64 maxDiskMiB);
+    error NotMarketplace(address caller);
+    /// The provider's address is not the owner, worker or a control address of the miner.
+    error NotMinerController(address provider, uint64 minerId);
+    /// A dataset names a deal, but the provider has set no miner (`setMiner`).
+    error NoMiner(address provider);
+    /// The deal's piece CID is not the dataset's.
+    error DealPieceMismatch(uint64 dealId, string datasetPieceCid, string dealPieceCid);
+    /// The deal is stored with another miner than the provider's.
+    error DealProviderMismatch(uint64 dealId, uint64 providerMiner, uint64 dealMiner);
+
+    modifier onlyMarketplace() {
+        if (msg.sender != marketplace) revert NotMarketplace(msg.sender);
+        _;
+    }
+
+    constructor() {
+        marketplace = msg.sender;
+    }
 
     /// Registers the caller as a provider, or re-activates a withdrawn one with fresh details
     /// (its datasets are replaced, its ratings kept).
@@ -164,6 +205,29 @@ abstract contract ProviderRegistry {
         emit ProviderWithdrawn(msg.sender);
     }
 
+    /// Sets the Filecoin miner (actor id, e.g. 1234 for f01234) whose deals the caller's
+    /// datasets may name. FEVM only: the miner actor must list the caller's f410 address as its
+    /// owner, worker or a control address (`lotus-miner actor control set`). Datasets already
+    /// listed keep the check they passed.
+    function setMiner(uint64 minerId) external {
+        _activeProvider(msg.sender);
+        if (!FilecoinDeals.isControllingAddress(minerId, msg.sender)) revert NotMinerController(msg.sender, minerId);
+        minerOf[msg.sender] = minerId;
+        emit MinerSet(msg.sender, minerId);
+    }
+
+    /// Records that the caller verified, now, that the bytes it serves for each of `datasetIds`
+    /// hash to the dataset's piece CID (the gateway's provisioner does, on its schedule).
+    function markVerified(string[] calldata datasetIds) external {
+        _activeProvider(msg.sender);
+        for (uint256 i = 0; i < datasetIds.length; i++) {
+            bytes32 key = keccak256(bytes(datasetIds[i]));
+            if (_datasetIndex[msg.sender][key] == 0) revert UnknownDataset(msg.sender, datasetIds[i]);
+            _verifiedAt[msg.sender][key] = uint64(block.timestamp);
+            emit DatasetVerified(msg.sender, datasetIds[i], uint64(block.timestamp));
+        }
+    }
+
     function addDataset(Dataset calldata dataset) external {
         _activeProvider(msg.sender);
         _addDataset(msg.sender, dataset);
@@ -182,6 +246,7 @@ abstract contract ProviderRegistry {
         }
         list.pop();
         delete _datasetIndex[msg.sender][key];
+        delete _verifiedAt[msg.sender][key];
         emit DatasetRemoved(msg.sender, datasetId);
     }
 
@@ -249,8 +314,31 @@ abstract contract ProviderRegistry {
         return (_provider(provider), _datasets[provider], _images[provider]);
     }
 
+    /// When the provider last verified each of its datasets (0 = never), in `getProvider`'s
+    /// dataset order.
+    function verifiedAt(address provider) external view returns (uint64[] memory times) {
+        Dataset[] storage list = _datasets[provider];
+        times = new uint64[](list.length);
+        for (uint256 i = 0; i < list.length; i++) {
+            times[i] = _verifiedAt[provider][keccak256(bytes(list[i].id))];
+        }
+    }
+
+    /// Reverts unless a client may order from `provider` now with `datasetId` (empty: none) and
+    /// `imageDigest`; returns the most disk the provider's offer allows per order.
+    function orderable(address provider, string calldata datasetId, bytes32 imageDigest)
+        external
+        view
+        returns (uint64 maxDiskMiB)
+    {
+        Provider storage p = _activeProvider(provider);
+        if (bytes(datasetId).length != 0) _requireDataset(provider, datasetId);
+        _requireImage(provider, imageDigest);
+        return p.offer.maxDiskMiB;
+    }
+
     /// Adds a rating of `stars` from an order that paid the provider `weight` wei (> 0).
-    function _addRating(address provider, uint8 stars, uint256 weight) internal {
+    function addRating(address provider, uint8 stars, uint256 weight) external onlyMarketplace {
         Provider storage p = _providers[provider];
         p.ratingCount += 1;
         p.ratingSum += stars;
@@ -258,18 +346,18 @@ abstract contract ProviderRegistry {
         p.ratingWeightedStars += weight * stars;
     }
 
-    function _provider(address provider) internal view returns (Provider storage p) {
+    function _provider(address provider) private view returns (Provider storage p) {
         p = _providers[provider];
         if (p.owner == address(0)) revert ProviderNotFound(provider);
     }
 
-    function _activeProvider(address provider) internal view returns (Provider storage p) {
+    function _activeProvider(address provider) private view returns (Provider storage p) {
         p = _provider(provider);
         if (!p.active) revert ProviderInactive(provider);
     }
 
     /// Index of a dataset in the provider's list; reverts when the provider does not serve it.
-    function _requireDataset(address provider, string calldata datasetId) internal view returns (uint256) {
+    function _requireDataset(address provider, string calldata datasetId) private view returns (uint256) {
         uint256 index = _datasetIndex[provider][keccak256(bytes(datasetId))];
         if (index == 0) revert UnknownDataset(provider, datasetId);
         return index - 1;
@@ -277,7 +365,7 @@ abstract contract ProviderRegistry {
 
     /// Reverts unless an order may name `digest`: one of the provider's catalog digests, or 0
     /// (the provider's built-in default) when its catalog is empty.
-    function _requireImage(address provider, bytes32 digest) internal view {
+    function _requireImage(address provider, bytes32 digest) private view {
         if (_imageDigestRefs[provider][digest] == 0 && (digest != bytes32(0) || _images[provider].length != 0)) {
             revert UnknownImageDigest(provider, digest);
         }
@@ -295,6 +383,45 @@ abstract contract ProviderRegistry {
         list.push(dataset);
         _datasetIndex[provider][key] = list.length;
         emit DatasetAdded(provider, dataset.id);
+        if (dataset.dealId != 0) _checkDeal(provider, list[list.length - 1]);
+    }
+
+    /// Checks a dataset's deal in the storage market (see the contract's doc); a dataset without
+    /// a piece CID takes the deal's.
+    function _checkDeal(address provider, Dataset storage dataset) private {
+        uint64 miner = minerOf[provider];
+        if (miner == 0) revert NoMiner(provider);
+        uint64 dealMiner = FilecoinDeals.dealProvider(dataset.dealId);
+        if (dealMiner != miner) revert DealProviderMismatch(dataset.dealId, miner, dealMiner);
+        (bytes memory cid, uint64 paddedSize) = FilecoinDeals.dealCommitment(dataset.dealId);
+        string memory dealPiece = _base32Cid(cid);
+        if (bytes(dataset.pieceCid).length == 0) {
+            dataset.pieceCid = dealPiece;
+        } else if (keccak256(bytes(dataset.pieceCid)) != keccak256(bytes(dealPiece))) {
+            revert DealPieceMismatch(dataset.dealId, dataset.pieceCid, dealPiece);
+        }
+        emit DealChecked(provider, dataset.id, dataset.dealId, miner, paddedSize);
+    }
+
+    /// A binary CID in its canonical text form: multibase `b`, RFC 4648 base32, lower case, no
+    /// padding (`baga6ea4seaq…` for a piece CID).
+    function _base32Cid(bytes memory cid) private pure returns (string memory) {
+        bytes memory alphabet = "abcdefghijklmnopqrstuvwxyz234567";
+        bytes memory out = new bytes(1 + (cid.length * 8 + 4) / 5);
+        out[0] = "b";
+        uint256 buffer;
+        uint256 bits;
+        uint256 j = 1;
+        for (uint256 i = 0; i < cid.length; i++) {
+            buffer = (buffer << 8) | uint8(cid[i]);
+            bits += 8;
+            while (bits >= 5) {
+                bits -= 5;
+                out[j++] = alphabet[(buffer >> bits) & 31];
+            }
+        }
+        if (bits > 0) out[j++] = alphabet[(buffer << (5 - bits)) & 31];
+        return string(out);
     }
 
     function _clearDatasets(address provider) private {
@@ -302,6 +429,7 @@ abstract contract ProviderRegistry {
         while (list.length > 0) {
             string memory id = list[list.length - 1].id;
             delete _datasetIndex[provider][keccak256(bytes(id))];
+            delete _verifiedAt[provider][keccak256(bytes(id))];
             list.pop();
             emit DatasetRemoved(provider, id);
         }

@@ -12,14 +12,36 @@ alloy::sol!(
     "artifacts/Marketplace.json"
 );
 
-/// TEST ONLY: the stand-in claim verifier of the forge and Rust tests (`contracts/test/`).
-/// A "proof" is valid when its first word is keccak256 of the six public inputs; it must never
-/// be deployed to a real chain.
+alloy::sol!(
+    #[sol(rpc)]
+    #[derive(Debug, PartialEq, Eq)]
+    ProviderRegistry,
+    "artifacts/ProviderRegistry.json"
+);
+
+/// TEST ONLY: the stand-in claim verifier of the forge and Rust tests (`contracts/test/`), and
+/// the doubles of FEVM's `call_actor_id` precompile and of the market and miner actors.
+/// A "proof" is valid when its first word is keccak256 of the six public inputs; none of these
+/// may ever be deployed to a real chain.
 pub mod test_only {
     alloy::sol!(
         #[sol(rpc)]
         #[derive(Debug, PartialEq, Eq)]
         TestTickVerifier,
         "artifacts/test-only/TestTickVerifier.json"
+    );
+
+    alloy::sol!(
+        #[sol(rpc)]
+        #[derive(Debug, PartialEq, Eq)]
+        CallActorByIdDouble,
+        "artifacts/test-only/CallActorByIdDouble.json"
+    );
+
+    alloy::sol!(
+        #[sol(rpc)]
+        #[derive(Debug, PartialEq, Eq)]
+        FilecoinActorDouble,
+        "artifacts/test-only/FilecoinActorDouble.json"
     );
 }

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use tracing::{debug, instrument};
 
 use crate::bindings::Marketplace as abi;
+use crate::bindings::ProviderRegistry as reg;
 use crate::error::ChainError;
 use crate::events::{EventStream, Watcher};
 use crate::fees::{FeePolicy, PolicyGasFiller};
@@ -41,6 +42,8 @@ pub struct Marketplace {
     sender: Option<Address>,
     provider: DynProvider,
     contract: abi::MarketplaceInstance<DynProvider>,
+    /// The provider registry the marketplace deployed (`Marketplace.registry()`).
+    registry: reg::ProviderRegistryInstance<DynProvider>,
     poll_interval: Duration,
     /// Serialises sending (not mining): the nonce of each transaction is read from the node's
     /// pending count, which is only right when no other send of this signer is in flight.
@@ -52,6 +55,7 @@ impl std::fmt::Debug for Marketplace {
         f.debug_struct("Marketplace")
             .field("rpc_url", &Self::redact_url(&self.rpc_url))
             .field("address", &self.address)
+            .field("registry", self.registry.address())
             .field("sender", &self.sender)
             .finish()
     }
@@ -105,12 +109,19 @@ impl Marketplace {
             return Err(ChainError::NoContract(address));
         }
         let contract = abi::new(address, provider.clone());
+        let registry = contract
+            .registry()
+            .call()
+            .await
+            .map_err(|e| scrub(ChainError::from_contract(rpc_url, address, e)))?;
+        let registry = reg::new(registry, provider.clone());
         Ok(Self {
             rpc_url: rpc_url.to_string(),
             address,
             sender,
             provider,
             contract,
+            registry,
             poll_interval: DEFAULT_POLL_INTERVAL,
             send_lock: Arc::new(tokio::sync::Mutex::new(())),
         })
@@ -125,6 +136,11 @@ impl Marketplace {
     /// The contract's address.
     pub fn address(&self) -> Address {
         self.address
+    }
+
+    /// The address of the provider registry the marketplace deployed and orders from.
+    pub fn registry_address(&self) -> Address {
+        *self.registry.address()
     }
 
     /// Which orders this client's order ids name: `CHAIN_ID:MARKETPLACE`. Order 1 of another
@@ -234,26 +250,45 @@ impl Marketplace {
     #[instrument(skip(self))]
     pub async fn provider(&self, address: Address) -> Result<Provider, ChainError> {
         let raw = self
-            .contract
+            .registry
             .getProvider(address)
             .call()
             .await
-            .map_err(|e| self.call_err(e))?;
+            .map_err(|e| self.registry_call_err(e))?;
+        let verified_at = self
+            .registry
+            .verifiedAt(address)
+            .call()
+            .await
+            .map_err(|e| self.registry_call_err(e))?;
+        let miner_id = self
+            .registry
+            .minerOf(address)
+            .call()
+            .await
+            .map_err(|e| self.registry_call_err(e))?;
+        let datasets = raw
+            .datasets
+            .into_iter()
+            .zip(verified_at.into_iter().chain(std::iter::repeat(0)))
+            .map(|(d, at)| Dataset::from_abi(d).verified_at((at != 0).then_some(at)))
+            .collect();
         Ok(Provider::from_abi(
             raw._0,
-            raw.datasets.into_iter().map(Dataset::from_abi).collect(),
+            datasets,
             raw.images.into_iter().map(Image::from_abi).collect(),
-        ))
+        )
+        .with_miner((miner_id != 0).then_some(miner_id)))
     }
 
     /// Every registered provider, withdrawn ones included (see [`Provider::active`]).
     pub async fn providers(&self) -> Result<Vec<Provider>, ChainError> {
         let addresses = self
-            .contract
+            .registry
             .providerAddresses()
             .call()
             .await
-            .map_err(|e| self.call_err(e))?;
+            .map_err(|e| self.registry_call_err(e))?;
         let mut out = Vec::with_capacity(addresses.len());
         for address in addresses {
             out.push(self.provider(address).await?);
@@ -346,7 +381,7 @@ impl Marketplace {
         datasets: &[Dataset],
     ) -> Result<TxReceipt, ChainError> {
         let datasets: Vec<_> = datasets.iter().map(Dataset::to_abi).collect();
-        let call = self.contract.registerProvider(
+        let call = self.registry.registerProvider(
             endpoint.to_string(),
             ssh_host_key.trim().to_string(),
             offer.to_abi(),
@@ -363,7 +398,7 @@ impl Marketplace {
         ssh_host_key: &str,
         offer: &Offer,
     ) -> Result<TxReceipt, ChainError> {
-        let call = self.contract.updateProvider(
+        let call = self.registry.updateProvider(
             endpoint.to_string(),
             ssh_host_key.trim().to_string(),
             offer.to_abi(),
@@ -373,21 +408,39 @@ impl Marketplace {
 
     /// Withdraws the signer's offer: no new orders; live ones continue.
     pub async fn withdraw_provider(&self) -> Result<TxReceipt, ChainError> {
-        self.submit(self.contract.withdrawProvider())
+        self.submit(self.registry.withdrawProvider())
             .await
             .map(tx_receipt)
     }
 
-    /// Adds a dataset to the signer's provider entry.
+    /// Sets the Filecoin miner (actor id: 1234 for `f01234`) whose deals the signer's datasets
+    /// may name. FEVM only: the miner must list the signer's f410 address as its owner, worker or
+    /// a control address.
+    pub async fn set_miner(&self, miner_id: u64) -> Result<TxReceipt, ChainError> {
+        self.submit(self.registry.setMiner(miner_id))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Records on chain that the signer verified, now, the bytes it serves for `dataset_ids`
+    /// against their piece CIDs.
+    pub async fn mark_verified(&self, dataset_ids: &[String]) -> Result<TxReceipt, ChainError> {
+        self.submit(self.registry.markVerified(dataset_ids.to_vec()))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Adds a dataset to the signer's provider entry. A dataset that names a deal is checked
+    /// against Filecoin's storage market (FEVM only; elsewhere it is refused).
     pub async fn add_dataset(&self, dataset: &Dataset) -> Result<TxReceipt, ChainError> {
-        self.submit(self.contract.addDataset(dataset.to_abi()))
+        self.submit(self.registry.addDataset(dataset.to_abi()))
             .await
             .map(tx_receipt)
     }
 
     /// Removes a dataset from the signer's provider entry.
     pub async fn remove_dataset(&self, dataset_id: &str) -> Result<TxReceipt, ChainError> {
-        self.submit(self.contract.removeDataset(dataset_id.to_string()))
+        self.submit(self.registry.removeDataset(dataset_id.to_string()))
             .await
             .map(tx_receipt)
     }
@@ -395,14 +448,14 @@ impl Marketplace {
     /// Adds an image to the signer's catalog. A name already listed is refused: remove it first
     /// to pin it to another digest.
     pub async fn add_image(&self, image: &Image) -> Result<TxReceipt, ChainError> {
-        self.submit(self.contract.addImage(image.to_abi()))
+        self.submit(self.registry.addImage(image.to_abi()))
             .await
             .map(tx_receipt)
     }
 
     /// Removes an image from the signer's catalog; orders that already name it keep its digest.
     pub async fn remove_image(&self, name: &str) -> Result<TxReceipt, ChainError> {
-        self.submit(self.contract.removeImage(name.to_string()))
+        self.submit(self.registry.removeImage(name.to_string()))
             .await
             .map(tx_receipt)
     }
@@ -687,6 +740,7 @@ impl Marketplace {
             self.provider.clone(),
             self.rpc_url.clone(),
             self.address,
+            self.registry_address(),
             from_block,
             self.poll_interval,
         )
@@ -771,6 +825,14 @@ impl Marketplace {
 
     fn call_err(&self, e: alloy::contract::Error) -> ChainError {
         scrub(ChainError::from_contract(&self.rpc_url, self.address, e))
+    }
+
+    fn registry_call_err(&self, e: alloy::contract::Error) -> ChainError {
+        scrub(ChainError::from_contract(
+            &self.rpc_url,
+            self.registry_address(),
+            e,
+        ))
     }
 }
 

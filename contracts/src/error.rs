@@ -7,6 +7,7 @@ use alloy::sol_types::SolInterface;
 use alloy::transports::{RpcError, TransportErrorKind};
 
 use crate::bindings::Marketplace::MarketplaceErrors as E;
+use crate::bindings::ProviderRegistry::ProviderRegistryErrors as R;
 use crate::types::OrderState;
 
 /// Everything that can go wrong talking to the marketplace.
@@ -26,11 +27,12 @@ pub enum ChainError {
     ProviderNotFound(Address),
 
     /// The contract refused the call; `reason` says why in words (e.g. "order 42 is not active
-    /// (it is ended)"), `error` is the decoded custom error when it was one of the marketplace's.
+    /// (it is ended)"), `error` is the decoded custom error when it was one of the marketplace's
+    /// or its provider registry's.
     #[error("the marketplace refused: {reason}")]
     Reverted {
         reason: String,
-        error: Option<Box<E>>,
+        error: Option<Box<Refusal>>,
     },
 
     /// A transaction was mined but reverted (it passed simulation, then lost a race).
@@ -62,16 +64,38 @@ pub enum ChainError {
     Decode(String),
 }
 
+/// A decoded custom error: the marketplace's own, or its provider registry's (which the
+/// marketplace passes on when an order names an unknown provider, dataset or image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Marketplace(E),
+    Registry(R),
+}
+
 impl ChainError {
     /// True when the error means the chain could not be reached; callers treat it as an outage.
     pub fn is_outage(&self) -> bool {
         matches!(self, Self::Unreachable { .. })
     }
 
-    /// The decoded custom error of a revert, when there is one.
+    /// The decoded custom error of a revert, when it is one of the marketplace's.
     pub fn contract_error(&self) -> Option<&E> {
         match self {
-            Self::Reverted { error: Some(e), .. } => Some(e),
+            Self::Reverted { error: Some(e), .. } => match e.as_ref() {
+                Refusal::Marketplace(e) => Some(e),
+                Refusal::Registry(_) => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The decoded custom error of a revert, when it is one of the provider registry's.
+    pub fn registry_error(&self) -> Option<&R> {
+        match self {
+            Self::Reverted { error: Some(e), .. } => match e.as_ref() {
+                Refusal::Registry(e) => Some(e),
+                Refusal::Marketplace(_) => None,
+            },
             _ => None,
         }
     }
@@ -106,21 +130,26 @@ impl ChainError {
 
     /// Turns revert data into words, mapping "not found" errors to their own variants.
     pub(crate) fn from_revert_data(data: &Bytes) -> Self {
+        if let Ok(e) = R::abi_decode(data) {
+            return match e {
+                R::ProviderNotFound(e) => Self::ProviderNotFound(e.provider),
+                e => Self::reverted(describe_registry(&e), Some(Refusal::Registry(e))),
+            };
+        }
         match E::abi_decode(data) {
             Ok(E::OrderNotFound(e)) => match u64::try_from(e.orderId) {
                 Ok(id) => Self::OrderNotFound(id),
                 Err(_) => Self::reverted(
                     describe(&E::OrderNotFound(e.clone())),
-                    Some(E::OrderNotFound(e)),
+                    Some(Refusal::Marketplace(E::OrderNotFound(e))),
                 ),
             },
-            Ok(E::ProviderNotFound(e)) => Self::ProviderNotFound(e.provider),
-            Ok(e) => Self::reverted(describe(&e), Some(e)),
+            Ok(e) => Self::reverted(describe(&e), Some(Refusal::Marketplace(e))),
             Err(_) => Self::reverted(describe_builtin(data), None),
         }
     }
 
-    fn reverted(reason: String, error: Option<E>) -> Self {
+    fn reverted(reason: String, error: Option<Refusal>) -> Self {
         Self::Reverted {
             reason,
             error: error.map(Box::new),
@@ -241,6 +270,7 @@ pub fn describe(error: &E) -> String {
         E::NothingOwed(e) => format!("nothing is owed to {}", e.account),
         E::TransferFailed(e) => format!("sending {} wei to {} failed", e.amount, e.to),
         E::Reentrancy(_) => "reentrant call refused".into(),
+        E::TooLong(e) => format!("{} is {} bytes long, at most {} are allowed", e.field, e.length, e.max),
         E::AcceptTimeoutPassed(e) => format!(
             "order {} could only be accepted before unix time {}",
             e.orderId, e.acceptDeadline
@@ -266,39 +296,89 @@ pub fn describe(error: &E) -> String {
             e.orderId, e.ackBytes, e.recordedBytes
         ),
         E::NothingPaid(e) => format!("order {} paid its provider nothing, so it cannot be rated", e.orderId),
-        E::ProviderNotFound(e) => format!("no provider is registered at {}", e.provider),
-        E::AlreadyRegistered(e) => format!("{} is already a registered provider", e.provider),
-        E::ProviderInactive(e) => format!("provider {} has withdrawn its offer", e.provider),
-        E::EmptyField(e) => format!("{} must not be empty", e.field),
-        E::TooLong(e) => format!("{} is {} bytes long, at most {} are allowed", e.field, e.length, e.max),
-        E::InvalidOfferDisk(e) => format!(
+    }
+}
+
+/// One sentence per custom error of the provider registry, in the words a user reads.
+pub fn describe_registry(error: &R) -> String {
+    match error {
+        R::ProviderNotFound(e) => format!("no provider is registered at {}", e.provider),
+        R::AlreadyRegistered(e) => format!("{} is already a registered provider", e.provider),
+        R::ProviderInactive(e) => format!("provider {} has withdrawn its offer", e.provider),
+        R::EmptyField(e) => format!("{} must not be empty", e.field),
+        R::TooLong(e) => format!(
+            "{} is {} bytes long, at most {} are allowed",
+            e.field, e.length, e.max
+        ),
+        R::InvalidOfferDisk(e) => format!(
             "an offer's disk must be at least 32 MiB and at most its maximum per order, not {} \
              MiB with a maximum of {} MiB",
             e.diskMiB, e.maxDiskMiB
         ),
-        E::TooManyDatasets(e) => format!("a provider may list at most {} datasets", e.max),
-        E::DatasetExists(e) => format!(
+        R::TooManyDatasets(e) => format!("a provider may list at most {} datasets", e.max),
+        R::DatasetExists(e) => format!(
             "provider {} already lists dataset {:?}",
             e.provider, e.datasetId
         ),
-        E::UnknownDataset(e) => format!(
+        R::UnknownDataset(e) => format!(
             "provider {} does not serve dataset {:?}",
             e.provider, e.datasetId
         ),
-        E::TooManyImages(e) => format!("a provider may list at most {} images", e.max),
-        E::ImageExists(e) => format!(
+        R::TooManyImages(e) => format!("a provider may list at most {} images", e.max),
+        R::ImageExists(e) => format!(
             "provider {} already lists image {:?} (remove it first to pin it to another digest)",
             e.provider, e.name
         ),
-        E::UnknownImage(e) => format!("provider {} lists no image {:?}", e.provider, e.name),
-        E::UnknownImageDigest(e) if e.digest.is_zero() => format!(
+        R::UnknownImage(e) => format!("provider {} lists no image {:?}", e.provider, e.name),
+        R::UnknownImageDigest(e) if e.digest.is_zero() => format!(
             "provider {} lists images: the order must name one of their digests",
             e.provider
         ),
-        E::UnknownImageDigest(e) => format!(
+        R::UnknownImageDigest(e) => format!(
             "provider {} lists no image with digest {}",
             e.provider,
             crate::types::format_image_digest(&e.digest.0)
+        ),
+        R::NotMarketplace(e) => format!(
+            "{} is not the marketplace: only it writes ratings",
+            e.caller
+        ),
+        R::NotMinerController(e) => format!(
+            "{} is not the owner, worker or a control address of miner f0{}: add its f410 address \
+             as a control address of the miner first",
+            e.provider, e.minerId
+        ),
+        R::NoMiner(e) => format!(
+            "provider {} has set no Filecoin miner: set it (`shale sp miner f0…`) before listing a \
+             dataset with a deal",
+            e.provider
+        ),
+        R::DealPieceMismatch(e) => format!(
+            "deal {} stores piece {}, not the dataset's piece {}",
+            e.dealId, e.dealPieceCid, e.datasetPieceCid
+        ),
+        R::DealProviderMismatch(e) => format!(
+            "deal {} is stored with miner f0{}, not with this provider's miner f0{}",
+            e.dealId, e.dealMiner, e.providerMiner
+        ),
+        R::FilecoinUnavailable(_) => "this chain has no Filecoin actors (it is not FEVM), so a \
+             dataset's deal cannot be checked: list it without a deal id"
+            .into(),
+        R::ActorCallFailed(e)
+            if e.exitCode == alloy::primitives::I256::try_from(17).unwrap_or_default() =>
+        {
+            format!(
+                "Filecoin actor f0{} knows no such deal or entry (exit code 17, not found)",
+                e.actorId
+            )
+        }
+        R::ActorCallFailed(e) => format!(
+            "the call to Filecoin actor f0{} (method {}) failed with exit code {}",
+            e.actorId, e.method, e.exitCode
+        ),
+        R::MalformedActorReturn(e) => format!(
+            "Filecoin actor f0{} answered method {} with data that is not what it returns",
+            e.actorId, e.method
         ),
     }
 }

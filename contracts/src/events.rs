@@ -15,6 +15,7 @@ use futures::Stream;
 use tracing::warn;
 
 use crate::bindings::Marketplace::MarketplaceEvents as Raw;
+use crate::bindings::ProviderRegistry::ProviderRegistryEvents as RegRaw;
 use crate::error::ChainError;
 
 /// Most blocks asked for in one `eth_getLogs` (public endpoints cap the range).
@@ -53,6 +54,26 @@ pub enum MarketEvent {
     ImageRemoved {
         provider: Address,
         name: String,
+    },
+    /// The provider set the Filecoin miner (actor id) its datasets' deals must be stored with.
+    MinerSet {
+        provider: Address,
+        miner_id: u64,
+    },
+    /// A dataset's deal was found in Filecoin's storage market with the dataset's piece CID,
+    /// stored with the provider's miner.
+    DealChecked {
+        provider: Address,
+        dataset_id: String,
+        deal_id: u64,
+        miner_id: u64,
+        padded_size: u64,
+    },
+    /// The provider recorded that it verified the dataset's bytes against its piece CID.
+    DatasetVerified {
+        provider: Address,
+        dataset_id: String,
+        verified_at: u64,
     },
     OrderCreated {
         order_id: u64,
@@ -160,39 +181,60 @@ impl MarketEvent {
         }
     }
 
-    fn from_raw(raw: Raw) -> Result<Self, ChainError> {
-        let id = |v: U256| crate::types::u64_of(v, "order id");
-        Ok(match raw {
-            Raw::ProviderRegistered(e) => Self::ProviderRegistered {
+    fn from_registry(raw: RegRaw) -> Self {
+        match raw {
+            RegRaw::ProviderRegistered(e) => Self::ProviderRegistered {
                 provider: e.provider,
                 endpoint: e.endpoint,
                 ssh_host_key: e.sshHostKey,
             },
-            Raw::ProviderUpdated(e) => Self::ProviderUpdated {
+            RegRaw::ProviderUpdated(e) => Self::ProviderUpdated {
                 provider: e.provider,
                 endpoint: e.endpoint,
                 ssh_host_key: e.sshHostKey,
             },
-            Raw::ProviderWithdrawn(e) => Self::ProviderWithdrawn {
+            RegRaw::ProviderWithdrawn(e) => Self::ProviderWithdrawn {
                 provider: e.provider,
             },
-            Raw::DatasetAdded(e) => Self::DatasetAdded {
-                provider: e.provider,
-                dataset_id: e.datasetId,
-            },
-            Raw::DatasetRemoved(e) => Self::DatasetRemoved {
+            RegRaw::DatasetAdded(e) => Self::DatasetAdded {
                 provider: e.provider,
                 dataset_id: e.datasetId,
             },
-            Raw::ImageAdded(e) => Self::ImageAdded {
+            RegRaw::DatasetRemoved(e) => Self::DatasetRemoved {
+                provider: e.provider,
+                dataset_id: e.datasetId,
+            },
+            RegRaw::ImageAdded(e) => Self::ImageAdded {
                 provider: e.provider,
                 name: e.name,
                 digest: e.digest.0,
             },
-            Raw::ImageRemoved(e) => Self::ImageRemoved {
+            RegRaw::ImageRemoved(e) => Self::ImageRemoved {
                 provider: e.provider,
                 name: e.name,
             },
+            RegRaw::MinerSet(e) => Self::MinerSet {
+                provider: e.provider,
+                miner_id: e.minerId,
+            },
+            RegRaw::DealChecked(e) => Self::DealChecked {
+                provider: e.provider,
+                dataset_id: e.datasetId,
+                deal_id: e.dealId,
+                miner_id: e.minerId,
+                padded_size: e.paddedSize,
+            },
+            RegRaw::DatasetVerified(e) => Self::DatasetVerified {
+                provider: e.provider,
+                dataset_id: e.datasetId,
+                verified_at: e.verifiedAt,
+            },
+        }
+    }
+
+    fn from_raw(raw: Raw) -> Result<Self, ChainError> {
+        let id = |v: U256| crate::types::u64_of(v, "order id");
+        Ok(match raw {
             Raw::OrderCreated(e) => Self::OrderCreated {
                 order_id: id(e.orderId)?,
                 client: e.client,
@@ -280,11 +322,12 @@ impl MarketEvent {
 /// The stream [`crate::Marketplace::watch`] returns. It never ends by itself; drop it to stop.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<MarketEvent, ChainError>> + Send>>;
 
-/// Polls the contract's logs block range by block range.
+/// Polls the logs of the marketplace and its registry, block range by block range.
 pub(crate) struct Watcher {
     provider: DynProvider,
     rpc_url: String,
     address: Address,
+    registry: Address,
     next_block: u64,
     interval: Duration,
     buffer: VecDeque<MarketEvent>,
@@ -295,6 +338,7 @@ impl Watcher {
         provider: DynProvider,
         rpc_url: String,
         address: Address,
+        registry: Address,
         next_block: u64,
         interval: Duration,
     ) -> Self {
@@ -302,6 +346,7 @@ impl Watcher {
             provider,
             rpc_url,
             address,
+            registry,
             next_block,
             interval,
             buffer: VecDeque::new(),
@@ -337,13 +382,18 @@ impl Watcher {
         }
         let to = latest.min(self.next_block + MAX_BLOCK_RANGE - 1);
         let filter = Filter::new()
-            .address(self.address)
+            .address(vec![self.address, self.registry])
             .from_block(self.next_block)
             .to_block(to);
         let logs = self.provider.get_logs(&filter).await.map_err(rpc_err)?;
         for log in logs {
-            match Raw::decode_log(&log.inner) {
-                Ok(decoded) => self.buffer.push_back(MarketEvent::from_raw(decoded.data)?),
+            let decoded = if log.address() == self.registry {
+                RegRaw::decode_log(&log.inner).map(|d| Ok(MarketEvent::from_registry(d.data)))
+            } else {
+                Raw::decode_log(&log.inner).map(|d| MarketEvent::from_raw(d.data))
+            };
+            match decoded {
+                Ok(event) => self.buffer.push_back(event?),
                 // An event this client does not know (newer contract): skip it, loudly.
                 Err(e) => {
                     warn!(block = ?log.block_number, error = %e, "undecodable marketplace log")

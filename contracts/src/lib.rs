@@ -17,12 +17,13 @@ mod error;
 mod events;
 pub mod fees;
 pub mod filecoin_address;
+pub mod filecoin_double;
 mod types;
 
 pub use alloy::primitives::{Address, Bytes, B256, U256};
 pub use alloy::signers::local::PrivateKeySigner;
 pub use client::Marketplace;
-pub use error::{describe, ChainError};
+pub use error::{describe, describe_registry, ChainError, Refusal};
 pub use events::{EventStream, MarketEvent};
 pub use fees::FeePolicy;
 pub use filecoin_address::{AddressError, AnyAddress, Network};

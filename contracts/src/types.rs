@@ -333,10 +333,15 @@ pub struct Dataset {
     pub id: String,
     /// Filecoin piece CID, when known.
     pub piece_cid: Option<String>,
-    /// Filecoin storage deal id, when known.
+    /// Filecoin storage deal id, when known. On FEVM the registry checked it when the dataset
+    /// was listed: the deal stores `piece_cid` with the provider's miner.
     pub deal_id: Option<u64>,
     pub size_bytes: u64,
     pub description: String,
+    /// When the provider last recorded on chain that it verified the bytes it serves against
+    /// `piece_cid` (unix seconds); read from the chain, never sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<u64>,
 }
 
 impl Dataset {
@@ -357,7 +362,13 @@ impl Dataset {
             deal_id: (raw.dealId != 0).then_some(raw.dealId),
             size_bytes: raw.sizeBytes,
             description: raw.description,
+            verified_at: None,
         }
+    }
+
+    pub(crate) fn verified_at(mut self, at: Option<u64>) -> Self {
+        self.verified_at = at;
+        self
     }
 }
 
@@ -454,6 +465,8 @@ pub struct Provider {
     /// The images orders may run (in the contract's order, which a removal reshuffles).
     pub images: Vec<Image>,
     pub rating: Rating,
+    /// The Filecoin miner (actor id) the provider's datasets' deals are stored with, once set.
+    pub miner_id: Option<u64>,
 }
 
 /// A provider's rating from clients of ended orders.
@@ -522,7 +535,13 @@ impl Provider {
                 weight: raw.ratingWeight,
                 weighted_stars: raw.ratingWeightedStars,
             },
+            miner_id: None,
         }
+    }
+
+    pub(crate) fn with_miner(mut self, miner_id: Option<u64>) -> Self {
+        self.miner_id = miner_id;
+        self
     }
 }
 
@@ -789,6 +808,7 @@ mod tests {
             datasets: vec![],
             images: vec![],
             rating: Rating::default(),
+            miner_id: None,
         };
         assert!(provider.default_image().is_none());
         let order = NewOrder::for_offer(&provider, [1; 32], U256::from(1), 60);

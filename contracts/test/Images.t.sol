@@ -25,7 +25,7 @@ contract ImagesTest is MarketplaceBase {
 
     function _add(string memory name, bytes32 digest) internal {
         vm.prank(sp);
-        m.addImage(_image(name, digest));
+        r.addImage(_image(name, digest));
     }
 
     function _termsWith(bytes32 digest) internal pure returns (Marketplace.Terms memory t) {
@@ -54,7 +54,7 @@ contract ImagesTest is MarketplaceBase {
         vm.expectEmit(true, false, false, true);
         emit ImageRemoved(sp, "a");
         vm.prank(sp);
-        m.removeImage("a");
+        r.removeImage("a");
         ProviderRegistry.Image[] memory images = _images(sp);
         assertEq(images.length, 2, "two left");
         assertEq(images[0].name, "c", "c moved into a's slot");
@@ -63,24 +63,24 @@ contract ImagesTest is MarketplaceBase {
         assertEq(images[1].name, "b", "b");
         // "c" is still found by name after the move: it can be removed, and re-added.
         vm.startPrank(sp);
-        m.removeImage("c");
-        m.addImage(_image("a", DEBIAN));
+        r.removeImage("c");
+        r.addImage(_image("a", DEBIAN));
         vm.stopPrank();
         assertEq(_images(sp).length, 2, "b and a");
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.UnknownImage.selector, sp, "c"));
         vm.prank(sp);
-        m.removeImage("c");
+        r.removeImage("c");
     }
 
     function test_addImage_refusesADuplicateNameEvenWithAnotherDigest() public {
         _add("pytorch", PYTORCH);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ImageExists.selector, sp, "pytorch"));
         vm.prank(sp);
-        m.addImage(_image("pytorch", DEBIAN));
+        r.addImage(_image("pytorch", DEBIAN));
         // Remove first, then the name can be pinned to another digest.
         vm.startPrank(sp);
-        m.removeImage("pytorch");
-        m.addImage(_image("pytorch", DEBIAN));
+        r.removeImage("pytorch");
+        r.addImage(_image("pytorch", DEBIAN));
         vm.stopPrank();
         assertEq(_images(sp)[0].digest, DEBIAN, "re-pinned");
     }
@@ -88,30 +88,30 @@ contract ImagesTest is MarketplaceBase {
     function test_addImage_refusesBadEntries() public {
         vm.startPrank(sp);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.EmptyField.selector, "image.name"));
-        m.addImage(_image("", PYTORCH));
+        r.addImage(_image("", PYTORCH));
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.EmptyField.selector, "image.digest"));
-        m.addImage(_image("x", bytes32(0)));
+        r.addImage(_image("x", bytes32(0)));
         bytes memory name128 = new bytes(128);
         for (uint256 i = 0; i < 128; i++) {
             name128[i] = "n";
         }
-        m.addImage(_image(string(name128), PYTORCH));
+        r.addImage(_image(string(name128), PYTORCH));
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.TooLong.selector, "image.name", 129, 128));
-        m.addImage(_image(string(bytes.concat(name128, "n")), PYTORCH));
+        r.addImage(_image(string(bytes.concat(name128, "n")), PYTORCH));
         ProviderRegistry.Image memory long = _image("long", PYTORCH);
         long.description = string(new bytes(1025));
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.TooLong.selector, "image.description", 1025, 1024));
-        m.addImage(long);
+        r.addImage(long);
         vm.stopPrank();
     }
 
     function test_addImage_isBoundedTo64Images() public {
         vm.startPrank(sp);
         for (uint256 i = 0; i < 64; i++) {
-            m.addImage(_image(string(bytes.concat(bytes1(uint8(65 + i / 8)), bytes1(uint8(65 + i % 8)))), PYTORCH));
+            r.addImage(_image(string(bytes.concat(bytes1(uint8(65 + i / 8)), bytes1(uint8(65 + i % 8)))), PYTORCH));
         }
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.TooManyImages.selector, 64));
-        m.addImage(_image("one too many", PYTORCH));
+        r.addImage(_image("one too many", PYTORCH));
         vm.stopPrank();
         assertEq(_images(sp).length, 64, "64 images");
     }
@@ -119,20 +119,20 @@ contract ImagesTest is MarketplaceBase {
     function test_addImage_onlyByARegisteredActiveProvider() public {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
         vm.prank(stranger);
-        m.addImage(_image("x", PYTORCH));
+        r.addImage(_image("x", PYTORCH));
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.UnknownImage.selector, stranger, "x"));
         vm.prank(stranger);
-        m.removeImage("x");
+        r.removeImage("x");
         // A stranger cannot remove the provider's image: removal is by the caller's own catalog.
         _add("x", PYTORCH);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.UnknownImage.selector, stranger, "x"));
         vm.prank(stranger);
-        m.removeImage("x");
+        r.removeImage("x");
         vm.prank(sp);
-        m.withdrawProvider();
+        r.withdrawProvider();
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderInactive.selector, sp));
         vm.prank(sp);
-        m.addImage(_image("y", PYTORCH));
+        r.addImage(_image("y", PYTORCH));
     }
 
     function test_createOrder_withACatalogDigestStoresIt() public {
@@ -165,11 +165,11 @@ contract ImagesTest is MarketplaceBase {
         _add("default", PYTORCH);
         _add("pytorch", PYTORCH);
         vm.prank(sp);
-        m.removeImage("default");
+        r.removeImage("default");
         uint256 id = _createWith(_termsWith(PYTORCH), ESCROW);
         assertEq(m.getOrder(id).terms.imageDigest, PYTORCH, "still pinned by pytorch");
         vm.prank(sp);
-        m.removeImage("pytorch");
+        r.removeImage("pytorch");
         // The catalog is empty again: 0 is allowed, the removed digest is not; the live order keeps it.
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.UnknownImageDigest.selector, sp, PYTORCH));
         _createWith(_termsWith(PYTORCH), ESCROW);
@@ -180,10 +180,10 @@ contract ImagesTest is MarketplaceBase {
     function test_catalog_survivesWithdrawAndReRegistration() public {
         _add("pytorch", PYTORCH);
         vm.prank(sp);
-        m.withdrawProvider();
+        r.withdrawProvider();
         ProviderRegistry.Dataset[] memory none;
         vm.prank(sp);
-        m.registerProvider("sp.example:2222", HOST_KEY, _offer(), none);
+        r.registerProvider("sp.example:2222", HOST_KEY, _offer(), none);
         assertEq(_images(sp).length, 1, "kept");
     }
 }

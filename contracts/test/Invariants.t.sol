@@ -33,6 +33,7 @@ contract Handler is Test {
     bytes32 internal constant FINGERPRINT = 0xf58bc21c75eb95d03efad6cf906a79619967d2c54c6da622e369673ed188eb76;
 
     Marketplace public m;
+    ProviderRegistry public r;
     TestTickVerifier public verifier;
     Party[] public clients;
     Party[] public providers;
@@ -74,6 +75,7 @@ contract Handler is Test {
         ITickVerifier[] memory vs = new ITickVerifier[](1);
         vs[0] = verifier;
         m = new Marketplace(caps, vs, 1 hours);
+        r = m.registry();
         for (uint256 i = 0; i < 3; i++) {
             Party c = new Party();
             vm.deal(address(c), FUNDS);
@@ -94,7 +96,7 @@ contract Handler is Test {
                 pricePerGiB: 1
             });
             p.exec(
-                address(m),
+                address(r),
                 0,
                 abi.encodeCall(
                     ProviderRegistry.registerProvider,

@@ -11,6 +11,7 @@ import {ITickVerifier} from "../src/ITickVerifier.sol";
 /// provider `sp` serving dataset "era5", a funded `client` and a `stranger`.
 abstract contract MarketplaceBase is Test {
     Marketplace internal m;
+    ProviderRegistry internal r;
     TestTickVerifier internal verifier;
 
     address internal sp = address(0x5900);
@@ -49,6 +50,7 @@ abstract contract MarketplaceBase is Test {
         ITickVerifier[] memory vs = new ITickVerifier[](1);
         vs[0] = verifier;
         m = new Marketplace(caps, vs, CLAIM_WINDOW);
+        r = m.registry();
         vm.deal(client, 1_000 ether);
         vm.deal(sp, 1_000 ether);
         vm.deal(stranger, 1_000 ether);
@@ -72,7 +74,7 @@ abstract contract MarketplaceBase is Test {
         return ProviderRegistry.Dataset({
             id: id,
             pieceCid: "baga6ea4seaqao7s73y24kcutaosvacpdjgfe5pw76ooefnyqw4ynr3d2y6x2mpq",
-            dealId: 7_654_321,
+            dealId: 0,
             sizeBytes: 34_359_738_368,
             description: "ERA5 reanalysis"
         });
@@ -82,7 +84,7 @@ abstract contract MarketplaceBase is Test {
         ProviderRegistry.Dataset[] memory ds = new ProviderRegistry.Dataset[](1);
         ds[0] = _dataset("era5");
         vm.prank(who);
-        m.registerProvider("sp.example:2222", HOST_KEY, _offer(), ds);
+        r.registerProvider("sp.example:2222", HOST_KEY, _offer(), ds);
     }
 
     function _terms() internal pure returns (Marketplace.Terms memory) {
@@ -191,15 +193,15 @@ abstract contract MarketplaceBase is Test {
         21888242871839275222246405745257275088548364400416034343698204186575808495617;
 
     function _provider(address who) internal view returns (ProviderRegistry.Provider memory p) {
-        (p,,) = m.getProvider(who);
+        (p,,) = r.getProvider(who);
     }
 
     function _datasets(address who) internal view returns (ProviderRegistry.Dataset[] memory ds) {
-        (, ds,) = m.getProvider(who);
+        (, ds,) = r.getProvider(who);
     }
 
     function _images(address who) internal view returns (ProviderRegistry.Image[] memory images) {
-        (,, images) = m.getProvider(who);
+        (,, images) = r.getProvider(who);
     }
 
     /// The provider's dataset `id`; fails the test when it has none.

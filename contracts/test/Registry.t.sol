@@ -29,13 +29,13 @@ contract RegistryTest is MarketplaceBase {
         assertEq(p.offer.pricePerGiB, PPG, "price per GiB");
         assertTrue(p.active, "active");
         assertEq(p.registeredAt, T0, "registered at");
-        address[] memory all = m.providerAddresses();
+        address[] memory all = r.providerAddresses();
         assertEq(all.length, 1, "one provider");
         assertEq(all[0], sp, "listed");
         ProviderRegistry.Dataset[] memory ds = _datasets(sp);
         assertEq(ds.length, 1, "one dataset");
         assertEq(ds[0].id, "era5", "dataset id");
-        assertEq(ds[0].dealId, 7_654_321, "deal id");
+        assertEq(ds[0].dealId, 0, "no deal: the provider's word alone");
         assertEq(_findDataset(sp, "era5").sizeBytes, 34_359_738_368, "size");
     }
 
@@ -47,30 +47,30 @@ contract RegistryTest is MarketplaceBase {
         vm.expectEmit(true, false, false, true);
         emit DatasetAdded(sp2, "cmip6");
         vm.prank(sp2);
-        m.registerProvider("b.example:22", HOST_KEY, _offer(), ds);
+        r.registerProvider("b.example:22", HOST_KEY, _offer(), ds);
     }
 
     function test_registerProvider_refusesASecondRegistration() public {
         ProviderRegistry.Dataset[] memory none;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.AlreadyRegistered.selector, sp));
         vm.prank(sp);
-        m.registerProvider("sp.example:2222", HOST_KEY, _offer(), none);
+        r.registerProvider("sp.example:2222", HOST_KEY, _offer(), none);
     }
 
     function test_registerProvider_refusesEmptyAndOverlongFields() public {
         ProviderRegistry.Dataset[] memory none;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.EmptyField.selector, "endpoint"));
         vm.prank(sp2);
-        m.registerProvider("", HOST_KEY, _offer(), none);
+        r.registerProvider("", HOST_KEY, _offer(), none);
 
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.EmptyField.selector, "sshHostKey"));
         vm.prank(sp2);
-        m.registerProvider("b:22", "", _offer(), none);
+        r.registerProvider("b:22", "", _offer(), none);
 
         bytes memory long = new bytes(1025);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.TooLong.selector, "endpoint", 1025, 1024));
         vm.prank(sp2);
-        m.registerProvider(string(long), HOST_KEY, _offer(), none);
+        r.registerProvider(string(long), HOST_KEY, _offer(), none);
     }
 
     function test_registerProvider_refusesAnOfferWithoutDisk() public {
@@ -79,18 +79,18 @@ contract RegistryTest is MarketplaceBase {
         offer.diskMiB = 0;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, MAX_DISK));
         vm.prank(sp2);
-        m.registerProvider("b:22", HOST_KEY, offer, none);
+        r.registerProvider("b:22", HOST_KEY, offer, none);
 
         offer.maxDiskMiB = 0;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, 0));
         vm.prank(sp2);
-        m.registerProvider("b:22", HOST_KEY, offer, none);
+        r.registerProvider("b:22", HOST_KEY, offer, none);
 
         offer.diskMiB = 31;
         offer.maxDiskMiB = MAX_DISK;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 31, MAX_DISK));
         vm.prank(sp2);
-        m.registerProvider("b:22", HOST_KEY, offer, none);
+        r.registerProvider("b:22", HOST_KEY, offer, none);
     }
 
     function test_registerProvider_refusesADefaultDiskAboveTheMaximum() public {
@@ -99,12 +99,12 @@ contract RegistryTest is MarketplaceBase {
         offer.diskMiB = MAX_DISK + 1;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, MAX_DISK + 1, MAX_DISK));
         vm.prank(sp2);
-        m.registerProvider("b:22", HOST_KEY, offer, none);
+        r.registerProvider("b:22", HOST_KEY, offer, none);
 
         // A default equal to the maximum is fine.
         offer.diskMiB = MAX_DISK;
         vm.prank(sp2);
-        m.registerProvider("b:22", HOST_KEY, offer, none);
+        r.registerProvider("b:22", HOST_KEY, offer, none);
         assertEq(_provider(sp2).offer.diskMiB, MAX_DISK, "disk");
     }
 
@@ -114,7 +114,7 @@ contract RegistryTest is MarketplaceBase {
         ds[1] = _dataset("x");
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.DatasetExists.selector, sp2, "x"));
         vm.prank(sp2);
-        m.registerProvider("b:22", HOST_KEY, _offer(), ds);
+        r.registerProvider("b:22", HOST_KEY, _offer(), ds);
     }
 
     function test_updateProvider_replacesEndpointKeyAndOffer() public {
@@ -123,7 +123,7 @@ contract RegistryTest is MarketplaceBase {
         vm.expectEmit(true, false, false, true);
         emit ProviderUpdated(sp, "new.example:2200", "ssh-rsa AAAAB3 sp");
         vm.prank(sp);
-        m.updateProvider("new.example:2200", "ssh-rsa AAAAB3 sp", offer);
+        r.updateProvider("new.example:2200", "ssh-rsa AAAAB3 sp", offer);
         ProviderRegistry.Provider memory p = _provider(sp);
         assertEq(p.endpoint, "new.example:2200", "endpoint");
         assertEq(p.sshHostKey, "ssh-rsa AAAAB3 sp", "key");
@@ -135,26 +135,26 @@ contract RegistryTest is MarketplaceBase {
         offer.maxDiskMiB = DISK - 1;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, DISK, DISK - 1));
         vm.prank(sp);
-        m.updateProvider("sp.example:2222", HOST_KEY, offer);
+        r.updateProvider("sp.example:2222", HOST_KEY, offer);
 
         offer = _offer();
         offer.diskMiB = 0;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, MAX_DISK));
         vm.prank(sp);
-        m.updateProvider("sp.example:2222", HOST_KEY, offer);
+        r.updateProvider("sp.example:2222", HOST_KEY, offer);
         assertEq(_provider(sp).offer.diskMiB, DISK, "the old offer stands");
     }
 
     function test_updateProvider_refusesUnknownAndWithdrawnProviders() public {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
         vm.prank(stranger);
-        m.updateProvider("a:1", HOST_KEY, _offer());
+        r.updateProvider("a:1", HOST_KEY, _offer());
 
         vm.prank(sp);
-        m.withdrawProvider();
+        r.withdrawProvider();
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderInactive.selector, sp));
         vm.prank(sp);
-        m.updateProvider("a:1", HOST_KEY, _offer());
+        r.updateProvider("a:1", HOST_KEY, _offer());
     }
 
     function test_withdrawProvider_blocksNewOrdersButNotLiveOnes() public {
@@ -162,7 +162,7 @@ contract RegistryTest is MarketplaceBase {
         vm.expectEmit(true, false, false, true);
         emit ProviderWithdrawn(sp);
         vm.prank(sp);
-        m.withdrawProvider();
+        r.withdrawProvider();
         assertFalse(_provider(sp).active, "inactive");
 
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderInactive.selector, sp));
@@ -177,10 +177,10 @@ contract RegistryTest is MarketplaceBase {
 
     function test_withdrawProvider_twiceIsRefused() public {
         vm.prank(sp);
-        m.withdrawProvider();
+        r.withdrawProvider();
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderInactive.selector, sp));
         vm.prank(sp);
-        m.withdrawProvider();
+        r.withdrawProvider();
     }
 
     function test_reRegistering_afterWithdrawReplacesDatasetsAndKeepsRatings() public {
@@ -192,14 +192,14 @@ contract RegistryTest is MarketplaceBase {
         vm.prank(client);
         m.rate(id, 4, "ok");
         vm.prank(sp);
-        m.withdrawProvider();
+        r.withdrawProvider();
 
         ProviderRegistry.Dataset[] memory ds = new ProviderRegistry.Dataset[](1);
         ds[0] = _dataset("cmip6");
         vm.expectEmit(true, false, false, true);
         emit DatasetRemoved(sp, "era5");
         vm.prank(sp);
-        m.registerProvider("again:22", HOST_KEY, _offer(), ds);
+        r.registerProvider("again:22", HOST_KEY, _offer(), ds);
 
         ProviderRegistry.Provider memory p = _provider(sp);
         assertTrue(p.active, "active again");
@@ -207,16 +207,16 @@ contract RegistryTest is MarketplaceBase {
         assertEq(p.ratingCount, 1, "rating kept");
         assertEq(_datasets(sp).length, 1, "datasets replaced");
         assertEq(_datasets(sp)[0].id, "cmip6", "new dataset");
-        assertEq(m.providerAddresses().length, 1, "listed once");
+        assertEq(r.providerAddresses().length, 1, "listed once");
     }
 
     function test_datasets_addAndRemoveKeepTheIndexConsistent() public {
         vm.startPrank(sp);
-        m.addDataset(_dataset("b"));
-        m.addDataset(_dataset("c"));
+        r.addDataset(_dataset("b"));
+        r.addDataset(_dataset("c"));
         vm.expectEmit(true, false, false, true);
         emit DatasetRemoved(sp, "era5");
-        m.removeDataset("era5");
+        r.removeDataset("era5");
         vm.stopPrank();
         // "c" moved into era5's slot; every remaining id still resolves to itself.
         ProviderRegistry.Dataset[] memory ds = _datasets(sp);
@@ -224,7 +224,7 @@ contract RegistryTest is MarketplaceBase {
         assertEq(_findDataset(sp, "b").id, "b", "b");
         assertEq(_findDataset(sp, "c").id, "c", "c");
         vm.prank(sp);
-        m.removeDataset("c");
+        r.removeDataset("c");
         assertEq(_findDataset(sp, "b").id, "b", "b after second removal");
         assertEq(_datasets(sp).length, 1, "one left");
     }
@@ -232,20 +232,20 @@ contract RegistryTest is MarketplaceBase {
     function test_datasets_refuseUnknownDuplicateAndEmptyIds() public {
         vm.startPrank(sp);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.UnknownDataset.selector, sp, "nope"));
-        m.removeDataset("nope");
+        r.removeDataset("nope");
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.DatasetExists.selector, sp, "era5"));
-        m.addDataset(_dataset("era5"));
+        r.addDataset(_dataset("era5"));
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.EmptyField.selector, "dataset.id"));
-        m.addDataset(_dataset(""));
+        r.addDataset(_dataset(""));
         vm.stopPrank();
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
         vm.prank(stranger);
-        m.addDataset(_dataset("x"));
+        r.addDataset(_dataset("x"));
     }
 
     function test_views_refuseUnknownProviders() public {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
-        m.getProvider(stranger);
+        r.getProvider(stranger);
     }
 
     function test_constructor_fixesOneVerifierPerCapacity() public view {

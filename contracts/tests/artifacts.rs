@@ -37,8 +37,9 @@ fn artifacts_are_built_from_the_current_sources() {
             current.insert(name, digest(&path));
         }
     }
-    let verifier = "test/TestTickVerifier.sol";
-    current.insert(verifier.to_string(), digest(&root.join(verifier)));
+    for test_only in ["test/TestTickVerifier.sol", "test/FilecoinActorsDouble.sol"] {
+        current.insert(test_only.to_string(), digest(&root.join(test_only)));
+    }
 
     assert_eq!(
         recorded, current,
@@ -49,27 +50,49 @@ fn artifacts_are_built_from_the_current_sources() {
 #[test]
 fn test_only_verifier_is_not_among_the_production_artifacts() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    assert!(!root.join("artifacts/TestTickVerifier.json").exists());
+    for name in [
+        "TestTickVerifier",
+        "CallActorByIdDouble",
+        "FilecoinActorDouble",
+    ] {
+        assert!(
+            !root.join(format!("artifacts/{name}.json")).exists(),
+            "{name}"
+        );
+    }
     let artifact = std::fs::read_to_string(root.join("artifacts/test-only/TestTickVerifier.json"))
         .expect("test-only verifier artifact");
     assert!(artifact.contains("\"testOnly\": true"));
 }
 
-/// EIP-170: a contract's runtime code may be at most 24,576 bytes, or its deployment fails.
-/// Marketplace sits close to it (`optimizer_runs` is kept low for room; see contracts/README.md).
+/// EIP-170: a contract's runtime code may be at most 24,576 bytes, or its deployment fails;
+/// EIP-3860: creation code at most 49,152 (the marketplace's includes the registry's).
 #[test]
-fn marketplace_runtime_code_fits_eip_170() {
+fn contracts_fit_eip_170_and_eip_3860() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let artifact: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("artifacts/Marketplace.json")).expect("artifact"),
-    )
-    .expect("artifact is JSON");
-    let code = artifact["deployedBytecode"]["object"]
-        .as_str()
-        .expect("deployed bytecode");
-    let size = code.trim_start_matches("0x").len() / 2;
-    assert!(
-        size <= 24_576,
-        "Marketplace runtime code is {size} bytes, over EIP-170's 24,576"
-    );
+    for name in ["Marketplace", "ProviderRegistry"] {
+        let artifact: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join(format!("artifacts/{name}.json")))
+                .expect("artifact"),
+        )
+        .expect("artifact is JSON");
+        let size = |key: &str| {
+            artifact[key]["object"]
+                .as_str()
+                .expect("bytecode")
+                .trim_start_matches("0x")
+                .len()
+                / 2
+        };
+        let runtime = size("deployedBytecode");
+        assert!(
+            runtime <= 24_576,
+            "{name} runtime code is {runtime} bytes, over EIP-170's 24,576"
+        );
+        let creation = size("bytecode");
+        assert!(
+            creation <= 49_152,
+            "{name} creation code is {creation} bytes, over EIP-3860's 49,152"
+        );
+    }
 }

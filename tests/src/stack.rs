@@ -343,6 +343,7 @@ impl Stack {
                 deal_id: None,
                 size_bytes: piece.payload_size,
                 description: "the demo dataset".into(),
+                verified_at: None,
             }],
         )
         .await

@@ -76,7 +76,14 @@ struct DatasetRow {
     endpoint: String,
     size_bytes: u64,
     piece_cid: Option<String>,
+    /// On FEVM the registry checked it when the dataset was listed: the deal stores
+    /// `piece_cid` with the provider's miner (`miner`).
     deal_id: Option<u64>,
+    /// The provider's Filecoin miner, `f0…`, once set.
+    miner: Option<String>,
+    /// When the provider last recorded that the bytes it serves hash to `piece_cid` (unix
+    /// seconds; absent when never).
+    verified_at: Option<u64>,
     description: String,
 }
 
@@ -106,6 +113,8 @@ pub async fn datasets(settings: &Settings, filter: Option<&str>, json: bool) -> 
                     size_bytes: d.size_bytes,
                     piece_cid: d.piece_cid.clone(),
                     deal_id: d.deal_id,
+                    miner: p.miner_id.map(|m| format!("f0{m}")),
+                    verified_at: d.verified_at,
                     description: d.description.clone(),
                 });
             }
@@ -118,12 +127,30 @@ pub async fn datasets(settings: &Settings, filter: Option<&str>, json: bool) -> 
         println!("No dataset matches.");
         return Ok(());
     }
-    let mut t = table(["dataset", "size", "piece CID", "provider", "description"]);
+    let now = market.chain_time().await?;
+    let mut t = table([
+        "dataset",
+        "size",
+        "piece CID",
+        "deal",
+        "verified",
+        "provider",
+        "description",
+    ]);
     for r in rows {
         t.add_row(vec![
             r.id,
             bytes(r.size_bytes),
             r.piece_cid.unwrap_or_else(|| "-".into()),
+            match (r.deal_id, &r.miner) {
+                // A listed deal passed the registry's check against the market actor.
+                (Some(deal), Some(miner)) => format!("{deal} ({miner})"),
+                (Some(deal), None) => deal.to_string(),
+                (None, _) => "-".into(),
+            },
+            r.verified_at
+                .map(|at| format!("{} ago", view::duration(now.saturating_sub(at))))
+                .unwrap_or_else(|| "never".into()),
             format!("{} ({})", r.provider, r.provider_filecoin),
             r.description,
         ]);

@@ -661,6 +661,7 @@ mod tests {
             active: true,
             registered_at: 0,
             datasets: vec![],
+            miner_id: None,
             images: images
                 .iter()
                 .enumerate()

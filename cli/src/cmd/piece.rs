@@ -65,18 +65,49 @@ pub fn commp(path: &Path, json: bool) -> anyhow::Result<()> {
 
 /// One row of `shale sp datasets`.
 #[derive(Serialize)]
-struct DatasetRow {
-    id: String,
+pub struct DatasetRow {
+    pub id: String,
     source: String,
     piece_cid: Option<String>,
     /// `verified`, `MISMATCH`, `not yet checked` or `directory (not a piece)`.
-    state: String,
+    pub state: String,
     found: Option<String>,
-    checked_at: Option<u64>,
+    pub checked_at: Option<u64>,
 }
+
+/// The `state` of a dataset whose bytes the broker's last check found to be its piece.
+pub const VERIFIED: &str = "verified";
 
 /// The config's datasets and what the broker's last hash of each found (from its state).
 pub fn datasets(config: &SpConfig, json: bool) -> anyhow::Result<()> {
+    let rows = dataset_rows(config)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(["DATASET", "PIECE CID", "STATE", "CHECKED", "SOURCE"]);
+    for r in &rows {
+        let checked = r.checked_at.map_or("-".to_string(), ago);
+        let state = match (&r.found, r.state.as_str()) {
+            (Some(found), "MISMATCH") => format!("MISMATCH: bytes are {found}"),
+            _ => r.state.clone(),
+        };
+        table.add_row([
+            r.id.as_str(),
+            r.piece_cid.as_deref().unwrap_or("-"),
+            &state,
+            &checked,
+            &r.source,
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+/// The config's datasets with the broker's last check of each.
+pub fn dataset_rows(config: &SpConfig) -> anyhow::Result<Vec<DatasetRow>> {
     let record = config
         .gateway
         .containers
@@ -110,7 +141,7 @@ pub fn datasets(config: &SpConfig, json: bool) -> anyhow::Result<()> {
                     piece_cid: Some(p.piece_cid.to_string()),
                     state: match last {
                         None => "not yet checked".into(),
-                        Some(v) if v.matches() => "verified".into(),
+                        Some(v) if v.matches() => VERIFIED.into(),
                         Some(_) => "MISMATCH".into(),
                     },
                     found: last.map(|v| v.found.to_string()),
@@ -119,29 +150,7 @@ pub fn datasets(config: &SpConfig, json: bool) -> anyhow::Result<()> {
             }
         })
         .collect();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::NOTHING);
-    table.set_header(["DATASET", "PIECE CID", "STATE", "CHECKED", "SOURCE"]);
-    for r in &rows {
-        let checked = r.checked_at.map_or("-".to_string(), ago);
-        let state = match (&r.found, r.state.as_str()) {
-            (Some(found), "MISMATCH") => format!("MISMATCH: bytes are {found}"),
-            _ => r.state.clone(),
-        };
-        table.add_row([
-            r.id.as_str(),
-            r.piece_cid.as_deref().unwrap_or("-"),
-            &state,
-            &checked,
-            &r.source,
-        ]);
-    }
-    println!("{table}");
-    Ok(())
+    Ok(rows)
 }
 
 /// `3h ago` for a Unix time.

@@ -167,6 +167,67 @@ pub async fn update(config: &SpConfig) -> anyhow::Result<()> {
     publish_images(config, &market).await
 }
 
+/// `shale sp miner f0…`: the Filecoin miner whose deals the provider's datasets name. FEVM
+/// checks that the provider's f410 address controls it.
+pub async fn set_miner(config: &SpConfig, miner: &str) -> anyhow::Result<()> {
+    let id = parse_miner(miner)?;
+    let market = signer(config).await?;
+    let tx = market.set_miner(id).await?;
+    println!(
+        "Set miner f0{id}: datasets with a deal_id are now checked against its deals (tx {:#x}, fee {}).",
+        tx.tx_hash,
+        Fil(tx.fee)
+    );
+    Ok(())
+}
+
+/// A miner actor id from `f01234`, `t01234` or `1234`.
+pub fn parse_miner(text: &str) -> anyhow::Result<u64> {
+    let digits = text
+        .strip_prefix("f0")
+        .or_else(|| text.strip_prefix("t0"))
+        .unwrap_or(text);
+    match digits.parse::<u64>() {
+        Ok(id) if id > 0 && !digits.starts_with('0') => Ok(id),
+        _ => {
+            bail!("{text:?} is not a miner actor id: write it as f01234 (or t01234 on Calibration)")
+        }
+    }
+}
+
+/// `shale sp datasets --publish`: records on chain when the gateway last verified each dataset
+/// whose bytes matched its piece CID at the broker's last check, for those checked since the
+/// chain last heard. Returns the ids published.
+pub async fn publish_verified(config: &SpConfig) -> anyhow::Result<Vec<String>> {
+    let market = signer(config).await?;
+    let on_chain = market
+        .provider(config.gateway.chain.provider)
+        .await?
+        .datasets;
+    let ids: Vec<String> = crate::cmd::piece::dataset_rows(config)?
+        .into_iter()
+        .filter(|r| r.state == crate::cmd::piece::VERIFIED)
+        .filter(|r| {
+            on_chain
+                .iter()
+                .any(|d| d.id == r.id && d.verified_at.unwrap_or(0) < r.checked_at.unwrap_or(0))
+        })
+        .map(|r| r.id)
+        .collect();
+    if ids.is_empty() {
+        println!("Nothing to publish: no dataset was verified since the chain last heard.");
+        return Ok(ids);
+    }
+    let tx = market.mark_verified(&ids).await?;
+    println!(
+        "Published the verification of {} (tx {:#x}, fee {}).",
+        ids.join(", "),
+        tx.tx_hash,
+        Fil(tx.fee)
+    );
+    Ok(ids)
+}
+
 /// `shale sp withdraw`: no new orders; live ones continue.
 pub async fn withdraw(config: &SpConfig) -> anyhow::Result<()> {
     let market = signer(config).await?;
@@ -274,6 +335,19 @@ pub async fn accept_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn miner_ids_are_read_in_every_spelling_and_nonsense_is_refused() {
+        assert_eq!(parse_miner("f01234").unwrap(), 1234);
+        assert_eq!(parse_miner("t01234").unwrap(), 1234);
+        assert_eq!(parse_miner("1234").unwrap(), 1234);
+        for bad in [
+            "", "f0", "f00123", "f0-1", "f1abc", "t410fxyz", "0", "f0 12",
+        ] {
+            let err = parse_miner(bad).unwrap_err().to_string();
+            assert!(err.contains("not a miner actor id"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn the_catalog_goes_on_chain_with_its_installed_digests_default_first() {

@@ -165,8 +165,11 @@ pub fn dataset() -> Dataset {
     Dataset {
         id: "era5".into(),
         piece_cid: Some("baga6ea4seaqao7s73y24kcutaosvacpdjgfe5pw76ooefnyqw4ynr3d2y6x2mpq".into()),
-        deal_id: Some(7_654_321),
+        // No deal: a deal is checked against Filecoin's market actor, which anvil lacks
+        // (tests/deals.rs installs a double of it).
+        deal_id: None,
         size_bytes: 34_359_738_368,
         description: "ERA5 reanalysis, 2020, hourly".into(),
+        verified_at: None,
     }
 }
