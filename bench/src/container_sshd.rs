@@ -72,6 +72,7 @@ impl ContainerSshd {
                 // The disk the stack's orders get by default, like the gateway's side.
                 disk_bytes: shale_tests::stack::STACK_DISK_MIB << 20,
                 image: None,
+                image_repository: None,
             })
             .await
             .context("starting the sshd container")?;

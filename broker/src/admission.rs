@@ -182,6 +182,13 @@ fn differs(asked: &LeaseSpec, allowed: &LeaseSpec) -> Option<String> {
             allowed.image.as_deref().unwrap_or("the default")
         ));
     }
+    if asked.image_repository != allowed.image_repository {
+        what.push(format!(
+            "an image from {} (terms: {})",
+            asked.image_repository.as_deref().unwrap_or("the catalog"),
+            allowed.image_repository.as_deref().unwrap_or("the catalog")
+        ));
+    }
     if asked.expires_at > allowed.expires_at {
         what.push("a lease past the order's end".into());
     }
@@ -218,6 +225,7 @@ mod tests {
             pids_limit: None,
             disk_bytes: 1 << 30,
             image: Some(format!("sha256:{}", "ab".repeat(32))),
+            image_repository: None,
         }
     }
 
@@ -271,6 +279,17 @@ mod tests {
             ..asked.clone()
         };
         assert!(a.ensure(&other_data).await.unwrap_err().contains("dataset"));
+
+        // The digest pulled from somewhere the terms do not name is not the client's image.
+        let own_image = LeaseSpec {
+            image_repository: Some("registry.example:5000/me/tools".into()),
+            ..asked.clone()
+        };
+        let refused = a.ensure(&own_image).await.unwrap_err();
+        assert!(
+            refused.contains("an image from registry.example:5000/me/tools (terms: the catalog)"),
+            "{refused}"
+        );
 
         // A default image is not the one the client paid for.
         let other_image = LeaseSpec {

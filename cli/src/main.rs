@@ -181,7 +181,8 @@ enum OrderCommand {
         #[arg(long)]
         dataset: Option<String>,
         /// An image of the provider's catalog (`shale images PROVIDER`), by name (default: the
-        /// one named `default`, else its first; none when it lists no images).
+        /// one named `default`, else its first; none when it lists no images), or your own
+        /// image as HOST/PATH@sha256:… from a registry the provider allows.
         #[arg(long)]
         image: Option<String>,
         /// Longest lease, in hours.

@@ -223,6 +223,7 @@ mod tests {
             registered_at: 0,
             datasets: vec![],
             miner_id: None,
+            client_image_registries: Vec::new(),
             images: vec![],
             rating: Rating::default(),
         }
@@ -240,6 +241,7 @@ mod tests {
             gpus,
             dataset: dataset.map(Into::into),
             image_digest: None,
+            image_repository: None,
             price_per_second: U256::from(10u8),
             price_per_gib: U256::from(5u8),
             max_duration_secs: 60,

@@ -96,6 +96,10 @@ contract Marketplace is EIP712 {
         uint256 pricePerGiB;
         /// Collateral the provider must post to accept (e.g. a fraction of the escrow).
         uint256 collateral;
+        /// Empty for a catalog image. Otherwise the client brings its own image: the repository
+        /// (`HOST/PATH`, no tag or digest) it is pulled from as `imageRepository@sha256:<imageDigest>`,
+        /// on one of the registries the provider allows (`ProviderRegistry.clientImageRegistries`).
+        string imageRepository;
     }
 
     /// An order. `escrow` is what is left of the client's payment. Fields are ordered so that
@@ -180,6 +184,7 @@ contract Marketplace is EIP712 {
         uint256 collateral;
         bytes32 imageDigest;
         string datasetId;
+        string imageRepository;
     }
 
     /// What the client's acknowledgment key signs (EIP-712, see `ACKNOWLEDGMENT_TYPEHASH`): the
@@ -383,6 +388,7 @@ contract Marketplace is EIP712 {
         t.acceptTimeout = o.acceptTimeout;
         t.datasetId = o.datasetId;
         t.imageDigest = o.imageDigest;
+        t.imageRepository = o.imageRepository;
         t.pricePerSecond = o.pricePerSecond;
         t.pricePerGiB = o.pricePerGiB;
         t.collateral = o.collateral;
@@ -434,7 +440,7 @@ contract Marketplace is EIP712 {
         if (terms.pricePerGiB > MAX_PRICE) revert PriceTooHigh(terms.pricePerGiB, MAX_PRICE);
         if (provider == msg.sender) revert SelfOrder(provider);
         // Reverts with the registry's own error for an unknown or withdrawn provider, dataset or image.
-        uint64 maxDiskMiB = registry.orderable(provider, terms.datasetId, terms.imageDigest);
+        uint64 maxDiskMiB = registry.orderable(provider, terms.datasetId, terms.imageDigest, terms.imageRepository);
         if (terms.diskMiB < MIN_DISK_MIB) revert DiskTooSmall(terms.diskMiB, MIN_DISK_MIB);
         if (terms.diskMiB > maxDiskMiB) revert DiskTooLarge(terms.diskMiB, maxDiskMiB);
 
@@ -458,6 +464,7 @@ contract Marketplace is EIP712 {
         o.collateral = terms.collateral;
         o.datasetId = terms.datasetId;
         o.imageDigest = terms.imageDigest;
+        o.imageRepository = terms.imageRepository;
         emit OrderCreated(orderId, msg.sender, provider, msg.value, terms.collateral, terms.datasetId);
     }
 

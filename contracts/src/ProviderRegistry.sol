@@ -88,6 +88,9 @@ contract ProviderRegistry {
     uint256 internal constant MAX_DATASETS = 256;
     uint256 internal constant MAX_IMAGES = 64;
     uint256 internal constant MAX_IMAGE_NAME = 128;
+    /// Registries a provider may let clients bring images from, and the longest host name.
+    uint256 internal constant MAX_CLIENT_REGISTRIES = 16;
+    uint256 internal constant MAX_HOST = 253;
     /// The smallest disk an order may have: below it the provider's filesystem (ext4 with its
     /// journal) cannot hold the order's changes to the image. The provisioner's
     /// `MIN_DISK_BYTES` is the same size.
@@ -110,6 +113,8 @@ contract ProviderRegistry {
     mapping(address => uint64) public minerOf;
     /// keccak256(dataset id) => when the provider last verified the dataset's bytes (0 = never).
     mapping(address => mapping(bytes32 => uint64)) private _verifiedAt;
+    /// Registry hosts (`host[:port]`) clients may bring their own images from; empty: none.
+    mapping(address => string[]) private _clientImageRegistries;
 
     event ProviderRegistered(address indexed provider, string endpoint, string sshHostKey);
     event ProviderUpdated(address indexed provider, string endpoint, string sshHostKey);
@@ -123,6 +128,7 @@ contract ProviderRegistry {
     /// the provider's miner.
     event DealChecked(address indexed provider, string datasetId, uint64 dealId, uint64 minerId, uint64 paddedSize);
     event DatasetVerified(address indexed provider, string datasetId, uint64 verifiedAt);
+    event ClientImageRegistriesSet(address indexed provider, string[] hosts);
 
     error ProviderNotFound(address provider);
     error AlreadyRegistered(address provider);
@@ -150,6 +156,14 @@ contract ProviderRegistry {
     error DealPieceMismatch(uint64 dealId, string datasetPieceCid, string dealPieceCid);
     /// The deal is stored with another miner than the provider's.
     error DealProviderMismatch(uint64 dealId, uint64 providerMiner, uint64 dealMiner);
+    /// The provider lets no client bring its own image.
+    error ClientImagesNotAllowed(address provider);
+    /// The repository is on none of the registries the provider lets clients bring images from.
+    error RegistryNotAllowed(address provider, string imageRepository);
+    /// A repository (`HOST/PATH`) or host name with a character that has no place in one
+    /// (a space, a control character, an at sign), or without its parts.
+    error InvalidImageRepository(string value);
+    error TooManyClientRegistries(uint256 max);
 
     modifier onlyMarketplace() {
         if (msg.sender != marketplace) revert NotMarketplace(msg.sender);
@@ -214,6 +228,31 @@ contract ProviderRegistry {
         if (!FilecoinDeals.isControllingAddress(minerId, msg.sender)) revert NotMinerController(msg.sender, minerId);
         minerOf[msg.sender] = minerId;
         emit MinerSet(msg.sender, minerId);
+    }
+
+    /// Lets clients bring their own images, pulled by digest from `hosts` (registry host names,
+    /// `host[:port]`, as an image reference starts with them); an empty list allows none. Replaces
+    /// the caller's list. Orders already placed keep their image.
+    function setClientImageRegistries(string[] calldata hosts) external {
+        _activeProvider(msg.sender);
+        if (hosts.length > MAX_CLIENT_REGISTRIES) revert TooManyClientRegistries(MAX_CLIENT_REGISTRIES);
+        for (uint256 i = 0; i < hosts.length; i++) {
+            bytes calldata h = bytes(hosts[i]);
+            if (h.length == 0 || h.length > MAX_HOST || !_plain(h, false)) revert InvalidImageRepository(hosts[i]);
+        }
+        string[] storage list = _clientImageRegistries[msg.sender];
+        while (list.length > 0) {
+            list.pop();
+        }
+        for (uint256 i = 0; i < hosts.length; i++) {
+            list.push(hosts[i]);
+        }
+        emit ClientImageRegistriesSet(msg.sender, hosts);
+    }
+
+    /// The registry hosts `provider` lets clients bring images from (empty: none).
+    function clientImageRegistries(address provider) external view returns (string[] memory) {
+        return _clientImageRegistries[provider];
     }
 
     /// Records that the caller verified, now, that the bytes it serves for each of `datasetIds`
@@ -325,15 +364,22 @@ contract ProviderRegistry {
     }
 
     /// Reverts unless a client may order from `provider` now with `datasetId` (empty: none) and
-    /// `imageDigest`; returns the most disk the provider's offer allows per order.
-    function orderable(address provider, string calldata datasetId, bytes32 imageDigest)
-        external
-        view
-        returns (uint64 maxDiskMiB)
-    {
+    /// the image of `imageDigest`: a catalog image when `imageRepository` is empty, else the
+    /// client's own, pulled from `imageRepository` on a registry the provider allows. Returns the
+    /// most disk the provider's offer allows per order.
+    function orderable(
+        address provider,
+        string calldata datasetId,
+        bytes32 imageDigest,
+        string calldata imageRepository
+    ) external view returns (uint64 maxDiskMiB) {
         Provider storage p = _activeProvider(provider);
         if (bytes(datasetId).length != 0) _requireDataset(provider, datasetId);
-        _requireImage(provider, imageDigest);
+        if (bytes(imageRepository).length == 0) {
+            _requireImage(provider, imageDigest);
+        } else {
+            _requireClientImage(provider, imageDigest, imageRepository);
+        }
         return p.offer.maxDiskMiB;
     }
 
@@ -369,6 +415,37 @@ contract ProviderRegistry {
         if (_imageDigestRefs[provider][digest] == 0 && (digest != bytes32(0) || _images[provider].length != 0)) {
             revert UnknownImageDigest(provider, digest);
         }
+    }
+
+    /// Reverts unless `repository` is `HOST/PATH` with HOST one of the provider's client image
+    /// registries, and the image is named by a digest.
+    function _requireClientImage(address provider, bytes32 digest, string calldata repository) private view {
+        string[] storage hosts = _clientImageRegistries[provider];
+        if (hosts.length == 0) revert ClientImagesNotAllowed(provider);
+        if (digest == bytes32(0)) revert EmptyField("imageDigest");
+        bytes calldata repo = bytes(repository);
+        if (repo.length > MAX_TEXT || !_plain(repo, true)) revert InvalidImageRepository(repository);
+        for (uint256 i = 0; i < hosts.length; i++) {
+            bytes storage host = bytes(hosts[i]);
+            uint256 n = host.length;
+            // HOST, a slash, and at least one character of path.
+            if (repo.length <= n + 1 || repo[n] != "/") continue;
+            bool same = true;
+            for (uint256 j = 0; j < n && same; j++) {
+                same = repo[j] == host[j];
+            }
+            if (same) return;
+        }
+        revert RegistryNotAllowed(provider, repository);
+    }
+
+    /// Printable ASCII without space and the at sign; slashes only where `slashes` allows them.
+    function _plain(bytes calldata value, bool slashes) private pure returns (bool) {
+        for (uint256 i = 0; i < value.length; i++) {
+            bytes1 c = value[i];
+            if (c <= 0x20 || c >= 0x7f || c == "@" || (!slashes && c == "/")) return false;
+        }
+        return true;
     }
 
     function _addDataset(address provider, Dataset calldata dataset) private {

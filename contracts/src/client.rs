@@ -273,12 +273,19 @@ impl Marketplace {
             .zip(verified_at.into_iter().chain(std::iter::repeat(0)))
             .map(|(d, at)| Dataset::from_abi(d).verified_at((at != 0).then_some(at)))
             .collect();
+        let client_registries = self
+            .registry
+            .clientImageRegistries(address)
+            .call()
+            .await
+            .map_err(|e| self.registry_call_err(e))?;
         Ok(Provider::from_abi(
             raw._0,
             datasets,
             raw.images.into_iter().map(Image::from_abi).collect(),
         )
-        .with_miner((miner_id != 0).then_some(miner_id)))
+        .with_miner((miner_id != 0).then_some(miner_id))
+        .with_client_image_registries(client_registries))
     }
 
     /// Every registered provider, withdrawn ones included (see [`Provider::active`]).
@@ -418,6 +425,17 @@ impl Marketplace {
     /// a control address.
     pub async fn set_miner(&self, miner_id: u64) -> Result<TxReceipt, ChainError> {
         self.submit(self.registry.setMiner(miner_id))
+            .await
+            .map(tx_receipt)
+    }
+
+    /// Lets clients bring their own images from `hosts` (`host[:port]`); empty: none. Replaces
+    /// the signer's list.
+    pub async fn set_client_image_registries(
+        &self,
+        hosts: &[String],
+    ) -> Result<TxReceipt, ChainError> {
+        self.submit(self.registry.setClientImageRegistries(hosts.to_vec()))
             .await
             .map(tx_receipt)
     }

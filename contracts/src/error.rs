@@ -339,6 +339,23 @@ pub fn describe_registry(error: &R) -> String {
             e.provider,
             crate::types::format_image_digest(&e.digest.0)
         ),
+        R::ClientImagesNotAllowed(e) => format!(
+            "provider {} lets no client bring its own image: pick one of its catalog (shale images)",
+            e.provider
+        ),
+        R::RegistryNotAllowed(e) => format!(
+            "provider {} does not let clients bring images from {:?}: see the registries it allows \
+             in `shale images`",
+            e.provider, e.imageRepository
+        ),
+        R::InvalidImageRepository(e) => format!(
+            "{:?} is not an image repository (HOST/PATH, without tag or digest) or registry host",
+            e.value
+        ),
+        R::TooManyClientRegistries(e) => format!(
+            "a provider may let clients bring images from at most {} registries",
+            e.max
+        ),
         R::NotMarketplace(e) => format!(
             "{} is not the marketplace: only it writes ratings",
             e.caller

@@ -69,6 +69,11 @@ pub enum MarketEvent {
         miner_id: u64,
         padded_size: u64,
     },
+    /// The registries the provider lets clients bring their own images from (empty: none).
+    ClientImageRegistriesSet {
+        provider: Address,
+        hosts: Vec<String>,
+    },
     /// The provider recorded that it verified the dataset's bytes against its piece CID.
     DatasetVerified {
         provider: Address,
@@ -228,6 +233,10 @@ impl MarketEvent {
                 provider: e.provider,
                 dataset_id: e.datasetId,
                 verified_at: e.verifiedAt,
+            },
+            RegRaw::ClientImageRegistriesSet(e) => Self::ClientImageRegistriesSet {
+                provider: e.provider,
+                hosts: e.hosts,
             },
         }
     }

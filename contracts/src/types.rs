@@ -70,6 +70,9 @@ pub struct Order {
     /// catalog digests, see [`Image`]); `None`: the provider's built-in default (the contract
     /// allows it only while the provider lists no images).
     pub image_digest: Option<[u8; 32]>,
+    /// Where the client's own image is pulled from (`HOST/PATH`, as
+    /// `image_repository@image_digest`); `None` for a catalog image.
+    pub image_repository: Option<String>,
     pub price_per_second: U256,
     pub price_per_gib: U256,
     pub max_duration_secs: u64,
@@ -158,6 +161,7 @@ impl Order {
             gpus: terms.gpus,
             dataset: (!terms.datasetId.is_empty()).then_some(terms.datasetId),
             image_digest: (terms.imageDigest != B256::ZERO).then_some(terms.imageDigest.0),
+            image_repository: (!terms.imageRepository.is_empty()).then_some(terms.imageRepository),
             price_per_second: terms.pricePerSecond,
             price_per_gib: terms.pricePerGiB,
             max_duration_secs: terms.maxDuration,
@@ -197,7 +201,11 @@ pub struct NewOrder {
     pub dataset: Option<String>,
     /// Digest of the provider's catalog image the order runs ([`Image::digest`]); `None` (0 on
     /// chain) only for a provider that lists no images. See [`Provider::default_image`].
+    /// With `image_repository`, the digest of the client's own image.
     pub image_digest: Option<[u8; 32]>,
+    /// The client brings its own image, pulled from this repository (`HOST/PATH`) by digest on
+    /// a registry the provider allows ([`Provider::client_image_registries`]).
+    pub image_repository: Option<String>,
     pub price_per_second: U256,
     pub price_per_gib: U256,
     pub max_duration_secs: u64,
@@ -251,6 +259,7 @@ impl NewOrder {
             gpus: provider.offer.gpu_count,
             dataset: None,
             image_digest: provider.default_image().map(|i| i.digest),
+            image_repository: None,
             price_per_second: provider.offer.price_per_second,
             price_per_gib: provider.offer.price_per_gib,
             max_duration_secs,
@@ -278,6 +287,7 @@ impl NewOrder {
             maxDuration: self.max_duration_secs,
             collateral: self.collateral,
             acceptTimeout: self.accept_timeout_secs,
+            imageRepository: self.image_repository.clone().unwrap_or_default(),
         }
     }
 }
@@ -467,6 +477,8 @@ pub struct Provider {
     pub rating: Rating,
     /// The Filecoin miner (actor id) the provider's datasets' deals are stored with, once set.
     pub miner_id: Option<u64>,
+    /// Registry hosts (`host[:port]`) clients may bring their own images from; empty: none.
+    pub client_image_registries: Vec<String>,
 }
 
 /// A provider's rating from clients of ended orders.
@@ -536,12 +548,28 @@ impl Provider {
                 weighted_stars: raw.ratingWeightedStars,
             },
             miner_id: None,
+            client_image_registries: Vec::new(),
         }
     }
 
     pub(crate) fn with_miner(mut self, miner_id: Option<u64>) -> Self {
         self.miner_id = miner_id;
         self
+    }
+
+    pub(crate) fn with_client_image_registries(mut self, hosts: Vec<String>) -> Self {
+        self.client_image_registries = hosts;
+        self
+    }
+
+    /// Whether a client may bring an image from `repository` (`HOST/PATH`): the contract's rule.
+    pub fn allows_client_image(&self, repository: &str) -> bool {
+        self.client_image_registries.iter().any(|host| {
+            repository
+                .strip_prefix(host.as_str())
+                .and_then(|rest| rest.strip_prefix('/'))
+                .is_some_and(|path| !path.is_empty())
+        })
     }
 }
 
@@ -671,6 +699,7 @@ mod tests {
             gpus: 0,
             dataset: None,
             image_digest: None,
+            image_repository: None,
             price_per_second: U256::from(1),
             price_per_gib: U256::ZERO,
             max_duration_secs: max,
@@ -809,6 +838,7 @@ mod tests {
             images: vec![],
             rating: Rating::default(),
             miner_id: None,
+            client_image_registries: Vec::new(),
         };
         assert!(provider.default_image().is_none());
         let order = NewOrder::for_offer(&provider, [1; 32], U256::from(1), 60);

@@ -47,21 +47,21 @@ contract DealsTest is MarketplaceBase {
 
     function _setMiner() internal {
         vm.prank(sp);
-        r.setMiner(MINER);
+        reg.setMiner(MINER);
     }
 
     function test_setMiner_recordsAMinerTheProviderControls() public {
         vm.expectEmit(true, false, false, true);
         emit ProviderRegistry.MinerSet(sp, MINER);
         _setMiner();
-        assertEq(r.minerOf(sp), MINER, "miner");
+        assertEq(reg.minerOf(sp), MINER, "miner");
     }
 
     function test_setMiner_refusesAMinerTheProviderDoesNotControl() public {
         MINER_ACTOR.setController(sp, false);
         vm.prank(sp);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.NotMinerController.selector, sp, MINER));
-        r.setMiner(MINER);
+        reg.setMiner(MINER);
     }
 
     function test_setMiner_refusesAnActorThatDoesNotExist() public {
@@ -71,7 +71,7 @@ contract DealsTest is MarketplaceBase {
                 FilecoinDeals.ActorCallFailed.selector, OTHER_MINER, FilecoinDeals.IS_CONTROLLING_ADDRESS, int256(5)
             )
         );
-        r.setMiner(OTHER_MINER);
+        reg.setMiner(OTHER_MINER);
     }
 
     function test_addDataset_rightDealIsChecked() public {
@@ -79,8 +79,8 @@ contract DealsTest is MarketplaceBase {
         vm.expectEmit(true, false, false, true);
         emit ProviderRegistry.DealChecked(sp, "deal", DEAL, MINER, PADDED);
         vm.prank(sp);
-        r.addDataset(_dealDataset("deal", PIECE, DEAL));
-        (, ProviderRegistry.Dataset[] memory ds,) = r.getProvider(sp);
+        reg.addDataset(_dealDataset("deal", PIECE, DEAL));
+        (, ProviderRegistry.Dataset[] memory ds,) = reg.getProvider(sp);
         assertEq(ds[1].dealId, DEAL, "deal id");
         assertEq(ds[1].pieceCid, PIECE, "piece");
     }
@@ -88,8 +88,8 @@ contract DealsTest is MarketplaceBase {
     function test_addDataset_aDealAloneFillsInItsPieceCid() public {
         _setMiner();
         vm.prank(sp);
-        r.addDataset(_dealDataset("deal", "", DEAL));
-        (, ProviderRegistry.Dataset[] memory ds,) = r.getProvider(sp);
+        reg.addDataset(_dealDataset("deal", "", DEAL));
+        (, ProviderRegistry.Dataset[] memory ds,) = reg.getProvider(sp);
         assertEq(ds[1].pieceCid, PIECE, "the deal's piece, in text");
     }
 
@@ -105,7 +105,7 @@ contract DealsTest is MarketplaceBase {
                 "baga6ea4seaqao7s73y24kcutaosvacpdjgfe5pw76ooefnyqw4ynr3d2y6x2mpy"
             )
         );
-        r.addDataset(_dealDataset("deal", PIECE, DEAL + 1));
+        reg.addDataset(_dealDataset("deal", PIECE, DEAL + 1));
     }
 
     function test_addDataset_dealOfAnotherMinerIsRefused() public {
@@ -114,7 +114,7 @@ contract DealsTest is MarketplaceBase {
         vm.expectRevert(
             abi.encodeWithSelector(ProviderRegistry.DealProviderMismatch.selector, DEAL + 2, MINER, OTHER_MINER)
         );
-        r.addDataset(_dealDataset("deal", PIECE, DEAL + 2));
+        reg.addDataset(_dealDataset("deal", PIECE, DEAL + 2));
     }
 
     function test_addDataset_unknownDealIsRefused() public {
@@ -125,24 +125,24 @@ contract DealsTest is MarketplaceBase {
                 FilecoinDeals.ActorCallFailed.selector, uint64(5), FilecoinDeals.GET_DEAL_PROVIDER, int256(17)
             )
         );
-        r.addDataset(_dealDataset("deal", PIECE, 999));
+        reg.addDataset(_dealDataset("deal", PIECE, 999));
     }
 
     function test_addDataset_aDealNeedsAMiner() public {
         vm.prank(sp);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.NoMiner.selector, sp));
-        r.addDataset(_dealDataset("deal", PIECE, DEAL));
+        reg.addDataset(_dealDataset("deal", PIECE, DEAL));
     }
 
     function test_registerProvider_checksTheDealsItLists() public {
         // A registration's datasets are checked like added ones: a deal needs a miner first.
         vm.prank(sp);
-        r.withdrawProvider();
+        reg.withdrawProvider();
         ProviderRegistry.Dataset[] memory ds = new ProviderRegistry.Dataset[](1);
         ds[0] = _dealDataset("deal", PIECE, DEAL);
         vm.prank(sp);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.NoMiner.selector, sp));
-        r.registerProvider("sp.example:2222", HOST_KEY, _offer(), ds);
+        reg.registerProvider("sp.example:2222", HOST_KEY, _offer(), ds);
     }
 
     function test_addDataset_withoutFilecoinADealCannotBeChecked() public {
@@ -150,7 +150,7 @@ contract DealsTest is MarketplaceBase {
         vm.etch(CALL_ACTOR_ID, "");
         vm.prank(sp);
         vm.expectRevert(FilecoinDeals.FilecoinUnavailable.selector);
-        r.addDataset(_dealDataset("deal", PIECE, DEAL));
+        reg.addDataset(_dealDataset("deal", PIECE, DEAL));
     }
 
     function test_addDataset_malformedActorAnswersAreRefused() public {
@@ -163,7 +163,7 @@ contract DealsTest is MarketplaceBase {
                 FilecoinDeals.MalformedActorReturn.selector, uint64(5), FilecoinDeals.GET_DEAL_PROVIDER
             )
         );
-        r.addDataset(_dealDataset("deal", PIECE, DEAL));
+        reg.addDataset(_dealDataset("deal", PIECE, DEAL));
 
         MARKET.setCannedAnswer(FilecoinDeals.GET_DEAL_PROVIDER, "");
         MARKET.setCannedAnswer(FilecoinDeals.GET_DEAL_DATA_COMMITMENT, hex"825820ffff");
@@ -173,7 +173,7 @@ contract DealsTest is MarketplaceBase {
                 FilecoinDeals.MalformedActorReturn.selector, uint64(5), FilecoinDeals.GET_DEAL_DATA_COMMITMENT
             )
         );
-        r.addDataset(_dealDataset("deal", PIECE, DEAL));
+        reg.addDataset(_dealDataset("deal", PIECE, DEAL));
 
         // A byte string whose length runs past the answer.
         MARKET.setCannedAnswer(FilecoinDeals.GET_DEAL_DATA_COMMITMENT, hex"82d82a58ff00");
@@ -183,36 +183,36 @@ contract DealsTest is MarketplaceBase {
                 FilecoinDeals.MalformedActorReturn.selector, uint64(5), FilecoinDeals.GET_DEAL_DATA_COMMITMENT
             )
         );
-        r.addDataset(_dealDataset("deal", PIECE, DEAL));
+        reg.addDataset(_dealDataset("deal", PIECE, DEAL));
     }
 
     function test_markVerified_recordsTheTimePerDataset() public {
-        assertEq(r.verifiedAt(sp)[0], 0, "never verified");
+        assertEq(reg.verifiedAt(sp)[0], 0, "never verified");
         vm.warp(T0 + 100);
         string[] memory ids = new string[](1);
         ids[0] = "era5";
         vm.expectEmit(true, false, false, true);
         emit ProviderRegistry.DatasetVerified(sp, "era5", uint64(T0 + 100));
         vm.prank(sp);
-        r.markVerified(ids);
-        assertEq(r.verifiedAt(sp)[0], T0 + 100, "verified");
+        reg.markVerified(ids);
+        assertEq(reg.verifiedAt(sp)[0], T0 + 100, "verified");
 
         ids[0] = "nope";
         vm.prank(sp);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.UnknownDataset.selector, sp, "nope"));
-        r.markVerified(ids);
+        reg.markVerified(ids);
 
         // A removed dataset added again starts unverified.
         vm.startPrank(sp);
-        r.removeDataset("era5");
-        r.addDataset(_dataset("era5"));
+        reg.removeDataset("era5");
+        reg.addDataset(_dataset("era5"));
         vm.stopPrank();
-        assertEq(r.verifiedAt(sp)[0], 0, "unverified again");
+        assertEq(reg.verifiedAt(sp)[0], 0, "unverified again");
     }
 
     function test_addRating_onlyFromTheMarketplace() public {
         vm.prank(stranger);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.NotMarketplace.selector, stranger));
-        r.addRating(sp, 5, 1 ether);
+        reg.addRating(sp, 5, 1 ether);
     }
 }

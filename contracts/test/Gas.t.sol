@@ -48,7 +48,7 @@ contract GasTest is MarketplaceBase {
             vs[i] = verifier;
         }
         m = new Marketplace(cs, vs, CLAIM_WINDOW);
-        r = m.registry();
+        reg = m.registry();
         vm.deal(client, 1_000 ether);
         vm.deal(sp, 1_000 ether);
         vm.deal(stranger, 1_000 ether);
@@ -94,7 +94,7 @@ contract GasTest is MarketplaceBase {
         vm.chainId(RealProofs.CHAIN_ID);
         vm.prank(RealProofs.DEPLOYER);
         m = new Marketplace(cs, vs, CLAIM_WINDOW);
-        r = m.registry();
+        reg = m.registry();
         assertEq(address(m), RealProofs.MARKETPLACE, "the fixtures' marketplace (regenerate test/real/)");
         _register(sp);
         for (uint256 i = 0; i < caps.length; i++) {

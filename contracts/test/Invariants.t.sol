@@ -33,7 +33,7 @@ contract Handler is Test {
     bytes32 internal constant FINGERPRINT = 0xf58bc21c75eb95d03efad6cf906a79619967d2c54c6da622e369673ed188eb76;
 
     Marketplace public m;
-    ProviderRegistry public r;
+    ProviderRegistry public reg;
     TestTickVerifier public verifier;
     Party[] public clients;
     Party[] public providers;
@@ -75,7 +75,7 @@ contract Handler is Test {
         ITickVerifier[] memory vs = new ITickVerifier[](1);
         vs[0] = verifier;
         m = new Marketplace(caps, vs, 1 hours);
-        r = m.registry();
+        reg = m.registry();
         for (uint256 i = 0; i < 3; i++) {
             Party c = new Party();
             vm.deal(address(c), FUNDS);
@@ -96,7 +96,7 @@ contract Handler is Test {
                 pricePerGiB: 1
             });
             p.exec(
-                address(r),
+                address(reg),
                 0,
                 abi.encodeCall(
                     ProviderRegistry.registerProvider,
@@ -141,7 +141,8 @@ contract Handler is Test {
             imageDigest: bytes32(0),
             pricePerSecond: bound(pps, 0, 1e12),
             pricePerGiB: bound(ppg, 0, 1e15),
-            collateral: bound(collateral, 0, 10 ether)
+            collateral: bound(collateral, 0, 10 ether),
+            imageRepository: ""
         });
         escrow = bound(escrow, 1, 100 ether);
         try c.exec(address(m), escrow, abi.encodeCall(Marketplace.createOrder, (address(p), terms))) {

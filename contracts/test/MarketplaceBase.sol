@@ -11,7 +11,7 @@ import {ITickVerifier} from "../src/ITickVerifier.sol";
 /// provider `sp` serving dataset "era5", a funded `client` and a `stranger`.
 abstract contract MarketplaceBase is Test {
     Marketplace internal m;
-    ProviderRegistry internal r;
+    ProviderRegistry internal reg;
     TestTickVerifier internal verifier;
 
     address internal sp = address(0x5900);
@@ -50,7 +50,7 @@ abstract contract MarketplaceBase is Test {
         ITickVerifier[] memory vs = new ITickVerifier[](1);
         vs[0] = verifier;
         m = new Marketplace(caps, vs, CLAIM_WINDOW);
-        r = m.registry();
+        reg = m.registry();
         vm.deal(client, 1_000 ether);
         vm.deal(sp, 1_000 ether);
         vm.deal(stranger, 1_000 ether);
@@ -84,7 +84,7 @@ abstract contract MarketplaceBase is Test {
         ProviderRegistry.Dataset[] memory ds = new ProviderRegistry.Dataset[](1);
         ds[0] = _dataset("era5");
         vm.prank(who);
-        r.registerProvider("sp.example:2222", HOST_KEY, _offer(), ds);
+        reg.registerProvider("sp.example:2222", HOST_KEY, _offer(), ds);
     }
 
     function _terms() internal pure returns (Marketplace.Terms memory) {
@@ -102,6 +102,7 @@ abstract contract MarketplaceBase is Test {
             pricePerGiB: PPG,
             maxDuration: MAX_DURATION,
             collateral: COLLATERAL,
+            imageRepository: "",
             acceptTimeout: ACCEPT_TIMEOUT
         });
     }
@@ -193,15 +194,15 @@ abstract contract MarketplaceBase is Test {
         21888242871839275222246405745257275088548364400416034343698204186575808495617;
 
     function _provider(address who) internal view returns (ProviderRegistry.Provider memory p) {
-        (p,,) = r.getProvider(who);
+        (p,,) = reg.getProvider(who);
     }
 
     function _datasets(address who) internal view returns (ProviderRegistry.Dataset[] memory ds) {
-        (, ds,) = r.getProvider(who);
+        (, ds,) = reg.getProvider(who);
     }
 
     function _images(address who) internal view returns (ProviderRegistry.Image[] memory images) {
-        (,, images) = r.getProvider(who);
+        (,, images) = reg.getProvider(who);
     }
 
     /// The provider's dataset `id`; fails the test when it has none.

@@ -209,7 +209,7 @@ contract OrdersTest is MarketplaceBase {
         offer.diskMiB = 1_024;
         offer.maxDiskMiB = 4_096;
         vm.prank(sp);
-        r.updateProvider("sp.example:2222", HOST_KEY, offer);
+        reg.updateProvider("sp.example:2222", HOST_KEY, offer);
 
         assertEq(m.getOrder(before).terms.diskMiB, 10_240, "an existing order keeps its disk");
         Marketplace.Terms memory terms = _terms();

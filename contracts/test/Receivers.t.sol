@@ -32,7 +32,7 @@ contract ReceiversTest is MarketplaceBase {
     function _partyProvider() internal {
         ProviderRegistry.Dataset[] memory ds = new ProviderRegistry.Dataset[](0);
         party.exec(
-            address(r),
+            address(reg),
             0,
             abi.encodeCall(ProviderRegistry.registerProvider, ("party.example:22", HOST_KEY, _offer(), ds))
         );

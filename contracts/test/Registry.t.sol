@@ -29,7 +29,7 @@ contract RegistryTest is MarketplaceBase {
         assertEq(p.offer.pricePerGiB, PPG, "price per GiB");
         assertTrue(p.active, "active");
         assertEq(p.registeredAt, T0, "registered at");
-        address[] memory all = r.providerAddresses();
+        address[] memory all = reg.providerAddresses();
         assertEq(all.length, 1, "one provider");
         assertEq(all[0], sp, "listed");
         ProviderRegistry.Dataset[] memory ds = _datasets(sp);
@@ -47,30 +47,30 @@ contract RegistryTest is MarketplaceBase {
         vm.expectEmit(true, false, false, true);
         emit DatasetAdded(sp2, "cmip6");
         vm.prank(sp2);
-        r.registerProvider("b.example:22", HOST_KEY, _offer(), ds);
+        reg.registerProvider("b.example:22", HOST_KEY, _offer(), ds);
     }
 
     function test_registerProvider_refusesASecondRegistration() public {
         ProviderRegistry.Dataset[] memory none;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.AlreadyRegistered.selector, sp));
         vm.prank(sp);
-        r.registerProvider("sp.example:2222", HOST_KEY, _offer(), none);
+        reg.registerProvider("sp.example:2222", HOST_KEY, _offer(), none);
     }
 
     function test_registerProvider_refusesEmptyAndOverlongFields() public {
         ProviderRegistry.Dataset[] memory none;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.EmptyField.selector, "endpoint"));
         vm.prank(sp2);
-        r.registerProvider("", HOST_KEY, _offer(), none);
+        reg.registerProvider("", HOST_KEY, _offer(), none);
 
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.EmptyField.selector, "sshHostKey"));
         vm.prank(sp2);
-        r.registerProvider("b:22", "", _offer(), none);
+        reg.registerProvider("b:22", "", _offer(), none);
 
         bytes memory long = new bytes(1025);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.TooLong.selector, "endpoint", 1025, 1024));
         vm.prank(sp2);
-        r.registerProvider(string(long), HOST_KEY, _offer(), none);
+        reg.registerProvider(string(long), HOST_KEY, _offer(), none);
     }
 
     function test_registerProvider_refusesAnOfferWithoutDisk() public {
@@ -79,18 +79,18 @@ contract RegistryTest is MarketplaceBase {
         offer.diskMiB = 0;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, MAX_DISK));
         vm.prank(sp2);
-        r.registerProvider("b:22", HOST_KEY, offer, none);
+        reg.registerProvider("b:22", HOST_KEY, offer, none);
 
         offer.maxDiskMiB = 0;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, 0));
         vm.prank(sp2);
-        r.registerProvider("b:22", HOST_KEY, offer, none);
+        reg.registerProvider("b:22", HOST_KEY, offer, none);
 
         offer.diskMiB = 31;
         offer.maxDiskMiB = MAX_DISK;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 31, MAX_DISK));
         vm.prank(sp2);
-        r.registerProvider("b:22", HOST_KEY, offer, none);
+        reg.registerProvider("b:22", HOST_KEY, offer, none);
     }
 
     function test_registerProvider_refusesADefaultDiskAboveTheMaximum() public {
@@ -99,12 +99,12 @@ contract RegistryTest is MarketplaceBase {
         offer.diskMiB = MAX_DISK + 1;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, MAX_DISK + 1, MAX_DISK));
         vm.prank(sp2);
-        r.registerProvider("b:22", HOST_KEY, offer, none);
+        reg.registerProvider("b:22", HOST_KEY, offer, none);
 
         // A default equal to the maximum is fine.
         offer.diskMiB = MAX_DISK;
         vm.prank(sp2);
-        r.registerProvider("b:22", HOST_KEY, offer, none);
+        reg.registerProvider("b:22", HOST_KEY, offer, none);
         assertEq(_provider(sp2).offer.diskMiB, MAX_DISK, "disk");
     }
 
@@ -114,7 +114,7 @@ contract RegistryTest is MarketplaceBase {
         ds[1] = _dataset("x");
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.DatasetExists.selector, sp2, "x"));
         vm.prank(sp2);
-        r.registerProvider("b:22", HOST_KEY, _offer(), ds);
+        reg.registerProvider("b:22", HOST_KEY, _offer(), ds);
     }
 
     function test_updateProvider_replacesEndpointKeyAndOffer() public {
@@ -123,7 +123,7 @@ contract RegistryTest is MarketplaceBase {
         vm.expectEmit(true, false, false, true);
         emit ProviderUpdated(sp, "new.example:2200", "ssh-rsa AAAAB3 sp");
         vm.prank(sp);
-        r.updateProvider("new.example:2200", "ssh-rsa AAAAB3 sp", offer);
+        reg.updateProvider("new.example:2200", "ssh-rsa AAAAB3 sp", offer);
         ProviderRegistry.Provider memory p = _provider(sp);
         assertEq(p.endpoint, "new.example:2200", "endpoint");
         assertEq(p.sshHostKey, "ssh-rsa AAAAB3 sp", "key");
@@ -135,26 +135,26 @@ contract RegistryTest is MarketplaceBase {
         offer.maxDiskMiB = DISK - 1;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, DISK, DISK - 1));
         vm.prank(sp);
-        r.updateProvider("sp.example:2222", HOST_KEY, offer);
+        reg.updateProvider("sp.example:2222", HOST_KEY, offer);
 
         offer = _offer();
         offer.diskMiB = 0;
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.InvalidOfferDisk.selector, 0, MAX_DISK));
         vm.prank(sp);
-        r.updateProvider("sp.example:2222", HOST_KEY, offer);
+        reg.updateProvider("sp.example:2222", HOST_KEY, offer);
         assertEq(_provider(sp).offer.diskMiB, DISK, "the old offer stands");
     }
 
     function test_updateProvider_refusesUnknownAndWithdrawnProviders() public {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
         vm.prank(stranger);
-        r.updateProvider("a:1", HOST_KEY, _offer());
+        reg.updateProvider("a:1", HOST_KEY, _offer());
 
         vm.prank(sp);
-        r.withdrawProvider();
+        reg.withdrawProvider();
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderInactive.selector, sp));
         vm.prank(sp);
-        r.updateProvider("a:1", HOST_KEY, _offer());
+        reg.updateProvider("a:1", HOST_KEY, _offer());
     }
 
     function test_withdrawProvider_blocksNewOrdersButNotLiveOnes() public {
@@ -162,7 +162,7 @@ contract RegistryTest is MarketplaceBase {
         vm.expectEmit(true, false, false, true);
         emit ProviderWithdrawn(sp);
         vm.prank(sp);
-        r.withdrawProvider();
+        reg.withdrawProvider();
         assertFalse(_provider(sp).active, "inactive");
 
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderInactive.selector, sp));
@@ -177,10 +177,10 @@ contract RegistryTest is MarketplaceBase {
 
     function test_withdrawProvider_twiceIsRefused() public {
         vm.prank(sp);
-        r.withdrawProvider();
+        reg.withdrawProvider();
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderInactive.selector, sp));
         vm.prank(sp);
-        r.withdrawProvider();
+        reg.withdrawProvider();
     }
 
     function test_reRegistering_afterWithdrawReplacesDatasetsAndKeepsRatings() public {
@@ -192,14 +192,14 @@ contract RegistryTest is MarketplaceBase {
         vm.prank(client);
         m.rate(id, 4, "ok");
         vm.prank(sp);
-        r.withdrawProvider();
+        reg.withdrawProvider();
 
         ProviderRegistry.Dataset[] memory ds = new ProviderRegistry.Dataset[](1);
         ds[0] = _dataset("cmip6");
         vm.expectEmit(true, false, false, true);
         emit DatasetRemoved(sp, "era5");
         vm.prank(sp);
-        r.registerProvider("again:22", HOST_KEY, _offer(), ds);
+        reg.registerProvider("again:22", HOST_KEY, _offer(), ds);
 
         ProviderRegistry.Provider memory p = _provider(sp);
         assertTrue(p.active, "active again");
@@ -207,16 +207,16 @@ contract RegistryTest is MarketplaceBase {
         assertEq(p.ratingCount, 1, "rating kept");
         assertEq(_datasets(sp).length, 1, "datasets replaced");
         assertEq(_datasets(sp)[0].id, "cmip6", "new dataset");
-        assertEq(r.providerAddresses().length, 1, "listed once");
+        assertEq(reg.providerAddresses().length, 1, "listed once");
     }
 
     function test_datasets_addAndRemoveKeepTheIndexConsistent() public {
         vm.startPrank(sp);
-        r.addDataset(_dataset("b"));
-        r.addDataset(_dataset("c"));
+        reg.addDataset(_dataset("b"));
+        reg.addDataset(_dataset("c"));
         vm.expectEmit(true, false, false, true);
         emit DatasetRemoved(sp, "era5");
-        r.removeDataset("era5");
+        reg.removeDataset("era5");
         vm.stopPrank();
         // "c" moved into era5's slot; every remaining id still resolves to itself.
         ProviderRegistry.Dataset[] memory ds = _datasets(sp);
@@ -224,7 +224,7 @@ contract RegistryTest is MarketplaceBase {
         assertEq(_findDataset(sp, "b").id, "b", "b");
         assertEq(_findDataset(sp, "c").id, "c", "c");
         vm.prank(sp);
-        r.removeDataset("c");
+        reg.removeDataset("c");
         assertEq(_findDataset(sp, "b").id, "b", "b after second removal");
         assertEq(_datasets(sp).length, 1, "one left");
     }
@@ -232,20 +232,20 @@ contract RegistryTest is MarketplaceBase {
     function test_datasets_refuseUnknownDuplicateAndEmptyIds() public {
         vm.startPrank(sp);
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.UnknownDataset.selector, sp, "nope"));
-        r.removeDataset("nope");
+        reg.removeDataset("nope");
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.DatasetExists.selector, sp, "era5"));
-        r.addDataset(_dataset("era5"));
+        reg.addDataset(_dataset("era5"));
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.EmptyField.selector, "dataset.id"));
-        r.addDataset(_dataset(""));
+        reg.addDataset(_dataset(""));
         vm.stopPrank();
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
         vm.prank(stranger);
-        r.addDataset(_dataset("x"));
+        reg.addDataset(_dataset("x"));
     }
 
     function test_views_refuseUnknownProviders() public {
         vm.expectRevert(abi.encodeWithSelector(ProviderRegistry.ProviderNotFound.selector, stranger));
-        r.getProvider(stranger);
+        reg.getProvider(stranger);
     }
 
     function test_constructor_fixesOneVerifierPerCapacity() public view {

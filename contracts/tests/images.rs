@@ -160,6 +160,7 @@ async fn an_order_carries_the_digest_of_a_catalog_image() {
     let provider = world.reader.provider(world.sp_address()).await.unwrap();
     let order = NewOrder {
         image_digest: provider.default_image().map(|i| i.digest),
+        image_repository: None,
         ..world.new_order()
     };
     let id = world.client.create_order(&order).await.unwrap();

@@ -92,6 +92,7 @@ pub fn lease_spec(order: &Order) -> LeaseSpec {
             .image_digest
             .as_ref()
             .map(shale_contracts::format_image_digest),
+        image_repository: order.image_repository.clone(),
         gpus: order.gpus,
         dataset: order.dataset.clone(),
         expires_at,

@@ -34,6 +34,7 @@ fn order() -> Order {
         gpus: 0,
         dataset: None,
         image_digest: None,
+        image_repository: None,
         price_per_second: U256::from(1),
         price_per_gib: U256::ZERO,
         max_duration_secs: 3600,

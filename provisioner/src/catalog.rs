@@ -158,6 +158,31 @@ impl Provisioner {
         self.inner.ctd.image_with_digest(digest).await
     }
 
+    /// The client's own image of an order, `repository@digest`: refused unless the config lets
+    /// clients bring images from its registry; pulled once (concurrent orders share the pull),
+    /// then found by digest like a catalog image.
+    pub async fn client_image(
+        &self,
+        repository: &str,
+        digest: &str,
+    ) -> Result<ImageRef, ProvisionError> {
+        let config = &self.inner.config;
+        if let Some(reason) = config.refuse_client_image(repository) {
+            return Err(ProvisionError::ClientImageRefused {
+                repository: repository.to_string(),
+                reason,
+            });
+        }
+        match self.image_with_digest(digest).await {
+            Err(ProvisionError::ImageMissing { .. }) => {}
+            found => return found,
+        }
+        let reference = format!("{repository}@{digest}");
+        tracing::info!(%reference, "pulling the client's image");
+        let pulled = self.pull_image(&reference, &config.registries).await?;
+        Ok(pulled.image)
+    }
+
     /// The image an order's container starts from: the one of `digest`, waiting (up to
     /// [`INSTALL_WAIT`]) for a catalog installation under way to bring it.
     pub(crate) async fn image_for_order(&self, digest: &str) -> Result<ImageRef, ProvisionError> {

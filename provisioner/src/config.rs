@@ -104,6 +104,36 @@ pub struct ProvisionerConfig {
     pub image_store: PathBuf,
     /// Bytes every pull leaves free on the image store's filesystem.
     pub image_store_reserve_bytes: u64,
+    /// Whether clients may bring their own images (pulled by digest from `allowed_registries`)
+    /// instead of picking one of the catalog's. Off by default.
+    pub allow_client_images: bool,
+    /// Registry hosts (`host[:port]`, as image references start) clients may bring images from.
+    pub allowed_registries: Vec<String>,
+    /// Credentials for pulling clients' images: the gateway's `[[registries]]`, set by the
+    /// broker (not part of this table).
+    #[serde(skip)]
+    pub registries: Vec<crate::RegistryConfig>,
+}
+
+impl ProvisionerConfig {
+    /// Why a client may not bring an image from `repository` (`HOST/PATH`), if it may not.
+    pub fn refuse_client_image(&self, repository: &str) -> Option<String> {
+        if !self.allow_client_images {
+            return Some("this provider runs only the images of its catalog".into());
+        }
+        let host = repository.split_once('/').map(|(h, _)| h);
+        match host {
+            Some(h) if self.allowed_registries.iter().any(|a| a == h) => None,
+            _ => Some(format!(
+                "images may come only from {}",
+                if self.allowed_registries.is_empty() {
+                    "no registry (allowed_registries is empty)".to_string()
+                } else {
+                    self.allowed_registries.join(", ")
+                }
+            )),
+        }
+    }
 }
 
 impl Default for ProvisionerConfig {
@@ -130,6 +160,9 @@ impl Default for ProvisionerConfig {
             network: NetworkConfig::default(),
             image_store: PathBuf::from("/var/lib/containerd"),
             image_store_reserve_bytes: 2 << 30,
+            allow_client_images: false,
+            allowed_registries: Vec::new(),
+            registries: Vec::new(),
         }
     }
 }

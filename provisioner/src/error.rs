@@ -16,6 +16,10 @@ pub enum ProvisionError {
     #[error("image {image} is not installed on this provider; import it first")]
     ImageMissing { image: String },
 
+    /// The order names its own image, from a repository this provider does not pull from.
+    #[error("the order's image {repository} is refused: {reason}")]
+    ClientImageRefused { repository: String, reason: String },
+
     /// An image archive could not be read or is not a valid OCI image.
     #[error("image archive {path} is not usable: {reason}")]
     ImageInvalid { path: PathBuf, reason: String },

@@ -65,6 +65,10 @@ pub struct LeaseSpec {
     /// configured image (an order placed before the provider had a catalog).
     #[serde(default)]
     pub image: Option<String>,
+    /// With `image`: the client brought its own image, pulled as `image_repository@image` from
+    /// a registry `ProvisionerConfig::allowed_registries` lists.
+    #[serde(default)]
+    pub image_repository: Option<String>,
 }
 
 /// A running order container.
@@ -165,9 +169,10 @@ impl Provisioner {
         }
 
         // Exactly the content the order names, never whatever a tag points at now.
-        let named = match &spec.image {
-            Some(digest) => self.image_for_order(digest).await?,
-            None => self.inner.config.image.clone(),
+        let named = match (&spec.image, &spec.image_repository) {
+            (Some(digest), Some(repository)) => self.client_image(repository, digest).await?,
+            (Some(digest), None) => self.image_for_order(digest).await?,
+            (None, _) => self.inner.config.image.clone(),
         };
         let image = ctd.resolve_image(&named).await?;
         // A piece is hashed here if its file is not the one last found to be the piece: before

@@ -92,6 +92,22 @@ impl LocalRegistry {
         );
         Ok(reference)
     }
+
+    /// The digest (`sha256:…`) the registry serves `reference`'s manifest or index under, as
+    /// skopeo reads it: what a client names its own image by.
+    pub fn digest(&self, reference: &str) -> anyhow::Result<String> {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+            .arg(format!("docker://{reference}"))
+            .output()
+            .context("running skopeo")?;
+        ensure!(
+            out.status.success(),
+            "skopeo inspect {reference}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
 }
 
 impl Drop for LocalRegistry {

@@ -57,6 +57,8 @@ pub struct OrderOptions {
     /// payment tunnel get a terabyte, so their claims are not held back; those about
     /// acknowledgments set it low.
     pub byte_allowance: u64,
+    /// The client's own image, `(HOST/PATH, digest)`, instead of the SP's catalog image.
+    pub own_image: Option<(String, [u8; 32])>,
 }
 
 impl Default for OrderOptions {
@@ -69,6 +71,7 @@ impl Default for OrderOptions {
             disk_mib: None,
             ack_signer: None,
             byte_allowance: 1 << 40,
+            own_image: None,
         }
     }
 }
@@ -103,6 +106,10 @@ pub struct StackOptions {
     /// The chain's shape (chain id, block time); anvil's defaults (31337, a block per
     /// transaction) when `None`.
     pub devnet: Option<shale_contracts::devnet::DevnetOptions>,
+    /// Registries clients may bring their own images from, with their credentials
+    /// (`[containers] allow_client_images`, `allowed_registries` and `[[registries]]`); the SP
+    /// publishes their hosts. Empty: catalog images only.
+    pub client_image_registries: Vec<shale_provisioner::RegistryConfig>,
 }
 
 /// A running stack. Dropping it stops the gateway, the chain and (if it started one) containerd.
@@ -257,8 +264,16 @@ impl Stack {
             stop_grace: Duration::from_secs(2),
             scope: sp.scope().await?,
             network: with_own_subnet(options.network.unwrap_or_default()),
+            allow_client_images: !options.client_image_registries.is_empty(),
+            allowed_registries: options
+                .client_image_registries
+                .iter()
+                .map(|r| r.host.clone())
+                .collect(),
+            registries: options.client_image_registries.clone(),
             ..ProvisionerConfig::default()
         };
+        let allowed_registries = containers.allowed_registries.clone();
         let provisioner = Provisioner::connect(containers.clone())
             .await
             .context("connecting the provisioner")?;
@@ -348,6 +363,11 @@ impl Stack {
         )
         .await
         .context("registering the SP")?;
+        if !allowed_registries.is_empty() {
+            sp.set_client_image_registries(&allowed_registries)
+                .await
+                .context("publishing the registries clients may bring images from")?;
+        }
 
         // The client pins the host key it read from the chain: no trust on first use.
         let registered = client.provider(devnet.signer(SP_ACCOUNT).address()).await?;
@@ -464,6 +484,10 @@ impl Stack {
         order.byte_allowance = options.byte_allowance;
         if let Some(disk) = options.disk_mib {
             order.disk_mib = disk;
+        }
+        if let Some((repository, digest)) = options.own_image {
+            order.image_repository = Some(repository);
+            order.image_digest = Some(digest);
         }
         let id = self.client.create_order(&order).await?;
         if options.accept {

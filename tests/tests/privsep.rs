@@ -297,6 +297,7 @@ async fn a_lying_ssh_process_gets_only_what_the_chain_allows(socket: &Path) -> a
         pids_limit: None,
         disk_bytes: 1 << 30,
         image: None,
+        image_repository: None,
     };
     let not_allowed = |e: ProvisionError, words: &str| match e {
         ProvisionError::NotAllowed { reason, .. } if reason.contains(words) => Ok(()),

@@ -1,6 +1,7 @@
 //! `shale providers` and `shale datasets`: what the marketplace offers.
 
 use serde::Serialize;
+use shale_contracts::Network;
 
 use crate::money::format_fil;
 use crate::settings::Settings;
@@ -199,6 +200,7 @@ pub async fn images(
             ),
             None => println!("No provider lists images: orders run each one's built-in default."),
         }
+        print_client_registries(&providers, network);
         return Ok(());
     }
     let mut t = table([
@@ -228,7 +230,22 @@ pub async fn images(
         ]);
     }
     println!("{t}");
+    print_client_registries(&providers, network);
     Ok(())
+}
+
+/// Where each provider lets clients bring their own images from (`--image HOST/PATH@sha256:…`).
+fn print_client_registries(providers: &[shale_contracts::Provider], network: Network) {
+    for p in providers
+        .iter()
+        .filter(|p| !p.client_image_registries.is_empty())
+    {
+        println!(
+            "{} also runs your own image, by digest, from: {}",
+            view::address(p.address, network),
+            p.client_image_registries.join(", ")
+        );
+    }
 }
 
 /// A byte count in words.

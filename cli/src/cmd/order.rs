@@ -129,7 +129,14 @@ pub async fn create_with(
             );
         }
     }
-    let image = resolve_image(&provider, req.image.as_deref())?;
+    let own_image = match req.image.as_deref() {
+        Some(text) if text.contains('/') => Some(client_image(&provider, text)?),
+        _ => None,
+    };
+    let image = match own_image {
+        Some(_) => None,
+        None => resolve_image(&provider, req.image.as_deref())?,
+    };
     let (key_line, identity) = read_public_key(&req.key)?;
     let fingerprint = key_fingerprint_openssh(&key_line)?;
     let max_duration = req
@@ -139,6 +146,10 @@ pub async fn create_with(
     let mut order = NewOrder::for_offer(&provider, fingerprint, req.deposit, max_duration);
     order.dataset = req.dataset.clone();
     order.image_digest = image.map(|i| i.digest);
+    if let Some((repository, digest)) = own_image {
+        order.image_digest = Some(digest);
+        order.image_repository = Some(repository);
+    }
     if let Some(c) = req.cpus {
         order.cpus = c;
     }
@@ -632,6 +643,39 @@ pub fn resolve_image<'p>(
     }
 }
 
+/// The client's own image, `HOST/PATH@sha256:…`: its repository and digest, once the provider
+/// is known to pull from that registry (the contract would refuse it otherwise).
+fn client_image(provider: &Provider, text: &str) -> anyhow::Result<(String, [u8; 32])> {
+    let Some((repository, digest)) = text.split_once('@') else {
+        bail!(
+            "name your own image by digest, HOST/PATH@sha256:…, so the provider runs exactly it \
+             (`skopeo inspect docker://{text}` prints the digest)"
+        );
+    };
+    let digest = shale_contracts::parse_image_digest(digest)
+        .with_context(|| format!("the digest of image {text}"))?;
+    if repository
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last.contains(':'))
+    {
+        bail!("image {text}: name it by digest alone, without a tag");
+    }
+    if !provider.allows_client_image(repository) {
+        bail!(
+            "provider {:#x} does not pull clients' images from {}; {}",
+            provider.address,
+            repository.split('/').next().unwrap_or(repository),
+            if provider.client_image_registries.is_empty() {
+                "it runs only the images of its catalog (shale images)".to_string()
+            } else {
+                format!("it allows: {}", provider.client_image_registries.join(", "))
+            }
+        );
+    }
+    Ok((repository.to_string(), digest))
+}
+
 /// `sha256:` and the first 12 hex digits of an image digest, as `docker images` shortens them.
 pub fn short_digest(digest: &[u8; 32]) -> String {
     let full = shale_contracts::format_image_digest(digest);
@@ -662,6 +706,7 @@ mod tests {
             registered_at: 0,
             datasets: vec![],
             miner_id: None,
+            client_image_registries: Vec::new(),
             images: images
                 .iter()
                 .enumerate()

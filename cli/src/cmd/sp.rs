@@ -56,7 +56,41 @@ pub async fn register(config: &SpConfig) -> anyhow::Result<()> {
         tx.tx_hash,
         Fil(tx.fee)
     );
+    publish_client_registries(config, &market).await?;
     publish_images(config, &market).await
+}
+
+/// Puts on chain the registries clients may bring their own images from
+/// (`[containers] allow_client_images`, `allowed_registries`), when the chain says otherwise.
+async fn publish_client_registries(config: &SpConfig, market: &Marketplace) -> anyhow::Result<()> {
+    let containers = &config.gateway.containers;
+    let wanted = if containers.allow_client_images {
+        containers.allowed_registries.clone()
+    } else {
+        Vec::new()
+    };
+    let listed = market
+        .provider(config.gateway.chain.provider)
+        .await?
+        .client_image_registries;
+    if listed == wanted {
+        return Ok(());
+    }
+    let tx = market.set_client_image_registries(&wanted).await?;
+    if wanted.is_empty() {
+        println!(
+            "Clients may no longer bring their own images (tx {:#x}).",
+            tx.tx_hash
+        );
+    } else {
+        println!(
+            "Clients may bring their own images from {} (tx {:#x}, fee {}).",
+            wanted.join(", "),
+            tx.tx_hash,
+            Fil(tx.fee)
+        );
+    }
+    Ok(())
 }
 
 /// The catalog as it goes on chain: every `[images.NAME]` whose digest is known, the one marked
@@ -164,6 +198,7 @@ pub async fn update(config: &SpConfig) -> anyhow::Result<()> {
             println!("Added dataset {}.", d.id);
         }
     }
+    publish_client_registries(config, &market).await?;
     publish_images(config, &market).await
 }
 
@@ -200,20 +235,7 @@ pub fn parse_miner(text: &str) -> anyhow::Result<u64> {
 /// chain last heard. Returns the ids published.
 pub async fn publish_verified(config: &SpConfig) -> anyhow::Result<Vec<String>> {
     let market = signer(config).await?;
-    let on_chain = market
-        .provider(config.gateway.chain.provider)
-        .await?
-        .datasets;
-    let ids: Vec<String> = crate::cmd::piece::dataset_rows(config)?
-        .into_iter()
-        .filter(|r| r.state == crate::cmd::piece::VERIFIED)
-        .filter(|r| {
-            on_chain
-                .iter()
-                .any(|d| d.id == r.id && d.verified_at.unwrap_or(0) < r.checked_at.unwrap_or(0))
-        })
-        .map(|r| r.id)
-        .collect();
+    let ids = unpublished_verifications(config, &market).await?;
     if ids.is_empty() {
         println!("Nothing to publish: no dataset was verified since the chain last heard.");
         return Ok(ids);
@@ -226,6 +248,28 @@ pub async fn publish_verified(config: &SpConfig) -> anyhow::Result<Vec<String>> 
         Fil(tx.fee)
     );
     Ok(ids)
+}
+
+/// The listed datasets whose bytes the broker's last check found to be their piece, after the
+/// chain's record of the provider's last verification of them.
+pub async fn unpublished_verifications(
+    config: &SpConfig,
+    market: &Marketplace,
+) -> anyhow::Result<Vec<String>> {
+    let on_chain = market
+        .provider(config.gateway.chain.provider)
+        .await?
+        .datasets;
+    Ok(crate::cmd::piece::dataset_rows(config)?
+        .into_iter()
+        .filter(|r| r.state == crate::cmd::piece::VERIFIED)
+        .filter(|r| {
+            on_chain
+                .iter()
+                .any(|d| d.id == r.id && d.verified_at.unwrap_or(0) < r.checked_at.unwrap_or(0))
+        })
+        .map(|r| r.id)
+        .collect())
 }
 
 /// `shale sp withdraw`: no new orders; live ones continue.

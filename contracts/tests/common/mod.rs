@@ -84,6 +84,7 @@ impl World {
             gpus: 0,
             dataset: Some("era5".into()),
             image_digest: None,
+            image_repository: None,
             price_per_second: U256::from(1_000_003u64),
             price_per_gib: U256::from(7_000_000_001u64),
             max_duration_secs: 3_600,

@@ -156,6 +156,7 @@ pub fn lease(order: u64) -> LeaseSpec {
         pids_limit: None,
         disk_bytes: 64 << 20,
         image: None,
+        image_repository: None,
     }
 }
 

@@ -101,6 +101,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             .scope()
             .await
             .context("identifying the marketplace")?,
+        // Clients' own images are pulled with the catalog's credentials.
+        registries: config.registries.clone(),
         ..config.containers.clone()
     };
     let provisioner = Provisioner::connect(containers)

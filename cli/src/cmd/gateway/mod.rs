@@ -187,6 +187,7 @@ async fn supervise(config_path: &Path) -> anyhow::Result<()> {
             background.spawn(feed_leases(settler.clone(), lease_events.subscribe()));
             background.spawn(feed_market(settler, market_events.subscribe()));
         }
+        background.spawn(publish_verifications(market.clone(), sp.clone()));
         if sp.sp.accept.auto {
             background.spawn(accept_orders(market, sp.clone(), market_events.subscribe()));
         }
@@ -497,6 +498,13 @@ async fn image_ready(sp: &SpConfig, order: &shale_contracts::Order) -> Result<()
         return Ok(());
     };
     let digest = shale_contracts::format_image_digest(digest);
+    // The client's own image: pulled at the first login (the broker checks the registry again).
+    if let Some(repository) = &order.image_repository {
+        return match sp.gateway.containers.refuse_client_image(repository) {
+            Some(reason) => Err(format!("image {repository}@{digest} refused: {reason}")),
+            None => Ok(()),
+        };
+    }
     let path = InstalledCatalog::path(sp);
     let deadline = std::time::Instant::now() + CATALOG_WAIT;
     while !sp.gateway.images.is_empty() && !path.exists() && std::time::Instant::now() < deadline {
@@ -504,6 +512,39 @@ async fn image_ready(sp: &SpConfig, order: &shale_contracts::Order) -> Result<()
     }
     let installed = InstalledCatalog::read(&path).map_err(|e| format!("{e:#}"))?;
     installed.serves(&digest)
+}
+
+/// How often the broker's dataset record is looked at for checks the chain has not heard of.
+const VERIFICATION_POLL: Duration = Duration::from_secs(60);
+
+/// Records on chain when the broker last verified each dataset against its piece CID, after
+/// each of its checks that found a match (clients see it in `shale datasets`). A failed send is
+/// tried again at the next poll.
+async fn publish_verifications(market: Marketplace, sp: SpConfig) {
+    let mut published_up_to = None;
+    loop {
+        let newest = crate::cmd::piece::dataset_rows(&sp)
+            .map(|rows| rows.iter().filter_map(|r| r.checked_at).max())
+            .unwrap_or(None);
+        if newest.is_some() && newest != published_up_to {
+            match crate::cmd::sp::unpublished_verifications(&sp, &market).await {
+                Ok(ids) if ids.is_empty() => published_up_to = newest,
+                Ok(ids) => match market.mark_verified(&ids).await {
+                    Ok(tx) => {
+                        tracing::info!(datasets = ?ids, tx = %tx.tx_hash, "published dataset verifications");
+                        published_up_to = newest;
+                    }
+                    Err(e) => {
+                        tracing::warn!(datasets = ?ids, error = %e, "could not publish dataset verifications; trying again")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "could not read the datasets' verifications")
+                }
+            }
+        }
+        tokio::time::sleep(VERIFICATION_POLL).await;
+    }
 }
 
 /// How long the accept policy waits for the broker's first installation of the catalog.
