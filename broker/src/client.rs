@@ -65,6 +65,21 @@ impl BrokerClient {
         }
     }
 
+    /// Has the broker pull a client's own image, `repository@digest` (`sha256:…`), ahead of its
+    /// order's first login. Refused for a registry the broker's config does not allow.
+    pub async fn pull_image(&self, repository: &str, digest: &str) -> Result<(), ProvisionError> {
+        match self
+            .simple(Request::PullImage {
+                repository: repository.to_string(),
+                digest: digest.to_string(),
+            })
+            .await?
+        {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     async fn simple(&self, request: Request) -> Result<Reply, ProvisionError> {
         Ok(self.call(request).await?.1)
     }

@@ -59,6 +59,9 @@ pub enum Request {
     PullStats,
     /// The datasets and their last checks.
     Datasets,
+    /// Pull a client's own image (`repository@digest`) ahead of its order's first login; the
+    /// broker refuses a repository its config does not allow.
+    PullImage { repository: String, digest: String },
 }
 
 /// The broker's answer to a [`Request`].
@@ -141,6 +144,10 @@ pub enum WireError {
         wanted: u32,
         available: u32,
     },
+    ClientImageRefused {
+        repository: String,
+        reason: String,
+    },
     AtCapacity {
         reason: String,
     },
@@ -215,6 +222,12 @@ impl From<&ProvisionError> for WireError {
                 wanted: *wanted,
                 available: *available,
             },
+            ProvisionError::ClientImageRefused { repository, reason } => {
+                WireError::ClientImageRefused {
+                    repository: repository.clone(),
+                    reason: reason.clone(),
+                }
+            }
             ProvisionError::AtCapacity(reason) => WireError::AtCapacity {
                 reason: reason.clone(),
             },
@@ -280,6 +293,9 @@ impl WireError {
             }
             WireError::GpusUnavailable { wanted, available } => {
                 ProvisionError::GpusUnavailable { wanted, available }
+            }
+            WireError::ClientImageRefused { repository, reason } => {
+                ProvisionError::ClientImageRefused { repository, reason }
             }
             WireError::AtCapacity { reason } => ProvisionError::AtCapacity(reason),
             WireError::StartFailed { order, reason } => {

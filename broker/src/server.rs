@@ -29,6 +29,8 @@ const MAX_ARGS: usize = 4096;
 const MAX_ENV: usize = 1024;
 /// DNS's limit on a name.
 const MAX_HOST: usize = 253;
+/// The longest image repository a pull may name (the contract's `MAX_TEXT`).
+const MAX_REPOSITORY: usize = 1024;
 
 /// How long a live order the chain last confirmed keeps being served while the chain cannot be
 /// reached, unless the broker is told otherwise: the gateway's own default bound.
@@ -162,7 +164,9 @@ impl Broker {
             | Request::AdoptAll
             | Request::ReconcileNetwork
             | Request::PullStats
-            | Request::Datasets => Ok(()),
+            | Request::Datasets
+            // Only from a registry the broker's own config allows (checked by the provisioner).
+            | Request::PullImage { .. } => Ok(()),
         }
     }
 
@@ -181,6 +185,10 @@ impl Broker {
                 .map_or_else(failed, |l| Reply::Lease(Box::new(l))),
             Request::PullStats => Reply::PullStats(p.pull_stats()),
             Request::Datasets => Reply::Datasets(p.dataset_statuses()),
+            Request::PullImage { repository, digest } => p
+                .client_image(&repository, &digest)
+                .await
+                .map_or_else(failed, |_| Reply::Done),
             Request::Orders => p.orders().await.map_or_else(failed, Reply::Orders),
             Request::AdoptAll => p.adopt(|_| true).await.map_or_else(failed, Reply::Orders),
             Request::Traffic { order } => {
@@ -312,7 +320,8 @@ fn order_of(request: &Request) -> Option<u64> {
         | Request::AdoptAll
         | Request::ReconcileNetwork
         | Request::PullStats
-        | Request::Datasets => None,
+        | Request::Datasets
+        | Request::PullImage { .. } => None,
     }
 }
 
@@ -330,6 +339,16 @@ fn check(request: &Request) -> Result<(), String> {
             Ok(())
         }
         Request::Ensure(spec) => check_lease(spec),
+        Request::PullImage { repository, digest } => {
+            if repository.is_empty() || repository.len() > MAX_REPOSITORY {
+                return Err(format!("{} bytes is no image repository", repository.len()));
+            }
+            let hex = digest.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err("an image is pulled by its sha256 digest only".into());
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -420,5 +439,25 @@ mod tests {
         assert!(check(&dial("", 22)).is_err());
         assert!(check(&dial("localhost", 0)).is_err());
         assert!(check(&dial(&"a".repeat(300), 22)).is_err());
+    }
+
+    #[test]
+    fn a_pull_names_a_repository_and_a_sha256_digest() {
+        let pull = |repository: &str, digest: &str| Request::PullImage {
+            repository: repository.into(),
+            digest: digest.into(),
+        };
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        assert!(check(&pull("registry.example:5000/me/tools", &digest)).is_ok());
+        assert!(check(&pull("", &digest)).is_err());
+        assert!(check(&pull(&"a".repeat(2000), &digest)).is_err());
+        for bad in [
+            "latest",
+            "sha256:ab",
+            "sha512:00",
+            &format!("sha256:{}", "zz".repeat(32)),
+        ] {
+            assert!(check(&pull("r.example/x", bad)).is_err(), "{bad}");
+        }
     }
 }

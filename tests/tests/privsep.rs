@@ -332,6 +332,20 @@ async fn a_lying_ssh_process_gets_only_what_the_chain_allows(socket: &Path) -> a
         broker.orders().await?.contains(&1),
         "order 1's container survived the release it was refused"
     );
+    // Pulls: only by digest, only from a registry the SP's config allows (the dev stack allows
+    // none), before anything reaches the network.
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    match broker.pull_image("203.0.113.7:5000/x/y", &digest).await {
+        Err(ProvisionError::ClientImageRefused { reason, .. }) => ensure!(
+            reason.contains("only the images of its catalog"),
+            "{reason}"
+        ),
+        other => bail!("a pull from a registry nobody allowed: {other:?}"),
+    }
+    match broker.pull_image("203.0.113.7:5000/x/y", "latest").await {
+        Err(e) => ensure!(e.to_string().contains("sha256 digest"), "{e}"),
+        Ok(()) => bail!("a pull by tag was served"),
+    }
     Ok(())
 }
 

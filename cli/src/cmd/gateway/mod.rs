@@ -498,12 +498,19 @@ async fn image_ready(sp: &SpConfig, order: &shale_contracts::Order) -> Result<()
         return Ok(());
     };
     let digest = shale_contracts::format_image_digest(digest);
-    // The client's own image: pulled at the first login (the broker checks the registry again).
+    // The client's own image: pulled now, so its first login does not wait for it (the broker
+    // checks the registry against its config again).
     if let Some(repository) = &order.image_repository {
-        return match sp.gateway.containers.refuse_client_image(repository) {
-            Some(reason) => Err(format!("image {repository}@{digest} refused: {reason}")),
-            None => Ok(()),
-        };
+        if let Some(reason) = sp.gateway.containers.refuse_client_image(repository) {
+            return Err(format!("image {repository}@{digest} refused: {reason}"));
+        }
+        let broker = shale_broker::BrokerClient::connect(broker::socket_path(sp))
+            .await
+            .map_err(|e| format!("the broker cannot pull the image now: {e}"))?;
+        return broker
+            .pull_image(repository, &digest)
+            .await
+            .map_err(|e| format!("image {repository}@{digest} cannot be pulled: {e}"));
     }
     let path = InstalledCatalog::path(sp);
     let deadline = std::time::Instant::now() + CATALOG_WAIT;
