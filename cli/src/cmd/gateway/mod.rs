@@ -545,6 +545,15 @@ async fn publish_verifications(market: Marketplace, sp: SpConfig) {
                         tracing::warn!(datasets = ?ids, error = %e, "could not publish dataset verifications; trying again")
                     }
                 },
+                // A gateway started before `shale sp register` has nothing to publish yet.
+                Err(e)
+                    if matches!(
+                        e.downcast_ref::<shale_contracts::ChainError>(),
+                        Some(shale_contracts::ChainError::ProviderNotFound(_))
+                    ) =>
+                {
+                    tracing::debug!("not registered yet: no dataset verification to publish")
+                }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "could not read the datasets' verifications")
                 }
