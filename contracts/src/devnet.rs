@@ -436,15 +436,23 @@ pub async fn deploy_bytecode(
         .get_receipt()
         .await
         .map_err(|e| ChainError::Rpc(e.to_string()))?;
-    if !receipt.status() {
-        return Err(ChainError::TxReverted {
-            tx: receipt.transaction_hash,
-            reason: "contract creation reverted".into(),
-        });
-    }
-    receipt
+    succeeded(receipt, "contract creation reverted")?
         .contract_address
         .ok_or_else(|| ChainError::Decode("deployment receipt has no contract address".into()))
+}
+
+/// `receipt` if its transaction succeeded, else `TxReverted` with `reason`.
+pub(crate) fn succeeded(
+    receipt: alloy::rpc::types::TransactionReceipt,
+    reason: &str,
+) -> Result<alloy::rpc::types::TransactionReceipt, ChainError> {
+    if receipt.status() {
+        return Ok(receipt);
+    }
+    Err(ChainError::TxReverted {
+        tx: receipt.transaction_hash,
+        reason: reason.into(),
+    })
 }
 
 fn signing_provider(

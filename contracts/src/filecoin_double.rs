@@ -118,12 +118,6 @@ impl FilecoinDouble {
             .get_receipt()
             .await
             .map_err(|e| ChainError::Rpc(e.to_string()))?;
-        if !receipt.status() {
-            return Err(ChainError::TxReverted {
-                tx: receipt.transaction_hash,
-                reason: "the Filecoin double refused the set-up".into(),
-            });
-        }
-        Ok(())
+        crate::devnet::succeeded(receipt, "the Filecoin double refused the set-up").map(|_| ())
     }
 }

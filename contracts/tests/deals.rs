@@ -31,6 +31,16 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
         .collect()
 }
 
+/// Why the registry refused to list `dataset`, in words.
+async fn refusal(world: &World, dataset: &Dataset) -> String {
+    world
+        .sp
+        .add_dataset(dataset)
+        .await
+        .expect_err("the registry refuses the dataset")
+        .to_string()
+}
+
 fn deal_dataset(id: &str, piece: Option<&str>, deal: u64) -> Dataset {
     Dataset {
         id: id.into(),
@@ -61,15 +71,8 @@ async fn deals_are_checked_against_the_market_actor() {
     let mut events = world.reader.watch().await.unwrap();
 
     // Without a miner a deal has nothing to be checked against.
-    let err = world
-        .sp
-        .add_dataset(&deal_dataset("a", Some(PIECE), DEAL))
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("has set no Filecoin miner"),
-        "{err}"
-    );
+    let err = refusal(&world, &deal_dataset("a", Some(PIECE), DEAL)).await;
+    assert!(err.contains("has set no Filecoin miner"), "{err}");
 
     // A stranger's address does not control the miner.
     let err = world.stranger.set_miner(MINER).await.unwrap_err();
@@ -99,27 +102,12 @@ async fn deals_are_checked_against_the_market_actor() {
     assert_eq!(b.piece_cid.as_deref(), Some(PIECE), "the deal's piece");
 
     // Another piece, another miner, no such deal: each refused with its reason.
-    let err = world
-        .sp
-        .add_dataset(&deal_dataset("c", Some(PIECE), DEAL + 1))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("not the dataset's piece"), "{err}");
-    let err = world
-        .sp
-        .add_dataset(&deal_dataset("c", Some(PIECE), DEAL + 2))
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("is stored with miner f05678"),
-        "{err}"
-    );
-    let err = world
-        .sp
-        .add_dataset(&deal_dataset("c", Some(PIECE), 999))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("knows no such deal"), "{err}");
+    let err = refusal(&world, &deal_dataset("c", Some(PIECE), DEAL + 1)).await;
+    assert!(err.contains("not the dataset's piece"), "{err}");
+    let err = refusal(&world, &deal_dataset("c", Some(PIECE), DEAL + 2)).await;
+    assert!(err.contains("is stored with miner f05678"), "{err}");
+    let err = refusal(&world, &deal_dataset("c", Some(PIECE), 999)).await;
+    assert!(err.contains("knows no such deal"), "{err}");
     assert_eq!(world.reader.provider(sp).await.unwrap().datasets.len(), 3);
 
     let mut checked = Vec::new();
@@ -149,15 +137,8 @@ async fn without_filecoin_a_deal_is_refused_and_verification_is_recorded() {
     let world = World::with_provider().await;
     let sp = world.sp_address();
     // No doubles: this is what any non-Filecoin EVM chain answers.
-    let err = world
-        .sp
-        .add_dataset(&deal_dataset("a", Some(PIECE), DEAL))
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("has set no Filecoin miner"),
-        "{err}"
-    );
+    let err = refusal(&world, &deal_dataset("a", Some(PIECE), DEAL)).await;
+    assert!(err.contains("has set no Filecoin miner"), "{err}");
     let err = world.sp.set_miner(MINER).await.unwrap_err();
     assert!(err.to_string().contains("no Filecoin actors"), "{err}");
 
