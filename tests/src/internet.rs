@@ -131,7 +131,10 @@ fn netns_name(instance: &str, side: &str) -> String {
 fn remove_leftovers() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let alive = |pid: &str| Path::new(&format!("/proc/{pid}")).exists();
+        // This process has made nothing yet: a name with its pid is a dead process's whose pid
+        // it was given again.
+        let own = std::process::id().to_string();
+        let alive = |pid: &str| pid != own && Path::new(&format!("/proc/{pid}")).exists();
         if let Ok(list) = sh("ip", &["netns", "list"]) {
             for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
                 let Some(pid) = ns
