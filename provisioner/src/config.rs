@@ -113,6 +113,12 @@ pub struct ProvisionerConfig {
     /// broker (not part of this table).
     #[serde(skip)]
     pub registries: Vec<crate::RegistryConfig>,
+    /// Start processes through the agent in each container (no shim copies their bytes), with
+    /// containerd's exec where the agent is unavailable. On by default.
+    pub exec_agent: bool,
+    /// The agent's binary, a static executable (`scripts/build-agent.sh` builds it). Unset, it
+    /// is looked for as `shale-agent` next to the running program and in `../agent/` from it.
+    pub agent: Option<PathBuf>,
 }
 
 impl ProvisionerConfig {
@@ -163,6 +169,8 @@ impl Default for ProvisionerConfig {
             allow_client_images: false,
             allowed_registries: Vec::new(),
             registries: Vec::new(),
+            exec_agent: true,
+            agent: None,
         }
     }
 }

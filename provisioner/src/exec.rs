@@ -20,9 +20,11 @@ use tokio::sync::watch;
 use tracing::{debug, instrument, warn, Instrument};
 
 use crate::ctd::{is_not_found, Ctd};
+use crate::tty::{self, TtyMaster};
 use crate::{spec, ProvisionError, Provisioner};
 
-const PROCESS_SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+pub(crate) const PROCESS_SPEC_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/Process";
 /// How long the shim gets to open its ends of the FIFOs after `Start`.
 const FIFO_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -241,16 +243,7 @@ impl ContainerdProcess {
     fn exit_status(&self, code: u32) -> ExitStatus {
         let code = code as i32;
         if code > 128 && code <= 128 + 64 {
-            let sig = code - 128;
-            let sent = self
-                .signals_sent
-                .lock()
-                .expect("signal list poisoned")
-                .contains(&sig);
-            // SIGKILL is what the kernel (OOM) and `kill -9` use; a program rarely exits 137 itself.
-            if sent || sig == nix::sys::signal::Signal::SIGKILL as i32 {
-                return ExitStatus::Signal(sig);
-            }
+            return signal_status(code - 128, &self.signals_sent);
         }
         ExitStatus::Code(code)
     }
@@ -266,6 +259,19 @@ impl ContainerdProcess {
             },
             other => other,
         }
+    }
+}
+
+/// How a process that died of `sig` is reported, on either path: as the signal when its handle
+/// sent it, or for SIGKILL (what the kernel's OOM killer and `kill -9` use); otherwise as the
+/// shell's 128+N. containerd reports both as 128+N and cannot tell a signal from an exit code,
+/// so the agent's path, which can, reports alike: a client sees the same status either way.
+pub(crate) fn signal_status(sig: i32, sent: &Mutex<Vec<i32>>) -> ExitStatus {
+    let sent = sent.lock().expect("signal list poisoned").contains(&sig);
+    if sent || sig == nix::sys::signal::Signal::SIGKILL as i32 {
+        ExitStatus::Signal(sig)
+    } else {
+        ExitStatus::Code(128 + sig)
     }
 }
 
@@ -285,9 +291,30 @@ async fn close_io(ctd: &Ctd, container_id: &str, exec_id: &str) -> Result<(), to
     }
 }
 
-/// Our writer on the stdin FIFO, shared with the handle so `close_stdin` can drop it.
+/// Our writer on the process's stdin: a FIFO or pipe, or a terminal's master.
+pub(crate) enum Writer {
+    Pipe(pipe::Sender),
+    Tty(TtyMaster),
+}
+
+impl Writer {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Writer::Pipe(p) => p.as_fd(),
+            Writer::Tty(t) => t.as_fd(),
+        }
+    }
+}
+
+/// Our reader of one of the process's outputs: a FIFO or pipe, or a terminal's master.
+pub(crate) enum Reader {
+    Pipe(pipe::Receiver),
+    Tty(TtyMaster),
+}
+
+/// Our writer on the stdin, shared with the handle so `close_stdin` can drop it.
 struct StdinShared {
-    sender: Mutex<Option<pipe::Sender>>,
+    sender: Mutex<Option<Writer>>,
 }
 
 impl StdinShared {
@@ -313,7 +340,8 @@ impl AsyncWrite for ProcessStdin {
     ) -> Poll<io::Result<usize>> {
         let mut guard = self.shared.sender.lock().expect("stdin lock poisoned");
         match guard.as_mut() {
-            Some(s) => Pin::new(s).poll_write(cx, buf),
+            Some(Writer::Pipe(s)) => Pin::new(s).poll_write(cx, buf),
+            Some(Writer::Tty(t)) => Pin::new(t).poll_write(cx, buf),
             None => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "stdin is closed",
@@ -324,7 +352,8 @@ impl AsyncWrite for ProcessStdin {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut guard = self.shared.sender.lock().expect("stdin lock poisoned");
         match guard.as_mut() {
-            Some(s) => Pin::new(s).poll_flush(cx),
+            Some(Writer::Pipe(s)) => Pin::new(s).poll_flush(cx),
+            Some(Writer::Tty(t)) => Pin::new(t).poll_flush(cx),
             None => Poll::Ready(Ok(())),
         }
     }
@@ -344,7 +373,30 @@ impl AsyncWrite for ProcessStdin {
 /// One of the process's output streams; reads end (0 bytes) when the process has exited and
 /// everything it wrote has been read.
 pub struct ProcessOutput {
-    receiver: pipe::Receiver,
+    receiver: Reader,
+}
+
+impl ProcessOutput {
+    pub(crate) fn new(receiver: Reader) -> Self {
+        Self { receiver }
+    }
+
+    fn into_fd(self) -> io::Result<OwnedFd> {
+        match self.receiver {
+            Reader::Pipe(p) => p.into_nonblocking_fd(),
+            Reader::Tty(t) => Ok(t.into_fd()),
+        }
+    }
+
+    /// A reader of a descriptor from a broker: a pipe or FIFO, or a terminal's master.
+    fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let receiver = if tty::is_terminal(&fd) {
+            Reader::Tty(TtyMaster::new(fd)?)
+        } else {
+            Reader::Pipe(pipe::Receiver::from_owned_fd(fd)?)
+        };
+        Ok(Self { receiver })
+    }
 }
 
 impl AsyncRead for ProcessOutput {
@@ -353,7 +405,10 @@ impl AsyncRead for ProcessOutput {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.receiver).poll_read(cx, buf)
+        match &mut self.receiver {
+            Reader::Pipe(p) => Pin::new(p).poll_read(cx, buf),
+            Reader::Tty(t) => Pin::new(t).poll_read(cx, buf),
+        }
     }
 }
 
@@ -439,6 +494,13 @@ impl Provisioner {
             env.retain(|e| !e.starts_with(&prefix));
             env.push(format!("{k}={v}"));
         }
+        let cwd = req
+            .cwd
+            .clone()
+            .unwrap_or_else(|| self.inner.config.work_dir.clone());
+        if let Some(started) = self.exec_by_agent(order, &req, &env, &cwd).await {
+            return started;
+        }
         let seq = self.inner.exec_seq.fetch_add(1, Ordering::Relaxed);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -482,10 +544,6 @@ impl Provisioner {
         };
         widen_fifo(&sender);
 
-        let cwd = req
-            .cwd
-            .clone()
-            .unwrap_or_else(|| self.inner.config.work_dir.clone());
         let process_spec = spec::process(
             &self.inner.config,
             &req.argv,
@@ -595,15 +653,15 @@ impl Provisioner {
         if let Some(f) = &err_file {
             widen_fifo(f);
         }
-        let stdout = ProcessOutput {
-            receiver: pipe::Receiver::from_file(out_file)
+        let stdout = ProcessOutput::new(Reader::Pipe(
+            pipe::Receiver::from_file(out_file)
                 .map_err(|e| ProvisionError::io("open output FIFO", &stdout_path, e))?,
-        };
+        ));
         let stderr = match err_file {
-            Some(f) => Some(ProcessOutput {
-                receiver: pipe::Receiver::from_file(f)
+            Some(f) => Some(ProcessOutput::new(Reader::Pipe(
+                pipe::Receiver::from_file(f)
                     .map_err(|e| ProvisionError::io("open output FIFO", &stderr_path, e))?,
-            }),
+            ))),
             None => None,
         };
 
@@ -651,13 +709,18 @@ impl Provisioner {
             exit: exit_rx,
             signals_sent: Mutex::new(Vec::new()),
         });
-        Ok(Process::assemble(sender, stdout, stderr, control))
+        Ok(Process::assemble(
+            Writer::Pipe(sender),
+            stdout,
+            stderr,
+            control,
+        ))
     }
 }
 
 impl Process {
-    fn assemble(
-        stdin: pipe::Sender,
+    pub(crate) fn assemble(
+        stdin: Writer,
         stdout: ProcessOutput,
         stderr: Option<ProcessOutput>,
         control: Arc<dyn ProcessControl>,
@@ -681,22 +744,22 @@ impl Process {
     }
 
     /// A process whose stdio arrived as file descriptors (from a privileged broker) and whose
-    /// control is `control`. Each descriptor must be a pipe or FIFO end of the right direction
-    /// (checked, and set non-blocking): anything else is refused.
+    /// control is `control`. Each descriptor must be a pipe or FIFO end of the right direction,
+    /// or a terminal's master (checked, and set non-blocking): anything else is refused.
     pub fn from_fds(
         stdin: OwnedFd,
         stdout: OwnedFd,
         stderr: Option<OwnedFd>,
         control: Arc<dyn ProcessControl>,
     ) -> io::Result<Process> {
-        let stdin = pipe::Sender::from_owned_fd(stdin)?;
-        let stdout = ProcessOutput {
-            receiver: pipe::Receiver::from_owned_fd(stdout)?,
+        let stdin = if tty::is_terminal(&stdin) {
+            Writer::Tty(TtyMaster::new(stdin)?)
+        } else {
+            Writer::Pipe(pipe::Sender::from_owned_fd(stdin)?)
         };
+        let stdout = ProcessOutput::from_fd(stdout)?;
         let stderr = match stderr {
-            Some(fd) => Some(ProcessOutput {
-                receiver: pipe::Receiver::from_owned_fd(fd)?,
-            }),
+            Some(fd) => Some(ProcessOutput::from_fd(fd)?),
             None => None,
         };
         Ok(Process::assemble(stdin, stdout, stderr, control))
@@ -717,9 +780,9 @@ impl Process {
                 None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stdin is closed")),
             }
         };
-        let stdout = self.stdout.receiver.into_nonblocking_fd()?;
+        let stdout = self.stdout.into_fd()?;
         let stderr = match self.stderr {
-            Some(e) => Some(e.receiver.into_nonblocking_fd()?),
+            Some(e) => Some(e.into_fd()?),
             None => None,
         };
         Ok((stdin, stdout, stderr, self.handle))

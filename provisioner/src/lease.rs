@@ -278,6 +278,11 @@ impl Provisioner {
             etc_dir: &etc,
             dataset: dataset.as_ref(),
             edits,
+            agent: self
+                .inner
+                .agents
+                .binary()
+                .map(|binary| (binary, self.agent_dir(order))),
         };
         let oci = spec::container(&self.inner.config, &shape)?;
 
@@ -435,6 +440,15 @@ impl Provisioner {
             .map_err(|e| ProvisionError::io("write", etc.join("hosts"), e))?;
         std::fs::write(etc.join("hostname"), format!("{host}\n"))
             .map_err(|e| ProvisionError::io("write", etc.join("hostname"), e))?;
+        if self.inner.agents.binary().is_some() {
+            // Bound read-only into the container: the container's user may connect to the
+            // socket the broker makes here, not put anything in its place.
+            let dir = self.agent_dir(order);
+            std::fs::create_dir_all(&dir).map_err(|e| ProvisionError::io("create", &dir, e))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| ProvisionError::io("open up", &dir, e))?;
+        }
         Ok(())
     }
 
@@ -740,6 +754,7 @@ impl Provisioner {
             .lock()
             .expect("env cache poisoned")
             .remove(&order);
+        self.inner.agents.forget(order);
         info!("task stopped");
         Ok(())
     }
@@ -944,13 +959,38 @@ impl Provisioner {
                     .collect()
             })
             .unwrap_or_default();
+        let has_agent = spec["mounts"].as_array().is_some_and(|mounts| {
+            mounts
+                .iter()
+                .any(|m| m["destination"].as_str() == Some(shale_agent::CONTAINER_BINARY))
+        });
         let env = Arc::new(env);
         self.inner
             .envs
             .lock()
             .expect("env cache poisoned")
             .insert(order, env.clone());
+        self.inner
+            .agent_mounted
+            .lock()
+            .expect("agent cache poisoned")
+            .insert(order, has_agent);
         Ok(env)
+    }
+
+    /// Whether the order's container was made with the agent bound in (containers made before
+    /// the fast path, or with it off, were not).
+    pub(crate) async fn order_has_agent(&self, order: u64) -> bool {
+        if self.order_env(order).await.is_err() {
+            return false;
+        }
+        self.inner
+            .agent_mounted
+            .lock()
+            .expect("agent cache poisoned")
+            .get(&order)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// The uid range of the order's container, or `None` when it has none.

@@ -17,6 +17,7 @@
 //! (see [`image_build`]). [`daemon::LocalContainerd`] starts a project-local containerd for tests
 //! and `shale dev up`.
 
+mod agent;
 pub mod car;
 mod catalog;
 mod cdi;
@@ -27,6 +28,7 @@ mod dataset;
 mod disk;
 mod error;
 mod exec;
+pub mod fds;
 mod image;
 pub mod image_build;
 mod image_gc;
@@ -40,6 +42,7 @@ mod rootfs;
 mod seccomp;
 mod spec;
 mod store_room;
+mod tty;
 mod userns;
 
 pub use catalog::{check_catalog, Catalog, CatalogImage, ImageSource, InstalledImage};
@@ -103,6 +106,10 @@ struct Inner {
     installs: tokio::sync::watch::Sender<usize>,
     /// The datasets and what their last hashes found.
     datasets: dataset::Datasets,
+    /// The agents in the orders' containers: the fast path for their processes.
+    agents: agent::Agents,
+    /// Whether each order's container has the agent bound in, read with its environment.
+    agent_mounted: Mutex<HashMap<u64, bool>>,
 }
 
 impl Provisioner {
@@ -143,6 +150,13 @@ impl Provisioner {
             path: config.image_store.clone(),
             reserve: config.image_store_reserve_bytes,
         };
+        let agent = agent::binary(&config)?;
+        match &agent {
+            Some(path) => {
+                info!(agent = %path.display(), "processes start through the containers' agent")
+            }
+            None => info!("no agent binary: processes start through containerd's exec"),
+        }
         let datasets = dataset::Datasets::new(
             config.datasets.clone(),
             config.data_dir.clone(),
@@ -162,6 +176,8 @@ impl Provisioner {
                 net_lock: tokio::sync::Mutex::new(()),
                 puller: registry::Puller::new(room),
                 installs: tokio::sync::watch::Sender::new(0),
+                agents: agent::Agents::new(agent),
+                agent_mounted: Mutex::new(HashMap::new()),
             }),
         })
     }

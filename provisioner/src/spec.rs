@@ -19,7 +19,7 @@
 //! - containerd's socket and the host's filesystems are never mounted.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capabilities, Capability, HookBuilder, Hooks, HooksBuilder, LinuxBuilder,
@@ -74,6 +74,9 @@ pub(crate) struct ContainerShape<'a> {
     pub etc_dir: &'a Path,
     pub dataset: Option<&'a DatasetMount>,
     pub edits: &'a ContainerEdits,
+    /// The agent's binary on the host and the directory its broker listens in, when the fast
+    /// path is on.
+    pub agent: Option<(&'a Path, PathBuf)>,
 }
 
 fn invalid(e: oci_spec::OciSpecError) -> ProvisionError {
@@ -263,6 +266,21 @@ fn mounts(
                 &["rbind", "rro", "nosuid", "nodev"],
             )?);
         }
+    }
+    if let Some((binary, link_dir)) = &shape.agent {
+        // Under /run, a fresh tmpfs: nothing of the image is shadowed, nothing is written to it.
+        mounts.push(mount(
+            shale_agent::CONTAINER_BINARY,
+            "bind",
+            binary,
+            &["rbind", "ro", "nosuid", "nodev"],
+        )?);
+        mounts.push(mount(
+            shale_agent::CONTAINER_LINK_DIR,
+            "bind",
+            link_dir,
+            &["rbind", "ro", "nosuid", "nodev", "noexec"],
+        )?);
     }
     for m in &shape.edits.mounts {
         let kind = m.r#type.as_deref().unwrap_or("bind");
@@ -493,6 +511,36 @@ mod tests {
                 env: vec![],
             }))),
             edits,
+            agent: Some((
+                Path::new("/usr/lib/shale/shale-agent"),
+                PathBuf::from("/state/orders/o-7/agent"),
+            )),
+        }
+    }
+
+    #[test]
+    fn the_agent_and_its_link_are_bound_read_only_under_run() {
+        let edits = ContainerEdits::default();
+        let spec = container(&ProvisionerConfig::default(), &shape(&edits)).unwrap();
+        let mounts = spec.mounts().as_ref().unwrap();
+        let run = mounts
+            .iter()
+            .position(|m| m.destination() == Path::new("/run"))
+            .unwrap();
+        for (dest, source) in [
+            (shale_agent::CONTAINER_BINARY, "/usr/lib/shale/shale-agent"),
+            (shale_agent::CONTAINER_LINK_DIR, "/state/orders/o-7/agent"),
+        ] {
+            let at = mounts
+                .iter()
+                .position(|m| m.destination() == Path::new(dest))
+                .unwrap_or_else(|| panic!("{dest} is not mounted"));
+            assert!(at > run, "{dest} must be mounted after /run's tmpfs");
+            let m = &mounts[at];
+            assert_eq!(m.source().as_deref(), Some(Path::new(source)));
+            let options = m.options().as_ref().unwrap();
+            assert!(options.iter().any(|o| o == "ro"), "{dest}: {options:?}");
+            assert!(options.iter().any(|o| o == "nosuid"), "{dest}: {options:?}");
         }
     }
 

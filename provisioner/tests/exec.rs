@@ -9,9 +9,10 @@ use common::*;
 use shale_provisioner::{ExecRequest, ExitStatus, ProvisionError, PtySize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_reports_output_streams_and_exit_codes() {
-    let h = Harness::busybox().await;
+async fn exec_reports_output_streams_and_exit_codes(path: ExecPath) {
+    let Some(h) = Harness::busybox_via(path).await else {
+        return;
+    };
     h.prov.ensure(&lease(1)).await.expect("ensure");
     let (out, err, st) = sh(&h.prov, 1, "echo out; echo err >&2; exit 3").await;
     assert_eq!(
@@ -30,14 +31,22 @@ async fn exec_reports_output_streams_and_exit_codes() {
         tty: None,
     };
     let p = h.prov.exec(1, req).await.expect("exec");
+    // The path asked for is the one taken: the agent's processes are named by it.
+    assert_eq!(
+        p.handle.exec_id().starts_with("agent-"),
+        matches!(path, ExecPath::Agent),
+        "{}",
+        p.handle.exec_id()
+    );
     assert_eq!(read_all(p.stdout).await, "hello\n/tmp\n");
     assert_eq!(p.handle.wait().await.expect("wait"), ExitStatus::Code(0));
     h.prov.release(1).await.expect("release");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_program_is_an_exec_error() {
-    let h = Harness::busybox().await;
+async fn a_missing_program_is_an_exec_error(path: ExecPath) {
+    let Some(h) = Harness::busybox_via(path).await else {
+        return;
+    };
     h.prov.ensure(&lease(2)).await.expect("ensure");
     let err = h
         .prov
@@ -65,9 +74,10 @@ async fn a_missing_program_is_an_exec_error() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signals_are_delivered_and_reported() {
-    let h = Harness::busybox().await;
+async fn signals_are_delivered_and_reported(path: ExecPath) {
+    let Some(h) = Harness::busybox_via(path).await else {
+        return;
+    };
     h.prov.ensure(&lease(3)).await.expect("ensure");
     let p = h.prov.exec(3, cmd(&["sleep", "300"])).await.expect("exec");
     let waiter = p.handle.clone();
@@ -91,9 +101,10 @@ async fn signals_are_delivered_and_reported() {
     h.prov.release(3).await.expect("release");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closing_stdin_delivers_eof() {
-    let h = Harness::busybox().await;
+async fn closing_stdin_delivers_eof(path: ExecPath) {
+    let Some(h) = Harness::busybox_via(path).await else {
+        return;
+    };
     h.prov.ensure(&lease(4)).await.expect("ensure");
     let mut p = h
         .prov
@@ -132,9 +143,10 @@ async fn closing_stdin_delivers_eof() {
     h.prov.release(4).await.expect("release");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pty_has_the_requested_size_and_follows_resizes() {
-    let h = Harness::busybox().await;
+async fn a_pty_has_the_requested_size_and_follows_resizes(path: ExecPath) {
+    let Some(h) = Harness::busybox_via(path).await else {
+        return;
+    };
     h.prov.ensure(&lease(5)).await.expect("ensure");
     let req = ExecRequest {
         argv: argv(&[
@@ -185,9 +197,10 @@ async fn read_until(needle: &str, seen: &mut String, out: &mut shale_provisioner
         .expect("pty output in time");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_concurrent_execs_in_one_container() {
-    let h = Harness::busybox().await;
+async fn many_concurrent_execs_in_one_container(path: ExecPath) {
+    let Some(h) = Harness::busybox_via(path).await else {
+        return;
+    };
     h.prov.ensure(&lease(6)).await.expect("ensure");
     let runs = (0..12).map(|i| {
         let prov = h.prov.clone();
@@ -215,9 +228,10 @@ where
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_reaches_only_the_orders_own_loopback() {
-    let h = Harness::busybox().await;
+async fn tcp_reaches_only_the_orders_own_loopback(path: ExecPath) {
+    let Some(h) = Harness::busybox_via(path).await else {
+        return;
+    };
     h.prov.ensure(&lease(7)).await.expect("ensure");
     h.prov.ensure(&lease(8)).await.expect("ensure");
     let server = h
@@ -310,14 +324,41 @@ async fn tcp_reaches_only_the_orders_own_loopback() {
     h.prov.release(8).await.expect("release");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containerd_going_away_mid_exec_is_a_clear_error() {
-    let mut h = Harness::busybox().await;
+async fn containerd_going_away_mid_exec_is_a_clear_error(path: ExecPath) {
+    let Some(mut h) = Harness::busybox_via(path).await else {
+        return;
+    };
     if !h.daemon.is_owned() {
         eprintln!("skipped: the shared containerd is not ours to kill");
         return;
     }
     h.prov.ensure(&lease(9)).await.expect("ensure");
+    if let ExecPath::Agent = path {
+        // The agent's processes do not go through containerd: they outlive it, report their
+        // exit, and new ones start while it is away.
+        let p = h
+            .prov
+            .exec(9, cmd(&["sh", "-c", "read x; exit 7"]))
+            .await
+            .expect("exec");
+        h.daemon.kill();
+        let (out, _, st) = run(&h.prov, 9, &["echo", "still here"]).await;
+        assert_eq!((out.as_str(), st), ("still here\n", ExitStatus::Code(0)));
+        let mut stdin = p.stdin;
+        stdin.write_all(b"go\n").await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(30), p.handle.wait())
+            .await
+            .expect("wait does not hang");
+        assert_eq!(
+            waited.expect("an exit status without containerd"),
+            ExitStatus::Code(7)
+        );
+        h.daemon.restart().await.expect("restart");
+        let (out, _, _) = run(&h.prov, 9, &["echo", "back"]).await;
+        assert_eq!(out, "back\n");
+        h.prov.release(9).await.expect("release");
+        return;
+    }
     let p = h.prov.exec(9, cmd(&["sleep", "300"])).await.expect("exec");
     h.daemon.kill();
     let waited = tokio::time::timeout(Duration::from_secs(30), p.handle.wait())
@@ -352,3 +393,37 @@ fn container_address(text: &str) -> Option<String> {
         (w[1].contains("/32 host LOCAL") && !addr.starts_with("127.")).then(|| addr.to_string())
     })
 }
+
+/// Every case above, on both ways a process starts: through the container's agent (the fast
+/// path) and through containerd's exec (the fallback).
+macro_rules! on_both_paths {
+    ($($case:ident),* $(,)?) => {
+        mod agent {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::ExecPath::Agent).await
+                }
+            )*
+        }
+        mod containerd {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::ExecPath::Containerd).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_paths!(
+    exec_reports_output_streams_and_exit_codes,
+    a_missing_program_is_an_exec_error,
+    signals_are_delivered_and_reported,
+    closing_stdin_delivers_eof,
+    a_pty_has_the_requested_size_and_follows_resizes,
+    many_concurrent_execs_in_one_container,
+    tcp_reaches_only_the_orders_own_loopback,
+    containerd_going_away_mid_exec_is_a_clear_error,
+);

@@ -37,9 +37,54 @@ pub enum TestImage {
     Default,
 }
 
+/// How a harness's processes start.
+#[derive(Clone, Copy, Debug)]
+pub enum ExecPath {
+    /// Through the agent in the container (`scripts/build-agent.sh` builds it).
+    Agent,
+    /// Through containerd's exec.
+    Containerd,
+}
+
+/// The static agent `scripts/build-agent.sh` built into this workspace's target directory;
+/// `None` (the agent's tests skip) when it is not there, except under `CI=true`, where that
+/// fails.
+pub fn agent_binary() -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let agent = target.join("agent").join("shale-agent");
+    if agent.is_file() {
+        return Some(agent);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "no agent at {}: scripts/build-agent.sh builds it",
+        agent.display()
+    );
+    eprintln!(
+        "SKIPPED: no agent at {} (scripts/build-agent.sh builds it)",
+        agent.display()
+    );
+    None
+}
+
 impl Harness {
     pub async fn busybox() -> Harness {
         Self::start(TestImage::Busybox, |_| {}).await
+    }
+
+    /// A busybox harness whose processes start by `path`; `None` when that path cannot run here.
+    pub async fn busybox_via(path: ExecPath) -> Option<Harness> {
+        match path {
+            ExecPath::Agent => {
+                let agent = agent_binary()?;
+                Some(Self::start(TestImage::Busybox, |c| c.agent = Some(agent)).await)
+            }
+            ExecPath::Containerd => {
+                Some(Self::start(TestImage::Busybox, |c| c.exec_agent = false).await)
+            }
+        }
     }
 
     pub async fn start(image: TestImage, edit: impl FnOnce(&mut ProvisionerConfig)) -> Harness {
