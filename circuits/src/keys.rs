@@ -27,7 +27,9 @@ use std::sync::{Arc, OnceLock};
 
 use ark_bn254::{Bn254, Fr};
 use ark_ff::UniformRand;
+use ark_groth16::r1cs_to_qap::{LibsnarkReduction, R1CSToQAP};
 use ark_groth16::{prepare_verifying_key, Groth16, PreparedVerifyingKey};
+use ark_poly::GeneralEvaluationDomain;
 use ark_relations::gr1cs::{
     ConstraintSynthesizer, ConstraintSystem, Matrix, OptimizationGoal, SynthesisMode,
     R1CS_PREDICATE_LABEL,
@@ -246,15 +248,23 @@ impl ProvingKey {
             });
         }
         let (r, s) = (Fr::rand(rng), Fr::rand(rng));
-        let proof = Groth16::<Bn254>::create_proof_with_reduction_and_matrices(
+        let h = {
+            let _span = tracing::debug_span!("witness_map").entered();
+            LibsnarkReduction::witness_map_from_matrices::<Fr, GeneralEvaluationDomain<Fr>>(
+                &shape.matrices,
+                shape.num_instance_variables,
+                shape.num_constraints,
+                &assignment,
+            )?
+        };
+        let proof = crate::groth16::create_proof(
             &self.key,
             r,
             s,
-            &shape.matrices,
-            shape.num_instance_variables,
-            shape.num_constraints,
+            &h,
             &assignment,
-        )?;
+            shape.num_instance_variables,
+        );
         Ok(ClaimProof(proof))
     }
 

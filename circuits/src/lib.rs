@@ -32,8 +32,10 @@
 
 pub mod circuit;
 pub mod error;
+mod groth16;
 pub mod key;
 pub mod keys;
+mod msm;
 pub mod poseidon;
 pub mod proof;
 pub mod solc;
