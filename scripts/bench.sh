@@ -49,6 +49,7 @@ if $attack; then
 fi
 
 cargo build --release --locked -p shale-bench --features system --bins
+scripts/build-agent.sh
 bin=$CARGO_TARGET_DIR/release
 
 run() { # NAME COMMAND...: runs one harness, keeping its output next to its JSON

@@ -30,6 +30,8 @@ fi
 
 echo "demo: building shale (first time: a few minutes)"
 cargo build -p shale --locked --quiet
+# The agent the containers start processes through (found by shale in target/agent/).
+scripts/build-agent.sh
 shale="${CARGO_TARGET_DIR:-$root/target}/debug/shale"
 
 if [ "$keep" = false ]; then

@@ -12,5 +12,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features shale-bench/system --locked -- -D warnings
 echo "== forge test"
 (cd contracts && forge test --offline --use "$root/.tools/bin/solc")
+echo "== the static agent"
+scripts/build-agent.sh
 echo "== cargo test"
 cargo test --workspace --locked

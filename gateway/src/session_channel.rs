@@ -211,6 +211,7 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
         tracing::info!(%program, tty = request.tty.is_some(), "starting process");
     }
 
+    let tty = request.tty.is_some();
     let started = async {
         machine_ready(ctx, id).await.map_err(|e| e.to_string())?;
         let _timer = ExecTimer::start(&ctx.exec_seconds);
@@ -303,7 +304,10 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
             let _ = p.await;
         }
     };
-    if status.is_ok() {
+    // A terminal's output ends when the last holder of its slave closes it, which a job left
+    // in the background may never do: as sshd, its session ends with the process, after what
+    // the terminal still holds has gone out. Pipes are read to their end.
+    if status.is_ok() && !tty {
         drained.await;
     } else if tokio::time::timeout(LOST_PROCESS_DRAIN, drained)
         .await

@@ -34,25 +34,10 @@ pub fn shale_exe() -> anyhow::Result<PathBuf> {
 /// `cargo build -p shale --bin shale` into this test binary's target directory: the tests
 /// drive the same code as the workspace they were built from, never a stale binary.
 fn build_shale() -> anyhow::Result<PathBuf> {
-    // target/<profile>/deps/<test binary>
-    let me = std::env::current_exe()?;
-    let profile_dir = me
-        .parent()
-        .and_then(Path::parent)
-        .context("the test binary is not under target/<profile>/deps")?;
-    let target_dir = profile_dir.parent().context("no target directory")?;
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev".to_string(),
-        Some(name) => name.to_string(),
-        None => bail!("cannot tell the build profile of {}", me.display()),
-    };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("the workspace root")?;
-    let out = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
+    let build = Build::here()?;
+    build.cargo(
+        "the shale binary (or set SHALE_BIN)",
+        &[
             "build",
             "--quiet",
             "-p",
@@ -60,20 +45,93 @@ fn build_shale() -> anyhow::Result<PathBuf> {
             "--bin",
             "shale",
             "--profile",
-        ])
-        .arg(&profile)
-        .arg("--target-dir")
-        .arg(target_dir)
-        .stdin(Stdio::null())
-        .output()
-        .context("running cargo to build the shale binary (or set SHALE_BIN)")?;
-    if !out.status.success() {
-        bail!(
-            "building the shale binary failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            &build.profile,
+        ],
+    )?;
+    Ok(build.profile_dir.join("shale"))
+}
+
+/// The in-container agent, static, as `scripts/build-agent.sh` builds it: into this test
+/// binary's target directory (`agent/shale-agent`), where a `shale` built beside the tests
+/// finds it too.
+pub fn agent_exe() -> anyhow::Result<PathBuf> {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(exe) = EXE.get() {
+        return Ok(exe.clone());
     }
-    Ok(profile_dir.join("shale"))
+    let build = Build::here()?;
+    build.cargo(
+        "the static agent",
+        &[
+            "rustc",
+            "--quiet",
+            "-p",
+            "shale-agent",
+            "--bin",
+            "shale-agent",
+            "--profile",
+            "agent",
+            "--",
+            "-C",
+            "target-feature=+crt-static",
+        ],
+    )?;
+    let exe = build.target_dir.join("agent").join("shale-agent");
+    anyhow::ensure!(exe.is_file(), "the agent {} is missing", exe.display());
+    Ok(EXE.get_or_init(|| exe).clone())
+}
+
+/// Where this binary was built: target/<profile>/deps/<test binary> or target/<profile>/<bin>.
+struct Build {
+    profile_dir: PathBuf,
+    target_dir: PathBuf,
+    profile: String,
+}
+
+impl Build {
+    fn here() -> anyhow::Result<Self> {
+        let me = std::env::current_exe()?;
+        // A test binary is in target/<profile>/deps, a harness binary in target/<profile>.
+        let dir = me.parent().context("the binary has no directory")?;
+        let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.parent().context("no profile directory")?
+        } else {
+            dir
+        };
+        let target_dir = profile_dir.parent().context("no target directory")?;
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev".to_string(),
+            Some(name) => name.to_string(),
+            None => bail!("cannot tell the build profile of {}", me.display()),
+        };
+        Ok(Self {
+            profile_dir: profile_dir.to_path_buf(),
+            target_dir: target_dir.to_path_buf(),
+            profile,
+        })
+    }
+
+    /// Runs cargo in the workspace with `args` and this target directory.
+    fn cargo(&self, what: &str, args: &[&str]) -> anyhow::Result<()> {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("the workspace root")?;
+        let out = Command::new(cargo)
+            .current_dir(workspace)
+            .args(args)
+            .env("CARGO_TARGET_DIR", &self.target_dir)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running cargo to build {what}"))?;
+        if !out.status.success() {
+            bail!(
+                "building {what} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A client with its own `shale` settings (chain, marketplace, signing key, ssh directory).

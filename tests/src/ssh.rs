@@ -143,6 +143,13 @@ impl Target {
         cmd
     }
 
+    /// `ssh` with `extra` options before the login and host (`-tt`, `-o …`); append the command.
+    pub fn ssh_with(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.args(extra).args(self.ssh_args()).stdin(Stdio::null());
+        cmd
+    }
+
     /// `ssh ... command` run inside a fresh pseudo-terminal (util-linux `script`), as a person
     /// typing it would; its output, stdout and stderr mixed, comes on stdout.
     pub fn ssh_in_terminal(&self, command: &str) -> Command {

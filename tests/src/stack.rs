@@ -110,6 +110,14 @@ pub struct StackOptions {
     /// (`[containers] allow_client_images`, `allowed_registries` and `[[registries]]`); the SP
     /// publishes their hosts. Empty: catalog images only.
     pub client_image_registries: Vec<shale_provisioner::RegistryConfig>,
+    /// Start processes through containerd's exec (the fallback) instead of the containers'
+    /// agent. `SHALE_TEST_EXEC=containerd` turns it on for every stack.
+    pub containerd_exec: bool,
+}
+
+/// Whether this stack's processes start through containerd's exec rather than the agent.
+fn containerd_exec(options: &StackOptions) -> bool {
+    options.containerd_exec || std::env::var("SHALE_TEST_EXEC").as_deref() == Ok("containerd")
 }
 
 /// A running stack. Dropping it stops the gateway, the chain and (if it started one) containerd.
@@ -182,6 +190,7 @@ impl Stack {
 
     /// Starts everything with `options` for the gateway.
     pub async fn start_with(options: StackOptions) -> anyhow::Result<Self> {
+        let containerd_exec = containerd_exec(&options);
         init_tracing();
         let dir = tempfile::Builder::new().prefix("shale-e2e-").tempdir()?;
 
@@ -271,6 +280,12 @@ impl Stack {
                 .map(|r| r.host.clone())
                 .collect(),
             registries: options.client_image_registries.clone(),
+            exec_agent: !containerd_exec,
+            agent: if containerd_exec {
+                None
+            } else {
+                Some(crate::client::agent_exe()?)
+            },
             ..ProvisionerConfig::default()
         };
         let allowed_registries = containers.allowed_registries.clone();

@@ -120,9 +120,18 @@ struct Row {
     generator_cpu_secs: f64,
 }
 
-/// The containerd shims of the stack's namespace (one per order's container).
+/// What Shale runs beside the gateway for the stack's containers: the containerd shims of its
+/// namespace (one per order's container) and the containers' agents (one per container that
+/// has one: the processes' parent, out of the byte path but counted all the same).
 fn shims(namespace: &str) -> Vec<ProcStat> {
-    procfs::with_cmdline("containerd-shim", &["-namespace", namespace])
+    let mut procs = procfs::with_cmdline("containerd-shim", &["-namespace", namespace]);
+    let socket = format!(
+        "{}/{}",
+        shale_agent::CONTAINER_LINK_DIR,
+        shale_agent::LINK_SOCKET
+    );
+    procs.extend(procfs::with_cmdline("agent", &[&socket]));
+    procs
 }
 
 /// The server's memory in use: for the in-process gateway, after handing the allocator's free

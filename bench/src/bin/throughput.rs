@@ -1,5 +1,5 @@
 //! Bulk throughput: N MiB client→container (`cat > /dev/null`) and container→client (`head -c`),
-//! in the same run and with the same cipher everywhere (chacha20-poly1305 and aes256-gcm),
+//! in the same run and with the same cipher everywhere (chacha20-poly1305, aes128-gcm and aes256-gcm),
 //! through four paths: OpenSSH's sshd on the host running the same command (reference), sshd
 //! inside a container (the original design, reference), the gateway, and a second gateway that
 //! does not count bytes (metering off). Each figure is the median of ROUNDS interleaved
@@ -18,8 +18,12 @@ use shale_bench::machine::Machine;
 use shale_bench::side_by_side::SideBySide;
 use shale_tests::ssh::Target;
 
-// The AEAD ciphers both sides offer by default (russh has no aes128-gcm in its default list).
-const CIPHERS: [&str; 2] = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com"];
+// The AEAD ciphers OpenSSH's sshd offers by default; the gateway offers all three.
+const CIPHERS: [&str; 3] = [
+    "chacha20-poly1305@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+];
 
 /// Seconds to push `mib` MiB into `cat > /dev/null` on `target`.
 fn upload(target: &Target, cipher: &str, mib: usize) -> anyhow::Result<f64> {
