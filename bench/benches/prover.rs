@@ -3,19 +3,24 @@
 //!
 //! For each capacity (16, 64, 256, 1024 ticks; up to `SHALE_BENCH_PROVER_MAX`, e.g. 4096) it makes
 //! keys once from a fixed seed, proves one full batch outside the timing (the first proof of a key
-//! builds the constraint matrices), then times three things:
+//! builds the constraint matrices), then times four things:
 //!
 //! - `prove/N`: [`ProvingKey::prove`] of the full batch, everything a settler pays for;
-//! - `msm_bound/N`: only the five MSMs of that proof (A, B in G1, B in G2 over the full assignment,
-//!   L over the witness, H over the quotient polynomial), over the proving key's own bases and with
-//!   the proof's own scalars: the floor the prover approaches as its other work shrinks;
-//! - `msm_dense/N`: the same MSMs with uniformly random scalars. arkworks' MSM sorts scalars by size
-//!   and adds the many 0/1 range-check bits of a witness almost for free, so this dense figure is an
-//!   upper reference, not the bound.
+//! - `arkworks/N`: the same proof the way this crate made it before its own MSMs: witness
+//!   synthesis, then ark-groth16's `create_proof_with_reduction_and_matrices` on the same cached
+//!   matrices (arkworks' QAP and arkworks' MSMs). The before of `prove/N`, in the same run;
+//! - `msm_bound/N`: only arkworks' five MSMs of that proof (A, B in G1, B in G2 over the full
+//!   assignment, L over the witness, H over the quotient polynomial), over the proving key's own
+//!   bases and with the proof's own scalars: the floor `arkworks/N` approaches. `prove/N` computes
+//!   the same MSMs with batch-affine buckets and goes below it;
+//! - `msm_dense/N`: arkworks' MSMs with uniformly random scalars. arkworks' MSM sorts scalars by
+//!   size and adds the many 0/1 range-check bits of a witness almost for free, so this dense figure
+//!   is an upper reference, not the bound.
 //!
 //! A table with one line per capacity follows criterion's output, in wall and in CPU seconds of
-//! this process. The quoted figure is the MSM share, MSM bound / prove, in CPU seconds: on a
-//! machine shared with other work wall times swing from one group to the next, CPU time much less.
+//! this process, with ticks proven per core-second (capacity / CPU seconds of one proof) for
+//! `prove/N` and `arkworks/N`. CPU time is the steady measure: on a machine shared with other work
+//! wall times swing from one group to the next, CPU time much less.
 //!
 //! ```text
 //! cargo bench -p shale-bench --bench prover
@@ -25,16 +30,20 @@
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
-use ark_bn254::{Fr, G1Projective, G2Projective};
+use ark_bn254::{Bn254, Fr, G1Projective, G2Projective};
 use ark_ec::VariableBaseMSM;
 use ark_ff::{PrimeField, UniformRand};
 use ark_groth16::r1cs_to_qap::{LibsnarkReduction, R1CSToQAP};
+use ark_groth16::Groth16;
 use ark_poly::GeneralEvaluationDomain;
-use ark_relations::gr1cs::{ConstraintSynthesizer, ConstraintSystem, OptimizationGoal};
+use ark_relations::gr1cs::{
+    ConstraintSynthesizer, ConstraintSystem, Matrix, OptimizationGoal, SynthesisMode,
+    R1CS_PREDICATE_LABEL,
+};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use shale_circuits::{setup_from_seed, Head, ProvingKey, TickBatch, TickFields};
+use shale_circuits::{setup_from_seed, Head, ProvingKey, TickBatch, TickBatchCircuit, TickFields};
 
 const DEFAULT_MAX: usize = 1024;
 const SAMPLES: usize = 10;
@@ -52,10 +61,41 @@ struct MsmScalars {
     h: Vec<BigInt>,
 }
 
+/// The circuit's R1CS matrices, as the proving key caches them.
+struct Shape {
+    matrices: Vec<Matrix<Fr>>,
+    num_instance_variables: usize,
+    num_constraints: usize,
+}
+
+impl Shape {
+    /// Synthesizes the blank circuit as setup does, so that the matrices match the key.
+    fn of(capacity: usize) -> Self {
+        let cs = ConstraintSystem::<Fr>::new_ref();
+        cs.set_optimization_goal(OptimizationGoal::Constraints);
+        cs.set_mode(SynthesisMode::Setup);
+        TickBatchCircuit::blank(capacity)
+            .expect("capacity is not zero")
+            .generate_constraints(cs.clone())
+            .expect("synthesis");
+        cs.finalize();
+        Shape {
+            matrices: cs
+                .to_matrices()
+                .expect("matrices")
+                .remove(R1CS_PREDICATE_LABEL)
+                .expect("an R1CS"),
+            num_instance_variables: cs.num_instance_variables(),
+            num_constraints: cs.num_constraints(),
+        }
+    }
+}
+
 /// What one capacity is measured with, made once outside every timed loop.
 struct Fixture {
     constraints: usize,
     pk: ProvingKey,
+    shape: Shape,
     batch: TickBatch,
     proof_bytes: usize,
     /// The scalars of the proof of `batch`, recomputed the way the prover computes them.
@@ -64,6 +104,7 @@ struct Fixture {
     dense: MsmScalars,
     /// One warm run of each timed thing, to size criterion's measurement time.
     first_prove: Duration,
+    first_arkworks: Duration,
     first_msm: Duration,
     first_dense: Duration,
 }
@@ -106,14 +147,19 @@ impl Fixture {
         let mut fixture = Fixture {
             constraints,
             pk,
+            shape: Shape::of(capacity),
             batch,
             proof_bytes: proof.to_bytes().len(),
             real,
             dense,
             first_prove,
+            first_arkworks: Duration::ZERO,
             first_msm: Duration::ZERO,
             first_dense: Duration::ZERO,
         };
+        let t = Instant::now();
+        std::hint::black_box(fixture.arkworks_prove(&mut rng));
+        fixture.first_arkworks = t.elapsed();
         let t = Instant::now();
         std::hint::black_box(&fixture.msms(&fixture.real));
         fixture.first_msm = t.elapsed();
@@ -121,6 +167,39 @@ impl Fixture {
         std::hint::black_box(&fixture.msms(&fixture.dense));
         fixture.first_dense = t.elapsed();
         fixture
+    }
+
+    /// The proof of the batch as this crate made it with arkworks' prover: witness synthesis,
+    /// then arkworks' QAP and MSMs over the cached matrices.
+    fn arkworks_prove(&self, rng: &mut ChaCha20Rng) -> ark_groth16::Proof<Bn254> {
+        let cs = ConstraintSystem::<Fr>::new_ref();
+        cs.set_optimization_goal(OptimizationGoal::Constraints);
+        cs.set_mode(SynthesisMode::Prove {
+            construct_matrices: false,
+            generate_lc_assignments: false,
+        });
+        self.batch
+            .circuit(self.pk.capacity())
+            .expect("batch fits its key")
+            .generate_constraints(cs.clone())
+            .expect("synthesis");
+        cs.finalize();
+        let assignment = [
+            cs.instance_assignment().expect("instance"),
+            cs.witness_assignment().expect("witness"),
+        ]
+        .concat();
+        let (r, s) = (Fr::rand(rng), Fr::rand(rng));
+        Groth16::<Bn254>::create_proof_with_reduction_and_matrices(
+            self.pk.inner(),
+            r,
+            s,
+            &self.shape.matrices,
+            self.shape.num_instance_variables,
+            self.shape.num_constraints,
+            &assignment,
+        )
+        .expect("prove")
     }
 
     /// The five MSMs of a Groth16 proof (ark-groth16 0.6's `create_proof_with_assignment`), over
@@ -247,6 +326,7 @@ struct Row {
     capacity: usize,
     constraints: usize,
     prove: Option<(Duration, f64)>,
+    arkworks: Option<(Duration, f64)>,
     msm: Option<(Duration, f64)>,
     dense: Option<(Duration, f64)>,
     proof_bytes: usize,
@@ -255,23 +335,36 @@ struct Row {
 fn bench_capacity(c: &mut Criterion, capacity: usize) -> Row {
     let fixture = Fixture::new(capacity);
     let mut rng = ChaCha20Rng::seed_from_u64(3);
-    let (prove, msm, dense) = (Samples::default(), Samples::default(), Samples::default());
+    let (prove, arkworks) = (Samples::default(), Samples::default());
+    let (msm, dense) = (Samples::default(), Samples::default());
 
-    let mut group = c.benchmark_group("prove");
-    group
-        .sample_size(SAMPLES)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(measurement_time(fixture.first_prove))
-        .throughput(Throughput::Elements(capacity as u64));
-    group.bench_function(BenchmarkId::from_parameter(capacity), |b| {
-        b.iter_custom(|iters| {
-            prove.timed(iters, || {
-                std::hint::black_box(fixture.pk.prove(&fixture.batch, &mut rng).expect("prove"));
+    let provers: [(&str, &Samples, Duration); 2] = [
+        ("prove", &prove, fixture.first_prove),
+        ("arkworks", &arkworks, fixture.first_arkworks),
+    ];
+    for (name, samples, once) in provers {
+        let mut group = c.benchmark_group(name);
+        group
+            .sample_size(SAMPLES)
+            .sampling_mode(SamplingMode::Flat)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(measurement_time(once))
+            .throughput(Throughput::Elements(capacity as u64));
+        group.bench_function(BenchmarkId::from_parameter(capacity), |b| {
+            b.iter_custom(|iters| {
+                samples.timed(iters, || {
+                    if name == "prove" {
+                        std::hint::black_box(
+                            fixture.pk.prove(&fixture.batch, &mut rng).expect("prove"),
+                        );
+                    } else {
+                        std::hint::black_box(fixture.arkworks_prove(&mut rng));
+                    }
+                })
             })
-        })
-    });
-    group.finish();
+        });
+        group.finish();
+    }
 
     for (name, scalars, samples, once) in [
         ("msm_bound", &fixture.real, &msm, fixture.first_msm),
@@ -298,6 +391,7 @@ fn bench_capacity(c: &mut Criterion, capacity: usize) -> Row {
         capacity,
         constraints: fixture.constraints,
         prove: prove.median(),
+        arkworks: arkworks.median(),
         msm: msm.median(),
         dense: dense.median(),
         proof_bytes: fixture.proof_bytes,
@@ -319,7 +413,7 @@ fn machine() -> String {
     format!("{cores} cores, {model}")
 }
 
-const HEADER: &str = "capacity constraints per-tick      prove  MSM-bound  share  MSM-dense | prove-CPU  MSM-CPU  share | proof";
+const HEADER: &str = "capacity constraints per-tick      prove   arkworks  ark-MSMs  ark-dense | prove-CPU  ticks/core-s | ark-CPU  ticks/core-s  ark-MSM-CPU | proof";
 
 impl Row {
     fn line(&self) -> String {
@@ -327,24 +421,24 @@ impl Row {
             d.map_or("-".into(), |d| format!("{:.3}s", d.0.as_secs_f64()))
         };
         let cpu = |d: Option<(Duration, f64)>| d.map_or("-".into(), |d| format!("{:.2}s", d.1));
-        let share = |part: Option<f64>, whole: Option<f64>| match (part, whole) {
-            (Some(p), Some(w)) if w > 0.0 => format!("{:.0}%", 100.0 * p / w),
+        let rate = |d: Option<(Duration, f64)>| match d {
+            Some((_, cpu)) if cpu > 0.0 => format!("{:.0}", self.capacity as f64 / cpu),
             _ => "-".into(),
         };
-        let wall = |d: Option<(Duration, f64)>| d.map(|d| d.0.as_secs_f64());
-        let cpus = |d: Option<(Duration, f64)>| d.map(|d| d.1);
         format!(
-            "{:>8} {:>11} {:>8.0} {:>10} {:>10} {:>6} {:>10} | {:>9} {:>8} {:>5} | {:>3} B",
+            "{:>8} {:>11} {:>8.0} {:>10} {:>10} {:>9} {:>10} | {:>9} {:>13} | {:>7} {:>13} {:>12} | {:>3} B",
             self.capacity,
             self.constraints,
             self.constraints as f64 / self.capacity as f64,
             secs(self.prove),
+            secs(self.arkworks),
             secs(self.msm),
-            share(wall(self.msm), wall(self.prove)),
             secs(self.dense),
             cpu(self.prove),
+            rate(self.prove),
+            cpu(self.arkworks),
+            rate(self.arkworks),
             cpu(self.msm),
-            share(cpus(self.msm), cpus(self.prove)),
             self.proof_bytes,
         )
     }
@@ -352,7 +446,7 @@ impl Row {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\nprover sweep on {} (medians of {SAMPLES} samples; share = MSM bound / prove)",
+        "\nprover sweep on {} (medians of {SAMPLES} samples; ticks/core-s = capacity / CPU-s)",
         machine()
     );
     println!("{HEADER}");
