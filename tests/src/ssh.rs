@@ -207,3 +207,11 @@ pub fn run(mut cmd: Command) -> anyhow::Result<SshOutput> {
         .with_context(|| format!("running {cmd:?}"))?;
     Ok(out.into())
 }
+
+/// [`run`] on a blocking thread, failing after `limit`: for a session that must end by itself
+/// (one that waited for a background job would hang the test).
+pub async fn run_within(cmd: Command, limit: std::time::Duration) -> anyhow::Result<SshOutput> {
+    tokio::time::timeout(limit, tokio::task::spawn_blocking(move || run(cmd)))
+        .await
+        .map_err(|_| anyhow::anyhow!("the session did not end within {limit:?}"))??
+}

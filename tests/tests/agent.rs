@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use shale_tests::ssh::run;
+use shale_tests::ssh::run_within;
 use shale_tests::{OrderOptions, Stack};
 
 /// Descriptors this process (the gateway, its broker and the stack) holds now.
@@ -12,13 +12,7 @@ fn open_fds() -> usize {
 }
 
 async fn ssh(cmd: std::process::Command) -> anyhow::Result<shale_tests::SshOutput> {
-    // Bounded: a session that waits for a background job would hang here.
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || run(cmd)),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("the session did not end"))??
+    run_within(cmd, Duration::from_secs(60)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

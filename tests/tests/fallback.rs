@@ -3,16 +3,11 @@
 
 use std::time::Duration;
 
-use shale_tests::ssh::run;
+use shale_tests::ssh::{run, run_within};
 use shale_tests::{OrderOptions, Stack, StackOptions};
 
 async fn ssh(cmd: std::process::Command) -> anyhow::Result<shale_tests::SshOutput> {
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || run(cmd)),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("the session did not end"))??
+    run_within(cmd, Duration::from_secs(60)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
