@@ -325,10 +325,13 @@ async fn an_order_placed_during_a_chain_outage_is_refused_as_unreachable_not_as_
     stack.stop().await
 }
 
-/// A stack with a containerd of its own, which the test may kill.
+/// A stack with a containerd of its own, which the test may kill. Its processes start through
+/// containerd's exec: these tests are about containerd in the byte path. Through the agent a
+/// session outlives containerd (provisioner/tests/exec.rs, `containerd_going_away_mid_exec`).
 async fn stack_with_own_containerd() -> anyhow::Result<Stack> {
     Stack::start_with(StackOptions {
         own_containerd: true,
+        containerd_exec: true,
         ..StackOptions::default()
     })
     .await
