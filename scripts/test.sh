@@ -15,4 +15,4 @@ echo "== forge test"
 echo "== the static agent"
 scripts/build-agent.sh
 echo "== cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

@@ -293,6 +293,7 @@ async fn run(channel: Channel<Msg>, ctx: &ChannelContext) {
                 rx,
                 metered(gated(stdin, &ctx.gate), &counter, Side::Container),
                 proc.clone(),
+                tty,
             )),
     );
 
@@ -512,9 +513,15 @@ fn metered<S>(
     }
 }
 
-/// Feeds the client's stdin, EOF, window changes and signals to the process.
-async fn client_to_process<W>(mut rx: russh::ChannelReadHalf, mut stdin: W, proc: ProcessHandle)
-where
+/// Feeds the client's stdin, EOF, window changes and signals to the process. A terminal has no
+/// end of input (sshd keeps it open too): closing it would hang the process up, which is what
+/// containerd's shim does when its console's stdin ends.
+async fn client_to_process<W>(
+    mut rx: russh::ChannelReadHalf,
+    mut stdin: W,
+    proc: ProcessHandle,
+    tty: bool,
+) where
     W: AsyncWrite + Unpin,
 {
     loop {
@@ -527,6 +534,9 @@ where
             }
             Some(ChannelMsg::Eof) => {
                 let _ = stdin.flush().await;
+                if tty {
+                    continue;
+                }
                 if let Err(e) = proc.close_stdin().await {
                     tracing::debug!(error = %e, "closing stdin");
                 }
