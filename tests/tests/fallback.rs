@@ -57,8 +57,10 @@ async fn containerd_exec_serves_every_channel_kind_when_the_agent_is_off() -> an
     .await??;
     assert_eq!(out.stdout.trim(), "100000", "{out:?}");
 
+    // ssh sends EOF at once (its stdin is empty): a terminal keeps its input open regardless,
+    // or the shim would hang the shell up before it gets to `tty`.
     let mut cmd = target.ssh_with(&["-tt"]);
-    cmd.arg("stty size; tty");
+    cmd.arg("sleep 1; stty size; tty");
     let out = ssh(cmd).await?;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("/dev/pts/"), "{out:?}");
