@@ -6,7 +6,8 @@
 //! older, or unknown, is refused with a reason.
 //!
 //! What a stranger can make the gateway ask the chain is bounded: an id above the marketplace's
-//! order count is refused from the cached count (read again at most once per `count_refresh`),
+//! order count is refused from the cached count (read again at most once per `count_refresh`;
+//! an id just above it waits for that read, as it may be an order placed since),
 //! and "no such order" answers live in a cache of their own, so a flood of them never evicts the
 //! orders that serve logins during an outage.
 
@@ -17,11 +18,16 @@ use moka::future::Cache;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use shale_contracts::{ChainError, Marketplace, Order};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use crate::admission::Refusal;
 use crate::login::OrderId;
 use crate::metrics::{KindLabel, Metrics};
+
+/// How far above the cached order count an id may be and still wait for the count's next read
+/// rather than be refused from the cache: the orders placed within one `count_refresh`. Ids
+/// further above (a stranger's guesses) are refused at once; the count is read no more often.
+pub(crate) const JUST_PLACED: u64 = 64;
 
 #[derive(Clone)]
 struct Found {
@@ -59,6 +65,8 @@ pub struct OrderDirectory {
     found: Cache<u64, Found>,
     missing: Cache<u64, Instant>,
     count: Arc<Mutex<Option<Count>>>,
+    /// Woken when an event raises the count, for lookups waiting on an id just above it.
+    count_raised: Arc<Notify>,
     times: DirectoryTimes,
     lookups: Family<KindLabel, Counter>,
 }
@@ -83,6 +91,7 @@ impl OrderDirectory {
                 .time_to_live(times.missing_for.max(Duration::from_millis(1)))
                 .build(),
             count: Arc::default(),
+            count_raised: Arc::default(),
             times,
             lookups,
         }
@@ -94,7 +103,7 @@ impl OrderDirectory {
     }
 
     /// Whether `id` can be answered without a chain call: a fresh order, a remembered "no such
-    /// order", or an id above the order count while the count is fresh.
+    /// order", or an id far above the order count while the count is fresh.
     pub async fn answers_from_cache(&self, id: OrderId) -> bool {
         if let Some(found) = self.found.get(&id.0).await {
             if found.at.elapsed() < self.times.fresh_for {
@@ -105,7 +114,9 @@ impl OrderDirectory {
             return true;
         }
         let count = *self.count.lock().await;
-        count.is_some_and(|c| id.0 > c.count && c.at.elapsed() < self.times.count_refresh)
+        count.is_some_and(|c| {
+            id.0 > c.count.saturating_add(JUST_PLACED) && c.at.elapsed() < self.times.count_refresh
+        })
     }
 
     /// Reads order `id`, from the cache when fresh.
@@ -170,19 +181,36 @@ impl OrderDirectory {
 
     /// Whether `id` is above the marketplace's order count, reading the count again when the
     /// cached one is older than `count_refresh` (one reader at a time; the others wait for its
-    /// answer). While the count cannot be read it answers "no" (the order's own lookup decides,
-    /// and during an outage refuses with the chain's unavailability, not as unknown), and asks
-    /// again only once per `count_refresh`.
+    /// answer). An id just above a fresh count (within [`JUST_PLACED`]) may be an order placed
+    /// since, whose event has not arrived: it waits for that event or the count's next read,
+    /// whichever comes first, instead of being called unknown, so a client who logs in right after placing an order gets in. While the
+    /// count cannot be read it answers "no" (the order's own lookup decides, and during an outage
+    /// refuses with the chain's unavailability, not as unknown), and asks again only once per
+    /// `count_refresh`.
     async fn above_count(&self, id: OrderId) -> bool {
-        let mut count = self.count.lock().await;
-        if let Some(c) = *count {
+        let mut waited = false;
+        let mut count = loop {
+            let count = self.count.lock().await;
+            let Some(c) = *count else { break count };
             if id.0 <= c.count {
                 return false;
             }
-            if c.at.elapsed() < self.times.count_refresh {
+            let due = c.at + self.times.count_refresh;
+            if Instant::now() >= due {
+                break count;
+            }
+            if waited || !c.fresh || id.0 > c.count.saturating_add(JUST_PLACED) {
                 return c.fresh;
             }
-        }
+            // Not under the lock: lookups of other ids go on meanwhile. The order's own event
+            // (see `invalidate`) usually comes before the next read is due.
+            let raised = self.count_raised.notified();
+            drop(count);
+            tokio::select! {
+                () = tokio::time::sleep_until(due.into()) => waited = true,
+                () = raised => {}
+            }
+        };
         Metrics::count(&self.lookups, "order_count");
         match self.market.order_count().await {
             Ok(n) => {
@@ -213,7 +241,10 @@ impl OrderDirectory {
         self.found.invalidate(&id.0).await;
         self.missing.invalidate(&id.0).await;
         if let Some(c) = self.count.lock().await.as_mut() {
-            c.count = c.count.max(id.0);
+            if id.0 > c.count {
+                c.count = id.0;
+                self.count_raised.notify_waiters();
+            }
         }
     }
 }

@@ -141,5 +141,21 @@ async fn every_refusal_says_why_on_the_terminal() -> anyhow::Result<()> {
             "expected {expected:?} in {seen:?}"
         );
     }
+
+    // The gateway has just read the order count (for 999); an order placed right after it is
+    // above that count until the next read, and its client, logging in at once, is let in.
+    let mut cmd = stack.target("998", &alice).ssh();
+    cmd.arg("true");
+    let out = tokio::task::spawn_blocking(move || run(cmd)).await??;
+    assert!(out.stderr.contains("order 998 does not exist"), "{out:?}");
+    let placed = stack.order(&alice, OrderOptions::default()).await?;
+    let mut cmd = stack.target(placed.to_string(), &alice).ssh();
+    cmd.arg("echo in");
+    let out = tokio::task::spawn_blocking(move || run(cmd)).await??;
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "in\n"),
+        "a login right after the order was placed: {out:?}"
+    );
     stack.stop().await
 }

@@ -447,7 +447,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 "gateway_memory": "anonymous PSS (Pss_Anon + Pss_Shmem) of the bench process (the gateway runs in-process), with the sessions open after typing, minus before; containers and their shims apart",
                 "sshd_memory": "anonymous PSS of the listening sshd and every sshd process below it, minus before; the sessions' cat processes apart",
                 "cpu": "user+system time of the same processes over the typing phase",
-                "relay": "containerd shims of the stack's namespace (gateway only)",
+                "relay": "containerd shims of the stack's namespace and the containers' agents (gateway only)",
             },
             "rows": rows,
             "ratios_gateway_over_sshd": ratios,
