@@ -172,25 +172,38 @@ impl OrderNet {
 /// address.
 fn shale_table(on: &OrderNet) -> anyhow::Result<String> {
     let tables: Value = serde_json::from_str(&internet::sh("nft", &["-j", "list", "tables"])?)?;
+    let mut bodies = Vec::new();
     for t in tables["nftables"].as_array().into_iter().flatten() {
         let (Some(name), Some("inet")) =
             (t["table"]["name"].as_str(), t["table"]["family"].as_str())
         else {
             continue;
         };
-        if !name.starts_with("shale_") {
-            continue;
-        }
-        let body = internet::sh("nft", &["-j", "list", "table", "inet", name])?;
-        if body.contains(&format!("\"{}\"", on.host_link)) || body.contains(&on.addr.to_string()) {
-            return Ok(name.to_string());
+        if name.starts_with("shale_") {
+            let body = internet::sh("nft", &["-j", "list", "table", "inet", name])?;
+            bodies.push((name.to_string(), body));
         }
     }
-    bail!(
-        "no inet shale_* table mentions {} or {}",
-        on.host_link,
-        on.addr
-    )
+    // The other tests of this binary run stacks of their own at the same time, whose orders may
+    // have the same address: the link's name (its prefix is the provisioner's) decides first,
+    // and an address counts only as a whole JSON string.
+    let link = format!("\"{}\"", on.host_link);
+    let addr = format!("\"{}\"", on.addr);
+    [link, addr]
+        .iter()
+        .find_map(|needle| {
+            bodies
+                .iter()
+                .find(|(_, body)| body.contains(needle.as_str()))
+                .map(|(name, _)| name.clone())
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no inet shale_* table mentions {} or {}",
+                on.host_link,
+                on.addr
+            )
+        })
 }
 
 /// Tries destinations from inside a container and reports, per name, how each attempt ended:
