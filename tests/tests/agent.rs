@@ -74,7 +74,9 @@ async fn the_agent_runs_every_session_and_leaves_nothing_behind() -> anyhow::Res
     let mut cmd = target.ssh();
     cmd.arg("kill -KILL $PPID; sleep 2; echo not-reached-as-a-status");
     let out = ssh(cmd).await?;
-    assert_eq!(out.code, Some(255), "{out:?}");
+    // 255 when the agent had reported the start before the shell killed it; 1 (the start
+    // failed) when the kill came first. Either way the reason is the agent's going.
+    assert!(matches!(out.code, Some(255) | Some(1)), "{out:?}");
     assert!(
         out.stderr.contains("the container's agent went away"),
         "{out:?}"
