@@ -183,10 +183,10 @@ impl OrderDirectory {
     /// cached one is older than `count_refresh` (one reader at a time; the others wait for its
     /// answer). An id just above a fresh count (within [`JUST_PLACED`]) may be an order placed
     /// since, whose event has not arrived: it waits for that event or the count's next read,
-    /// whichever comes first, instead of being called unknown, so a client who logs in right after placing an order gets in. While the
-    /// count cannot be read it answers "no" (the order's own lookup decides, and during an outage
-    /// refuses with the chain's unavailability, not as unknown), and asks again only once per
-    /// `count_refresh`.
+    /// whichever comes first, instead of being called unknown, so a client who logs in right
+    /// after placing an order gets in. While the count cannot be read it answers "no" (the
+    /// order's own lookup decides, and during an outage refuses with the chain's unavailability,
+    /// not as unknown), and asks again only once per `count_refresh`.
     async fn above_count(&self, id: OrderId) -> bool {
         let mut waited = false;
         let mut count = loop {
